@@ -1,0 +1,57 @@
+"""The ``weightsmith`` command: a thin skin over the library, one subcommand per verb.
+
+Each module in ``COMMAND_MODULES`` registers its subcommands; a handler calls exactly one library function and
+returns its Report. Nothing here imports torch: ``weightsmith --help`` starts instantly.
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 a bug (traceback with --debug), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from weightsmith import __version__
+
+COMMAND_MODULES = ["weightsmith.cli.core"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightsmith", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Streaming checkpoint surgery: fold LoRA, merge, quantize, prune, distill, export.",
+        epilog="Run 'weightsmith COMMAND --help' for a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"weightsmith {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from weightsmith.errors import WeightsmithError
+
+    try:
+        report = args.handler(args)
+    except WeightsmithError as exc:
+        print(f"weightsmith: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("weightsmith: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so plainly, full traceback on request
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        else:
+            print(f"weightsmith: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+        return 1
+    if report is not None:
+        print(report.to_json() if getattr(args, "json", False) else report.to_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Options shared by the subcommands, so every verb spells them the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_command(sub, name: str, *, help: str, examples: list[str], description: str | None = None):
+    """A subparser with --json/--debug and an examples epilog (the examples are parsed in the tests)."""
+    parser = sub.add_parser(name, help=help, description=description or help,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+    return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, dtype: bool = True, shards: bool = True) -> None:
+    parser.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    if dtype:
+        parser.add_argument("--dtype", help="cast float tensors when writing: float32, bfloat16, float16")
+    if shards:
+        parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 500MB, 2GiB (default 5GB)")

@@ -1,0 +1,39 @@
+"""Copy-through: reshard, recast or turn ``.bin`` into safetensors, one tensor at a time."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.progress import progress
+from weightsmith.report import Report
+from weightsmith.units import format_size, parse_dtype
+
+
+def as_checkpoint(source: Checkpoint | str | os.PathLike) -> Checkpoint:
+    return source if isinstance(source, Checkpoint) else Checkpoint(source)
+
+
+def convert(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+            shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+    """Write ``src`` again as safetensors, optionally cast (float tensors only) and resharded.
+
+    Peak memory: one tensor plus the write buffer, never the model.
+
+    >>> ws.convert("gpt2-bin/", "gpt2-st/", dtype="bf16", shard_size="500MB")  # doctest: +SKIP
+    """
+    ckpt = as_checkpoint(src)
+    target = parse_dtype(dtype)
+    report = Report("convert", output=str(out))
+    params = {"dtype": str(target) if target else None, "shard_size": shard_size}
+    with report.timed("total"):
+        writer = CheckpointWriter(out, steps=[provenance_step("convert", params, [ckpt])], config=ckpt.config,
+                                  carry=ckpt.carry_files, dtype=target, shard_size=shard_size, force=force)
+        with writer:
+            for name in progress(ckpt, total=len(ckpt), desc="convert"):
+                writer.write(name, ckpt[name])
+    report.summary.update(source=str(ckpt.path), tensors=len(ckpt), bytes_in=format_size(ckpt.nbytes),
+                          bytes_out=format_size(writer.total_size), shards=writer.num_shards)
+    return report
