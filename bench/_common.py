@@ -1,0 +1,68 @@
+"""Shared bench plumbing: run a command in a fresh process, measure its wall time and its own peak RSS, and keep
+each bench's table in its own section of bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+WORK = BENCH / "_work"  # generated checkpoints live here (git-ignored), never committed
+RESULTS = BENCH / "RESULTS.md"
+PY = sys.executable
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WEIGHTSMITH_QUIET": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mb: float
+
+
+def measure(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None) -> Run:
+    """Wall time and peak RSS of exactly this child process (os.wait4 gives its own rusage)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err[-3000:]}")
+    return Run(seconds, usage.ru_maxrss / 1024)
+
+
+def median_run(cmd: list[str], repeats: int = 3, **kw) -> Run:
+    runs = [measure(cmd, **kw) for _ in range(repeats)]
+    return Run(statistics.median(r.seconds for r in runs), max(r.peak_rss_mb for r in runs))
+
+
+def python_cmd(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or add) this bench's section of RESULTS.md, leaving the other benches' sections alone."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nProduced by `make bench`.\n"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+    print(markdown)
