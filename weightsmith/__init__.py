@@ -21,7 +21,7 @@ _EXPORTS = {
     "CheckpointWriter": ("weightsmith.checkpoint", "CheckpointWriter"),
     "inspect": ("weightsmith.inspection", "inspect"),
     "diff": ("weightsmith.inspection", "diff"),
-    "convert": ("weightsmith.convert", "convert"),
+    "convert": ("weightsmith.conversion", "convert"),
     "Report": ("weightsmith.report", "Report"),
     "WeightsmithError": ("weightsmith.errors", "WeightsmithError"),
 }

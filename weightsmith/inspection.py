@@ -8,7 +8,7 @@ from collections import Counter
 import torch
 
 from weightsmith.checkpoint import Checkpoint
-from weightsmith.convert import as_checkpoint
+from weightsmith.conversion import as_checkpoint
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size

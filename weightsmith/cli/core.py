@@ -41,6 +41,6 @@ def _diff(args):
 
 
 def _convert(args):
-    from weightsmith.convert import convert
+    from weightsmith.conversion import convert
 
     return convert(args.src, args.out, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
