@@ -22,6 +22,7 @@ _EXPORTS = {
     "inspect": ("weightsmith.inspection", "inspect"),
     "diff": ("weightsmith.inspection", "diff"),
     "convert": ("weightsmith.conversion", "convert"),
+    "prune": ("weightsmith.compress.prune", "prune"),
     "Report": ("weightsmith.report", "Report"),
     "WeightsmithError": ("weightsmith.errors", "WeightsmithError"),
 }

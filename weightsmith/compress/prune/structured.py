@@ -1,0 +1,304 @@
+"""Structured pruning that really shrinks the model: FFN neurons and attention heads are removed, config rewritten.
+
+Per block i of a supported architecture:
+- FFN neuron j: the rows j of the "up" projections (Llama gate/up, BERT intermediate.dense) with their biases and
+  the column j of the "down" projection (Llama down_proj, BERT output.dense) go; ``intermediate_size`` shrinks.
+- Attention head h: the rows h·d:(h+1)·d of q (and of k/v for its KV head when the KV head goes) and the same
+  columns of o go; ``num_attention_heads``/``num_key_value_heads`` shrink and ``head_dim`` is written explicitly.
+  With grouped-query attention the groups stay regular: the same number of query heads leaves every KV group, or
+  whole groups (a KV head with all its query heads) leave.
+
+Scores (the lowest-scoring units go; every block loses the same number, as the config holds one size):
+- weights only: FFN  s_j = ‖down[:, j]‖₂ · Π_up ‖up[j, :]‖₂;   head  s_h = ‖Q_h‖_F · ‖O_h‖_F
+- with calibration: FFN  s_j = ‖X_j‖₂ · ‖down[:, j]‖₂;   head  s_h = ‖X_{O,h}‖_F · ‖O_h‖_F, X being the input of
+  down / o (the unit's activation), i.e. the Wanda score |W|·‖X‖ summed over the unit (as in FLAP, An et al. 2024).
+Removing a unit is exactly the original model with that unit's output (its down column / o columns) set to zero.
+BERT heads are refused: transformers 5 derives BERT's head size from hidden_size / num_attention_heads and no longer
+reads ``pruned_heads``, so a BERT with fewer heads cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from weightsmith.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module names (relative to a block) of one architecture family."""
+
+    ffn_rows: tuple[str, ...]  # weights [inter, hidden] whose rows are neurons
+    ffn_cols: tuple[str, ...]  # weights [hidden, inter] whose columns are neurons
+    q: str
+    k: str
+    v: str
+    o: str
+    heads: bool  # whether a model with fewer heads still loads in transformers
+
+
+LLAMA = Arch(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "self_attn.q_proj", "self_attn.k_proj",
+             "self_attn.v_proj", "self_attn.o_proj", heads=True)
+BERT = Arch(("intermediate.dense",), ("output.dense",), "attention.self.query", "attention.self.key",
+            "attention.self.value", "attention.output.dense", heads=False)
+ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "bert": BERT}
+
+
+@dataclass
+class Geometry:
+    """The attention and FFN sizes a config describes."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, config: dict) -> Geometry:
+        heads = config["num_attention_heads"]
+        return cls(layers=config["num_hidden_layers"], heads=heads,
+                   kv_heads=config.get("num_key_value_heads") or heads,
+                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                   intermediate=config["intermediate_size"])
+
+
+def arch_of(config: dict | None, path) -> Arch:
+    model_type = (config or {}).get("model_type")
+    if model_type not in ARCHS:
+        raise ConfigError(f"{path}: structured pruning supports {', '.join(ARCHS)} models; this one is "
+                          f"{model_type or 'without a config.json model_type'}")
+    return ARCHS[model_type]
+
+
+def block_prefix(names, arch: Arch, path) -> str:
+    """The name prefix of block 0's parent, e.g. ``model.layers.`` or ``encoder.layer.``."""
+    pattern = re.compile(rf"^(.*?)0\.{re.escape(arch.q)}\.weight$")
+    for name in names:
+        m = pattern.match(name)
+        if m:
+            return m.group(1)
+    raise ConfigError(f"{path}: no tensor named like '<prefix>0.{arch.q}.weight': not the expected layout")
+
+
+# -- scores (pure) ----------------------------------------------------------------------------------------------
+
+
+def ffn_scores(rows: list[Tensor], down: Tensor, down_input_norm: Tensor | None = None) -> Tensor:
+    """[inter] neuron scores from the up-type weights [inter, hidden] and the down weight [hidden, inter]."""
+    score = down.float().norm(dim=0)
+    if down_input_norm is not None:
+        return score * down_input_norm.float()
+    for w in rows:
+        score = score * w.float().norm(dim=1)
+    return score
+
+
+def head_scores(q: Tensor, o: Tensor, head_dim: int, o_input_norm: Tensor | None = None) -> Tensor:
+    """[heads] query-head scores from q [heads·d, hidden], o [hidden, heads·d] and o's input norms [heads·d]."""
+    o_heads = o.float().reshape(o.shape[0], -1, head_dim).norm(dim=(0, 2))  # ‖O_h‖_F
+    if o_input_norm is not None:
+        return o_heads * o_input_norm.float().reshape(-1, head_dim).norm(dim=1)
+    return o_heads * q.float().reshape(-1, head_dim, q.shape[1]).norm(dim=(1, 2))
+
+
+def keep_lowest_removed(scores: Tensor, remove: int) -> Tensor:
+    """Sorted indices kept after dropping the ``remove`` lowest scores."""
+    order = torch.argsort(scores.float(), stable=True)
+    return torch.sort(order[remove:]).values
+
+
+def keep_heads_gqa(scores: Tensor, kv_heads: int, keep: int) -> tuple[Tensor, Tensor]:
+    """Query heads and KV heads kept when ``keep`` of the query heads stay, GQA groups kept regular.
+
+    If every group can keep keep/kv_heads query heads, each group drops its lowest ones (all KV heads stay);
+    otherwise whole groups go, by their summed score. Returns sorted (query head indices, kv head indices).
+    """
+    heads = scores.numel()
+    group = heads // kv_heads
+    if keep % kv_heads == 0 and keep > 0:
+        per = keep // kv_heads
+        grid = scores.reshape(kv_heads, group)  # query head h belongs to KV head h // group
+        kept = torch.sort(torch.topk(grid, per, dim=1).indices, dim=1).values
+        q = (kept + torch.arange(kv_heads).unsqueeze(1) * group).reshape(-1)
+        return q, torch.arange(kv_heads)
+    if keep % group == 0 and keep > 0:
+        kv = keep_lowest_removed(scores.reshape(kv_heads, group).sum(1), kv_heads - keep // group)
+        q = (kv.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
+        return q, kv
+    raise ConfigError(f"keeping {keep} of {heads} query heads with {kv_heads} KV heads: the count must be a "
+                      f"multiple of {kv_heads} (same heads per group) or of {group} (whole groups)")
+
+
+def head_rows(heads: Tensor, head_dim: int) -> Tensor:
+    """Row (or column) indices of the given heads in a [heads·d, …] projection."""
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockPlan:
+    ffn: Tensor | None = None  # kept neuron indices
+    q_heads: Tensor | None = None  # kept query heads
+    kv_heads: Tensor | None = None  # kept KV heads
+
+
+def slice_tensor(name: str, tensor: Tensor, prefix: str, arch: Arch, plans: list[BlockPlan], head_dim: int
+                 ) -> Tensor:
+    """The tensor with the plan's removed units cut out (unchanged if the plan does not touch it)."""
+    m = re.match(rf"^{re.escape(prefix)}(\d+)\.(.+)\.(weight|bias)$", name)
+    if not m:
+        return tensor
+    plan, module, kind = plans[int(m.group(1))], m.group(2), m.group(3)
+    if plan.ffn is not None:
+        if module in arch.ffn_rows:
+            return tensor.index_select(0, plan.ffn)
+        if module in arch.ffn_cols and kind == "weight":
+            return tensor.index_select(1, plan.ffn)
+    if plan.q_heads is not None:
+        if module == arch.q:
+            return tensor.index_select(0, head_rows(plan.q_heads, head_dim))
+        if module in (arch.k, arch.v):
+            return tensor.index_select(0, head_rows(plan.kv_heads, head_dim))
+        if module == arch.o and kind == "weight":
+            return tensor.index_select(1, head_rows(plan.q_heads, head_dim))
+    return tensor
+
+
+def rewrite_config(config: dict, geometry: Geometry, plans: list[BlockPlan]) -> dict:
+    """config.json for the smaller model: the new sizes, ``head_dim`` explicit when heads changed."""
+    new = dict(config)
+    if plans[0].ffn is not None:
+        new["intermediate_size"] = int(plans[0].ffn.numel())
+    if plans[0].q_heads is not None:
+        new["num_attention_heads"] = int(plans[0].q_heads.numel())
+        new["num_key_value_heads"] = int(plans[0].kv_heads.numel())
+        new["head_dim"] = geometry.head_dim
+    return new
+
+
+# -- the verb's structured branch -------------------------------------------------------------------------------
+
+
+def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: int | None, calibration,
+                     samples: int, seq_len: int, dtype, shard_size, force: bool):
+    """Remove FFN neurons (``kind="ffn"``) or attention heads (``kind="heads"``) from every block; see the module
+    docstring for the scores. Returns the Report (kept units per block as index ranges in ``details["kept"]``)."""
+    from weightsmith.checkpoint import CheckpointWriter, provenance_step
+    from weightsmith.progress import progress
+    from weightsmith.report import Report
+    from weightsmith.units import format_size
+
+    if kind not in ("ffn", "heads"):
+        raise ConfigError(f"structured {kind!r}: expected ffn or heads")
+    arch = arch_of(ckpt.config, ckpt.path)
+    geo = Geometry.of(ckpt.config)
+    if kind == "heads" and not arch.heads:
+        raise ConfigError(f"{ckpt.path}: head pruning of {ckpt.config['model_type']} is not supported (transformers "
+                          f"derives its head size from hidden_size / num_attention_heads); prune its FFN instead")
+    if kind == "ffn" and keep_heads is not None:
+        raise ConfigError("--keep-heads is for --structured heads")
+    if ratio is not None and keep_heads is not None:
+        raise ConfigError("give --ratio or --keep-heads, not both")
+    if ratio is None and keep_heads is None:
+        raise ConfigError(f"--structured {kind} needs --ratio" + (" or --keep-heads" if kind == "heads" else ""))
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio {ratio}: must be in [0, 1)")
+    units = geo.intermediate if kind == "ffn" else geo.heads
+    keep = keep_heads if keep_heads is not None else units - round(ratio * units)
+    if not 0 < keep <= units:
+        raise ConfigError(f"keeping {keep} of {units} {'neurons' if kind == 'ffn' else 'heads'} per block: "
+                          f"must be between 1 and {units}")
+    prefix = block_prefix(ckpt, arch, ckpt.path)
+    params = {"structured": kind, "ratio": ratio, "keep": keep, "calibration": str(calibration) if calibration
+              else None}
+    report = Report("prune", output=str(out))
+
+    norms = {}
+    if calibration is not None:
+        params.update(samples=samples, seq_len=seq_len)
+        with report.timed("calibrate"):
+            norms = _dense_norms(ckpt, calibration, samples, seq_len)
+    plans: list[BlockPlan] = []
+    with report.timed("score"):
+        for i in range(geo.layers):
+            base = f"{prefix}{i}."
+            if kind == "ffn":
+                down = ckpt[f"{base}{arch.ffn_cols[0]}.weight"]
+                act = _norm_of(norms, f"{base}{arch.ffn_cols[0]}", calibration, ckpt)
+                rows = [] if act is not None else [ckpt[f"{base}{m}.weight"] for m in arch.ffn_rows]
+                scores = ffn_scores(rows, down, act)
+                plans.append(BlockPlan(ffn=keep_lowest_removed(scores, units - keep)))
+            else:
+                act = _norm_of(norms, f"{base}{arch.o}", calibration, ckpt)
+                scores = head_scores(ckpt[f"{base}{arch.q}.weight"], ckpt[f"{base}{arch.o}.weight"], geo.head_dim,
+                                     act)
+                q, kv = keep_heads_gqa(scores, geo.kv_heads, keep)
+                plans.append(BlockPlan(q_heads=q, kv_heads=kv))
+
+    config = rewrite_config(ckpt.config, geo, plans)
+    with report.timed("write"):
+        writer = CheckpointWriter(out, steps=[provenance_step("prune", params, [ckpt])], config=config,
+                                  carry=ckpt.carry_files, dtype=dtype, shard_size=shard_size, force=force)
+        params_after = 0
+        with writer:
+            for name in progress(ckpt, total=len(ckpt), desc="prune"):
+                tensor = slice_tensor(name, ckpt[name], prefix, arch, plans, geo.head_dim)
+                params_after += tensor.numel()
+                writer.write(name, tensor)
+    params_before = sum(ckpt.info(n).numel for n in ckpt)
+    report.summary.update(source=str(ckpt.path), structured=kind, scored_by="activations" if norms else "weights",
+                          units_before=units, units_after=keep, params_before=params_before,
+                          params_after=params_after, params_ratio=round(params_after / params_before, 6),
+                          bytes_before=format_size(ckpt.nbytes), bytes_after=format_size(writer.total_size))
+    report.details["config"] = {k: config[k] for k in ("intermediate_size", "num_attention_heads",
+                                                       "num_key_value_heads", "head_dim") if k in config}
+    report.details["kept"] = {f"layer {i}": _ranges(p.ffn if kind == "ffn" else p.q_heads)
+                              for i, p in enumerate(plans)}
+    return report
+
+
+def _norm_of(norms: dict, module: str, calibration, ckpt) -> Tensor | None:
+    if calibration is None:
+        return None
+    if module not in norms:
+        raise ConfigError(f"{ckpt.path}: calibration produced no activations for {module!r}")
+    return norms[module]
+
+
+def _dense_norms(ckpt, calibration, samples: int, seq_len: int) -> dict[str, Tensor]:
+    from weightsmith.compress.prune.wanda import input_norms
+    from weightsmith.evaluate import encode, load_model, load_tokenizer, read_texts
+
+    texts = read_texts(calibration, what="calibration file")
+    batches = encode(load_tokenizer(ckpt.path), texts[:samples], seq_len)
+    return input_norms(load_model(ckpt.path), batches)
+
+
+def _ranges(indices: Tensor) -> str:
+    """``0-5,7,9-20``: sorted indices as compact ranges."""
+    parts, values = [], indices.tolist()
+    start = prev = values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(parts)
+
+
+def parse_ranges(text: str) -> list[int]:
+    """The inverse of the report's ``0-5,7,9-20`` ranges."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
