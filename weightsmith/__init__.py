@@ -22,7 +22,10 @@ _EXPORTS = {
     "inspect": ("weightsmith.inspection", "inspect"),
     "diff": ("weightsmith.inspection", "diff"),
     "convert": ("weightsmith.conversion", "convert"),
+    "lora": ("weightsmith.merge.lora", None),
     "prune": ("weightsmith.compress.prune", "prune"),
+    "distill": ("weightsmith.compress.distill", "distill"),
+    "merge": ("weightsmith.merge", None),
     "Report": ("weightsmith.report", "Report"),
     "WeightsmithError": ("weightsmith.errors", "WeightsmithError"),
 }

@@ -1,0 +1,373 @@
+"""PEFT LoRA adapters folded into a base checkpoint without a model instance: ``open_folded`` (a lazy folded view),
+``merge`` (that view streamed to disk), ``unmerge`` (the inverse for plain LoRA) and ``extract`` (ΔW → adapter).
+
+For each base tensor the fold computes, in float32, rounding once to the output dtype:
+
+    W' = W + Σᵢ wᵢ·(fᵢ(W) − W)
+
+where fᵢ is adapter i's own merge, exactly as PEFT's ``merge_and_unload`` defines it (peft 0.21, lora/layer.py):
+plain LoRA fᵢ(W) = W + s·B·A (so the term is s·B·A, computed directly); DoRA fᵢ(W) = m/‖W + s·B·A‖_row·(W + s·B·A);
+a saved whole tensor (``modules_to_save``, trained biases, ``base_layer`` weights) fᵢ(W) = Rᵢ, applied first so that
+LoRA factors add to it, as they do in PEFT; ``lora_bias`` adds s·bias_B to the base bias. A single adapter of weight 1
+gives fᵢ(W) itself, with no subtraction. Several adapters are applied each to the same base and their changes
+summed (PEFT instead stacks them one after another, rounding in between, and its ``add_weighted_adapter`` mishandles
+rsLoRA, lora_bias and DoRA: peft issue #3761).
+
+Only torch and safetensors are imported; never transformers or peft.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, TensorInfo, provenance_step
+from weightsmith.conversion import as_checkpoint
+from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
+from weightsmith.merge.lora_math import (CONV, CONV1D, EMBEDDING, LINEAR, dora_rows, from_rows, lora_delta_rows,
+                                         to_rows)
+from weightsmith.merge.lora_read import Adapter, LoraModule, check_finite, read_adapter
+from weightsmith.progress import progress
+from weightsmith.report import Report
+from weightsmith.units import format_size, parse_dtype
+
+AdapterSpec = Checkpoint | str | os.PathLike | tuple[Checkpoint | str | os.PathLike, float]
+
+# Architectures whose projections are transformers' Conv1D (weight stored [in, out]); consulted only when a weight
+# is square and its shape cannot tell the orientation.
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+
+
+@dataclass
+class _Term:
+    """One adapter's contribution to one base tensor."""
+
+    how: str  # "replace" | "lora" | "dora" | "bias"
+    adapter: Adapter
+    weight: float
+    module: LoraModule | None = None
+    kind: str = LINEAR  # row-view kind for lora/dora
+    tensor: str | None = None  # adapter tensor name for "replace"
+
+
+class FoldedCheckpoint(Mapping[str, Tensor]):
+    """A base checkpoint with adapters folded in, lazily: ``folded[name]`` reads and folds that tensor only.
+
+    Read-only Mapping with Checkpoint's reader interface (``info``, ``config``, ``carry_files``, ``path``,
+    ``tied_weights``). All checks happen when it is opened; reading a tensor can only fail on NaN/Inf in a result.
+    """
+
+    def __init__(self, base: Checkpoint, adapters: Sequence[tuple[Adapter, float]], *,
+                 dtype: torch.dtype | None = None, invert: bool = False):
+        self.base, self.adapters, self.dtype, self.invert = base, list(adapters), dtype, invert
+        self.path = base.path
+        self._source: dict[str, str] = {n: n for n in base}  # output name -> base tensor it starts from
+        self._terms: dict[str, list[_Term]] = {}
+        targets = {n for a, _ in self.adapters for n in (*a.modules, *a.replacements,
+                                                          *(f"{m.module}.bias" for m in a.modules.values() if m.bias))}
+        self.untied: list[str] = []
+        self.tied_weights = {}
+        for head, embed in base.tied_weights.items():
+            if head in targets or embed in targets:  # the fold makes them differ: write both
+                self._source[head] = embed
+                self.untied.append(head)
+            else:
+                self.tied_weights[head] = embed
+        self._order = list(self._source)
+        for adapter, weight in self.adapters:
+            self._plan(adapter, weight)
+        self.config = _untied_config(base.config) if self.untied and base.config is not None else base.config
+        self.carry_files = base.carry_files
+        self.root = base.root
+
+    # -- planning (shapes only, no data) --------------------------------------------------------------------------
+
+    def _plan(self, adapter: Adapter, weight: float) -> None:
+        missing, misfit = [], []
+        for name, tensor in adapter.replacements.items():
+            if self.invert and name in adapter.modules:
+                continue  # a targeted module's saved base_layer weight: the LoRA term alone is undone
+            if name not in self._source:
+                missing.append(name)
+            elif self._info(name).shape != adapter.ckpt.info(tensor).shape:
+                misfit.append(f"{name} {list(adapter.ckpt.info(tensor).shape)} vs {list(self._info(name).shape)}")
+            else:
+                self._terms.setdefault(name, []).append(_Term("replace", adapter, weight, tensor=tensor))
+        if self.invert:
+            replaced = [n for n in adapter.replacements if n not in adapter.modules]
+            if replaced:
+                raise IncompatibleError(
+                    f"{adapter.path}: replaces {len(replaced)} base tensor(s) (modules_to_save or trained biases, "
+                    f"e.g. {replaced[0]!r}) whose original values are not in the adapter; cannot unmerge")
+            if adapter.dora:
+                raise IncompatibleError(f"{adapter.path}: DoRA cannot be unmerged (the fold rescales rows by a norm "
+                                        f"of the original weight, which the merged checkpoint no longer holds)")
+        for name, mod in adapter.modules.items():
+            if name not in self._source:
+                missing.append(name)
+                continue
+            kind = self._kind(adapter, mod, self._info(name).shape)
+            if kind is None:
+                a, b = (list(adapter.ckpt.info(t).shape) for t in (mod.a, mod.b))
+                misfit.append(f"{name} {list(self._info(name).shape)} vs lora_A {a}, lora_B {b}")
+                continue
+            if mod.magnitude is not None:
+                out = to_rows(torch.empty(self._info(name).shape, device="meta"), kind).shape[0]
+                if adapter.ckpt.info(mod.magnitude).shape != (out,):
+                    misfit.append(f"{mod.magnitude} {list(adapter.ckpt.info(mod.magnitude).shape)} vs [{out}]")
+                    continue
+            how = "dora" if mod.magnitude is not None else "lora"
+            self._terms.setdefault(name, []).append(_Term(how, adapter, weight, mod, kind))
+            if mod.bias is not None:
+                bias = f"{mod.module}.bias"
+                if bias not in self._source:
+                    missing.append(f"{bias} (lora_bias needs a base bias)")
+                elif self._info(bias).shape != adapter.ckpt.info(mod.bias).shape:
+                    misfit.append(f"{bias} {list(self._info(bias).shape)} vs {list(adapter.ckpt.info(mod.bias).shape)}")
+                else:
+                    self._terms.setdefault(bias, []).append(_Term("bias", adapter, weight, mod))
+        for problems, what in ((missing, "target(s) missing from the base"), (misfit, "shape(s) that do not fit")):
+            if problems:
+                more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+                raise IncompatibleError(f"{adapter.path}: {len(problems)} {what} {self.base.path}: "
+                                        f"{', '.join(problems[:3])}{more}")
+        for name, terms in self._terms.items():
+            if not self._info(name).dtype.is_floating_point and any(t.adapter is adapter for t in terms):
+                raise IncompatibleError(f"{self.base.path}: tensor {name!r} is {self._info(name).dtype}, not a "
+                                        f"floating-point weight; an adapter cannot be folded into it")
+
+    def _kind(self, adapter: Adapter, mod: LoraModule, shape: tuple[int, ...]) -> str | None:
+        """Orientation from the base weight's shape (PEFT's saved ``fan_in_fan_out`` is not reliable)."""
+        a, b = adapter.ckpt.info(mod.a).shape, adapter.ckpt.info(mod.b).shape
+        if len(b) < 2 or a[0] != b[1] or len(a) < 2:
+            return None
+        if mod.embedding:  # A [r, num], B [dim, r], base [num, dim]
+            return EMBEDDING if shape == (a[1], b[0]) and len(a) == len(b) == 2 else None
+        out, fan_in = b[0], a[1]
+        if len(a) > 2 or len(shape) > 2:  # ConvNd: A [r, in, *k], B [out, r, 1, …], base [out, in, *k]
+            fits = shape == (out, fan_in, *a[2:]) and all(d == 1 for d in b[2:]) and len(b) == len(a)
+            return CONV if fits else None
+        if len(b) != 2:
+            return None
+        if out != fan_in:
+            return LINEAR if shape == (out, fan_in) else CONV1D if shape == (fan_in, out) else None
+        if shape != (out, fan_in):
+            return None
+        model_type = (self.base.config or {}).get("model_type")
+        if model_type is None:  # no config: the adapter's own flag is all there is
+            return CONV1D if adapter.config.get("fan_in_fan_out") else LINEAR
+        return CONV1D if model_type in _CONV1D_MODEL_TYPES else LINEAR
+
+    def _info(self, name: str) -> TensorInfo:
+        return self.base.info(self._source[name])
+
+    # -- Mapping --------------------------------------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._source:
+            raise KeyError(name)
+        value = self.base[self._source[name]]
+        terms = self._terms.get(name)
+        if terms:
+            value = self._fold(name, value, terms)
+        target = self.info(name).dtype
+        return value if value.dtype == target else value.to(target)
+
+    def _fold(self, name: str, w: Tensor, terms: list[_Term]) -> Tensor:
+        acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        w = w.to(acc_dtype)  # fp32 accumulate; the stored tensor is cast once, at the end
+        replace = [t for t in terms if t.how == "replace"]
+        others = [t for t in terms if t.how != "replace"]
+        if len(replace) == 1 and replace[0].weight == 1:
+            w = replace[0].adapter.ckpt[replace[0].tensor].to(acc_dtype)  # exactly the saved tensor
+        elif replace:
+            w = w + sum(t.weight * (t.adapter.ckpt[t.tensor].to(acc_dtype) - w) for t in replace)
+        if not others:
+            result = w
+        elif len(others) == 1 and others[0].how == "dora" and others[0].weight == 1:
+            result = self._dora(w, others[0])
+        else:
+            result = w.clone()
+            for t in others:
+                if t.how == "dora":
+                    result += t.weight * (self._dora(w, t) - w)
+                elif t.how == "bias":
+                    result += (t.module.scaling * t.weight) * t.adapter.ckpt[t.module.bias].to(acc_dtype)
+                else:
+                    delta = lora_delta_rows(t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b],
+                                            t.module.scaling * t.weight)
+                    result += from_rows(delta.to(acc_dtype), t.kind, tuple(w.shape))
+        if not torch.isfinite(result).all():
+            raise NumericalError(f"{self.base.path}: folding {', '.join(sorted({str(t.adapter.path) for t in terms}))} "
+                                 f"into tensor {name!r} gives NaN or Inf")
+        return result
+
+    @staticmethod
+    def _dora(w: Tensor, t: _Term) -> Tensor:
+        ck, mod = t.adapter.ckpt, t.module
+        delta = lora_delta_rows(ck[mod.a], ck[mod.b], mod.scaling)  # [out, in]; DoRA's norm needs the full ΔW
+        rows = dora_rows(to_rows(w, t.kind), delta.to(w.dtype), ck[mod.magnitude])
+        return from_rows(rows.to(w.dtype), t.kind, tuple(w.shape))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._source
+
+    def __repr__(self) -> str:
+        return f"FoldedCheckpoint({str(self.path)!r} + {len(self.adapters)} adapter(s), {len(self)} tensors)"
+
+    # -- facts without reading ------------------------------------------------------------------------------------
+
+    def info(self, name: str) -> TensorInfo:
+        base = self._info(name)
+        dtype = self.dtype if self.dtype is not None and base.dtype.is_floating_point else base.dtype
+        return TensorInfo(name, base.shape, dtype, base.file)
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(n) for n in self._order]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos())
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        """The checkpoints this view reads (for provenance)."""
+        return [self.base, *(a.ckpt for a, _ in self.adapters)]
+
+    @property
+    def changed(self) -> dict[str, list[str]]:
+        """{tensor name: how each adapter changes it} for every tensor the fold touches."""
+        return {n: [t.how for t in terms] for n, terms in self._terms.items()}
+
+
+def _untied_config(config: dict) -> dict:
+    out = dict(config)
+    out["tie_word_embeddings"] = False
+    if isinstance(out.get("text_config"), dict):  # multimodal configs keep the flag in their text part
+        out["text_config"] = {**out["text_config"], "tie_word_embeddings": False}
+    return out
+
+
+def _adapter_specs(adapters: Sequence[AdapterSpec] | AdapterSpec) -> list[tuple[Checkpoint | str | os.PathLike, float]]:
+    if isinstance(adapters, (str, os.PathLike, Checkpoint)) or (
+            isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[1], (int, float))):
+        adapters = [adapters]
+    specs = []
+    for item in adapters:
+        src, weight = item if isinstance(item, tuple) else (item, 1.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"adapter {src}: weight {weight!r} is not a number") from None
+        if weight != weight or weight in (float("inf"), float("-inf")):
+            raise ConfigError(f"adapter {src}: weight {weight} is not finite")
+        specs.append((src, weight))
+    if not specs:
+        raise ConfigError("no adapters given")
+    return specs
+
+
+def open_folded(base: Checkpoint | str | os.PathLike,
+                adapters: Sequence[tuple[Checkpoint | str | os.PathLike, float]] | Sequence[AdapterSpec], *,
+                dtype: str | torch.dtype | None = None) -> FoldedCheckpoint:
+    """``base`` with PEFT LoRA ``adapters`` [(path, weight), …] folded in, as a lazy read-only tensor dict.
+
+    Validated now (targets present, shapes fit, adapter type foldable, adapters finite); each tensor is folded when
+    read. ``dtype`` sets the dtype float tensors come out in (default: each base tensor's own).
+
+    >>> folded = ws.lora.open_folded("llama", [("adapter", 1.0)])       # doctest: +SKIP
+    >>> folded["model.layers.0.self_attn.q_proj.weight"].shape          # doctest: +SKIP
+    """
+    return _open(base, adapters, dtype=dtype, invert=False)
+
+
+def _open(base, adapters, *, dtype, invert: bool) -> FoldedCheckpoint:
+    ckpt = as_checkpoint(base)
+    if ckpt.is_adapter:
+        raise IncompatibleError(f"{ckpt.path}: is a PEFT adapter; the first input must be the base model")
+    parsed = []
+    for src, weight in _adapter_specs(adapters):
+        adapter = read_adapter(src)
+        check_finite(adapter)
+        parsed.append((adapter, -weight if invert else weight))
+    return FoldedCheckpoint(ckpt, parsed, dtype=parse_dtype(dtype), invert=invert)
+
+
+def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shard_size, force) -> Report:
+    report = Report(operation, output=str(out))
+    step = provenance_step(operation, params, folded.inputs)
+    with report.timed("total"):
+        writer = CheckpointWriter(out, steps=[step], config=folded.config, carry=folded.carry_files,
+                                  dtype=folded.dtype, shard_size=shard_size, force=force)
+        with writer:
+            for name in progress(folded, total=len(folded), desc=operation):
+                writer.write(name, folded[name])
+    changed = folded.changed
+    counts: dict[str, int] = {}
+    for hows in changed.values():
+        for how in set(hows):
+            counts[how] = counts.get(how, 0) + 1
+    report.summary.update(
+        base=str(folded.base.path), adapters=[f"{a.path}@{abs(w):g}" for a, w in folded.adapters],
+        tensors=len(folded), changed=len(changed), lora=counts.get("lora", 0), dora=counts.get("dora", 0),
+        replaced=counts.get("replace", 0), lora_bias=counts.get("bias", 0), untied=folded.untied or None,
+        bytes_out=format_size(writer.total_size), shards=writer.num_shards)
+    if folded.untied:
+        report.notes.append(f"{', '.join(folded.untied)} now differ from the input embedding: written separately, "
+                            f"tie_word_embeddings set to false")
+    report.tensors = [{"name": n, "how": "+".join(h)} for n, h in changed.items()]
+    return report
+
+
+def merge(base: Checkpoint | str | os.PathLike, adapters: Sequence[AdapterSpec] | AdapterSpec,
+          out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+          shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+    """Fold PEFT LoRA adapters into ``base`` and write a plain checkpoint, one tensor at a time.
+
+    W' = W + Σᵢ wᵢ·ΔWᵢ (module docstring for ΔW per variant); matches PEFT's ``merge_and_unload``. ``adapters``
+    are paths or (path, weight) pairs. Peak memory: a few tensors, never the model.
+
+    >>> ws.lora.merge("llama", ["adapter"], "merged")                           # doctest: +SKIP
+    >>> ws.lora.merge("llama", [("math", 0.7), ("code", 0.3)], "merged", dtype="bf16")  # doctest: +SKIP
+    """
+    folded = open_folded(base, _adapter_specs(adapters), dtype=dtype)
+    params = {"adapters": [[str(a.path), w] for a, w in folded.adapters], "dtype": str(folded.dtype or ""),
+              "shard_size": shard_size}
+    return _stream(folded, out, "lora merge", params, shard_size=shard_size, force=force)
+
+
+def unmerge(merged: Checkpoint | str | os.PathLike, adapter: Checkpoint | str | os.PathLike | tuple,
+            out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+            shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+    """Undo a plain-LoRA fold: W = W' − w·s·B·A (and b = b' − w·s·bias_B for lora_bias).
+
+    Exact up to float rounding for fp32 checkpoints. Refused for DoRA (the row norms of the original weight are
+    gone) and for adapters that replace whole tensors (modules_to_save, trained biases: the originals are gone).
+
+    >>> ws.lora.unmerge("merged", "adapter", "base_again")  # doctest: +SKIP
+    """
+    folded = _open(merged, _adapter_specs(adapter), dtype=dtype, invert=True)
+    params = {"adapters": [[str(a.path), -w] for a, w in folded.adapters], "dtype": str(folded.dtype or ""),
+              "shard_size": shard_size}
+    return _stream(folded, out, "lora unmerge", params, shard_size=shard_size, force=force)
+
+
+def extract(base: Checkpoint | str | os.PathLike, tuned: Checkpoint | str | os.PathLike, out: str | os.PathLike, *,
+            rank: int | None = None, energy: float | None = None, force: bool = False) -> Report:
+    """Truncated-SVD LoRA of ``tuned − base`` written as a PEFT adapter (see ``lora_extract.extract``)."""
+    from weightsmith.merge.lora_extract import extract as _extract
+
+    return _extract(base, tuned, out, rank=rank, energy=energy, force=force)
+
+
+__all__ = ["FoldedCheckpoint", "open_folded", "merge", "unmerge", "extract"]

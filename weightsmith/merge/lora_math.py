@@ -1,0 +1,94 @@
+"""Pure tensor math of LoRA folding, unfolding and extraction. No files, no names: tensors in, tensors out.
+
+Every module kind is reduced to one 2-D picture, the weight seen as ``[out, in]`` ("row view"), so a single fold
+serves Linear, GPT-2 Conv1D (stored ``[in, out]``), Embedding (stored ``[num, dim]``, adapted as ``[dim, num]``) and
+ConvNd (``[out, in, *k]`` flattened to ``[out, in·∏k]``). Everything is computed in float32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# How each kind stores its weight relative to the row view [out, in].
+LINEAR, CONV1D, EMBEDDING, CONV = "linear", "conv1d", "embedding", "conv"
+
+
+def _acc(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def to_rows(weight: Tensor, kind: str) -> Tensor:
+    """The stored weight as its row view ``[out, in]`` (a view or transpose, never a copy of the caller's data)."""
+    if kind in (CONV1D, EMBEDDING):  # stored [in, out] / [num, dim]; rows are the output features / dim
+        return weight.t()
+    if kind == CONV:
+        return weight.reshape(weight.shape[0], -1)
+    return weight
+
+
+def from_rows(rows: Tensor, kind: str, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of ``to_rows``: back to the stored layout ``shape``."""
+    if kind in (CONV1D, EMBEDDING):
+        return rows.t().contiguous()
+    return rows.reshape(shape)
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """s = α / r (Hu et al. 2021, "LoRA"), or α / √r with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def lora_delta_rows(a: Tensor, b: Tensor, scaling: float, round_to: torch.dtype | None = None) -> Tensor:
+    """ΔW = s · B·A in row view ``[out, in]``.
+
+    ``a`` is ``[r, in]`` (or ``[r, in, *k]`` for conv), ``b`` is ``[out, r]`` (or ``[out, r, 1, …]``); embedding
+    adapters pass ``lora_embedding_B [dim, r]`` and ``lora_embedding_A [r, num]``. The product is taken before the
+    scaling, as PEFT's ``get_delta_weight`` does, so s = 1 reproduces it exactly. ``round_to`` rounds ΔW to a half
+    dtype and back, emulating PEFT when the adapter's own tensors are kept in half precision.
+    """
+    a2 = _acc(a).reshape(a.shape[0], -1)  # [r, in·∏k]
+    b2 = _acc(b).reshape(b.shape[0], -1)  # [out, r]
+    delta = (b2 @ a2) * scaling
+    if round_to is not None and round_to != delta.dtype:
+        delta = delta.to(round_to).to(torch.float32)
+    return delta
+
+
+def dora_rows(weight_rows: Tensor, delta_rows: Tensor, magnitude: Tensor) -> Tensor:
+    """W' = m / ‖W + ΔW‖_row · (W + ΔW) in row view — Liu et al. 2024, "DoRA", as PEFT merges it.
+
+    The L2 norm is taken per output row over the input dimension (per output channel for conv, per embedding
+    dimension for embeddings); m is the adapter's ``lora_magnitude_vector`` ``[out]``.
+    """
+    v = _acc(weight_rows) + delta_rows  # [out, in]
+    norm = torch.linalg.vector_norm(v, dim=1)  # [out]
+    return (_acc(magnitude) / norm).unsqueeze(1) * v
+
+
+def truncated_factors(delta_rows: Tensor, *, rank: int | None = None, energy: float | None = None
+                      ) -> tuple[Tensor, Tensor, float]:
+    """Best rank-k factors of ΔW ``[out, in]`` by SVD (Eckart–Young): B = U_k·√S_k ``[out, k]``, A = √S_k·V_kᵀ
+    ``[k, in]``, and the energy kept Σ_{i≤k} σᵢ² / Σ σᵢ².
+
+    ``rank`` fixes k (capped at min(out, in)); ``energy`` picks the smallest k keeping at least that fraction.
+    The split √S on both sides follows the issue's convention (and keeps A and B on the same scale).
+    """
+    d = _acc(delta_rows)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)  # u [out, n], s [n], vh [n, in]
+    power = s.double() ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        raise ValueError("ΔW is zero")
+    cumulative = torch.cumsum(power, 0) / total
+    if rank is not None:
+        k = min(rank, s.numel())
+    else:
+        k = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+        k = min(k, s.numel())
+    root = s[:k].sqrt()
+    b = u[:, :k] * root  # [out, k]
+    a = root.unsqueeze(1) * vh[:k]  # [k, in]
+    return a.contiguous(), b.contiguous(), float(cumulative[k - 1])

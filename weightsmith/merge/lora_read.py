@@ -1,0 +1,173 @@
+"""Reading PEFT LoRA adapters: which base tensors an adapter changes and how, from its config and tensor names.
+
+Nothing here reads tensor data except ``check_finite``; PEFT itself is never imported. Key layout (peft ≥ 0.7):
+``base_model.model.<module>.lora_A.weight`` ``[r, in]``, ``.lora_B.weight`` ``[out, r]``, ``.lora_B.bias``
+``[out]`` (lora_bias), ``.lora_embedding_A`` ``[r, num]``, ``.lora_embedding_B`` ``[dim, r]``,
+``.lora_magnitude_vector`` ``[out]`` (DoRA); any other key is a tensor that replaces the base tensor of the same
+name (``modules_to_save``, trained biases, ``<module>.base_layer.<param>``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from weightsmith.checkpoint import Checkpoint
+from weightsmith.errors import IncompatibleError, NumericalError
+from weightsmith.merge.lora_math import lora_scaling
+
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector)$")
+# init_lora_weights values that change the base weights at initialisation: the adapter alone is not ΔW.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Config fields that, when set, make an adapter something other than a foldable W + s·B·A (or DoRA).
+_UNFOLDABLE_FIELDS = {
+    "layer_replication": "layer_replication (the adapter duplicates base layers)",
+    "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
+    "target_parameters": "target_parameters (LoRA on raw nn.Parameters)",
+    "trainable_token_indices": "trainable_token_indices (trainable tokens)",
+    "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing",
+    "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
+}
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: the adapter tensor names and the scaling s = α/r (or α/√r)."""
+
+    module: str  # base module path, e.g. "model.layers.0.self_attn.q_proj"
+    a: str | None = None
+    b: str | None = None
+    bias: str | None = None  # lora_B.bias: b' = b + s·bias
+    magnitude: str | None = None  # DoRA
+    embedding: bool = False
+    scaling: float = 1.0
+    r: int = 0
+
+    @property
+    def weight(self) -> str:
+        return f"{self.module}.weight"
+
+
+@dataclass
+class Adapter:
+    """A parsed PEFT LoRA adapter: per-module LoRA factors plus whole tensors that replace base tensors."""
+
+    ckpt: Checkpoint
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # base weight name -> module
+    replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor name
+
+    @property
+    def path(self):
+        return self.ckpt.path
+
+    @property
+    def dora(self) -> bool:
+        return any(m.magnitude for m in self.modules.values())
+
+    @property
+    def half_dtype(self) -> torch.dtype | None:
+        """The adapter's dtype when it is stored in half precision (else None)."""
+        for m in self.modules.values():
+            dt = self.ckpt.info(m.b).dtype
+            return dt if dt in (torch.float16, torch.bfloat16) else None
+        return None
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key (in dict order) with
+    ``re.match(rf"(.*\\.)?({key})$", module)`` gives the value; no match gives ``default``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
+    """Open and validate a PEFT LoRA adapter directory (refusing what cannot be folded, with one clear line)."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    cfg = ckpt.adapter_config
+    if cfg is None:
+        raise IncompatibleError(f"{ckpt.path}: not a PEFT adapter (no adapter_config.json)")
+    _check_config(ckpt.path, cfg)
+    adapter = Adapter(ckpt, cfg)
+    unprefixed = [n for n in ckpt if not n.startswith(PREFIX)]
+    if unprefixed:
+        raise IncompatibleError(f"{ckpt.path}: adapter tensor {unprefixed[0]!r} lacks the {PREFIX!r} prefix "
+                                f"(not a PEFT LoRA adapter?)")
+    duplicates: dict[str, str] = {}
+    for name in ckpt:
+        key = name[len(PREFIX):]
+        match = _LORA_KEY.match(key)
+        if match is None:
+            if re.search(r"\.lora_|\.token_adapter\.", key):
+                raise IncompatibleError(f"{ckpt.path}: tensor {name!r} is an adapter part weightsmith cannot fold")
+            if ".original_module." in key:  # with bias="all" PEFT also saves the wrapper's untouched base copy
+                continue
+            if ".modules_to_save." in key:  # ... and a duplicate of the trained copy under the wrapper's name
+                duplicates[key.replace(".modules_to_save.", ".")] = name
+                continue
+            adapter.replacements[key.replace(".base_layer.", ".")] = name
+            continue
+        module, part = match["module"], match["part"]
+        mod = adapter.modules.setdefault(f"{module}.weight", LoraModule(module))
+        if part in ("lora_A.weight", "lora_embedding_A"):
+            mod.a, mod.embedding = name, part == "lora_embedding_A"
+        elif part in ("lora_B.weight", "lora_embedding_B"):
+            mod.b = name
+        elif part == "lora_B.bias":
+            mod.bias = name
+        else:
+            mod.magnitude = name
+    for key, name in duplicates.items():
+        adapter.replacements.setdefault(key, name)
+    for mod in adapter.modules.values():
+        if mod.a is None or mod.b is None:
+            raise IncompatibleError(f"{ckpt.path}: module {mod.module!r} has only one of lora_A/lora_B")
+        mod.r = ckpt.info(mod.a).shape[0]
+        r_cfg = pattern_value(cfg.get("rank_pattern"), mod.module, cfg.get("r"))
+        if r_cfg is not None and int(r_cfg) != mod.r:
+            raise IncompatibleError(f"{ckpt.path}: module {mod.module!r} has rank {mod.r} but the config says "
+                                    f"{r_cfg} (rank_pattern/r)")
+        alpha = pattern_value(cfg.get("alpha_pattern"), mod.module, cfg.get("lora_alpha", 8))
+        mod.scaling = lora_scaling(float(alpha), mod.r, bool(cfg.get("use_rslora")))
+        if cfg.get("use_dora") and mod.magnitude is None:
+            raise IncompatibleError(f"{ckpt.path}: use_dora is set but {mod.module!r} has no lora_magnitude_vector")
+    odd = [n for n in ckpt if not ckpt.info(n).dtype.is_floating_point]
+    if odd:
+        raise IncompatibleError(f"{ckpt.path}: adapter tensor {odd[0]!r} is {ckpt.info(odd[0]).dtype}, not a "
+                                f"floating-point number")
+    if not adapter.modules and not adapter.replacements:
+        raise IncompatibleError(f"{ckpt.path}: adapter holds no tensors")
+    return adapter
+
+
+def _check_config(path, cfg: dict) -> None:
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise IncompatibleError(f"{path}: peft_type {cfg.get('peft_type')!r} cannot be folded into weights "
+                                f"(only LORA adapters; prompt/prefix/p-tuning adapters add tokens, not weights)")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise IncompatibleError(f"{path}: init_lora_weights={init!r} changed the base weights at initialisation; "
+                                f"convert the adapter first (PEFT: save_pretrained(..., "
+                                f"path_initial_model_for_weight_conversion=...))")
+    if cfg.get("loftq_config"):
+        raise IncompatibleError(f"{path}: a LoftQ-initialised adapter needs its own quantized base; convert it first")
+    for key, what in _UNFOLDABLE_FIELDS.items():
+        if cfg.get(key):
+            raise IncompatibleError(f"{path}: {what} cannot be folded into a plain checkpoint")
+
+
+def check_finite(adapter: Adapter) -> None:
+    """Refuse NaN/Inf anywhere in the adapter (reads each adapter tensor once)."""
+    for name in adapter.ckpt:
+        t = adapter.ckpt[name]
+        if not torch.isfinite(t).all():
+            raise NumericalError(f"{adapter.path}: adapter tensor {name!r} contains NaN or Inf")
