@@ -8,7 +8,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +25,32 @@ class Run:
     peak_rss_mb: float
 
 
+# Linux carries a process's peak RSS across exec, and a child forked (or vforked) from this big Python process
+# would start from our RSS. A bare interpreter forks the measured command instead and reports its rusage.
+_WRAPPER = """
+import os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - t} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def measure(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None) -> Run:
-    """Wall time and peak RSS of exactly this child process (os.wait4 gives its own rusage)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err[-3000:]}")
-    return Run(seconds, usage.ru_maxrss / 1024)
+    """Wall time and peak RSS of exactly this command's process."""
+    stats = WORK / f".measure-{os.getpid()}"
+    WORK.mkdir(exist_ok=True)
+    proc = subprocess.run([PY, "-S", "-c", _WRAPPER, str(stats), *map(str, cmd)], cwd=cwd, env=env or ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds, maxrss_kb, code = stats.read_text().split()
+    stats.unlink()
+    if int(code) != 0 or proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace")
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({code}):\n{err[-3000:]}")
+    return Run(float(seconds), int(maxrss_kb) / 1024)
 
 
 def median_run(cmd: list[str], repeats: int = 3, **kw) -> Run:

@@ -111,6 +111,11 @@ class _SafetensorsFile:
     def names(self) -> list[str]:
         return sorted(self.entries, key=lambda k: self.entries[k][1])  # storage order: sequential reads
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute byte offset, byte count) of a tensor's data, for in-kernel copies."""
+        _, begin, end = self.entries[name]
+        return self.path, self.data_start + begin, end - begin
+
     def read(self, name: str) -> torch.Tensor:
         info, begin, end = self.entries[name]
         buf = torch.empty(end - begin, dtype=torch.uint8)
@@ -302,6 +307,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def info(self, name: str) -> TensorInfo:
         return self._where[name].entries[name][0]
 
+    def location(self, name: str) -> tuple[Path, int, int] | None:
+        """Where a tensor's bytes lie on disk (file, offset, count), or None when they are not stored raw (.bin)."""
+        wf = self._where[name]
+        return wf.location(name) if isinstance(wf, _SafetensorsFile) else None
+
     def infos(self) -> list[TensorInfo]:
         return [self.info(n) for n in self._order]
 
@@ -416,17 +426,43 @@ class _Shard:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = path.open("wb")
+        self.file = path.open("wb", buffering=0)
         self.file.seek(8 + self.RESERVED)
         self.entries: dict[str, dict] = {}
         self.size = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.file.write(memoryview(data))
+        view = memoryview(data)
+        while view:  # an unbuffered write may stop short (Linux caps one write near 2 GiB)
+            view = view[self.file.write(view):]
         self.entries[name] = {"dtype": _ST_CODES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.size, self.size + data.nbytes]}
         self.size += data.nbytes
+
+    def copy(self, name: str, info: TensorInfo, location: tuple[Path, int, int]) -> None:
+        """Append a tensor's bytes straight from another file (in the kernel where the OS can)."""
+        src_path, offset, count = location
+        with src_path.open("rb", buffering=0) as src:
+            done = 0
+            try:
+                while done < count:
+                    n = os.copy_file_range(src.fileno(), self.file.fileno(), count - done, offset + done)
+                    if n == 0:
+                        raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}")
+                    done += n
+            except OSError:  # no copy_file_range across these files: copy through user space
+                src.seek(offset + done)
+                while done < count:
+                    chunk = memoryview(src.read(min(count - done, 64 * 2**20)))
+                    if not chunk:
+                        raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}") from None
+                    done += len(chunk)
+                    while chunk:
+                        chunk = chunk[self.file.write(chunk):]
+        self.entries[name] = {"dtype": _ST_CODES[info.dtype], "shape": list(info.shape),
+                              "data_offsets": [self.size, self.size + count]}
+        self.size += count
 
     def finish(self, metadata: dict[str, str], final_path: Path) -> None:
         self.file.close()
@@ -495,16 +531,29 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor (cast to the writer's dtype if it is a float tensor)."""
-        if name in self._names:
-            raise WeightsmithError(f"{self.out}: tensor {name!r} written twice")
         if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
-        nbytes = tensor.numel() * tensor.element_size()
+        self._shard_for(name, tensor.numel() * tensor.element_size()).write(name, tensor)
+
+    def write_from(self, source: Checkpoint, name: str) -> None:
+        """Copy one tensor of ``source`` unchanged (except for the writer's cast), without decoding it when the
+        bytes can be copied as they are."""
+        info = source.info(name)
+        location = source.location(name)
+        casts = self.dtype is not None and info.dtype.is_floating_point and info.dtype != self.dtype
+        if location is None or casts:
+            self.write(name, source[name])
+        else:
+            self._shard_for(name, info.nbytes).copy(name, info, location)
+
+    def _shard_for(self, name: str, nbytes: int) -> _Shard:
+        if name in self._names:
+            raise WeightsmithError(f"{self.out}: tensor {name!r} written twice")
         if not self._shards or (self._shards[-1].size and self._shards[-1].size + nbytes > self.shard_size):
             self._shards.append(_Shard(self.tmp / f".shard-{len(self._shards)}.partial"))
-        self._shards[-1].write(name, tensor)
         self._names.add(name)
         self.total_size += nbytes
+        return self._shards[-1]
 
     @property
     def num_shards(self) -> int:

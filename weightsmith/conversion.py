@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -10,6 +11,9 @@ from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWri
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
+
+# output name -> a function producing its tensor (read lazily, one at a time)
+TensorPlan = Mapping[str, Callable[[], torch.Tensor]]
 
 
 def as_checkpoint(source: Checkpoint | str | os.PathLike) -> Checkpoint:
@@ -24,16 +28,23 @@ def convert(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, dtyp
 
     >>> ws.convert("gpt2-bin/", "gpt2-st/", dtype="bf16", shard_size="500MB")  # doctest: +SKIP
     """
-    ckpt = as_checkpoint(src)
+    return copy_through(as_checkpoint(src), out, operation="convert", dtype=dtype, shard_size=shard_size, force=force)
+
+
+def copy_through(ckpt: Checkpoint, out: str | os.PathLike, *, operation: str, plan: TensorPlan | None = None,
+                 params: Mapping | None = None, dtype: str | torch.dtype | None = None,
+                 shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+    """Stream ``plan`` (default: every tensor of ``ckpt`` as it is) into ``out``; config and carried files follow."""
+    plan = plan if plan is not None else {name: (lambda n=name: ckpt[n]) for name in ckpt}
     target = parse_dtype(dtype)
-    report = Report("convert", output=str(out))
-    params = {"dtype": str(target) if target else None, "shard_size": shard_size}
+    report = Report(operation, output=str(out))
+    params = {"dtype": str(target) if target else None, "shard_size": shard_size, **(params or {})}
     with report.timed("total"):
-        writer = CheckpointWriter(out, steps=[provenance_step("convert", params, [ckpt])], config=ckpt.config,
+        writer = CheckpointWriter(out, steps=[provenance_step(operation, params, [ckpt])], config=ckpt.config,
                                   carry=ckpt.carry_files, dtype=target, shard_size=shard_size, force=force)
         with writer:
-            for name in progress(ckpt, total=len(ckpt), desc="convert"):
-                writer.write(name, ckpt[name])
-    report.summary.update(source=str(ckpt.path), tensors=len(ckpt), bytes_in=format_size(ckpt.nbytes),
+            for name in progress(plan, total=len(plan), desc=operation):
+                writer.write(name, plan[name]())
+    report.summary.update(source=str(ckpt.path), tensors=len(plan), bytes_in=format_size(ckpt.nbytes),
                           bytes_out=format_size(writer.total_size), shards=writer.num_shards)
     return report
