@@ -1,0 +1,134 @@
+"""Training text: reading .txt/.jsonl, tokenising into examples, and a deterministic, sharded example order.
+
+The order is a pure function of (seed, step, rank): every process computes its own slice of each global batch, so
+ranks never see the same example within an epoch, and a resumed run replays exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightsmith.errors import ConfigError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """Documents of a ``.txt`` file (one per non-empty line) or a ``.jsonl`` file (the ``text`` field of each line)."""
+    path = Path(path)
+    if path.suffix not in TEXT_SUFFIXES:
+        raise ConfigError(f"{path}: unsupported data file (expected .txt or .jsonl)")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such data file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the data file as UTF-8 text ({exc})") from None
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            texts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise ConfigError(f"{path}: line {number} is not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ConfigError(f"{path}: line {number} has no string field 'text'")
+        if record["text"].strip():
+            texts.append(record["text"])
+    if not texts:
+        raise ConfigError(f"{path}: the data file holds no text")
+    return texts
+
+
+def tokenize(texts: list[str], tokenizer, *, causal: bool, seq_len: int) -> list[list[int]]:
+    """Token-id examples of at most ``seq_len`` tokens.
+
+    Causal LM: documents joined with the EOS token and packed into blocks of exactly ``seq_len`` (GPT-style packing,
+    nothing wasted on padding; a short tail block is kept). Encoders and masked LM: one example per document, with
+    the tokenizer's special tokens, truncated to ``seq_len``.
+    """
+    if causal:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stream: list[int] = []
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            stream += ids + eos
+        blocks = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
+        return [b for b in blocks if len(b) >= 2]  # a causal example needs one next-token target
+    encoded = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
+    return [ids for ids in encoded if ids]
+
+
+@dataclass(frozen=True)
+class Order:
+    """Which examples each rank takes at each step: epochs are seeded permutations of all examples, concatenated.
+
+    Global position p = step·(B·W) + rank·B + j (B per-process batch, W processes) maps to example
+    perm_{p // n}[p mod n] with perm_e = randperm(n, seed + e).
+    """
+
+    num_examples: int
+    batch_size: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return int(epochs * self.num_examples // self.global_batch)
+
+    def batch(self, step: int, rank: int) -> list[int]:
+        start = step * self.global_batch + rank * self.batch_size
+        return [self._example(p) for p in range(start, start + self.batch_size)]
+
+    def _example(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_examples)
+        return int(_permutation(self.num_examples, self.seed + epoch)[offset])
+
+
+_PERMS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    if (n, seed) not in _PERMS:
+        _PERMS[(n, seed)] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return _PERMS[(n, seed)]
+
+
+def collate(examples: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, L) input ids and their (B, L) attention mask."""
+    length = max(len(e) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[row, :len(e)] = 1
+    return ids, mask
+
+
+def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: torch.Tensor, *, mask_id: int, vocab: int,
+                seed: int, probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (Devlin et al. 2019): pick 15% of the real, non-special tokens; of those 80% become [MASK], 10% a
+    random token, 10% stay. Returns the corrupted (B, L) ids and the (B, L) mask of picked positions (the loss
+    positions). Deterministic in ``seed``; ``ids`` is not modified.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    eligible = attention.bool() & ~special.bool()
+    picked = (torch.rand(ids.shape, generator=gen) < probability) & eligible
+    roll = torch.rand(ids.shape, generator=gen)
+    random_ids = torch.randint(vocab, ids.shape, generator=gen)
+    out = ids.clone()
+    out[picked & (roll < 0.8)] = mask_id
+    swap = picked & (roll >= 0.8) & (roll < 0.9)
+    out[swap] = random_ids[swap]
+    return out, picked.long()

@@ -1,0 +1,84 @@
+"""A student built from the teacher's own tensors by keeping some of its layers (DistilBERT-style initialisation).
+
+Sanh et al. 2019 (DistilBERT) initialise the student from every other teacher layer; the layer-drop initialisation
+matters as much as the distillation itself on small models. Tensors are read from the teacher one at a time and
+written with renumbered layer indices; the config's layer count (and any per-layer list) is rewritten to match.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from weightsmith.checkpoint import Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.errors import CheckpointError, ConfigError
+
+# "model.layers.3.mlp…", "encoder.layer.3.…", "transformer.h.3.…", "blocks.3.…"
+_LAYER = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|layer|h|blocks))\.(?P<idx>\d+)\.(?P<post>.+)$")
+_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per layer (sliding/full attention, …)
+
+
+def layer_count(config: dict | None, where: str | os.PathLike) -> int:
+    """The number of transformer layers a config declares."""
+    for key in _COUNT_KEYS:
+        if config and isinstance(config.get(key), int):
+            return config[key]
+    raise CheckpointError(f"{where}: config.json declares no layer count ({' / '.join(_COUNT_KEYS)})")
+
+
+def resolve_layers(num_layers: int, layers: Sequence[int] | None, keep_every: int | None,
+                   where: str | os.PathLike) -> list[int]:
+    """The teacher layers to keep, checked: in range, strictly increasing, at least one."""
+    if layers is not None and keep_every is not None:
+        raise ConfigError("give either layers or keep_every, not both")
+    if keep_every is not None:
+        if keep_every < 1:
+            raise ConfigError(f"keep_every {keep_every}: must be at least 1")
+        layers = list(range(0, num_layers, keep_every))
+    layers = list(layers or [])
+    if not layers:
+        raise ConfigError("no student layers chosen")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{where}: layer indices {bad} are out of range: the teacher has layers 0..{num_layers - 1}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"layers {layers}: must be strictly increasing, without repeats")
+    return layers
+
+
+def student_config(config: dict, layers: Sequence[int]) -> dict:
+    """The teacher's config with the layer count (and per-layer lists) rewritten for the kept layers."""
+    out = dict(config)
+    for key in _COUNT_KEYS:
+        if isinstance(out.get(key), int):
+            out[key] = len(layers)
+    for key in _PER_LAYER_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [out[key][i] for i in layers]
+    return out
+
+
+def student_tensors(teacher: Checkpoint, layers: Sequence[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the student, read lazily: non-layer tensors as they are, kept layers renumbered 0..k-1."""
+    new_index = {old: new for new, old in enumerate(layers)}
+    for name in teacher:
+        match = _LAYER.match(name)
+        if match is None:
+            yield name, teacher[name]
+        elif int(match["idx"]) in new_index:
+            yield f"{match['pre']}.{new_index[int(match['idx'])]}.{match['post']}", teacher[name]
+
+
+def write_student(teacher: Checkpoint, out: str | os.PathLike, layers: Sequence[int], *, force: bool = False) -> Path:
+    """Write the layer-selected student (weights, rewritten config, the teacher's tokenizer files) atomically."""
+    config = student_config(teacher.config or {}, layers)
+    step = provenance_step("distill.init_student", {"layers": list(layers)}, [teacher])
+    with CheckpointWriter(out, steps=[step], config=config, carry=teacher.carry_files, force=force) as writer:
+        for name, tensor in student_tensors(teacher, layers):
+            writer.write(name, tensor)
+    return Path(out)

@@ -1,0 +1,302 @@
+"""The distillation loop on ``accelerate``: the same code runs on one CPU or, under ``accelerate launch``, on several
+GPUs or nodes (data parallel). The teacher runs in eval mode without gradients; the student (with any feature
+projections) is the only trained module. Training state is saved with ``Accelerator.save_state`` every N steps and
+restored with ``load_state``: with the deterministic data order of ``data.Order`` a resumed run equals an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightsmith.compress.distill import data as D
+from weightsmith.compress.distill import losses as L
+from weightsmith.errors import ConfigError, NumericalError
+
+STATE_FILE = "weightsmith_state.json"
+
+
+@dataclass
+class Plan:
+    """Everything the loop needs, resolved and checked by ``distill`` before any work starts."""
+
+    kind: str  # "causal", "masked" or "encoder"
+    teacher_dir: Path
+    student_dir: Path
+    model_class: Any  # the transformers class both models load with
+    tokenizer: Any
+    train: list[list[int]]
+    eval: list[list[int]]
+    steps: int
+    feature_pairs: list[tuple[int, int]]  # (student layer, teacher layer)
+    config: Any  # DistillConfig
+    state_dir: Path
+    resume: bool
+    fingerprint: dict
+
+
+@dataclass
+class Result:
+    student: nn.Module | None  # the trained student (main process only)
+    is_main: bool
+    world_size: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)
+    overlap: int = 0
+
+
+class _Trainee(nn.Module):
+    """The student plus the feature projections; its forward returns the loss, so data parallelism syncs all of it."""
+
+    def __init__(self, student: nn.Module, projections: nn.ModuleList, plan: Plan):
+        super().__init__()
+        self.student, self.projections = student, projections
+        self.kind, self.cfg, self.pairs = plan.kind, plan.config, plan.feature_pairs
+
+    def forward(self, ids, attention, targets, loss_mask, t_logits, t_hidden):
+        out = self.student(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        return _loss(self.kind, self.cfg, self.pairs, self.projections, out, ids, attention, targets, loss_mask,
+                     t_logits, t_hidden)
+
+
+def _loss(kind, cfg, pairs, projections, out, ids, attention, targets, loss_mask, t_logits, t_hidden):
+    """The objective for one batch: the kind's main loss plus the weighted feature loss. Returns (loss, parts)."""
+    if kind == "causal":  # position i predicts token i+1
+        logits, mask, labels = out.logits[:, :-1], attention[:, 1:], ids[:, 1:]
+        teacher = t_logits[:, :-1] if t_logits is not None else None
+        loss, parts = L.kd_loss(logits, teacher, labels, mask, temperature=cfg.temperature, alpha=cfg.alpha)
+    elif kind == "masked":
+        loss, parts = L.kd_loss(out.logits, t_logits, targets, loss_mask, temperature=cfg.temperature,
+                                alpha=cfg.alpha)
+    else:
+        loss, parts = L.hidden_loss(out.hidden_states[-1], t_hidden[-1], attention)
+    if pairs:
+        feats = L.feature_loss([out.hidden_states[s + 1] for s, _ in pairs], [t_hidden[t + 1] for _, t in pairs],
+                               list(projections), attention)
+        loss = loss + cfg.feature_weight * feats
+        parts["feature"] = feats.detach()
+    return loss, parts
+
+
+def _needs_teacher(plan: Plan) -> bool:
+    return plan.kind == "encoder" or plan.config.alpha > 0 or bool(plan.feature_pairs)
+
+
+def _batch(plan: Plan, examples: list[list[int]], indices: list[int], mask_seed: int):
+    """(ids, attention, targets, loss_mask) for the given examples; masked LM corrupts the ids deterministically."""
+    tok = plan.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, attention = D.collate([examples[i] for i in indices], pad)
+    if plan.kind != "masked":
+        return ids, attention, ids, attention
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids, dtype=torch.long))
+    corrupted, picked = D.mask_tokens(ids, attention, special, mask_id=tok.mask_token_id, vocab=len(tok),
+                                      seed=mask_seed)
+    return corrupted, attention, ids, picked
+
+
+def _teacher_out(teacher, plan, ids, attention):
+    if not _needs_teacher(plan):
+        return None, None
+    with torch.no_grad():
+        out = teacher(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    logits = out.logits if plan.kind != "encoder" else None
+    return logits, tuple(out.hidden_states)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled or os.environ.get("WEIGHTSMITH_QUIET") or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _latest_state(state_dir: Path) -> Path | None:
+    found = sorted(state_dir.glob("step-*")) if state_dir.is_dir() else []
+    return found[-1] if found else None
+
+
+def check_resume(plan: Plan) -> None:
+    """Refuse --resume without a saved state, or with a state saved by a run with different parameters."""
+    if not plan.resume:
+        return
+    latest = _latest_state(plan.state_dir)
+    if latest is None:
+        raise ConfigError(f"{plan.state_dir}: no saved training state to resume from")
+    saved = json.loads((latest / STATE_FILE).read_text())
+    if saved["fingerprint"] != plan.fingerprint:
+        diff = sorted(k for k in {**saved["fingerprint"], **plan.fingerprint}
+                      if saved["fingerprint"].get(k) != plan.fingerprint.get(k))
+        raise ConfigError(f"{latest}: saved by a run with different parameters ({', '.join(diff)}); cannot resume")
+
+
+def _save_state(acc, plan: Plan, step: int) -> None:
+    """Save the full training state for ``step`` (steps done) atomically, keeping only the newest."""
+    target = plan.state_dir / f"step-{step:08d}"
+    tmp = plan.state_dir / f".step-{step:08d}.partial"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": plan.fingerprint}, indent=2))
+        tmp.rename(target)
+        for old in plan.state_dir.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def _evaluate(acc, trainee: _Trainee, teacher, plan: Plan) -> dict[str, float]:
+    """Held-out figures averaged over examples, each rank taking every W-th example (summed across ranks).
+
+    loss: the training objective; ce: the student's next-token (or masked-token) cross-entropy; cosine: the mean
+    cosine between student and teacher mean-pooled embeddings (encoders).
+    """
+    model = acc.unwrap_model(trainee).eval()
+    mine = list(range(acc.process_index, len(plan.eval), acc.num_processes))
+    sums = torch.zeros(3, dtype=torch.float64)  # loss·n, metric·n, n
+    for start in range(0, len(mine), plan.config.batch_size):
+        chunk = mine[start:start + plan.config.batch_size]
+        ids, attention, targets, loss_mask = _batch(plan, plan.eval, chunk, mask_seed=plan.config.seed + 7919 + start)
+        ids, attention, targets, loss_mask = (t.to(acc.device) for t in (ids, attention, targets, loss_mask))
+        t_logits, t_hidden = _teacher_out(teacher, plan, ids, attention)
+        with torch.no_grad():
+            out = model.student(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+            loss, parts = _loss(plan.kind, plan.config, plan.feature_pairs, model.projections, out, ids, attention,
+                                targets, loss_mask, t_logits, t_hidden)
+            if plan.kind == "encoder":
+                s_pool = L.mean_pool(out.hidden_states[-1].float(), attention)
+                t_pool = L.mean_pool(t_hidden[-1].float(), attention)
+                metric = torch.nn.functional.cosine_similarity(s_pool, t_pool, dim=-1).mean()
+            elif plan.kind == "causal":
+                metric = L.token_ce(out.logits[:, :-1], ids[:, 1:], attention[:, 1:])
+            else:
+                metric = L.token_ce(out.logits, targets, loss_mask)
+        n = len(chunk)
+        sums += torch.tensor([float(loss) * n, float(metric) * n, n], dtype=torch.float64)
+    model.train()
+    sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+    n = max(float(sums[2]), 1.0)
+    return {"loss": float(sums[0]) / n, "cosine" if plan.kind == "encoder" else "ce": float(sums[1]) / n}
+
+
+def run(plan: Plan) -> Result:
+    """Train the student; returns it (on the main process) with the loss curve, evaluations and per-rank data."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+
+    cfg = plan.config
+    acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.seed)
+    teacher = plan.model_class.from_pretrained(plan.teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
+    teacher.to(acc.device)
+    student = plan.model_class.from_pretrained(plan.student_dir, dtype=torch.float32).train()
+    s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
+    if plan.kind == "encoder" and s_width != t_width:
+        raise ConfigError(f"{plan.student_dir}: hidden width {s_width} differs from the teacher's {t_width}; "
+                          f"encoder distillation compares hidden states directly")
+    projections = nn.ModuleList(nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
+                                for _ in plan.feature_pairs)
+    trainee = _Trainee(student, projections, plan)
+    decay = [p for n, p in trainee.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in trainee.named_parameters() if p.ndim < 2]  # biases and norms, as BERT/GPT do
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warmup = int(cfg.warmup * plan.steps)
+    # linear warm-up, then linear decay to zero; stepped once per optimizer step whatever the process count
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (plan.steps - s) / (plan.steps - warmup)))
+    trainee, optimizer = acc.prepare(trainee, optimizer)
+    acc.register_for_checkpointing(scheduler)
+
+    start = 0
+    if plan.resume:
+        latest = _latest_state(plan.state_dir)
+        acc.load_state(str(latest))
+        start = json.loads((latest / STATE_FILE).read_text())["step"]
+
+    order = D.Order(len(plan.train), cfg.batch_size, acc.num_processes, cfg.seed)
+    result = Result(None, acc.is_main_process, acc.num_processes, start)
+    seen: set[int] = set()
+    first_batch: list[int] = []
+    bar = _progress(plan.steps, start, acc.is_main_process)
+    for step in range(start, plan.steps):
+        indices = order.batch(step, acc.process_index)
+        seen.update(indices)
+        first_batch = first_batch or indices
+        mask_seed = cfg.seed * 1_000_003 + step * 1009 + acc.process_index
+        ids, attention, targets, loss_mask = (t.to(acc.device) for t in _batch(plan, plan.train, indices, mask_seed))
+        t_logits, t_hidden = _teacher_out(teacher, plan, ids, attention)
+        loss, parts = trainee(ids, attention, targets, loss_mask, t_logits, t_hidden)
+        if not torch.isfinite(loss):
+            raise NumericalError(f"{plan.teacher_dir}: the distillation loss became {float(loss)} at step {step + 1} "
+                                 f"(lower --lr?)")
+        acc.backward(loss)
+        acc.clip_grad_norm_(trainee.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+            bar.update(1)
+        done = step + 1
+        if plan.eval and cfg.eval_every and done % cfg.eval_every == 0 and done < plan.steps:
+            result.evals.append({"step": done, **_evaluate(acc, trainee, teacher, plan)})
+        if cfg.save_every and done % cfg.save_every == 0 and done < plan.steps:
+            _save_state(acc, plan, done)
+    if bar is not None:
+        bar.close()
+    if plan.eval:
+        result.evals.append({"step": plan.steps, **_evaluate(acc, trainee, teacher, plan)})
+
+    gathered = gather_object([(acc.process_index, sorted(seen), first_batch)])
+    counts: dict[int, int] = {}
+    for rank, indices, first in sorted(gathered):
+        result.ranks.append({"rank": rank, "examples_seen": len(indices), "first_batch": first})
+        for i in indices:
+            counts[i] = counts.get(i, 0) + 1
+    result.overlap = sum(1 for c in counts.values() if c > 1)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        result.student = acc.unwrap_model(trainee).student.eval()
+    return result
+
+
+def finish(result: Result) -> None:
+    """Let the other processes wait until the main one has written the output."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def loss_summary(losses: list[float]) -> dict[str, float]:
+    """First and last training loss (each a mean over up to 10 steps, to smooth batch noise)."""
+    if not losses:
+        return {}
+    k = min(10, len(losses))
+    return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+            "loss_finite": all(math.isfinite(x) for x in losses)}
+
+
+def loss_curve(losses: list[float], start: int, points: int = 20) -> list[dict[str, float]]:
+    """The training loss as at most ``points`` (step, mean loss over the window ending there) pairs."""
+    width = max(1, -(-len(losses) // points))
+    return [{"step": start + i + len(losses[i:i + width]), "loss": sum(losses[i:i + width]) / len(losses[i:i + width])}
+            for i in range(0, len(losses), width)]
