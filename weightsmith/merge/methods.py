@@ -1,0 +1,275 @@
+"""Merge methods: pure functions from float32 tensors to a float32 tensor. They know nothing about files.
+
+Notation: θ_b the base tensor, θᵢ the fine-tuned tensors, δᵢ = θᵢ − θ_b their task vectors, wᵢ their weights.
+The task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA) is one computation parameterised by a row of
+``FAMILY``: a sparsifier × a sign consensus × a default normalisation, as mergekit's generalized task arithmetic
+defines it; each named method below is that computation with its row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from weightsmith.merge import sparsify as sp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Averaging and interpolation
+
+
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """θ = Σᵢ wᵢ θᵢ, divided by Σᵢ wᵢ when ``normalize`` — Wortsman et al. 2022, "Model soups".
+
+    >>> linear([torch.ones(2), torch.zeros(2)], [3.0, 1.0]).tolist()
+    [0.75, 0.75]
+    """
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for tensor, w in zip(tensors, weights):
+        out.add_(tensor, alpha=w)
+    if normalize:
+        out /= sum(weights)
+    return out
+
+
+def slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation of the flattened tensors — Shoemake 1985; mergekit's ``slerp`` (t = 0 gives a).
+
+    With â = a/‖a‖, b̂ = b/‖b‖, cos Ω = â·b̂ (clamped to [−1, 1]):
+    θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, the norms untouched (the coefficients multiply a and b, as
+    mergekit does). Nearly colinear tensors (|cos Ω| > ``dot_threshold``) fall back to (1−t)·a + t·b.
+    Norms below ``eps`` count as 1.
+    """
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na = na if na > eps else torch.ones_like(na)
+    nb = nb if nb > eps else torch.ones_like(nb)
+    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+    if abs(dot) > dot_threshold:
+        return (1 - t) * a + t * b
+    omega = math.acos(dot)
+    s = math.sin(omega)
+    return (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
+
+
+def nuslerp(a: Tensor, b: Tensor, weights: Sequence[float], base: Tensor | None = None, row_wise: bool = False,
+            flatten: bool = True, eps: float = 1e-8) -> Tensor:
+    """SLERP with t = w_b/(w_a + w_b) (0.5 when the weights sum to 0), of the task vectors when a base is given:
+    θ = θ_b + slerp(a − θ_b, b − θ_b, t) — mergekit's ``nuslerp``.
+
+    Here slerp uses unit vectors û = u/max(‖u‖, 1e−7) to find Ω but combines the raw u:
+    (sin((1−t)Ω)·a + sin(tΩ)·b)/sin Ω, and falls back to (1−t)a + tb where 1 − cos²Ω ≤ eps². ``flatten`` treats the
+    tensor as one vector (the default); otherwise each row (``row_wise``: each column) is interpolated separately.
+    """
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    u, v = (a - base, b - base) if base is not None else (a, b)
+    shape = u.shape
+    if flatten:
+        u, v = u.reshape(-1), v.reshape(-1)
+    elif row_wise:
+        u, v = u.transpose(0, -1), v.transpose(0, -1)
+    cos = ((u / u.norm(dim=-1, keepdim=True).clamp(min=1e-7)) * (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-7))
+           ).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    omega = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    mixed = (torch.sin((1 - t) * omega) * u + torch.sin(t * omega) * v) / torch.sin(omega)
+    out = torch.where(colinear, (1 - t) * u + t * v, mixed)
+    if not flatten and row_wise:
+        out = out.transpose(0, -1)
+    out = out.reshape(shape)
+    return out + base if base is not None else out
+
+
+def model_stock(base: Tensor, tuned: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
+    """θ = t·mean(θᵢ) + (1−t)·θ_b with t = N·c / (1 + (N−1)·c), c the mean pairwise cosine of the task vectors —
+    Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models".
+
+    Cosines use max(‖δᵢ‖‖δⱼ‖, 1e−6) and are clamped to [−1, 1]. Where 1 + (N−1)c is within 1e−6 of 0, t = 0 (the
+    base is kept), as in mergekit. ``filter_wise`` computes c per row (dim 0) instead of over the whole tensor.
+    """
+    shape = base.shape
+    if filter_wise:
+        b = base.unsqueeze(0) if base.dim() == 1 else base.reshape(base.shape[0], -1)
+        ws = [w.reshape(b.shape) for w in tuned]
+    else:
+        b = base.reshape(-1)
+        ws = [w.reshape(-1) for w in tuned]
+    deltas = [w - b for w in ws]
+    cosines = []
+    for i, da in enumerate(deltas):
+        for db in deltas[i + 1:]:
+            norms = (da.norm(dim=-1) * db.norm(dim=-1)).clamp(min=1e-6)
+            cosines.append(((da * db).sum(dim=-1) / norms).clamp(-1, 1))
+    c = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denom = 1 + (n - 1) * c
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(denom), denom))
+    mean = torch.stack(ws).mean(dim=0) if n > 1 else ws[0]
+    return (t * mean + (1 - t) * b).reshape(shape)
+
+
+def passthrough(tensor: Tensor, scale: float | None = None) -> Tensor:
+    """θ = s·θ₁ (θ₁ unchanged when no scale is given) — mergekit's ``passthrough`` for one model."""
+    return tensor.clone() if scale is None else tensor * scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task-vector family
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    """One method of the task-vector family: how δᵢ are thinned, how signs are elected, what is normalised."""
+
+    sparsifier: str | None  # None | "magnitude" | "random" | "outliers" | "rank_random"
+    consensus: str | None  # None | "sum" | "count": elect a sign per entry and keep only agreeing δᵢ
+    normalize: bool  # default: divide by the sum of (agreeing) weights
+    rescale: bool  # default: restore the scale of dropped entries (random sparsifiers)
+    paper: str
+
+
+# Defaults follow mergekit 0.1.5's registry so that its YAML files mean the same here.
+FAMILY: dict[str, FamilyRow] = {
+    "task_arithmetic": FamilyRow(None, None, False, False, "Ilharco et al. 2023, arXiv:2212.04089"),
+    "ties": FamilyRow("magnitude", "sum", True, False, "Yadav et al. 2023, arXiv:2306.01708"),
+    "dare_linear": FamilyRow("random", None, False, True, "Yu et al. 2024, arXiv:2311.03099"),
+    "dare_ties": FamilyRow("random", "sum", False, True, "Yu et al. 2024, arXiv:2311.03099"),
+    "breadcrumbs": FamilyRow("outliers", None, False, False, "Davari & Belilovsky 2023, arXiv:2312.06795"),
+    "breadcrumbs_ties": FamilyRow("outliers", "sum", False, False, "Davari & Belilovsky 2023, arXiv:2312.06795"),
+    "della": FamilyRow("rank_random", "sum", True, True, "Deep et al. 2024, arXiv:2406.11617"),
+    "della_linear": FamilyRow("rank_random", None, False, True, "Deep et al. 2024, arXiv:2406.11617"),
+}
+
+
+@dataclass(frozen=True)
+class FamilyStats:
+    """What a task-vector merge did to one tensor (for the report)."""
+
+    kept: float  # mean fraction of entries kept by the sparsifier, over the models
+    conflict: float  # fraction of entries whose kept, weighted δᵢ disagree in sign (before the election)
+
+
+def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], *,
+                       densities: Sequence[float] | None = None, lam: float = 1.0, normalize: bool | None = None,
+                       rescale: bool | None = None, rescale_mode: str = "1/p", consensus: str | None = None,
+                       gammas: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
+                       generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, FamilyStats]:
+    """θ = θ_b + λ · Σᵢ mᵢ ⊙ wᵢ·S(δᵢ) / D, the task-vector family (mergekit's generalized task arithmetic).
+
+    S thins δᵢ (``row.sparsifier``; density dᵢ), rescaled by 1/p (the papers) or to δᵢ's L1 norm (mergekit) when
+    ``rescale``. With a consensus, the elected sign is sign(Σᵢ wᵢS(δᵢ)) ("sum", TIES) or the majority of signs
+    ("count"), ties going to +, and mᵢ keeps the entries of wᵢS(δᵢ) with that sign; otherwise mᵢ = 1. With
+    ``normalize`` D = Σᵢ wᵢ·mᵢ per entry (1 where that is 0; with no consensus 1 where |Σwᵢ| < 1e−8), else D = 1.
+    ``gammas`` (breadcrumbs) and ``epsilons`` (DELLA) are per model. Random sparsifiers draw from ``generators``
+    (one per model). Returns the tensor and its stats.
+    """
+    normalize = row.normalize if normalize is None else normalize
+    rescale = row.rescale if rescale is None else rescale
+    consensus = row.consensus if consensus is None else consensus
+    n = len(tuned)
+    densities = densities or [1.0] * n
+    gammas = gammas or [0.01] * n
+    epsilons = epsilons or [0.15] * n
+    mode = rescale_mode if rescale else None
+    contributions = []  # wᵢ·S(δᵢ), each (shape of base)
+    kept = 0.0
+    for i, (theta, w, d) in enumerate(zip(tuned, weights, densities)):
+        delta = theta - base
+        if row.sparsifier is not None and d < 1:
+            if row.sparsifier == "magnitude":
+                mask, p = sp.magnitude_mask(delta, d), d
+            elif row.sparsifier == "outliers":
+                mask, p = sp.outlier_magnitude_mask(delta, d, gammas[i]), d
+            elif row.sparsifier == "random":
+                mask, p = sp.bernoulli_mask(delta.shape, d, generators[i]), d
+            elif row.sparsifier == "rank_random":
+                p = sp.rank_keep_probability(delta, d, epsilons[i])
+                mask = sp.bernoulli_mask(delta.shape, p, generators[i])
+            else:
+                raise ValueError(f"unknown sparsifier {row.sparsifier!r}")
+            kept += float(mask.float().mean()) if mask.numel() else 1.0
+            delta = sp.rescale(delta, mask, mode, p)
+        else:
+            kept += 1.0
+        contributions.append(delta * w)
+    stacked = torch.stack(contributions)  # (N, *shape)
+    signs = torch.sign(stacked)
+    mixed = (signs > 0).any(0) & (signs < 0).any(0)
+    conflict = float(mixed.float().mean()) if mixed.numel() else 0.0
+    w = torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *([1] * base.dim()))
+    if consensus is not None:
+        if consensus == "sum":
+            elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+        elif consensus == "count":
+            elected = torch.where(signs.sum(0) >= 0, 1.0, -1.0)
+        else:
+            raise ValueError(f"unknown consensus {consensus!r}")
+        agree = signs == elected
+        total = (stacked * agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        total = stacked.sum(0)
+        divisor = w.sum()
+        divisor = divisor if divisor.abs() >= 1e-8 else torch.ones_like(divisor)
+    if normalize:
+        total = total / divisor
+    if lam != 1:
+        total = total * lam
+    return base + total, FamilyStats(kept / max(len(tuned), 1), conflict)
+
+
+def task_arithmetic(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], lam: float = 1.0) -> Tensor:
+    """θ = θ_b + λ · Σᵢ wᵢ δᵢ — Ilharco et al. 2023, "Editing models with task arithmetic". A negative wᵢ removes
+    a task."""
+    return merge_task_vectors(FAMILY["task_arithmetic"], base, tuned, weights, lam=lam)[0]
+
+
+def ties(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], lam: float = 1.0,
+         consensus: str = "sum", normalize: bool = True) -> Tensor:
+    """TIES-merging — Yadav et al. 2023: keep the top-dᵢ fraction of |δᵢ| (k = max(1, ⌊dᵢN⌋)), elect
+    γ = sign(Σᵢ wᵢδ̃ᵢ) per entry, and average the agreeing entries: θ = θ_b + λ·Σᵢ[sign(wᵢδ̃ᵢ) = γ]wᵢδ̃ᵢ / Σᵢ[…]wᵢ.
+    Weights multiply δ̃ᵢ before the election (as mergekit does; the paper has unit weights)."""
+    return merge_task_vectors(FAMILY["ties"], base, tuned, weights, densities=densities, lam=lam, consensus=consensus,
+                              normalize=normalize)[0]
+
+
+def dare_linear(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+                generators: Sequence[torch.Generator], lam: float = 1.0, rescale_mode: str = "1/p") -> Tensor:
+    """DARE — Yu et al. 2024, "Language models are Super Mario": drop each entry of δᵢ with probability 1 − dᵢ and
+    rescale the survivors (by 1/dᵢ, the paper; or ``rescale_mode="l1"`` to δᵢ's L1 norm, mergekit), then
+    θ = θ_b + λ·Σᵢ wᵢδ̃ᵢ."""
+    return merge_task_vectors(FAMILY["dare_linear"], base, tuned, weights, densities=densities, lam=lam,
+                              rescale_mode=rescale_mode, generators=generators)[0]
+
+
+def dare_ties(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+              generators: Sequence[torch.Generator], lam: float = 1.0, rescale_mode: str = "1/p") -> Tensor:
+    """DARE's random drop and rescale (Yu et al. 2024) followed by TIES' sign election (Yadav et al. 2023), not
+    normalised: θ = θ_b + λ·Σᵢ[sign(wᵢδ̃ᵢ) = γ]wᵢδ̃ᵢ."""
+    return merge_task_vectors(FAMILY["dare_ties"], base, tuned, weights, densities=densities, lam=lam,
+                              rescale_mode=rescale_mode, generators=generators)[0]
+
+
+def breadcrumbs(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+                gamma: float = 0.01, lam: float = 1.0) -> Tensor:
+    """Model Breadcrumbs — Davari & Belilovsky 2023: drop the ⌊γN⌋ largest |δᵢ| (outliers) and the smallest, keeping
+    ⌊dᵢN⌋; θ = θ_b + λ·Σᵢ wᵢδ̃ᵢ."""
+    return merge_task_vectors(FAMILY["breadcrumbs"], base, tuned, weights, densities=densities,
+                              gammas=[gamma] * len(tuned), lam=lam)[0]
+
+
+def della(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
+          generators: Sequence[torch.Generator], epsilon: float = 0.15, lam: float = 1.0,
+          rescale_mode: str = "1/p") -> Tensor:
+    """DELLA-merging — Deep et al. 2024: MagPrune keeps entry j of δᵢ with probability pⱼ = dᵢ − ε + 2ε·rⱼ (rⱼ its
+    magnitude rank within the row, scaled to [0, 1]) and rescales survivors by 1/pⱼ (or to the L1 norm), then TIES'
+    election and the normalised mean of agreeing entries, ×λ."""
+    return merge_task_vectors(FAMILY["della"], base, tuned, weights, densities=densities, epsilons=[epsilon] * len(tuned),
+                              lam=lam,
+                              rescale_mode=rescale_mode, generators=generators)[0]
