@@ -196,7 +196,7 @@ def _prune_unstructured(ckpt: Checkpoint, out, *, method: str, sparsity: float |
         with writer:
             for name in progress(ckpt, total=len(ckpt), desc="prune"):
                 tensor = ckpt[name]
-                nz_in = int(torch.count_nonzero(tensor))
+                nz_in = int(torch.count_nonzero(tensor)) if tensor.is_floating_point() else 0
                 if name in target_set:
                     if threshold is not None:
                         mask, used = masks.threshold_mask(tensor, threshold[0], quota)
@@ -210,12 +210,12 @@ def _prune_unstructured(ckpt: Checkpoint, out, *, method: str, sparsity: float |
                     pruned_total += zeros
                     kept_total += tensor.numel()
                 nonzero_before += nz_in
-                nonzero_after += int(torch.count_nonzero(tensor))
+                nonzero_after += int(torch.count_nonzero(tensor)) if tensor.is_floating_point() else 0
                 writer.write(name, tensor)
     if nm is not None:
         report.notes.append(f"{pattern}: every group of {nm[1]} consecutive inputs keeps {nm[0]} weights "
                             f"(stored as dense zeros; semi-structured kernels are CUDA-only)")
-    total = sum(ckpt.info(n).numel for n in ckpt)
+    total = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)  # parameters, not integer buffers
     report.summary.update(source=str(ckpt.path), method=method, scope=scope if nm is None else f"pattern {pattern}",
                           sparsity_target=sparsity, sparsity_pruned_tensors=round(pruned_total / kept_total, 6),
                           sparsity_model=round(1 - nonzero_after / total, 6), pruned_tensors=len(targets),

@@ -46,6 +46,8 @@ LLAMA = Arch(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "self_attn.q_
 BERT = Arch(("intermediate.dense",), ("output.dense",), "attention.self.query", "attention.self.key",
             "attention.self.value", "attention.output.dense", heads=False)
 ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "bert": BERT}
+# transformers' LlamaConfig refuses a hidden_size that is not a multiple of num_attention_heads, head_dim or not
+HEADS_DIVIDE_HIDDEN = {"llama"}
 
 
 @dataclass
@@ -215,6 +217,10 @@ def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: i
     if not 0 < keep <= units:
         raise ConfigError(f"keeping {keep} of {units} {'neurons' if kind == 'ffn' else 'heads'} per block: "
                           f"must be between 1 and {units}")
+    model_type, hidden = ckpt.config["model_type"], ckpt.config.get("hidden_size")
+    if kind == "heads" and model_type in HEADS_DIVIDE_HIDDEN and hidden % keep:
+        raise ConfigError(f"{ckpt.path}: {model_type} with {keep} heads would not load in transformers (hidden_size "
+                          f"{hidden} must be a multiple of num_attention_heads)")
     prefix = block_prefix(ckpt, arch, ckpt.path)
     params = {"structured": kind, "ratio": ratio, "keep": keep, "calibration": str(calibration) if calibration
               else None}
@@ -250,9 +256,9 @@ def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: i
         with writer:
             for name in progress(ckpt, total=len(ckpt), desc="prune"):
                 tensor = slice_tensor(name, ckpt[name], prefix, arch, plans, geo.head_dim)
-                params_after += tensor.numel()
+                params_after += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
                 writer.write(name, tensor)
-    params_before = sum(ckpt.info(n).numel for n in ckpt)
+    params_before = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)
     report.summary.update(source=str(ckpt.path), structured=kind, scored_by="activations" if norms else "weights",
                           units_before=units, units_after=keep, params_before=params_before,
                           params_after=params_after, params_ratio=round(params_after / params_before, 6),
