@@ -132,8 +132,10 @@ def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, t
     generators = None
     if row.sparsifier in ("random", "rank_random"):
         generators = [torch.Generator().manual_seed(tensor_seed(seed, task.name, i)) for i in range(len(tensors))]
-    return M.merge_task_vectors(
-        row, base, tensors, [p["weight"] for p in pm], densities=[p["density"] for p in pm], lam=s["lambda"],
+    deltas = [t.sub_(base) for t in tensors]  # in place: the engine owns these fresh reads
+    tensors.clear()
+    return M.merge_deltas_(
+        row, base, deltas, [p["weight"] for p in pm], densities=[p["density"] for p in pm], lam=s["lambda"],
         normalize=s["normalize"], rescale=s["rescale"], rescale_mode=s.get("rescale_mode", "1/p"),
         consensus=s.get("consensus"), gammas=[p.get("gamma", 0.01) for p in pm],
         epsilons=[p.get("epsilon", 0.15) for p in pm], generators=generators)

@@ -154,32 +154,44 @@ class FamilyStats:
     conflict: float  # fraction of entries whose kept, weighted δᵢ disagree in sign (before the election)
 
 
-def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], *,
-                       densities: Sequence[float] | None = None, lam: float = 1.0, normalize: bool | None = None,
-                       rescale: bool | None = None, rescale_mode: str = "1/p", consensus: str | None = None,
-                       gammas: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
-                       generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, FamilyStats]:
+def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float],
+                       **options) -> tuple[Tensor, FamilyStats]:
     """θ = θ_b + λ · Σᵢ mᵢ ⊙ wᵢ·S(δᵢ) / D, the task-vector family (mergekit's generalized task arithmetic).
 
     S thins δᵢ (``row.sparsifier``; density dᵢ), rescaled by 1/p (the papers) or to δᵢ's L1 norm (mergekit) when
     ``rescale``. With a consensus, the elected sign is sign(Σᵢ wᵢS(δᵢ)) ("sum", TIES) or the majority of signs
     ("count"), ties going to +, and mᵢ keeps the entries of wᵢS(δᵢ) with that sign; otherwise mᵢ = 1. With
     ``normalize`` D = Σᵢ wᵢ·mᵢ per entry (1 where that is 0; with no consensus 1 where |Σwᵢ| < 1e−8), else D = 1.
-    ``gammas`` (breadcrumbs) and ``epsilons`` (DELLA) are per model. Random sparsifiers draw from ``generators``
-    (one per model). Returns the tensor and its stats.
+    Options are those of ``merge_deltas_``. Returns the tensor and its stats.
+    """
+    return merge_deltas_(row, base, [theta - base for theta in tuned], weights, **options)
+
+
+_COMBINE_CHUNK = 1 << 21  # elements per chunk of the elementwise combine: its scratch stays a few MB
+
+
+def merge_deltas_(row: FamilyRow, base: Tensor, deltas: list[Tensor], weights: Sequence[float], *,
+                  densities: Sequence[float] | None = None, lam: float = 1.0, normalize: bool | None = None,
+                  rescale: bool | None = None, rescale_mode: str = "1/p", consensus: str | None = None,
+                  gammas: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
+                  generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, FamilyStats]:
+    """``merge_task_vectors`` on task vectors δᵢ that it may overwrite (and empties ``deltas``): the streaming
+    engine's form, whose peak memory is the base, the N deltas and the output, plus chunk-sized scratch.
+
+    ``gammas`` (breadcrumbs) and ``epsilons`` (DELLA) are per model; random sparsifiers draw from ``generators``
+    (one per model).
     """
     normalize = row.normalize if normalize is None else normalize
     rescale = row.rescale if rescale is None else rescale
     consensus = row.consensus if consensus is None else consensus
-    n = len(tuned)
+    n = len(deltas)
     densities = densities or [1.0] * n
     gammas = gammas or [0.01] * n
     epsilons = epsilons or [0.15] * n
     mode = rescale_mode if rescale else None
-    contributions = []  # wᵢ·S(δᵢ), each (shape of base)
     kept = 0.0
-    for i, (theta, w, d) in enumerate(zip(tuned, weights, densities)):
-        delta = theta - base
+    for i, d in enumerate(densities):
+        delta = deltas[i]
         if row.sparsifier is not None and d < 1:
             if row.sparsifier == "magnitude":
                 mask, p = sp.magnitude_mask(delta, d), d
@@ -192,36 +204,45 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
                 mask = sp.bernoulli_mask(delta.shape, p, generators[i])
             else:
                 raise ValueError(f"unknown sparsifier {row.sparsifier!r}")
-            kept += float(mask.float().mean()) if mask.numel() else 1.0
-            delta = sp.rescale(delta, mask, mode, p)
+            kept += float(mask.sum()) / max(mask.numel(), 1)
+            deltas[i] = delta = sp.rescale(delta, mask, mode, p)
+            del mask, p
         else:
             kept += 1.0
-        contributions.append(delta * w)
-    stacked = torch.stack(contributions)  # (N, *shape)
-    signs = torch.sign(stacked)
-    mixed = (signs > 0).any(0) & (signs < 0).any(0)
-    conflict = float(mixed.float().mean()) if mixed.numel() else 0.0
-    w = torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *([1] * base.dim()))
-    if consensus is not None:
-        if consensus == "sum":
-            elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-        elif consensus == "count":
-            elected = torch.where(signs.sum(0) >= 0, 1.0, -1.0)
+        delta.mul_(weights[i])
+    # Elementwise from here on: combine in chunks so that the scratch is small. (N, chunk) views of the deltas.
+    flat = [dl.reshape(-1) for dl in deltas]
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    total_w = float(sum(weights))
+    conflicts = 0
+    for start in range(0, base.numel(), _COMBINE_CHUNK):
+        stacked = torch.stack([f[start:start + _COMBINE_CHUNK] for f in flat])  # (N, chunk)
+        positive, negative = stacked > 0, stacked < 0
+        conflicts += int((positive.any(0) & negative.any(0)).sum())
+        if consensus is not None:
+            if consensus == "sum":
+                elected_pos = stacked.sum(0) >= 0
+            elif consensus == "count":
+                elected_pos = (positive.sum(0) - negative.sum(0)) >= 0
+            else:
+                raise ValueError(f"unknown consensus {consensus!r}")
+            agree = torch.where(elected_pos, positive, negative)  # (N, chunk)
+            total = (stacked * agree).sum(0)
+            if normalize:
+                w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(1)
+                divisor = (w * agree).sum(0)
+                divisor[divisor == 0] = 1
+                total /= divisor
         else:
-            raise ValueError(f"unknown consensus {consensus!r}")
-        agree = signs == elected
-        total = (stacked * agree).sum(0)
-        divisor = (w * agree).sum(0)
-        divisor[divisor == 0] = 1
-    else:
-        total = stacked.sum(0)
-        divisor = w.sum()
-        divisor = divisor if divisor.abs() >= 1e-8 else torch.ones_like(divisor)
-    if normalize:
-        total = total / divisor
-    if lam != 1:
-        total = total * lam
-    return base + total, FamilyStats(kept / max(len(tuned), 1), conflict)
+            total = stacked.sum(0)
+            if normalize and abs(total_w) >= 1e-8:
+                total /= total_w
+        if lam != 1:
+            total *= lam
+        out[start:start + _COMBINE_CHUNK] = total
+    deltas.clear()
+    out = out.reshape(base.shape).add_(base)
+    return out, FamilyStats(kept / max(n, 1), conflicts / max(base.numel(), 1))
 
 
 def task_arithmetic(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], lam: float = 1.0) -> Tensor:

@@ -43,24 +43,28 @@ def _kth_smallest(a: Tensor, k: int) -> Tensor:
 
 def smallest_mask(a: Tensor, k: int) -> Tensor:
     """Bool mask (a's shape) of exactly the ``k`` smallest entries of ``a``; ties broken by position."""
+    return _count_mask(a, k, largest=False)
+
+
+def largest_mask(a: Tensor, k: int) -> Tensor:
+    """Bool mask of exactly the ``k`` largest entries of ``a``; ties broken by position."""
+    return _count_mask(a, k, largest=True)
+
+
+def _count_mask(a: Tensor, k: int, largest: bool) -> Tensor:
     flat = a.reshape(-1)
     n = flat.numel()
     if k <= 0:
         return torch.zeros_like(a, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(a, dtype=torch.bool)
-    thr = _kth_smallest(flat, k)
-    mask = flat < thr
+    thr = _kth_smallest(flat, n - k + 1 if largest else k)
+    mask = flat > thr if largest else flat < thr
     missing = k - int(mask.sum())
     if missing > 0:  # fill from the entries equal to the threshold, in index order
         equal = (flat == thr).nonzero().squeeze(1)[:missing]
         mask[equal] = True
     return mask.reshape(a.shape)
-
-
-def largest_mask(a: Tensor, k: int) -> Tensor:
-    """Bool mask of exactly the ``k`` largest entries of ``a``; ties broken by position."""
-    return smallest_mask(-a, k)
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
@@ -119,10 +123,10 @@ def rescale(delta: Tensor, mask: Tensor, mode: str | None, p: float | Tensor | N
     if mode is None:
         return masked
     if mode == "1/p":
-        return masked / p
+        return masked.div_(p)
     if mode == "l1":
         before, after = delta.abs().sum(), masked.abs().sum()
         if before < eps or after < eps:
             return masked
-        return masked * (before / after)
+        return masked.mul_(before / after)
     raise ValueError(f"unknown rescale mode {mode!r}")
