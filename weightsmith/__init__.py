@@ -26,6 +26,7 @@ _EXPORTS = {
     "prune": ("weightsmith.compress.prune", "prune"),
     "distill": ("weightsmith.compress.distill", "distill"),
     "merge": ("weightsmith.merge", None),
+    "export": ("weightsmith.export", None),
     "Report": ("weightsmith.report", "Report"),
     "WeightsmithError": ("weightsmith.errors", "WeightsmithError"),
 }

@@ -12,8 +12,9 @@ from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
 
-# output name -> a function producing its tensor (read lazily, one at a time)
-TensorPlan = Mapping[str, Callable[[], torch.Tensor]]
+# output name -> a function producing its tensor (called once, at write time), or None: the source's tensor of that
+# name unchanged (its bytes copied without decoding where the writer can)
+TensorPlan = Mapping[str, Callable[[], torch.Tensor] | None]
 
 
 def as_checkpoint(source: Checkpoint | str | os.PathLike) -> Checkpoint:
@@ -35,7 +36,7 @@ def copy_through(ckpt: Checkpoint, out: str | os.PathLike, *, operation: str, pl
                  params: Mapping | None = None, dtype: str | torch.dtype | None = None,
                  shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
     """Stream ``plan`` (default: every tensor of ``ckpt`` as it is) into ``out``; config and carried files follow."""
-    plan = plan if plan is not None else {name: (lambda n=name: ckpt[n]) for name in ckpt}
+    plan = plan if plan is not None else dict.fromkeys(ckpt)
     target = parse_dtype(dtype)
     report = Report(operation, output=str(out))
     params = {"dtype": str(target) if target else None, "shard_size": shard_size, **(params or {})}
@@ -44,7 +45,11 @@ def copy_through(ckpt: Checkpoint, out: str | os.PathLike, *, operation: str, pl
                                   carry=ckpt.carry_files, dtype=target, shard_size=shard_size, force=force)
         with writer:
             for name in progress(plan, total=len(plan), desc=operation):
-                writer.write(name, plan[name]())
+                produce = plan[name]
+                if produce is None:
+                    writer.write_from(ckpt, name)
+                else:
+                    writer.write(name, produce())
     report.summary.update(source=str(ckpt.path), tensors=len(plan), bytes_in=format_size(ckpt.nbytes),
                           bytes_out=format_size(writer.total_size), shards=writer.num_shards)
     return report

@@ -1,0 +1,66 @@
+"""export onnx, export safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+from weightsmith.cli.common import add_command, add_output_options
+
+_TASKS = ("feature-extraction", "text-classification", "causal-lm", "masked-lm")  # = export.to_onnx.TASKS
+_ONNX_EXAMPLES = [
+    "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx/model.onnx --task feature-extraction",
+    "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx-int8/model.onnx --task feature-extraction --quantize int8",
+    "weightsmith export onnx ./llama -o ./llama-onnx/model.onnx --task causal-lm --optimize --json",
+]
+_SAFETENSORS_EXAMPLES = [
+    "weightsmith export safetensors ./run/checkpoint-500 -o ./clean",
+    "weightsmith export safetensors ./pruned-bin -o ./pruned --dtype bf16 --single-file",
+]
+
+
+def register(sub) -> None:
+    group = sub.add_parser("export", help="export to ONNX (validated with onnxruntime) or to clean safetensors",
+                           description="Export a checkpoint: an ONNX graph checked against PyTorch, or a safetensors "
+                                       "directory without optimizer state and pruning leftovers.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="examples:\n" + "\n".join(f"  {e}" for e in _ONNX_EXAMPLES[:1] + _SAFETENSORS_EXAMPLES[:1]))
+    export = group.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+
+    p = add_command(export, "onnx", help="export to ONNX and validate it against PyTorch with onnxruntime",
+                    description="Build the transformers model once, export it with torch.onnx (dynamic batch and "
+                                "sequence), write the tokenizer beside the .onnx, and keep the file only if "
+                                "onnxruntime matches PyTorch within --atol at batch 1 and 8, sequence 8 and 128.",
+                    examples=_ONNX_EXAMPLES)
+    p.add_argument("src", help="model directory (config.json and weights)")
+    p.add_argument("-o", "--out", required=True, help="the .onnx file to write (tokenizer and config go beside it)")
+    p.add_argument("--task", required=True, choices=_TASKS, help="which head and output to export")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20 with torch 2.13)")
+    p.add_argument("--quantize", choices=("int8",), help="onnxruntime dynamic int8 quantization, per channel")
+    p.add_argument("--optimize", action="store_true", help="save onnxruntime's graph optimizations into the file")
+    p.add_argument("--atol", type=float, default=1e-4, help="max |Δ| allowed between ORT and PyTorch (default 1e-4)")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.set_defaults(handler=_onnx)
+
+    p = add_command(export, "safetensors", help="convert to safetensors, dropping optimizer state and prune leftovers",
+                    description="Like convert, plus: optimizer/scheduler tensors are dropped, and torch pruning's "
+                                "<p>_orig/<p>_mask pairs are folded into <p> (or dropped when <p> is stored); every "
+                                "such tensor is listed in the report.",
+                    examples=_SAFETENSORS_EXAMPLES)
+    p.add_argument("src", help="model directory or weight file")
+    add_output_options(p)
+    p.add_argument("--single-file", action="store_true", help="one model.safetensors whatever its size")
+    p.set_defaults(handler=_safetensors)
+
+
+def _onnx(args):
+    from weightsmith.export import onnx
+
+    return onnx(args.src, args.out, task=args.task, opset=args.opset, quantize=args.quantize, optimize=args.optimize,
+                atol=args.atol, force=args.force)
+
+
+def _safetensors(args):
+    from weightsmith.export import safetensors
+
+    return safetensors(args.src, args.out, dtype=args.dtype, shard_size=args.shard_size, single_file=args.single_file,
+                       force=args.force)
