@@ -27,14 +27,15 @@ def perturb_trainable(model: torch.nn.Module, seed: int, scale: float = 0.05) ->
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
 
 
-def make_adapter(model: torch.nn.Module, out: Path, seed: int = 1, safe_serialization: bool = True, **lora) -> Path:
+def make_adapter(model: torch.nn.Module, out: Path, seed: int = 1, safe_serialization: bool = True,
+                 scale: float = 0.05, autocast_adapter_dtype: bool = True, **lora) -> Path:
     """A PEFT LoRA adapter on ``model`` (random non-zero factors, perturbed), saved to ``out``."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     lora.setdefault("init_lora_weights", False)
-    peft_model = get_peft_model(model, LoraConfig(**lora))
-    perturb_trainable(peft_model, seed)
+    peft_model = get_peft_model(model, LoraConfig(**lora), autocast_adapter_dtype=autocast_adapter_dtype)
+    perturb_trainable(peft_model, seed, scale)
     peft_model.save_pretrained(out, safe_serialization=safe_serialization)
     return Path(out)
 

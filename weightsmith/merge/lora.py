@@ -117,8 +117,9 @@ class FoldedCheckpoint(Mapping[str, Tensor]):
                 continue
             if mod.magnitude is not None:
                 out = to_rows(torch.empty(self._info(name).shape, device="meta"), kind).shape[0]
-                if adapter.ckpt.info(mod.magnitude).shape != (out,):
-                    misfit.append(f"{mod.magnitude} {list(adapter.ckpt.info(mod.magnitude).shape)} vs [{out}]")
+                m_shape = adapter.ckpt.info(mod.magnitude).shape  # [out], or [1, out, 1, 1] for conv
+                if [d for d in m_shape if d != 1] != [out] and m_shape != (out,):
+                    misfit.append(f"{mod.magnitude} {list(m_shape)} vs [{out}]")
                     continue
             how = "dora" if mod.magnitude is not None else "lora"
             self._terms.setdefault(name, []).append(_Term(how, adapter, weight, mod, kind))
@@ -210,7 +211,7 @@ class FoldedCheckpoint(Mapping[str, Tensor]):
     def _dora(w: Tensor, t: _Term) -> Tensor:
         ck, mod = t.adapter.ckpt, t.module
         delta = lora_delta_rows(ck[mod.a], ck[mod.b], mod.scaling)  # [out, in]; DoRA's norm needs the full ΔW
-        rows = dora_rows(to_rows(w, t.kind), delta.to(w.dtype), ck[mod.magnitude])
+        rows = dora_rows(to_rows(w, t.kind), delta.to(w.dtype), ck[mod.magnitude].reshape(-1))
         return from_rows(rows.to(w.dtype), t.kind, tuple(w.shape))
 
     def __iter__(self) -> Iterator[str]:

@@ -41,20 +41,17 @@ def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def lora_delta_rows(a: Tensor, b: Tensor, scaling: float, round_to: torch.dtype | None = None) -> Tensor:
+def lora_delta_rows(a: Tensor, b: Tensor, scaling: float) -> Tensor:
     """ΔW = s · B·A in row view ``[out, in]``.
 
     ``a`` is ``[r, in]`` (or ``[r, in, *k]`` for conv), ``b`` is ``[out, r]`` (or ``[out, r, 1, …]``); embedding
     adapters pass ``lora_embedding_B [dim, r]`` and ``lora_embedding_A [r, num]``. The product is taken before the
-    scaling, as PEFT's ``get_delta_weight`` does, so s = 1 reproduces it exactly. ``round_to`` rounds ΔW to a half
-    dtype and back, emulating PEFT when the adapter's own tensors are kept in half precision.
+    scaling, as PEFT's ``get_delta_weight`` does. Half-precision factors are upcast first: PEFT loads adapters in
+    float32 by default (``autocast_adapter_dtype=True``), so ΔW is never rounded before it is added.
     """
     a2 = _acc(a).reshape(a.shape[0], -1)  # [r, in·∏k]
     b2 = _acc(b).reshape(b.shape[0], -1)  # [out, r]
-    delta = (b2 @ a2) * scaling
-    if round_to is not None and round_to != delta.dtype:
-        delta = delta.to(round_to).to(torch.float32)
-    return delta
+    return (b2 @ a2) * scaling
 
 
 def dora_rows(weight_rows: Tensor, delta_rows: Tensor, magnitude: Tensor) -> Tensor:

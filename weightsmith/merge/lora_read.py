@@ -71,14 +71,6 @@ class Adapter:
     def dora(self) -> bool:
         return any(m.magnitude for m in self.modules.values())
 
-    @property
-    def half_dtype(self) -> torch.dtype | None:
-        """The adapter's dtype when it is stored in half precision (else None)."""
-        for m in self.modules.values():
-            dt = self.ckpt.info(m.b).dtype
-            return dt if dt in (torch.float16, torch.bfloat16) else None
-        return None
-
 
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key (in dict order) with
