@@ -240,9 +240,9 @@ def distill(teacher: Checkpoint | str | os.PathLike, out: str | os.PathLike, dat
 
 def _world_size() -> int:
     """Processes of this run (several under ``accelerate launch``); the data order depends on it."""
-    from accelerate import PartialState
+    from weightsmith.compress.distill.train import process_state
 
-    return PartialState().num_processes
+    return process_state().num_processes
 
 
 def _float_dtype(ckpt: Checkpoint):

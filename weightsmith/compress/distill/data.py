@@ -56,6 +56,8 @@ def tokenize(texts: list[str], tokenizer, *, causal: bool, seq_len: int) -> list
     nothing wasted on padding; a short tail block is kept). Encoders and masked LM: one example per document, with
     the tokenizer's special tokens, truncated to ``seq_len``.
     """
+    if not texts:
+        return []
     if causal:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         stream: list[int] = []

@@ -202,7 +202,7 @@ def run(plan: Plan) -> Result:
     from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
     cfg = plan.config
-    acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = Accelerator(cpu=cpu_only(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
     teacher = plan.model_class.from_pretrained(plan.teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
     teacher.to(acc.device)
@@ -279,11 +279,22 @@ def run(plan: Plan) -> Result:
     return result
 
 
-def finish(result: Result) -> None:
-    """Let the other processes wait until the main one has written the output."""
+def cpu_only() -> bool:
+    """True without a GPU or other accelerator: accelerate then trains on CPU, data-parallel over gloo when launched
+    with several processes (its multi-CPU mode is only chosen when asked for CPU explicitly)."""
+    return not torch.accelerator.is_available()
+
+
+def process_state():
+    """accelerate's process state (a singleton: the first call decides CPU or accelerator for the whole run)."""
     from accelerate import PartialState
 
-    PartialState().wait_for_everyone()
+    return PartialState(cpu=cpu_only())
+
+
+def finish(result: Result) -> None:
+    """Let the other processes wait until the main one has written the output."""
+    process_state().wait_for_everyone()
 
 
 def loss_summary(losses: list[float]) -> dict[str, float]:
