@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from weightsmith.cli.common import add_command, add_output_options
 
 
@@ -17,9 +19,14 @@ def parse_adapter(text: str) -> tuple[str, float]:
 
 
 def register(sub) -> None:
+    examples = ["weightsmith lora merge ./llama ./adapter -o ./llama-merged",
+                "weightsmith lora unmerge ./llama-merged ./adapter -o ./llama-base",
+                "weightsmith lora extract ./llama ./llama-chat -o ./chat-adapter --rank 16"]
     group = sub.add_parser("lora", help="fold PEFT LoRA adapters into a base, undo a fold, or extract an adapter",
                            description="Fold PEFT LoRA adapters into a base checkpoint, tensor by tensor (no model "
-                                       "is built), undo such a fold, or extract a LoRA adapter from a fine-tune.")
+                                       "is built), undo such a fold, or extract a LoRA adapter from a fine-tune.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
     lora = group.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", required=True)
 
     p = add_command(lora, "merge", help="fold one or more LoRA adapters into a base checkpoint",

@@ -319,7 +319,7 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
         for how in set(hows):
             counts[how] = counts.get(how, 0) + 1
     report.summary.update(
-        base=str(folded.base.path), adapters=[f"{a.path}@{abs(w):g}" for a, w in folded.adapters],
+        base=str(folded.base.path), adapters=[f"{a.path}@{-w if folded.invert else w:g}" for a, w in folded.adapters],
         tensors=len(folded), changed=len(changed), lora=counts.get("lora", 0), dora=counts.get("dora", 0),
         replaced=counts.get("replace", 0), lora_bias=counts.get("bias", 0), untied=folded.untied or None,
         bytes_out=format_size(writer.total_size), shards=writer.num_shards)

@@ -1,0 +1,111 @@
+"""LoRA fold: weightsmith (streamed, no model) vs PEFT's full-model path, on ≥1 GB bases built at run time.
+
+Two bf16 Llama-shaped bases (GQA, hidden 2048; 9 and 21 layers ≈ 1.1 and 2.2 GB) with a rank-16 adapter on every
+linear. PEFT: from_pretrained → PeftModel.from_pretrained → merge_and_unload → save_pretrained. weightsmith: the CLI
+`weightsmith lora merge`. Each run is one fresh process, measured once (wall time and its own peak RSS). Targets
+(issue 3): ≥3× faster, ≤0.5× peak RSS, and our peak RSS flat when the model doubles.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PY, WORK, measure, table, write_section  # noqa: E402
+
+H, I, HEADS, KV, V, R = 2048, 5632, 16, 4, 32000, 16
+
+BUILD = """
+import json, sys, torch
+from pathlib import Path
+from weightsmith.checkpoint import CheckpointWriter, provenance_step
+h, i, L, heads, kv, V, r = {h}, {i}, {L}, {heads}, {kv}, {V}, {r}
+hd = h // heads
+config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=h, intermediate_size=i,
+              num_hidden_layers=L, num_attention_heads=heads, num_key_value_heads=kv, vocab_size=V,
+              max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="bfloat16")
+g = torch.Generator().manual_seed(0)
+def rnd(*shape, scale=0.02, dtype=torch.bfloat16):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+linears = [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv * hd, h)), ("self_attn.v_proj", (kv * hd, h)),
+           ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
+           ("mlp.down_proj", (h, i))]
+base, adapter = Path(sys.argv[1]), Path(sys.argv[2])
+with CheckpointWriter(base, steps=[provenance_step("bench-build", {{}}, [])], config=config) as w:
+    w.write("model.embed_tokens.weight", rnd(V, h))
+    for l in range(L):
+        for n, shape in linears:
+            w.write(f"model.layers.{{l}}.{{n}}.weight", rnd(*shape))
+        w.write(f"model.layers.{{l}}.input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16))
+        w.write(f"model.layers.{{l}}.post_attention_layernorm.weight", torch.ones(h, dtype=torch.bfloat16))
+    w.write("model.norm.weight", torch.ones(h, dtype=torch.bfloat16))
+    w.write("lm_head.weight", rnd(V, h))
+with CheckpointWriter(adapter, steps=[provenance_step("bench-build", {{}}, [])], prefix="adapter_model",
+                      index_name=None, shard_size=2**62) as w:
+    for l in range(L):
+        for n, (out, fan_in) in linears:
+            key = f"base_model.model.model.layers.{{l}}.{{n}}"
+            w.write(key + ".lora_A.weight", rnd(r, fan_in, scale=0.01, dtype=torch.float32))
+            w.write(key + ".lora_B.weight", rnd(out, r, scale=0.01, dtype=torch.float32))
+    w.add_file("adapter_config.json", json.dumps(dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        base_model_name_or_path=str(base), inference_mode=True, fan_in_fan_out=False, init_lora_weights=True)))
+"""
+
+PEFT = """
+import sys, torch, transformers, peft
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model = peft.PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
+model.save_pretrained(sys.argv[3])
+"""
+
+CHECK = """
+import sys, torch, weightsmith as ws
+ours, theirs = ws.open(sys.argv[1]), ws.open(sys.argv[2])
+worst = max(int((ours[n].view(torch.int16).int() - theirs[n].view(torch.int16).int()).abs().max()) for n in theirs)
+print(worst)
+"""
+
+
+def main() -> None:
+    WORK.mkdir(exist_ok=True)
+    rows, ours_rss = [], []
+    for layers in (9, 21):
+        base, adapter = WORK / f"lora_base_{layers}L", WORK / f"lora_adapter_{layers}L"
+        if not (base / "config.json").exists():
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(adapter, ignore_errors=True)
+            measure([PY, "-c", BUILD.format(h=H, i=I, L=layers, heads=HEADS, kv=KV, V=V, r=R), str(base),
+                     str(adapter)])
+        size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
+        out_ws, out_peft = WORK / "lora_out_ws", WORK / "lora_out_peft"
+        for out in (out_ws, out_peft):
+            shutil.rmtree(out, ignore_errors=True)
+        ws_run = measure([PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)])
+        peft_run = measure([PY, "-c", PEFT, str(base), str(adapter), str(out_peft)])
+        ulps = subprocess.run([PY, "-c", CHECK, str(out_ws), str(out_peft)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        for out in (out_ws, out_peft):
+            shutil.rmtree(out, ignore_errors=True)
+        ours_rss.append(ws_run.peak_rss_mb)
+        rows.append([f"{size_gb:.2f} GB ({layers} layers)", round(ws_run.seconds, 1), round(peft_run.seconds, 1),
+                     f"{peft_run.seconds / ws_run.seconds:.1f}×", round(ws_run.peak_rss_mb), round(peft_run.peak_rss_mb),
+                     f"{ws_run.peak_rss_mb / peft_run.peak_rss_mb:.2f}×", ulps])
+    md = ("## LoRA fold (`bench/lora_bench.py`)\n\n"
+          "bf16 Llama-shaped bases (hidden 2048, GQA 16/4 heads, vocab 32000) built at run time, rank-16 fp32 "
+          "adapter on all 7 linears of every layer. weightsmith = `weightsmith lora merge` CLI; PEFT = "
+          "`from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`. One run each, "
+          "fresh process, start-up included, 2 shared CPU cores.\n\n"
+          + table(["base", "weightsmith s", "PEFT s", "speed-up", "weightsmith RSS MB", "PEFT RSS MB",
+                   "RSS ratio", "max ulp vs PEFT"], rows)
+          + f"\n\nweightsmith peak RSS {ours_rss[0]:.0f} → {ours_rss[1]:.0f} MB when the model doubles "
+            f"({ours_rss[1] / ours_rss[0]:.2f}×): it holds a few tensors, never the model.")
+    write_section("lora", md)
+
+
+if __name__ == "__main__":
+    main()
