@@ -25,6 +25,8 @@ _EXPORTS = {
     "lora": ("weightsmith.merge.lora", None),
     "prune": ("weightsmith.compress.prune", "prune"),
     "distill": ("weightsmith.compress.distill", "distill"),
+    "quantize": ("weightsmith.compress.quantize", "quantize"),
+    "dequantize": ("weightsmith.compress.quantize", "dequantize"),
     "merge": ("weightsmith.merge", None),
     "export": ("weightsmith.export", None),
     "Report": ("weightsmith.report", "Report"),

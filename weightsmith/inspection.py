@@ -38,6 +38,9 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
         report.details["architecture"] = {k: ckpt.config[k] for k in _ARCH_KEYS if k in ckpt.config}
     if ckpt.is_adapter:
         report.details["adapter"] = adapter_summary(ckpt)
+    quantization = _quantization_facts(ckpt)
+    if quantization:
+        report.details["quantization"] = quantization
     if ckpt.metadata.get("weightsmith"):
         report.details["provenance"] = {"weightsmith": ckpt.metadata["weightsmith"]}
     if tensors or stats:
@@ -62,6 +65,18 @@ def adapter_summary(ckpt: Checkpoint) -> dict:
             "base_model": cfg.get("base_model_name_or_path"), "variants": variants, "adapted_modules": len(modules)}
 
 
+def _quantization_facts(ckpt: Checkpoint) -> dict | None:
+    from weightsmith.compress.quantize.detect import describe
+
+    return describe(ckpt)
+
+
+def _float_view(ckpt: Checkpoint):
+    from weightsmith.compress.quantize.detect import float_view
+
+    return float_view(ckpt)
+
+
 def tensor_stats(t: torch.Tensor) -> dict:
     """min/max/mean/std over finite values, zero fraction and NaN/Inf counts (fp32/fp64 accumulation)."""
     x = t.double() if t.dtype == torch.float64 else t.float()
@@ -81,7 +96,7 @@ def diff(a: Checkpoint | str | os.PathLike, b: Checkpoint | str | os.PathLike) -
 
     >>> ws.diff("model_dir", "merged_dir").summary["identical"]  # doctest: +SKIP
     """
-    ca, cb = as_checkpoint(a), as_checkpoint(b)
+    ca, cb = _float_view(as_checkpoint(a)), _float_view(as_checkpoint(b))  # quantized sides dequantize per tensor
     report = Report("diff")
     only_a = [n for n in ca if n not in cb]
     only_b = [n for n in cb if n not in ca]

@@ -14,7 +14,7 @@ import traceback
 
 from weightsmith import __version__
 
-COMMAND_MODULES = ["weightsmith.cli.core", "weightsmith.cli.lora", "weightsmith.cli.merge", "weightsmith.cli.prune", "weightsmith.cli.distill", "weightsmith.cli.export"]
+COMMAND_MODULES = ["weightsmith.cli.core", "weightsmith.cli.lora", "weightsmith.cli.merge", "weightsmith.cli.prune", "weightsmith.cli.distill", "weightsmith.cli.quantize", "weightsmith.cli.export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

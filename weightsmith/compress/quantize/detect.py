@@ -1,0 +1,175 @@
+"""Recognise a quantized checkpoint (compressed-tensors int8, bitsandbytes NF4) and view it as float tensors.
+
+``FloatView(ckpt)`` is a lazy Mapping over the float model's names: a quantized module's stored tensors appear as
+one dequantized ``<m>.weight``; every other tensor passes through. ``inspect``, ``diff`` and ``dequantize`` use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from weightsmith.checkpoint import Checkpoint, TensorInfo
+from weightsmith.compress.quantize import int8, nf4
+from weightsmith.compress.quantize.schemes import Scheme
+from weightsmith.errors import CheckpointError
+
+
+@dataclass
+class QuantizedLayout:
+    """What a quantized checkpoint holds: its scheme, format and, per quantized module, its stored tensor names."""
+
+    scheme: Scheme | None  # None: a quantization weightsmith recognises but does not read (e.g. bnb 8-bit, FP8)
+    method: str  # "compressed-tensors", "bitsandbytes", or the config's quant_method
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)  # module → {suffix: tensor name}
+    ignore: list[str] = field(default_factory=list)
+
+    @property
+    def codec(self) -> ModuleType:
+        return nf4 if self.method == "bitsandbytes" else int8
+
+
+def _group(ckpt: Checkpoint, marker: str, suffixes: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    modules = {}
+    for name in ckpt:
+        if name.endswith("." + marker):
+            module = name[: -len(marker) - 1]
+            modules[module] = {s: f"{module}.{s}" for s in suffixes if f"{module}.{s}" in ckpt}
+    return modules
+
+
+def detect(ckpt: Checkpoint) -> QuantizedLayout | None:
+    """The quantization layout of ``ckpt``, from config.json's ``quantization_config`` or, for a bare weight file,
+    from its tensor names; None for a float checkpoint."""
+    qc = (ckpt.config or {}).get("quantization_config")
+    names = list(ckpt)
+    has_nf4 = any(n.endswith("." + nf4.QUANT_STATE) for n in names)
+    has_ct = any(n.endswith(".weight_scale") for n in names)
+    if qc is None and not (has_nf4 or has_ct):
+        return None
+    method = (qc or {}).get("quant_method") or ("bitsandbytes" if has_nf4 else "compressed-tensors")
+    if method == "bitsandbytes":
+        modules = _group(ckpt, nf4.QUANT_STATE, nf4.STORED_SUFFIXES)
+        scheme = None
+        if modules:
+            first = nf4.read_quant_state(ckpt[next(iter(modules.values()))[nf4.QUANT_STATE]])
+            scheme = nf4.scheme_from_config(qc or {"load_in_4bit": True, "bnb_4bit_quant_type": first["quant_type"],
+                                                   "bnb_4bit_use_double_quant": "nested_offset" in first},
+                                            blocksize=first["blocksize"]) if first["quant_type"] == "nf4" else None
+        ignore = list((qc or {}).get("llm_int8_skip_modules") or [])
+        return QuantizedLayout(scheme, method, modules, ignore)
+    if method == "compressed-tensors":
+        modules = _group(ckpt, "weight_scale", int8.STORED_SUFFIXES)
+        scheme = int8.scheme_from_config(qc) if qc else _int8_from_tensors(ckpt, modules)
+        return QuantizedLayout(scheme, method, modules, list((qc or {}).get("ignore") or []))
+    return QuantizedLayout(None, method)
+
+
+def _int8_from_tensors(ckpt: Checkpoint, modules: dict[str, dict[str, str]]):
+    if not modules:
+        return None
+    parts = next(iter(modules.values()))
+    weight_only = "weight_packed" in parts
+    if not weight_only and ("weight" not in parts or ckpt.info(parts["weight"]).dtype != torch.int8):
+        return None
+    scale = ckpt.info(parts["weight_scale"]).shape
+    width = (int(ckpt[parts["weight_shape"]][1]) if weight_only else ckpt.info(parts["weight"]).shape[1])
+    return int8.Int8(weight_only=weight_only, group_size=None if scale[1] == 1 else width // scale[1])
+
+
+class FloatView(Mapping[str, torch.Tensor]):
+    """A quantized checkpoint seen as the float checkpoint it stands for, dequantizing one module at a time."""
+
+    def __init__(self, ckpt: Checkpoint, layout: QuantizedLayout):
+        if layout.scheme is None:
+            raise CheckpointError(f"{ckpt.path}: quantized with {layout.method} in a form weightsmith does not read "
+                                  f"(supported: compressed-tensors int8, bitsandbytes NF4)")
+        self.ckpt, self.layout, self.path = ckpt, layout, ckpt.path
+        self.config = {k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"} \
+            if ckpt.config is not None else None
+        owner = {name: module for module, parts in layout.modules.items() for name in parts.values()}
+        self._infos: dict[str, TensorInfo] = {}
+        self._module_of: dict[str, str] = {}
+        for name in ckpt:
+            module = owner.get(name)
+            if module is None:
+                self._infos[name] = ckpt.info(name)
+            elif f"{module}.weight" not in self._infos:
+                weight = f"{module}.weight"
+                shape, dtype = self._float_info(module)
+                self._infos[weight] = TensorInfo(weight, shape, dtype, ckpt.info(name).file)
+                self._module_of[weight] = module
+
+    def _float_info(self, module: str) -> tuple[tuple[int, ...], torch.dtype]:
+        parts = self.layout.modules[module]
+        if self.layout.method == "bitsandbytes":
+            state = nf4.read_quant_state(self.ckpt[parts[nf4.QUANT_STATE]])
+            return tuple(state["shape"]), getattr(torch, state["dtype"])
+        dtype = self.ckpt.info(parts["weight_scale"]).dtype
+        if "weight_shape" in parts:
+            return tuple(int(d) for d in self.ckpt[parts["weight_shape"]].tolist()), dtype
+        return self.ckpt.info(parts["weight"]).shape, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        module = self._module_of.get(name)
+        if module is None:
+            if name not in self._infos:
+                raise KeyError(name)
+            return self.ckpt[name]
+        parts = {suffix: self.ckpt[full] for suffix, full in self.layout.modules[module].items()}
+        return self.layout.codec.dequantize_module(parts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self._module_of
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    @property
+    def carry_files(self):
+        return self.ckpt.carry_files
+
+    def digest(self) -> str:
+        return self.ckpt.digest()
+
+
+def float_view(ckpt: Checkpoint) -> Checkpoint | FloatView:
+    """``ckpt`` itself if it is float (or quantized in a form weightsmith does not read), else its dequantizing
+    view."""
+    layout = detect(ckpt)
+    return ckpt if layout is None or layout.scheme is None else FloatView(ckpt, layout)
+
+
+def describe(ckpt: Checkpoint) -> dict | None:
+    """inspect's facts on a quantized checkpoint: scheme, bits, groups, ignored modules, compression ratio."""
+    layout = detect(ckpt)
+    if layout is None:
+        return None
+    facts = {"method": layout.method, "scheme": layout.scheme.label if layout.scheme else None,
+             "quantized_modules": len(layout.modules), "ignored_modules": layout.ignore}
+    if layout.scheme is None:
+        return facts
+    view = FloatView(ckpt, layout)
+    facts.update(bits=4 if layout.method == "bitsandbytes" else 8, group_size=layout.scheme.group_size,
+                 format=layout.codec.format_name(layout.scheme) if layout.method != "bitsandbytes" else "nf4",
+                 float_bytes=view.nbytes, stored_bytes=ckpt.nbytes,
+                 compression_ratio=round(view.nbytes / ckpt.nbytes, 3) if ckpt.nbytes else None)
+    if layout.method == "bitsandbytes":
+        facts["double_quant"] = layout.scheme.double_quant
+    return facts

@@ -1,0 +1,130 @@
+"""NF4 weights in the layout transformers writes for a bitsandbytes 4-bit model (``save_pretrained`` of a
+``load_in_4bit`` model), computed and serialised by bitsandbytes itself.
+
+Per quantized Linear ``<m>`` (W [out, in], n = out·in):
+- ``<m>.weight`` uint8 [n/2, 1]: two 4-bit codes a byte, the first element in the high nibble;
+- ``<m>.weight.absmax`` fp32 [⌈n/64⌉] (uint8 with double quant), ``<m>.weight.quant_map`` fp32 [16];
+- ``<m>.weight.quant_state.bitsandbytes__nf4``: uint8 bytes of a JSON with quant_type, blocksize, dtype, shape
+  (and nested_blocksize, nested_dtype, nested_offset with double quant);
+- with double quant: ``<m>.weight.nested_absmax`` fp32, ``<m>.weight.nested_quant_map`` fp32 [256].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+import torch
+
+from weightsmith.compress.quantize.schemes import NF4
+
+QUANT_STATE = "weight.quant_state.bitsandbytes__nf4"
+
+
+def _bnb():
+    """bitsandbytes' functional module (imported on first use; its start-up chatter about optional GPU kernels
+    is silenced)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        import bitsandbytes.functional as F
+    return F
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> dict[str, torch.Tensor]:
+    """NF4 through ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=double_quant,
+    quant_type="nf4")``: per block of ``blocksize`` values, absmax a = max|w|, code = argmin_k |w/a − NF4[k]|
+    (NF4 = the 16 quantiles of N(0, 1) scaled to [−1, 1]; Dettmers et al. 2023, "QLoRA"). Double quant stores the
+    absmax as 8-bit codes of (a − mean a) in blocks of 256 with bitsandbytes' dynamic map.
+
+    ``w`` is quantized in its own dtype, as transformers does when it loads a checkpoint with ``load_in_4bit``.
+    Returns the stored tensors keyed by the suffix after the module name, serialised by bitsandbytes'
+    ``QuantState.as_dict(packed=True)`` (the serialiser transformers uses).
+    """
+    F = _bnb()
+    packed, state = F.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                    quant_type="nf4", quant_storage=torch.uint8)
+    out = {"weight": packed}
+    out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+    return out
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, state: dict,
+                   nested_absmax: torch.Tensor | None = None, nested_quant_map: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """W = quant_map[code] · absmax[block], codes read two a byte (high nibble first) and blocks of ``blocksize``
+    taken over the flattened tensor, as quantize_4bit forms them. With double quant the absmax is first
+    nested_quant_map[absmax] · nested_absmax[block of nested_blocksize] + nested_offset.
+
+    Pure torch (bitsandbytes' generic dequantization). bitsandbytes 0.50's native CPU kernel instead assumes each
+    row holds whole blocks and gets weights whose width is not a multiple of the block size wrong.
+    """
+    if nested_absmax is not None:
+        nb = state["nested_blocksize"]
+        a = _blockwise(nested_quant_map.float()[absmax.long()], nested_absmax.float(), nb)
+        absmax = a + float(state["nested_offset"])
+    shape, blocksize = tuple(state["shape"]), state["blocksize"]
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()  # (2·bytes,)
+    n = 1
+    for d in shape:
+        n *= d
+    values = quant_map.float()[codes[:n]]
+    return _blockwise(values, absmax.float(), blocksize).reshape(shape).to(getattr(torch, state["dtype"]))
+
+
+def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (n,) × scales (⌈n/blocksize⌉,), block by block; the last block may be partial."""
+    n = values.numel()
+    pad = -n % blocksize
+    blocks = torch.nn.functional.pad(values, (0, pad)).reshape(-1, blocksize)  # (blocks, blocksize)
+    return (blocks * scales.reshape(-1, 1)).reshape(-1)[:n]
+
+
+def dequantize_module(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A module's stored tensors (suffix → tensor) → its float weight, in the dtype its quant state records."""
+    return dequantize_nf4(parts["weight"], parts["weight.absmax"], parts["weight.quant_map"],
+                          read_quant_state(parts[QUANT_STATE]), parts.get("weight.nested_absmax"),
+                          parts.get("weight.nested_quant_map"))
+
+
+def read_quant_state(raw: torch.Tensor) -> dict:
+    """The JSON inside ``<m>.weight.quant_state.bitsandbytes__nf4`` (uint8 bytes)."""
+    import json
+
+    return json.loads(bytes(raw.tolist()).decode("utf-8"))
+
+
+def check(scheme: NF4, name: str, shape: tuple[int, ...]) -> str | None:
+    """Why ``name`` cannot be quantized with ``scheme``, or None (bitsandbytes pads the last block itself)."""
+    numel = shape[0] * shape[1]
+    if numel % 2:
+        return f"{name}: {numel} elements cannot be packed two to a byte"
+    return None
+
+
+def quantize_module(scheme: NF4, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    return quantize_nf4(w, scheme.group_size, scheme.double_quant)
+
+
+STORED_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+                   QUANT_STATE)
+
+
+def quantization_config(scheme: NF4, ignore: list[str]) -> dict:
+    """config.json's ``quantization_config`` as transformers' ``BitsAndBytesConfig.to_dict()`` writes it for a 4-bit
+    NF4 model. ``llm_int8_skip_modules`` lists every module left in float: given a list, transformers converts all
+    other nn.Linear modules to Linear4bit on load (and adds no default skips of its own)."""
+    return {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": scheme.compute_dtype,
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": scheme.double_quant, "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": list(ignore), "llm_int8_threshold": 6.0,
+            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes"}
+
+
+def scheme_from_config(qc: dict, blocksize: int = 64) -> NF4 | None:
+    """The NF4 scheme a bitsandbytes ``quantization_config`` describes, or None (8-bit or FP4 are not read)."""
+    if not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        return None
+    return NF4(group_size=blocksize, double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
+               compute_dtype=qc.get("bnb_4bit_compute_dtype") or "float32")

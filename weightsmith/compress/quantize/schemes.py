@@ -1,0 +1,111 @@
+"""Quantization schemes as values: frozen, keyword-only configs that validate themselves and round-trip to JSON.
+
+``quantize(src, out, scheme=NF4(double_quant=True))`` looks the config's type up in ``REGISTRY`` to find the code
+that quantizes a tensor, writes the format's ``quantization_config`` and reads the format back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+from weightsmith.errors import ConfigError
+
+# bitsandbytes' CPU and CUDA kernels accept these 4-bit block sizes.
+_BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8:
+    """Symmetric int8 weights in the compressed-tensors layout.
+
+    W8A8 (default): int8 weights, activations quantized per token at run time ("int-quantized" format), the layout
+    vLLM and transformers load as a dynamic int8 model. ``weight_only=True``: W8A16, int8 weights packed four to an
+    int32 ("pack-quantized"), activations stay float. ``group_size``: one scale per run of ``group_size`` input
+    columns instead of one per output row.
+    """
+
+    name: ClassVar[str] = "int8"
+    # None = one scale per output channel: the scheme vLLM's int8 kernels are tuned for, and accurate enough for
+    # int8 (per-group scales matter at 4 bits, rarely at 8).
+    group_size: int | None = None
+    # False = W8A8 dynamic, the issue's default: int8 matmuls where the runtime has them.
+    weight_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise ConfigError(f"int8: group_size {self.group_size!r} must be a positive integer")
+        if not isinstance(self.weight_only, bool):
+            raise ConfigError(f"int8: weight_only {self.weight_only!r} must be true or false")
+
+    @property
+    def label(self) -> str:
+        kind = "W8A16" if self.weight_only else "W8A8"
+        return f"int8 {kind} " + (f"group {self.group_size}" if self.group_size else "per-channel")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NF4:
+    """4-bit NormalFloat in blocks (Dettmers et al. 2023, "QLoRA"), computed by bitsandbytes' ``quantize_4bit`` and
+    stored as transformers stores a bitsandbytes 4-bit model."""
+
+    name: ClassVar[str] = "nf4"
+    # 64: QLoRA's block size and transformers' default; bitsandbytes' "blocksize".
+    group_size: int = 64
+    # False: transformers' default; True saves another ~0.4 bit per weight (QLoRA's double quantization).
+    double_quant: bool = False
+    # float32: what transformers writes when none is given; the dtype Linear4bit computes in at run time.
+    compute_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.group_size not in _BNB_BLOCKSIZES or isinstance(self.group_size, bool):
+            raise ConfigError(f"nf4: group_size {self.group_size!r} must be one of "
+                              f"{', '.join(map(str, _BNB_BLOCKSIZES))} (bitsandbytes block sizes)")
+        if not isinstance(self.double_quant, bool):
+            raise ConfigError(f"nf4: double_quant {self.double_quant!r} must be true or false")
+        dtype = str(self.compute_dtype).removeprefix("torch.")
+        aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+        dtype = aliases.get(dtype, dtype)
+        if dtype not in _FLOAT_DTYPES:
+            raise ConfigError(f"nf4: compute_dtype {self.compute_dtype!r} must be one of {', '.join(_FLOAT_DTYPES)}")
+        object.__setattr__(self, "compute_dtype", dtype)
+
+    @property
+    def label(self) -> str:
+        return f"nf4 block {self.group_size}" + (" + double quant" if self.double_quant else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.name, **asdict(self)}
+
+
+Scheme = Int8 | NF4
+SCHEMES: dict[str, type] = {cls.name: cls for cls in (Int8, NF4)}
+
+
+def make_scheme(scheme: str | Scheme | dict, **options: Any) -> Scheme:
+    """A scheme from its name and options (``make_scheme("nf4", double_quant=True)``), a config, or its dict.
+
+    Options left at None/False are dropped, so a CLI can pass every flag; an option the scheme does not have is
+    refused with the scheme's valid options.
+    """
+    if isinstance(scheme, dict):
+        options = {**{k: v for k, v in scheme.items() if k != "scheme"}, **options}
+        scheme = scheme.get("scheme", "")
+    options = {k: v for k, v in options.items() if v is not None and v is not False}
+    if isinstance(scheme, tuple(SCHEMES.values())):
+        if options:
+            raise ConfigError(f"{scheme.name}: pass options inside the config, not beside it ({', '.join(options)})")
+        return scheme
+    cls = SCHEMES.get(str(scheme).lower())
+    if cls is None:
+        raise ConfigError(f"unknown quantization scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
+    valid = [f.name for f in fields(cls)]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ConfigError(f"{cls.name}: option(s) {', '.join(unknown)} do not apply (valid: {', '.join(valid)})")
+    return cls(**options)

@@ -1,0 +1,70 @@
+"""Which tensors a quantization touches: the 2-D weights of Linear layers, minus the ignored modules.
+
+Only tensor names and shapes are available (no model graph), so a weight is a Linear weight when it is a 2-D float
+``<m>.weight`` whose module is not an embedding and not a GPT-2-style Conv1D. Everything else (embeddings, norms,
+biases, output heads) stays float.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from weightsmith.checkpoint import Checkpoint
+from weightsmith.errors import ConfigError
+
+# Output heads stay float by default (transformers keeps the output embedding out of bnb quantization and
+# llm-compressor's recipes ignore lm_head): lm_head of causal LMs, score/classifier/qa_outputs of task heads.
+DEFAULT_IGNORE = ("lm_head", "score", "classifier", "qa_outputs")
+# Modules whose 2-D weight is a lookup table, not a matmul.
+_EMBEDDING = re.compile(r"(embed|^wte$|^wpe$|^shared$|^relative_attention_bias$)")
+# Architectures built on transformers' Conv1D ([in, out] weights): not nn.Linear, so neither format targets them.
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+
+
+def matches(module: str, pattern: str) -> bool:
+    """transformers' rule for a skip pattern: a regex matched from the start up to a module boundary
+    ("layers.1" matches "layers.1.mlp", not "layers.11.mlp"), or a plain suffix ("fc1")."""
+    try:
+        hit = re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module) is not None
+    except re.error:
+        hit = False
+    return hit or module.endswith(pattern)
+
+
+@dataclass
+class Plan:
+    targets: list[str]  # weight names to quantize, in storage order
+    kept: list[str]  # modules whose 2-D weight stays float (listed as ignored in the output's config)
+    notes: list[str]
+
+
+def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
+    """The weights to quantize. ``ignore`` = None means DEFAULT_IGNORE; a user pattern that matches nothing is an
+    error (a typo would silently quantize the module the user meant to keep)."""
+    patterns = list(DEFAULT_IGNORE if ignore is None else ignore)
+    conv1d = (ckpt.config or {}).get("model_type") in _CONV1D_MODEL_TYPES
+    targets, kept, used = [], [], set()
+    for name in ckpt:
+        info = ckpt.info(name)
+        if not name.endswith(".weight") or len(info.shape) != 2 or not info.dtype.is_floating_point:
+            continue
+        module = name.removesuffix(".weight")
+        hits = [p for p in patterns if matches(module, p)]
+        used.update(hits)
+        if hits or _EMBEDDING.search(module.rsplit(".", 1)[-1]) or conv1d:
+            kept.append(module)
+        else:
+            targets.append(name)
+    if ignore is not None:
+        unused = [p for p in patterns if p not in used]
+        if unused:
+            raise ConfigError(f"{ckpt.path}: --ignore pattern(s) {', '.join(map(repr, unused))} match no 2-D weight")
+    notes = []
+    if conv1d:
+        notes.append("Conv1D weights ([in, out], GPT-2 style) are not nn.Linear and stay float")
+    # an output head tied to the embedding is not stored, but the loader builds it as a Linear: keep it float too
+    tied = [head.removesuffix(".weight") for head in ckpt.tied_weights]
+    kept += [m for m in tied if m not in kept]
+    return Plan(targets, kept, notes)
