@@ -32,6 +32,7 @@ def _refused(capsys, argv, out, needle):
     (["--structured", "heads", "--keep-heads", "0"], "between 1 and 4"),
     (["--structured", "ffn", "--ratio", "0.5", "--sparsity", "0.5"], "not --sparsity"),
     (["--sparsity", "0.5", "--skip", "("], "not a valid regular expression"),
+    (["--structured", "ffn", "--ratio", "0.5", "--method", "wanda"], "--method/--scope do not apply"),
 ])
 def test_refusals_write_nothing(tiny_model, tmp_path, capsys, flags, needle):
     out = tmp_path / "out"

@@ -62,6 +62,9 @@ def prune(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, method
         if sparsity is not None or pattern is not None:
             raise ConfigError("structured pruning removes whole units: give --ratio/--keep-heads, not "
                               "--sparsity/--pattern")
+        if method != "magnitude" or scope != "layer":
+            raise ConfigError("structured pruning is scored by weight norms, or by activations with --calibration: "
+                              "--method/--scope do not apply")
         from weightsmith.compress.prune.structured import prune_structured
 
         report = prune_structured(ckpt, out, kind=structured, ratio=ratio, keep_heads=keep_heads,
