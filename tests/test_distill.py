@@ -248,8 +248,9 @@ def test_refusals(llama, bert, corpus, tmp_path, capsys):
     _refused([*base, "--data", str(corpus["train"]), "--steps", "0"], out, capsys, "steps 0")
     _refused([*base, "--data", str(corpus["train"]), "--epochs", "0.001"], out, capsys, "zero steps")
     other_vocab = tmp_path / "gpt2"
-    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(
-        other_vocab)
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0,
+                                     eos_token_id=0)).save_pretrained(other_vocab)
+    capsys.readouterr()  # the save's progress bar
     _refused(["--teacher", str(llama), "--student", str(other_vocab), "--data", str(corpus["train"]), "--steps", "2"],
              out, capsys, "vocabulary")
     _refused(["--teacher", str(llama), "--student", str(bert), "--data", str(corpus["train"]), "--steps", "2"], out,
