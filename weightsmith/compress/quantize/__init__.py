@@ -70,7 +70,8 @@ def quantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, scheme
                                 f"{', ' + layout.scheme.label if layout.scheme else ''}); dequantize it first")
     selection = plan(ckpt, ignore)
     if not selection.targets:
-        raise ConfigError(f"{ckpt.path}: no 2-D Linear weights to quantize (all ignored or none present)")
+        why = "; ".join(selection.notes) or "all ignored or none present"
+        raise ConfigError(f"{ckpt.path}: no 2-D Linear weights to quantize ({why})")
     problems = [p for name in selection.targets if (p := codec.check(config, name, ckpt.info(name).shape))]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
