@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,17 +140,13 @@ class _TorchFile:
     def __init__(self, path: Path, label: str):
         self.path, self.label, self.metadata = path, label, {}
         try:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+            with warnings.catch_warnings():  # torch warns about pickle protocols; the refusal below says it all
+                warnings.simplefilter("ignore")
+                state = self._load(path)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"{path}: refused: the file holds objects other than tensors and weightsmith only loads with "
-                f"weights_only=True ({first})") from None
+                f"{path}: refused: it holds objects other than tensors ({_unpickler_reason(exc)}); weightsmith "
+                f"loads .bin files with weights_only=True only and never unpickles arbitrary objects") from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
         if not isinstance(state, Mapping):
@@ -161,11 +158,26 @@ class _TorchFile:
         self.tensors: dict[str, torch.Tensor] = dict(state)
         self.entries = {k: (TensorInfo(k, tuple(v.shape), v.dtype, label), 0, 0) for k, v in self.tensors.items()}
 
+    @staticmethod
+    def _load(path: Path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+
     def names(self) -> list[str]:
         return list(self.tensors)
 
     def read(self, name: str) -> torch.Tensor:
         return self.tensors[name].clone()  # a private copy: callers may not write into a shared mmap
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The useful part of torch's weights_only refusal, e.g. "Unsupported global: GLOBAL print"."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n|$)", str(exc))
+    return match.group(1).strip() if match else "not a weights-only pickle"
 
 
 def _open_weight_file(path: Path, label: str) -> _SafetensorsFile | _TorchFile:
