@@ -132,7 +132,7 @@ def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, t
     generators = None
     if row.sparsifier in ("random", "rank_random"):
         generators = [torch.Generator().manual_seed(tensor_seed(seed, task.name, i)) for i in range(len(tensors))]
-    deltas = [t.sub_(base) for t in tensors]  # in place: the engine owns these fresh reads
+    deltas = [t.sub_(base) for t in tensors]  # in place: the engine owns these fresh reads (and the base)
     tensors.clear()
     return M.merge_deltas_(
         row, base, deltas, [p["weight"] for p in pm], densities=[p["density"] for p in pm], lam=s["lambda"],

@@ -164,7 +164,7 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
     ``normalize`` D = Σᵢ wᵢ·mᵢ per entry (1 where that is 0; with no consensus 1 where |Σwᵢ| < 1e−8), else D = 1.
     Options are those of ``merge_deltas_``. Returns the tensor and its stats.
     """
-    return merge_deltas_(row, base, [theta - base for theta in tuned], weights, **options)
+    return merge_deltas_(row, base.clone(), [theta - base for theta in tuned], weights, **options)
 
 
 _COMBINE_CHUNK = 1 << 21  # elements per chunk of the elementwise combine: its scratch stays a few MB
@@ -175,8 +175,9 @@ def merge_deltas_(row: FamilyRow, base: Tensor, deltas: list[Tensor], weights: S
                   rescale: bool | None = None, rescale_mode: str = "1/p", consensus: str | None = None,
                   gammas: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
                   generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, FamilyStats]:
-    """``merge_task_vectors`` on task vectors δᵢ that it may overwrite (and empties ``deltas``): the streaming
-    engine's form, whose peak memory is the base, the N deltas and the output, plus chunk-sized scratch.
+    """``merge_task_vectors`` on task vectors δᵢ, consuming its inputs: the result is written into ``base`` and
+    ``deltas`` is emptied. The streaming engine's form: peak memory is the base and the N deltas plus one
+    tensor of scratch for the sparsifier and chunk-sized scratch for the combine.
 
     ``gammas`` (breadcrumbs) and ``epsilons`` (DELLA) are per model; random sparsifiers draw from ``generators``
     (one per model).
@@ -204,21 +205,21 @@ def merge_deltas_(row: FamilyRow, base: Tensor, deltas: list[Tensor], weights: S
                 mask = sp.bernoulli_mask(delta.shape, p, generators[i])
             else:
                 raise ValueError(f"unknown sparsifier {row.sparsifier!r}")
-            kept += float(mask.sum()) / max(mask.numel(), 1)
-            deltas[i] = delta = sp.rescale(delta, mask, mode, p)
+            kept += int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
+            sp.rescale_(delta, mask, mode, p)
             del mask, p
         else:
             kept += 1.0
         delta.mul_(weights[i])
     # Elementwise from here on: combine in chunks so that the scratch is small. (N, chunk) views of the deltas.
     flat = [dl.reshape(-1) for dl in deltas]
-    out = torch.empty(base.numel(), dtype=torch.float32)
+    out = base.reshape(-1)  # the result replaces the base, chunk by chunk
     total_w = float(sum(weights))
     conflicts = 0
     for start in range(0, base.numel(), _COMBINE_CHUNK):
         stacked = torch.stack([f[start:start + _COMBINE_CHUNK] for f in flat])  # (N, chunk)
         positive, negative = stacked > 0, stacked < 0
-        conflicts += int((positive.any(0) & negative.any(0)).sum())
+        conflicts += int(torch.count_nonzero(positive.any(0) & negative.any(0)))
         if consensus is not None:
             if consensus == "sum":
                 elected_pos = stacked.sum(0) >= 0
@@ -239,10 +240,9 @@ def merge_deltas_(row: FamilyRow, base: Tensor, deltas: list[Tensor], weights: S
                 total /= total_w
         if lam != 1:
             total *= lam
-        out[start:start + _COMBINE_CHUNK] = total
+        out[start:start + _COMBINE_CHUNK] += total
     deltas.clear()
-    out = out.reshape(base.shape).add_(base)
-    return out, FamilyStats(kept / max(n, 1), conflicts / max(base.numel(), 1))
+    return base, FamilyStats(kept / max(n, 1), conflicts / max(base.numel(), 1))
 
 
 def task_arithmetic(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], lam: float = 1.0) -> Tensor:

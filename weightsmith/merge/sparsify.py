@@ -34,7 +34,7 @@ def _kth_smallest(a: Tensor, k: int) -> Tensor:
     hi_i = min(m, int((q + margin) * m) + 1)
     lo = torch.kthvalue(sample, lo_i).values if q - margin > 0 else a.min()
     hi = torch.kthvalue(sample, hi_i).values if q + margin < 1 else a.max()
-    below = int((a < lo).sum())
+    below = int(torch.count_nonzero(a < lo))
     band = a[(a >= lo) & (a <= hi)]
     if below < k <= below + band.numel():
         return torch.kthvalue(band, k - below).values
@@ -60,7 +60,7 @@ def _count_mask(a: Tensor, k: int, largest: bool) -> Tensor:
         return torch.ones_like(a, dtype=torch.bool)
     thr = _kth_smallest(flat, n - k + 1 if largest else k)
     mask = flat > thr if largest else flat < thr
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing > 0:  # fill from the entries equal to the threshold, in index order
         equal = (flat == thr).nonzero().squeeze(1)[:missing]
         mask[equal] = True
@@ -111,22 +111,22 @@ def rank_keep_probability(x: Tensor, density: float, epsilon: float) -> Tensor:
     return ((density - epsilon) + 2 * epsilon * ranks).reshape(x.shape)
 
 
-def rescale(delta: Tensor, mask: Tensor, mode: str | None, p: float | Tensor | None = None,
-            eps: float = 1e-7) -> Tensor:
-    """Apply a mask and restore the scale of what was dropped.
+def rescale_(delta: Tensor, mask: Tensor, mode: str | None, p: float | Tensor | None = None,
+             eps: float = 1e-7) -> Tensor:
+    """Apply a mask to ``delta`` in place and restore the scale of what was dropped; returns ``delta``.
 
     - ``None``: δ ⊙ m.
     - ``"1/p"`` (the DARE paper, Yu et al. 2024; DELLA per element): δ ⊙ m / p, unbiased per entry.
     - ``"l1"`` (mergekit): δ ⊙ m · ‖δ‖₁ / ‖δ ⊙ m‖₁, left unscaled when either norm is below ``eps``.
     """
-    masked = delta * mask
-    if mode is None:
-        return masked
+    if mode not in (None, "1/p", "l1"):
+        raise ValueError(f"unknown rescale mode {mode!r}")
+    before = delta.abs().sum() if mode == "l1" else None
+    delta.mul_(mask)
     if mode == "1/p":
-        return masked.div_(p)
-    if mode == "l1":
-        before, after = delta.abs().sum(), masked.abs().sum()
-        if before < eps or after < eps:
-            return masked
-        return masked.mul_(before / after)
-    raise ValueError(f"unknown rescale mode {mode!r}")
+        delta.div_(p)
+    elif mode == "l1":
+        after = delta.abs().sum()
+        if before >= eps and after >= eps:
+            delta.mul_(before / after)
+    return delta
