@@ -1,7 +1,7 @@
 """Distillation bench: the real MiniLM 6 → 3 layers (layers 0, 2, 4) and a tiny causal LM, KD + CE against CE only.
 
 MiniLM: mean cosine between student and teacher sentence embeddings on held-out sentences (tests/conftest.SENTENCES;
-the training text is standard-library docstrings) before training and every 40 steps, the wall time, and the CPU
+the training text is standard-library docstrings) before training and every 15 steps, the wall time, and the CPU
 inference speed-up of the 3-layer student. Tiny LM: a 4-layer character-level teacher is first trained (CE only),
 then a 2-layer student from its layers 0 and 2 is trained for the same number of steps with KD + CE and with CE
 alone; held-out CE in nats per character.
@@ -26,8 +26,8 @@ import weightsmith as ws  # noqa: E402
 from weightsmith.checkpoint import Checkpoint  # noqa: E402
 from weightsmith.compress.distill.student import write_student  # noqa: E402
 
-MINILM_STEPS, EVAL_EVERY = 160, 40
-TEACHER_STEPS, STUDENT_STEPS = 300, 200
+MINILM_STEPS, EVAL_EVERY = 60, 15
+TEACHER_STEPS, STUDENT_STEPS = 200, 150
 
 
 def _cosine(model_dir: Path, teacher: torch.Tensor) -> float:
@@ -56,7 +56,7 @@ def minilm(work: Path, train: Path) -> str:
     before = _cosine(init, teacher_emb)
     start = time.perf_counter()
     report = ws.distill(teacher_dir, work / "minilm-3l", train, layers=[0, 2, 4], steps=MINILM_STEPS, lr=1e-4,
-                        batch_size=16, seq_len=48, eval_data=held_out, eval_every=EVAL_EVERY, force=True)
+                        batch_size=16, seq_len=32, eval_data=held_out, eval_every=EVAL_EVERY, force=True)
     wall = time.perf_counter() - start
     after = _cosine(work / "minilm-3l", teacher_emb)
     batch = tf.AutoTokenizer.from_pretrained(teacher_dir)(SENTENCES, padding=True, return_tensors="pt")
@@ -64,7 +64,7 @@ def minilm(work: Path, train: Path) -> str:
     rows = [[0, round(before, 4)]] + [[e["step"], round(e["cosine"], 4)] for e in report.details["evals"]]
     return "\n".join([
         f"MiniLM (all-MiniLM-L6-v2, 22.7M parameters) → 3-layer student from layers 0, 2, 4; {MINILM_STEPS} steps "
-        f"× 16 sentences (seq ≤ 48) of standard-library docstrings, lr 1e-4, hidden-state MSE + cosine loss, "
+        f"× 16 sentences (seq ≤ 32) of standard-library docstrings, lr 1e-4, hidden-state MSE + cosine loss, "
         f"one CPU process.", "",
         table(["step", "mean cosine to teacher (32 held-out sentences)"], rows), "",
         table(["cosine before", "cosine after", "steps", "wall time (s)", "student CPU inference speed-up"],
