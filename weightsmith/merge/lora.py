@@ -28,8 +28,8 @@ from torch import Tensor
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, TensorInfo, provenance_step
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge.lora_math import (CONV, CONV1D, EMBEDDING, LINEAR, dora_rows, from_rows, lora_delta_rows,
-                                         to_rows)
+from weightsmith.merge.lora_math import (CONV, CONV1D, EMBEDDING, LINEAR, add_lora_, dora_rows, from_rows,
+                                         lora_delta_rows, to_rows)
 from weightsmith.merge.lora_read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.progress import progress
 from weightsmith.report import Report
@@ -173,38 +173,39 @@ class FoldedCheckpoint(Mapping[str, Tensor]):
             raise KeyError(name)
         value = self.base[self._source[name]]
         terms = self._terms.get(name)
-        if terms:
-            value = self._fold(name, value, terms)
         target = self.info(name).dtype
-        return value if value.dtype == target else value.to(target)
+        if not terms:
+            return value if value.dtype == target else value.to(target)
+        value = self._fold(value, terms).to(target)  # the one rounding
+        # checked as stored (an overflow of the output dtype counts); one pass: NaN/Inf make the sum non-finite,
+        # and a finite tensor whose sum overflows is re-checked element-wise
+        if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+            raise NumericalError(f"{self.base.path}: folding {', '.join(sorted({str(t.adapter.path) for t in terms}))} "
+                                 f"into tensor {name!r} gives NaN or Inf")
+        return value
 
-    def _fold(self, name: str, w: Tensor, terms: list[_Term]) -> Tensor:
+    def _fold(self, w: Tensor, terms: list[_Term]) -> Tensor:
         acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        w = w.to(acc_dtype)  # fp32 accumulate; the stored tensor is cast once, at the end
+        w = w.to(acc_dtype)  # fp32 accumulate; the stored tensor is cast once, at the end. A fresh tensor: ours
         replace = [t for t in terms if t.how == "replace"]
         others = [t for t in terms if t.how != "replace"]
         if len(replace) == 1 and replace[0].weight == 1:
             w = replace[0].adapter.ckpt[replace[0].tensor].to(acc_dtype)  # exactly the saved tensor
         elif replace:
             w = w + sum(t.weight * (t.adapter.ckpt[t.tensor].to(acc_dtype) - w) for t in replace)
-        if not others:
-            result = w
-        elif len(others) == 1 and others[0].how == "dora" and others[0].weight == 1:
+        if len(others) == 1 and others[0].how == "dora" and others[0].weight == 1:
             result = self._dora(w, others[0])
         else:
-            result = w.clone()
+            dora = [t for t in others if t.how == "dora"]
+            result = w.clone() if dora else w  # DoRA terms need the unchanged W; otherwise add in place
             for t in others:
                 if t.how == "dora":
                     result += t.weight * (self._dora(w, t) - w)
                 elif t.how == "bias":
                     result += (t.module.scaling * t.weight) * t.adapter.ckpt[t.module.bias].to(acc_dtype)
                 else:
-                    delta = lora_delta_rows(t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b],
-                                            t.module.scaling * t.weight)
-                    result += from_rows(delta.to(acc_dtype), t.kind, tuple(w.shape))
-        if not torch.isfinite(result).all():
-            raise NumericalError(f"{self.base.path}: folding {', '.join(sorted({str(t.adapter.path) for t in terms}))} "
-                                 f"into tensor {name!r} gives NaN or Inf")
+                    add_lora_(to_rows(result, t.kind), t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b],
+                              t.module.scaling * t.weight)
         return result
 
     @staticmethod

@@ -54,6 +54,14 @@ def lora_delta_rows(a: Tensor, b: Tensor, scaling: float) -> Tensor:
     return (b2 @ a2) * scaling
 
 
+def add_lora_(rows: Tensor, a: Tensor, b: Tensor, scaling: float) -> None:
+    """rows += s · B·A, in place, in one fused pass (``addmm_``); ``rows`` is the fold's own accumulator
+    ``[out, in]`` (a view of it for Conv1D/embedding/conv). Shapes as in ``lora_delta_rows``."""
+    a2 = a.to(rows.dtype).reshape(a.shape[0], -1)  # [r, in·∏k]
+    b2 = b.to(rows.dtype).reshape(b.shape[0], -1)  # [out, r]
+    rows.addmm_(b2, a2, alpha=scaling)
+
+
 def dora_rows(weight_rows: Tensor, delta_rows: Tensor, magnitude: Tensor) -> Tensor:
     """W' = m / ‖W + ΔW‖_row · (W + ΔW) in row view — Liu et al. 2024, "DoRA", as PEFT merges it.
 
