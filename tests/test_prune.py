@@ -210,7 +210,7 @@ def test_minilm_structured_ffn_with_calibration(minilm_path, tmp_path):
 
 def test_minilm_wanda_beats_magnitude_on_held_out(minilm_path, tmp_path):
     calib = write_lines(tmp_path / "calib.txt", CALIBRATION)
-    ws.prune(minilm_path, tmp_path / "wanda", method="wanda", sparsity=0.5, calibration=calib)
+    ws.prune(minilm_path, tmp_path / "wanda", method="wanda", sparsity=0.5, calibration=calib, samples=8)
     ws.prune(minilm_path, tmp_path / "mag", sparsity=0.5)
     dense = embed(minilm_path)  # conftest.SENTENCES: none of them was used for calibration
     cos_w = (embed(tmp_path / "wanda", tokenizer_dir=minilm_path) * dense).sum(-1).mean().item()
@@ -228,3 +228,30 @@ def test_default_skip_covers_the_usual_suspects():
             "transformer.h.0.attn.c_attn.weight"]
     hit = lambda n: any(re.search(p, n) for p in DEFAULT_SKIP)  # noqa: E731
     assert all(hit(n) for n in skipped) and not any(hit(n) for n in kept)
+
+
+def test_wanda_gpt2_conv1d_rows_and_24(tiny_model, tmp_path):
+    src = with_tokenizer(tiny_model("gpt2"), tmp_path / "gpt2-tok")
+    calib = write_lines(tmp_path / "calib.txt", CALIBRATION)
+    ws.prune(src, tmp_path / "u", method="wanda", sparsity=0.25, calibration=calib, samples=4)
+    ws.prune(src, tmp_path / "p", method="wanda", pattern="2:4", calibration=calib, samples=4)
+    u, p = ws.open(tmp_path / "u"), ws.open(tmp_path / "p")
+    for n in [n for n in u if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))]:
+        rows = u[n].t()  # Conv1D [in, out] → output rows
+        assert bool(((rows == 0).sum(1) == rows.shape[1] // 4).all()), n
+        groups = (p[n].t() != 0).reshape(rows.shape[0], -1, 4).sum(-1)
+        assert bool((groups == 2).all()), n
+    tf.AutoModelForCausalLM.from_pretrained(tmp_path / "p")  # loads
+
+
+def test_structured_heads_scored_by_activations(tiny_model, tmp_path):
+    src = with_tokenizer(tiny_model("qwen2"), tmp_path / "qwen-tok")
+    calib = write_lines(tmp_path / "calib.txt", CALIBRATION)
+    report = ws.prune(src, tmp_path / "out", structured="heads", keep_heads=2, calibration=calib, samples=4)
+    assert report.summary["scored_by"] == "activations"
+    small = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ref = tf.AutoModelForCausalLM.from_pretrained(src).eval()
+    mask_units_(ref, "heads", report.details["kept"], LLAMA_NAMES, 4, 16)
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (small(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item() <= 1e-5
