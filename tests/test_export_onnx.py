@@ -1,0 +1,180 @@
+"""export onnx: onnxruntime's outputs checked here against transformers' own (the peer), independently of the
+validation the export does itself; refusals through the CLI leave nothing behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import weightsmith as ws
+from weightsmith.cli import main
+from weightsmith.errors import ConfigError
+
+from conftest import SENTENCES, embed
+
+ort = pytest.importorskip("onnxruntime")  # a declared dependency: present whenever the suite runs
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _padded_batch(vocab: int, batch: int, seq: int, names, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids, right padding: row i keeps seq − i·seq/(2·batch) tokens (row 0 full)."""
+    gen = torch.Generator().manual_seed(seed + 31 * batch + seq)
+    lengths = torch.tensor([seq - (i * seq) // (2 * batch) for i in range(batch)])
+    feeds = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
+             "attention_mask": (torch.arange(seq)[None] < lengths[:, None]).long(),
+             "token_type_ids": torch.zeros(batch, seq, dtype=torch.long)}
+    return {n: feeds[n] for n in names}
+
+
+def _max_abs_non_pad(session, model, feeds, output: str) -> float:
+    got = torch.from_numpy(session.run(None, {n: t.numpy() for n, t in feeds.items()})[0])
+    with torch.no_grad():
+        expected = getattr(model(**feeds), output)
+    keep = feeds["attention_mask"].bool()
+    return (got[keep] - expected[keep]).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def minilm_onnx(minilm_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("minilm-onnx") / "model.onnx"
+    return out, ws.export.onnx(minilm_path, out, task="feature-extraction")
+
+
+@pytest.fixture(scope="module")
+def minilm_int8(minilm_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("minilm-int8") / "model.onnx"
+    return out, ws.export.onnx(minilm_path, out, task="feature-extraction", quantize="int8")
+
+
+def test_minilm_feature_extraction_parity(minilm_onnx, minilm_path):
+    import transformers as tf
+
+    out, report = minilm_onnx
+    session = _session(out)
+    names = [i.name for i in session.get_inputs()]
+    assert sorted(names) == ["attention_mask", "input_ids", "token_type_ids"]
+    for i in session.get_inputs():  # batch and sequence are symbolic, not the 2×16 example's sizes
+        assert all(isinstance(d, str) for d in i.shape), i.shape
+    model = tf.AutoModel.from_pretrained(minilm_path).eval()
+    for batch in (1, 8):
+        for seq in (8, 128):
+            feeds = _padded_batch(model.config.vocab_size, batch, seq, names)
+            assert _max_abs_non_pad(session, model, feeds, "last_hidden_state") <= 1e-4, (batch, seq)
+    assert report.summary["parity_max_abs"] <= 1e-4
+    assert report.summary["opset"] >= 18 and report.summary["nodes"] > 50
+    assert set(report.details["parity (max |Δ| by batch×sequence)"]) == {"1x8", "1x128", "8x8", "8x128"}
+    latency = report.details["latency (median ms)"]
+    assert latency["threads"] == 1 and latency["torch_eager"] > 0 and latency["ort_float"] > 0
+
+
+def test_minilm_tokenizer_beside_the_graph_gives_sentence_embeddings(minilm_onnx, minilm_path):
+    import transformers as tf
+
+    out, _ = minilm_onnx
+    tok = tf.AutoTokenizer.from_pretrained(out.parent)  # written beside model.onnx
+    batch = tok(SENTENCES, padding=True, truncation=True, max_length=128, return_tensors="np")
+    hidden = _session(out).run(None, {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})[0]
+    mask = batch["attention_mask"][..., None].astype(np.float32)
+    pooled = torch.nn.functional.normalize(torch.from_numpy((hidden * mask).sum(1) / mask.sum(1)), dim=-1)
+    reference = embed(minilm_path)
+    assert (pooled - reference).abs().max().item() <= 1e-4
+
+
+def test_minilm_int8_is_small_and_close(minilm_onnx, minilm_int8, minilm_path):
+    import onnx
+    import transformers as tf
+
+    (float_out, _), (out, report) = minilm_onnx, minilm_int8
+    assert out.stat().st_size <= 0.3 * float_out.stat().st_size
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops, ops
+    tok = tf.AutoTokenizer.from_pretrained(out.parent)
+    batch = tok(SENTENCES, padding=True, truncation=True, max_length=128, return_tensors="np")
+    hidden = _session(out).run(None, {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})[0]
+    mask = batch["attention_mask"][..., None].astype(np.float32)
+    pooled = torch.nn.functional.normalize(torch.from_numpy((hidden * mask).sum(1) / mask.sum(1)), dim=-1)
+    cosine = (pooled * embed(minilm_path)).sum(-1)  # per sentence, against transformers' float embeddings
+    assert cosine.mean().item() >= 0.99 and cosine.min().item() >= 0.98, cosine
+    quality = report.details["int8"]
+    assert quality["size_ratio"] <= 0.3 and 0.98 <= quality["cosine_mean"] <= 1
+    assert report.summary["quantize"] == "int8" and "ort_int8" in report.details["latency (median ms)"]
+
+
+@pytest.mark.parametrize("kind, optimize", [("llama", True), ("gpt2", False)])
+def test_causal_lm_logits_parity_with_dynamic_sequence(kind, optimize, tiny_model, tmp_path):
+    import onnx
+    import transformers as tf
+
+    src = tiny_model(kind)
+    out = tmp_path / "onnx" / "model.onnx"
+    report = ws.export.onnx(src, out, task="causal-lm", optimize=optimize)
+    session = _session(out)
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert all(isinstance(d, str) for d in session.get_inputs()[0].shape)
+    model = tf.AutoModelForCausalLM.from_pretrained(src).eval()
+    for batch, seq in [(1, 5), (3, 17), (2, 40), (1, 64)]:  # none of them the export's example shape
+        feeds = _padded_batch(model.config.vocab_size, batch, seq, ["input_ids", "attention_mask"], seed=7)
+        assert _max_abs_non_pad(session, model, feeds, "logits") <= 1e-4, (batch, seq)
+    assert report.summary["output"] == "logits" and report.summary["optimized"] is optimize
+    assert len(onnx.load(str(out)).graph.node) == report.summary["nodes"]
+    assert (out.parent / "config.json").is_file()
+
+
+# -- refusals: one line, exit 2, nothing written -----------------------------------------------------------------
+
+
+def _nothing_written(folder):
+    return not folder.exists() or not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("kind, task, words", [("gpt2", "text-classification", "score"),
+                                               ("bert", "causal-lm", "lacks")])
+def test_cli_refuses_a_task_the_checkpoint_cannot_serve(kind, task, words, tiny_model, tmp_path, capsys):
+    out, src = tmp_path / "x" / "model.onnx", tiny_model(kind)
+    capsys.readouterr()  # the fixture's own output
+    assert main(["export", "onnx", str(src), "-o", str(out), "--task", task]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and task in err and words in err
+    assert _nothing_written(out.parent)
+
+
+def test_cli_refuses_an_export_that_fails_parity(tiny_model, tmp_path, capsys):
+    out, src = tmp_path / "x" / "model.onnx", tiny_model("gpt2")
+    capsys.readouterr()
+    assert main(["export", "onnx", str(src), "-o", str(out), "--task", "causal-lm",
+                 "--atol", "1e-30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "differs from PyTorch" in err and "1e-30" in err
+    assert _nothing_written(out.parent)
+
+
+def test_cli_refuses_existing_output_and_bad_options(tiny_model, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"keep me")
+    assert main(["export", "onnx", str(tiny_model("llama")), "-o", str(out), "--task", "causal-lm"]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert main(["export", "onnx", str(tiny_model("llama")), "-o", str(tmp_path / "dir"), "--task", "causal-lm"]) == 2
+    assert ".onnx" in capsys.readouterr().err and not (tmp_path / "dir").exists()
+    with pytest.raises(ConfigError, match="task 'summarize'"):
+        ws.export.onnx(tiny_model("llama"), tmp_path / "m.onnx", task="summarize")
+
+
+def test_quantized_input_is_dequantized_for_export(tiny_model, tmp_path):
+    """A compressed-tensors int8 checkpoint is exported through weightsmith's dequantize (W = q·s, whose own tests
+    hold it to the format); the graph must then match transformers running that float checkpoint."""
+    import transformers as tf
+
+    quantized, floats = tmp_path / "int8", tmp_path / "float"
+    ws.quantize(tiny_model("llama"), quantized, "int8")
+    ws.dequantize(quantized, floats, dtype="float32")
+    out = tmp_path / "onnx" / "model.onnx"
+    report = ws.export.onnx(quantized, out, task="causal-lm")
+    assert any("compressed-tensors checkpoint dequantized" in n for n in report.notes)
+    model = tf.AutoModelForCausalLM.from_pretrained(floats).eval()
+    feeds = _padded_batch(model.config.vocab_size, 2, 12, ["input_ids", "attention_mask"])
+    assert _max_abs_non_pad(_session(out), model, feeds, "logits") <= 1e-4
