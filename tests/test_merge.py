@@ -223,3 +223,17 @@ def test_help_examples_parse():
     for example in examples:
         args = parser.parse_args(example.split()[1:])
         assert args.command == "merge" and args.out
+
+
+def test_merge_imports_neither_transformers_nor_peft(models, tmp_path):
+    """A streaming verb: torch and safetensors only, at run time."""
+    import subprocess
+    import sys
+
+    cfg = write_yaml(_configs(models)["ties"], tmp_path / "ties.yaml")
+    code = ("import sys; from weightsmith.cli import main; "
+            f"rc = main(['merge', {str(cfg)!r}, '-o', {str(tmp_path / 'out')!r}]); "
+            "bad = [m for m in ('transformers', 'peft', 'mergekit') if m in sys.modules]; "
+            "sys.exit(rc or (3 if bad else 0))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

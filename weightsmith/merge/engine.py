@@ -9,6 +9,7 @@ seed and its name, so the output is byte-identical for any number of workers.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -183,20 +184,24 @@ def run(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.PathLik
     base_ckpt = opened[cfg.base.path] if cfg.base else None
     model_ckpts = [opened[r.path] for r in cfg.inputs]
 
+    native = cfg.method == "linear"  # linear accumulates any float dtype into fp32 itself: skip the up-cast
+
     def work(task: _Task) -> tuple[torch.Tensor, M.FamilyStats | None]:
         info = primary.info(task.name)
         if not info.dtype.is_floating_point:  # integer buffers (position ids…): the primary input's, unchanged
             return primary[task.name], None
-        base = _load(base_ckpt, task.name, in_dtype) if base_ckpt is not None else None
-        tensors = [_load(c, task.name, in_dtype) for c in model_ckpts]
+        base = _load(base_ckpt, task.name, in_dtype, native) if base_ckpt is not None else None
+        tensors = [_load(c, task.name, in_dtype, native) for c in model_ckpts]
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
-        if not torch.isfinite(merged).all():
+        if not math.isfinite(float(merged.sum())):  # one reduction: NaN or Inf anywhere shows (so would overflow)
             raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
         return merged.to(task.dtype), stats
 
     params = {**cfg.to_dict(), "seed": seed}
-    steps = [provenance_step("merge", params, [c if isinstance(c, Checkpoint) else str(getattr(c, "path", "?"))
-                                               for c in inputs])]
+    sources: list = []
+    for c in inputs:  # a folded base+adapter names both of its sources
+        sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
+    steps = [provenance_step("merge", params, sources)]
     tok_src = opened[tok_ref.path]
     writer = CheckpointWriter(out, steps=steps, config=getattr(primary, "config", None),
                               carry=getattr(tok_src, "carry_files", []), dtype=out_dtype, shard_size=shard_size,
@@ -209,15 +214,16 @@ def run(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.PathLik
             if stats is not None:
                 rows.append({"tensor": task.name, "numel": tensor.numel(), "kept": round(stats.kept, 4),
                              "sign_conflict": round(stats.conflict, 4)})
-    _fill_report(report, cfg, refs, writer, rows, seed, workers)
+    _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
     return report
 
 
-def _load(ckpt: Mapping[str, torch.Tensor], name: str, in_dtype: torch.dtype | None) -> torch.Tensor:
+def _load(ckpt: Mapping[str, torch.Tensor], name: str, in_dtype: torch.dtype | None,
+          native: bool = False) -> torch.Tensor:
     t = ckpt[name]
     if in_dtype is not None and t.dtype != in_dtype:
         t = t.to(in_dtype)  # mergekit's `dtype`: inputs are rounded to it before merging
-    return t.float()  # fp32 accumulation whatever the storage dtype
+    return t if native else t.float()  # fp32 accumulation whatever the storage dtype
 
 
 def _ordered(fn, items, workers: int):
@@ -240,10 +246,10 @@ def _ordered(fn, items, workers: int):
                 f.cancel()
 
 
-def _fill_report(report: Report, cfg: MergeConfig, refs: list[ModelRef], writer: CheckpointWriter,
+def _fill_report(report: Report, cfg: MergeConfig, count: int, writer: CheckpointWriter,
                  rows: list[dict[str, Any]], seed: int, workers: int) -> None:
     report.summary.update(method=cfg.method, base=cfg.base.path if cfg.base else None,
-                          models=[r.path for r in cfg.inputs], tensors=len(writer._names),
+                          models=[r.path for r in cfg.inputs], tensors=count,
                           bytes_out=format_size(writer.total_size), shards=writer.num_shards, seed=seed,
                           workers=workers)
     report.details["parameters"] = {"top-level": dict(cfg.parameters),
