@@ -117,9 +117,15 @@ def main(methods: list[str]) -> None:
         mk, ws_ = runs["mergekit"], runs["weightsmith"]
         rows.append([method, round(mk.seconds, 1), round(ws_.seconds, 1), f"{mk.seconds / ws_.seconds:.1f}×",
                      round(mk.peak_rss_mb), round(ws_.peak_rss_mb), f"{mk.peak_rss_mb / ws_.peak_rss_mb:.1f}×"])
+        _write(rows, size_mb)  # after each method: a long run that is cut short still leaves its table
+
+
+def _write(rows: list, size_mb: float) -> None:
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     md = (f"## merge: weightsmith vs mergekit 0.1.5\n\nThree bf16 fine-tunes + base, {size_mb:.0f} MB each "
           f"(Llama shape, 22 layers, hidden 1024, vocab 32000); same YAML; one fresh process per run, start-up "
-          f"included; 2 CPU cores; weightsmith with --workers 1.\n\n"
+          f"included; 2 CPU cores (load average {load} at the end: the machine was shared); weightsmith with "
+          f"--workers 1.\n\n"
           + table(["method", "mergekit s", "weightsmith s", "speed-up", "mergekit MB", "weightsmith MB", "RSS ratio"],
                   rows))
     write_section("merge_bench", md)
