@@ -6,7 +6,6 @@ mergekit runs once per module (all configs in one fixture) because its start-up 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
