@@ -29,6 +29,8 @@ _EXPORTS = {
     "dequantize": ("weightsmith.compress.quantize", "dequantize"),
     "merge": ("weightsmith.merge", None),
     "export": ("weightsmith.export", None),
+    "run": ("weightsmith.recipe", "run"),
+    "evaluate": ("weightsmith.evaluate", "evaluate"),
     "Report": ("weightsmith.report", "Report"),
     "WeightsmithError": ("weightsmith.errors", "WeightsmithError"),
 }

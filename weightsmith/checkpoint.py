@@ -254,6 +254,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if self.index_file is not None:
             self._check_index_agrees()
         self._order = list(self._where)
+        self.history: list[dict] = _recorded_steps(self.metadata)  # the steps that made these tensors
 
     # -- layout ---------------------------------------------------------------------------------------------------
 
@@ -388,9 +389,59 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in digests).encode()).hexdigest()
 
 
+def _recorded_steps(metadata: Mapping[str, str]) -> list[dict]:
+    """The provenance steps a weightsmith output recorded ([] for other files or unreadable metadata)."""
+    try:
+        steps = json.loads(metadata.get("weightsmith", "{}")).get("steps", [])
+    except (ValueError, AttributeError):
+        return []
+    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("inputs", []), list)]
+
+
 def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - the public verb, as in safetensors.safe_open
     """Open a checkpoint lazily: a model directory, a ``.safetensors``/``.bin`` file, or a PEFT adapter directory."""
     return Checkpoint(path)
+
+
+class CheckpointView(Checkpoint):
+    """A lazy transform of a checkpoint with the same reader interface: tensors are computed when read.
+
+    This is how streamed steps chain without intermediate files: a view is accepted wherever a Checkpoint is, and
+    the writer records the view's steps in the output's provenance. A subclass overrides ``__getitem__`` and, where
+    names, shapes or dtypes change, ``_order``, ``info`` and ``config``. Files, carried files and digests are the
+    source's.
+    """
+
+    def __init__(self, source: Checkpoint, step: dict):
+        self.source = source
+        self.path, self.root = source.path, source.root
+        self.config, self.adapter_config, self.index_file = source.config, source.adapter_config, None
+        self._files = source._files
+        self._order = list(source)
+        self.history = [*source.history, step]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._order
+
+    def info(self, name: str) -> TensorInfo:
+        return self.source.info(name)
+
+    def location(self, name: str) -> tuple[Path, int, int] | None:
+        return None  # computed tensors have no bytes on disk
+
+    @property
+    def carry_files(self) -> list[Path]:
+        return self.source.carry_files
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        return self.source.tied_weights
+
+    def digest(self) -> str:
+        return self.source.digest()
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -525,7 +576,7 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self.total_size = 0
         self._pool = ThreadPoolExecutor(max_workers=1)  # hashes the inputs beside the work
-        self.steps = [self._resolve_step(s) for s in steps]
+        self.steps = [self._resolve_step(s) for s in _with_history(steps)]
 
     def _resolve_step(self, step: dict) -> dict:
         resolved = []
@@ -536,7 +587,10 @@ class CheckpointWriter:
             ckpt = item if isinstance(item, Checkpoint) else None
             path = str(ckpt.path if ckpt else item)
             digest: Future | None = self._pool.submit(ckpt.digest) if ckpt else None
-            resolved.append({"path": path, "sha256": digest})
+            entry = {"path": path, "sha256": digest}
+            if isinstance(ckpt, CheckpointView):  # read through lazily applied steps
+                entry["via"] = [h["operation"] for h in ckpt.history[len(ckpt.source.history):]]
+            resolved.append(entry)
         return {**step, "inputs": resolved}
 
     # -- streaming ------------------------------------------------------------------------------------------------
@@ -648,6 +702,17 @@ def check_destination(out: Path, force: bool) -> None:
             if not os.access(parent, os.W_OK):
                 raise DestinationError(f"{out}: cannot write here ({parent} is not writable)")
             break
+
+
+def _with_history(steps: Sequence[dict]) -> list[dict]:
+    """The steps, each preceded by the lazily applied steps of the views it read (each recorded once)."""
+    out: list[dict] = []
+    for step in steps:
+        for item in step.get("inputs", []):
+            if isinstance(item, Checkpoint):
+                out.extend(h for h in _with_history(item.history) if not any(h is o for o in out))
+        out.append(step)
+    return out
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:

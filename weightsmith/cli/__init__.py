@@ -14,7 +14,16 @@ import traceback
 
 from weightsmith import __version__
 
-COMMAND_MODULES = ["weightsmith.cli.core", "weightsmith.cli.lora", "weightsmith.cli.merge", "weightsmith.cli.prune", "weightsmith.cli.distill", "weightsmith.cli.quantize", "weightsmith.cli.export"]
+COMMAND_MODULES = [
+    "weightsmith.cli.core",
+    "weightsmith.cli.lora",
+    "weightsmith.cli.merge",
+    "weightsmith.cli.quantize",
+    "weightsmith.cli.prune",
+    "weightsmith.cli.distill",
+    "weightsmith.cli.export",
+    "weightsmith.cli.run",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

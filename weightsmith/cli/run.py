@@ -1,0 +1,39 @@
+"""run (recipes) and eval."""
+
+from __future__ import annotations
+
+from weightsmith.cli.common import add_command
+
+
+def register(sub) -> None:
+    p = add_command(sub, "run", help="run a recipe: a YAML list of steps, streamed where it can be",
+                    examples=["weightsmith run recipe.yaml", "weightsmith run recipe.yaml --dry-run",
+                              "weightsmith run recipe.yaml --json --force"],
+                    description="Run a recipe (steps: lora_merge, merge, prune, quantize, distill, export, convert; "
+                                "each takes its command's parameters; '@previous' in a merge names the step before).")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; write nothing")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(handler=_run)
+
+    p = add_command(sub, "eval", help="perplexity, embedding cosine, logits |Δ| and KL, on checkpoints or ONNX files",
+                    examples=["weightsmith eval ./llama-pruned --data held_out.txt",
+                              "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --json",
+                              "weightsmith eval ./onnx/model.onnx --ref ./minilm --data sentences.txt"])
+    p.add_argument("model", help="model directory or .onnx file")
+    p.add_argument("--data", required=True, help="text file, one sample per line")
+    p.add_argument("--ref", help="reference checkpoint to compare against")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
+    p.set_defaults(handler=_eval)
+
+
+def _run(args):
+    from weightsmith.recipe import run
+
+    return run(args.recipe, dry_run=args.dry_run, force=args.force)
+
+
+def _eval(args):
+    from weightsmith.evaluate import evaluate
+
+    return evaluate(args.model, args.data, ref=args.ref, max_length=args.max_length)

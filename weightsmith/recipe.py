@@ -1,0 +1,397 @@
+"""Recipes: a YAML list of steps (lora_merge, merge, prune, quantize, distill, export, convert), each taking the
+same parameters as its command, the output of each feeding the next.
+
+    input: ./base
+    output: ./shipped
+    steps:
+      - lora_merge: {adapters: [./adapter]}
+      - prune: {sparsity: 0.5}
+      - quantize: {scheme: int8}
+
+A step that offers a lazy view (``lora_merge``: the base with its adapters folded on read) streams into the next
+step without an intermediate checkpoint; other steps write their output, into a temporary work directory unless
+they are last. Steps that need the network (Wanda or structured pruning, distillation, ONNX export) build the
+model once from their input. In a ``merge`` step, ``"@previous"`` names the output of the step before it.
+Everything is checked before the first step runs; one Report covers the run, and every step's provenance ends up in
+the output's safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weightsmith.checkpoint import check_destination
+from weightsmith.errors import ConfigError, WeightsmithError
+from weightsmith.report import Report
+from weightsmith.units import format_size
+
+PREVIOUS = "@previous"
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """One row of the step table: the library function a step calls and how it takes the running model."""
+
+    function: str  # "module:function"
+    source: str | None  # the parameter that receives the running model (None: merge names it with "@previous")
+    streams: bool  # reads and writes tensor by tensor (False: builds the model)
+    view: str | None = None  # "module:function" giving a lazy view instead of writing, when one exists
+
+    def resolve(self):
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+STEPS: dict[str, StepKind] = {
+    "lora_merge": StepKind("weightsmith.merge.lora:merge", "base", True, view="weightsmith.merge.lora:open_folded"),
+    "merge": StepKind("weightsmith.merge:run", None, True),
+    "prune": StepKind("weightsmith.compress.prune:prune", "src", True),
+    "quantize": StepKind("weightsmith.compress.quantize:quantize", "src", True),
+    "distill": StepKind("weightsmith.compress.distill:distill", "teacher", False),
+    "export": StepKind("weightsmith.export:onnx", "src", False),
+    "export_safetensors": StepKind("weightsmith.export:safetensors", "src", True),
+    "convert": StepKind("weightsmith.conversion:convert", "src", True),
+}
+_MERGE_RUN_OPTIONS = ("seed", "workers", "shard_size")  # other keys of a merge step form the mergekit config
+
+
+@dataclass
+class Step:
+    index: int
+    kind: str
+    params: dict[str, Any]
+
+    @property
+    def row(self) -> StepKind:
+        return STEPS[self.kind]
+
+    def label(self) -> str:
+        return f"recipe step {self.index} ({self.kind})"
+
+    def materializes(self) -> bool:
+        """True when this step builds the transformers model (and so needs its input as files)."""
+        if self.kind == "prune":
+            return bool(self.params.get("structured")) or self.params.get("method") == "wanda"
+        return not self.row.streams
+
+
+@dataclass
+class Recipe:
+    input: str | None
+    output: str
+    steps: list[Step]
+    path: str = "recipe"
+
+
+def load_recipe(source: str | os.PathLike | Mapping) -> Recipe:
+    """Parse and check a recipe (YAML file or dict): step names, parameter names and types, before anything runs."""
+    where = "recipe"
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        import yaml
+
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such recipe file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with input, output and steps")
+    unknown = set(raw) - {"input", "output", "steps"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected input, output, steps)")
+    if not isinstance(raw.get("output"), str):
+        raise ConfigError(f"{where}: 'output' must be a path")
+    if not isinstance(raw.get("steps"), list) or not raw["steps"]:
+        raise ConfigError(f"{where}: 'steps' must be a non-empty list")
+    steps = [_parse_step(where, i, entry) for i, entry in enumerate(raw["steps"])]
+    if raw.get("input") is not None and not isinstance(raw["input"], str):
+        raise ConfigError(f"{where}: 'input' must be a path")
+    if raw.get("input") is None and steps[0].kind != "merge":
+        raise ConfigError(f"{where}: 'input' is required (only a recipe that starts with a merge can omit it)")
+    for step in steps:
+        if step.kind == "merge" and step.index == 0 and raw.get("input") is None and _mentions_previous(step.params):
+            raise ConfigError(f"{where}: {step.label()}: {PREVIOUS} names nothing: the recipe has no input")
+    return Recipe(raw.get("input"), raw["output"], steps, where)
+
+
+def _parse_step(where: str, index: int, entry: Any) -> Step:
+    if not (isinstance(entry, dict) and len(entry) == 1):
+        raise ConfigError(f"{where}: recipe step {index}: expected one mapping such as {{prune: {{sparsity: 0.5}}}}")
+    (kind, params), = entry.items()
+    if kind not in STEPS:
+        raise ConfigError(f"{where}: recipe step {index}: unknown step {kind!r} (expected one of {', '.join(STEPS)})")
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: recipe step {index} ({kind}): parameters must be a mapping")
+    step = Step(index, kind, dict(params))
+    if kind == "export":
+        fmt = step.params.pop("format", "onnx")
+        if fmt == "safetensors":
+            step.kind = "export_safetensors"
+        elif fmt != "onnx":
+            raise ConfigError(f"{where}: {step.label()}: format {fmt!r}: expected onnx or safetensors")
+    _check_params(where, step)
+    return step
+
+
+def _check_params(where: str, step: Step) -> None:
+    """Names and simple types against the step function's own signature (the command's parameters)."""
+    fn = step.row.resolve()
+    sig = inspect.signature(fn)
+    reserved = {"out", "force", *([step.row.source] if step.row.source else [])}
+    if step.kind == "merge":
+        params = {k: v for k, v in step.params.items() if k in _MERGE_RUN_OPTIONS}
+    else:
+        params = step.params
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for name, value in params.items():
+        if name in reserved:
+            raise ConfigError(f"{where}: {step.label()}: {name!r} is set by the recipe, not by a step")
+        param = sig.parameters.get(name)
+        if param is None:
+            if takes_any:
+                continue
+            accepted = [p for p in sig.parameters if p not in reserved and p != "config"]
+            raise ConfigError(f"{where}: {step.label()}: unknown parameter {name!r} (accepted: {', '.join(accepted)})")
+        expected = _accepts(param.annotation, value)
+        if expected is not None:
+            raise ConfigError(f"{where}: {step.label()}: parameter {name!r} must be {expected}, "
+                              f"got {type(value).__name__} {value!r}")
+    missing = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind is p.KEYWORD_ONLY
+               and p.name not in params]
+    missing += [p.name for p in list(sig.parameters.values())[1:] if p.default is p.empty and p.name not in params
+                and p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in reserved and p.name != "config"]
+    if missing:
+        raise ConfigError(f"{where}: {step.label()}: missing parameter(s) {', '.join(missing)}")
+
+
+# annotation token -> the YAML value types it admits
+_TOKENS: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+    "os.PathLike": (str,), "torch.dtype": (str,), "Checkpoint": (str,), "Scheme": (str,),
+}
+
+
+def _accepts(annotation: Any, value: Any) -> str | None:
+    """None when ``value`` fits the (string) annotation, else a description of what is expected."""
+    text = str(annotation).replace("typing.", "")
+    allowed: list[type] = []
+    names = []
+    for token in (t.strip() for t in _split_union(text)):
+        base = token.split("[", 1)[0]
+        if base in ("Sequence", "list", "tuple"):
+            allowed.append(list)
+            names.append("a list")
+        elif base in ("Mapping", "dict"):
+            allowed.append(dict)
+            names.append("a mapping")
+        elif base in _TOKENS:
+            allowed.extend(_TOKENS[base])
+            names.append({"None": "null", "os.PathLike": "a path"}.get(base, base))
+        else:
+            return None  # a type we cannot judge from YAML: let the function check it
+    if isinstance(value, bool) and bool not in allowed:
+        return " or ".join(dict.fromkeys(names))
+    return None if isinstance(value, tuple(allowed)) else " or ".join(dict.fromkeys(names))
+
+
+def _split_union(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*parts, current]
+
+
+def _mentions_previous(value: Any) -> bool:
+    if isinstance(value, str):
+        return value == PREVIOUS or value.startswith(PREVIOUS + "+")
+    if isinstance(value, dict):
+        return any(_mentions_previous(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_mentions_previous(v) for v in value)
+    return False
+
+
+def _replace_previous(value: Any, path: str) -> Any:
+    if isinstance(value, str) and (value == PREVIOUS or value.startswith(PREVIOUS + "+")):
+        return path + value[len(PREVIOUS):]
+    if isinstance(value, dict):
+        return {k: _replace_previous(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_previous(v, path) for v in value]
+    return value
+
+
+# -- planning ---------------------------------------------------------------------------------------------------
+
+
+def plan(recipe: Recipe) -> list[dict]:
+    """What each step reads, whether it streams, where it writes, and rough memory and size estimates."""
+    rows = []
+    model_bytes, largest = _input_sizes(recipe)
+    for i, step in enumerate(recipe.steps):
+        if i == 0:
+            source = recipe.input or "the merge's models"
+        else:
+            source = f"step {i - 1} ({'lazy view' if _hands_view(recipe, i - 1) else 'files'})"
+        if step.materializes():
+            mode = "builds the model"
+            peak = model_bytes * (4 if step.kind == "distill" else 2) + 600 * 10**6  # fp32 model(s) + torch runtime
+        else:
+            mode = "lazy view" if _hands_view(recipe, i) else "streams tensor by tensor"
+            inputs = 1 + len(step.params.get("models", [])) if step.kind == "merge" else 2
+            peak = largest * (inputs + 2) + 300 * 10**6
+        model_bytes = _output_bytes(step, model_bytes)
+        last = i == len(recipe.steps) - 1
+        rows.append({"step": i, "kind": step.kind, "input": source, "mode": mode,
+                     "output": recipe.output if last else "none (view)" if _hands_view(recipe, i) else "temporary",
+                     "est_peak_memory": format_size(peak), "est_output_size": format_size(model_bytes)})
+    return rows
+
+
+def _input_sizes(recipe: Recipe) -> tuple[int, int]:
+    from weightsmith.checkpoint import Checkpoint
+
+    path = recipe.input or next(iter(_merge_models(recipe.steps[0])), None)
+    try:
+        ckpt = Checkpoint(path) if path else None
+    except WeightsmithError:
+        return 0, 0
+    if ckpt is None:
+        return 0, 0
+    infos = ckpt.infos()
+    return sum(i.nbytes for i in infos), max((i.nbytes for i in infos), default=0)
+
+
+def _merge_models(step: Step) -> list[str]:
+    models = [m.get("model") for m in step.params.get("models", []) if isinstance(m, dict)]
+    return [m for m in models if isinstance(m, str) and not _mentions_previous(m)]
+
+
+def _output_bytes(step: Step, size: int) -> int:
+    """A rough size after the step (linear weights are most of a transformer's bytes)."""
+    if step.kind == "quantize":
+        return int(size * (0.3 if str(step.params.get("scheme", "int8")) == "int8" else 0.18))
+    if step.kind == "prune" and step.params.get("structured"):
+        return int(size * (1 - 0.6 * float(step.params.get("ratio") or 0.25)))
+    if step.kind == "export" and step.params.get("quantize") == "int8":
+        return int(size * 0.3)
+    return size
+
+
+def _hands_view(recipe: Recipe, i: int) -> bool:
+    """Step i gives the next step a lazy view instead of writing: it has one and the next step reads checkpoints."""
+    if i + 1 >= len(recipe.steps):
+        return False
+    step, following = recipe.steps[i], recipe.steps[i + 1]
+    return step.row.view is not None and following.row.source is not None
+
+
+# -- running ----------------------------------------------------------------------------------------------------
+
+
+def run(recipe: str | os.PathLike | Mapping | Recipe, *, dry_run: bool = False, force: bool = False) -> Report:
+    """Run a recipe end to end (or, with ``dry_run``, only check it and return the plan).
+
+    >>> ws.run("recipe.yaml")            # doctest: +SKIP
+    >>> ws.run("recipe.yaml", dry_run=True).details["plan"]  # doctest: +SKIP
+    """
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    output = Path(r.output)
+    report = Report("run", output=str(output))
+    report.details["plan"] = {f"step {row['step']}": row for row in plan(r)}
+    report.summary.update(recipe=r.path, input=r.input, steps=[s.kind for s in r.steps])
+    if r.input is not None and not Path(r.input).exists():
+        raise ConfigError(f"{r.path}: input {r.input}: no such file or directory")
+    check_destination(output, force)
+    if dry_run:
+        report.notes.append("dry run: nothing was read beyond headers and nothing was written")
+        return report
+    work = output.parent / f".{output.name}.weightsmith-recipe-{uuid.uuid4().hex[:8]}"
+    current: Any = r.input
+    try:
+        with report.timed("total"):
+            for i, step in enumerate(r.steps):
+                last = i == len(r.steps) - 1
+                with report.timed(f"step {i} {step.kind}"):
+                    current = _run_step(r, step, current, work, output, last, force, report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.summary["output_size"] = _size_of(output)
+    return report
+
+
+def _run_step(r: Recipe, step: Step, current: Any, work: Path, output: Path, last: bool, force: bool,
+              report: Report) -> Any:
+    params = dict(step.params)
+    if step.kind == "lora_merge":
+        params["adapters"] = _adapters(params.get("adapters", []))
+    try:
+        if _hands_view(r, step.index):
+            module, name = step.row.view.split(":")
+            view = getattr(importlib.import_module(module), name)(current, **params)
+            report.details[f"step {step.index} {step.kind}"] = {"streamed": "lazy view, nothing written"}
+            return view
+        if (step.materializes() or step.kind == "merge") and not isinstance(current, (str, Path, type(None))):
+            current = _materialize(current, work / f"{step.index}-input")  # the model is built from files
+        out = output if last else work / f"{step.index}-{step.kind}"
+        if step.kind == "export":
+            out = out / "model.onnx"
+        fn = step.row.resolve()
+        if step.kind == "merge":
+            config = {k: v for k, v in params.items() if k not in _MERGE_RUN_OPTIONS}
+            if current is not None:
+                config = _replace_previous(config, str(current))
+            options = {k: v for k, v in params.items() if k in _MERGE_RUN_OPTIONS}
+            sub = fn(config, out, force=force and last, **options)
+        else:
+            sub = fn(current, out, force=force and last, **params)
+    except WeightsmithError as exc:
+        raise type(exc)(f"{step.label()}: {exc}") from None
+    report.details[f"step {step.index} {step.kind}"] = sub.summary
+    report.notes += [f"step {step.index}: {n}" for n in sub.notes]
+    return out.parent if step.kind == "export" else out
+
+
+def _adapters(value: Any) -> list[tuple[str, float]]:
+    """``adapters`` of a lora_merge step: ``path``, ``path@weight`` or ``{path, weight}`` entries."""
+    from weightsmith.cli.lora import parse_adapter
+
+    entries = [value] if isinstance(value, (str, dict)) else list(value)
+    return [parse_adapter(a) if isinstance(a, str) else (str(a["path"]), float(a.get("weight", 1.0)))
+            for a in entries]
+
+
+def _materialize(view: Any, out: Path) -> Path:
+    """Write a lazy view to disk once, for a step that builds the model or opens paths itself."""
+    from weightsmith.checkpoint import CheckpointWriter
+
+    with CheckpointWriter(out, steps=list(view.history), config=view.config, carry=view.carry_files) as writer:
+        for name in view:
+            writer.write(name, view[name])
+    return out
+
+
+def _size_of(path: Path) -> str:
+    if path.is_file():
+        return format_size(path.stat().st_size)
+    return format_size(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
