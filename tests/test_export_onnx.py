@@ -124,11 +124,31 @@ def test_causal_lm_logits_parity_with_dynamic_sequence(kind, optimize, tiny_mode
     assert (out.parent / "config.json").is_file()
 
 
+def test_external_data_layout(tiny_model, tmp_path, monkeypatch):
+    """Above the threshold (2 GB in use, lowered here) the weights go to one model.onnx.data beside the graph."""
+    import onnx
+    import transformers as tf
+
+    from weightsmith.export import to_onnx
+
+    monkeypatch.setattr(to_onnx, "EXTERNAL_DATA_BYTES", 0)
+    src, out = tiny_model("gpt2"), tmp_path / "big" / "model.onnx"
+    ws.export.onnx(src, out, task="causal-lm")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["config.json", "model.onnx", "model.onnx.data"]
+    locations = {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    assert (out.parent / "model.onnx.data").stat().st_size > out.stat().st_size  # tensors under 1 KB stay inline
+    model = tf.AutoModelForCausalLM.from_pretrained(src).eval()
+    feeds = _padded_batch(model.config.vocab_size, 2, 11, ["input_ids", "attention_mask"])
+    assert _max_abs_non_pad(_session(out), model, feeds, "logits") <= 1e-4
+
+
 # -- refusals: one line, exit 2, nothing written -----------------------------------------------------------------
 
 
 def _nothing_written(folder):
-    return not folder.exists() or not any(folder.iterdir())
+    return not folder.exists()  # not even the folder the export would have created
 
 
 @pytest.mark.parametrize("kind, task, words", [("gpt2", "text-classification", "score"),
