@@ -19,13 +19,15 @@ Only torch and safetensors are imported; never transformers or peft.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, TensorInfo, provenance_step
+from weightsmith.checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, CheckpointView, CheckpointWriter, TensorInfo,
+                                    provenance_step)
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 from weightsmith.merge.lora_math import (CONV, CONV1D, EMBEDDING, LINEAR, add_lora_, dora_rows, from_rows,
@@ -54,35 +56,35 @@ class _Term:
     tensor: str | None = None  # adapter tensor name for "replace"
 
 
-class FoldedCheckpoint(Mapping[str, Tensor]):
+class FoldedCheckpoint(CheckpointView):
     """A base checkpoint with adapters folded in, lazily: ``folded[name]`` reads and folds that tensor only.
 
-    Read-only Mapping with Checkpoint's reader interface (``info``, ``config``, ``carry_files``, ``path``,
-    ``tied_weights``). All checks happen when it is opened; reading a tensor can only fail on NaN/Inf in a result.
+    A CheckpointView: accepted wherever a Checkpoint is, so a fold streams straight into the next step. All checks
+    happen when it is opened; reading a tensor can only fail on NaN/Inf in a result.
     """
 
     def __init__(self, base: Checkpoint, adapters: Sequence[tuple[Adapter, float]], *,
                  dtype: torch.dtype | None = None, invert: bool = False):
+        params = {"adapters": [[str(a.path), w] for a, w in adapters], "dtype": str(dtype or "")}
+        super().__init__(base, provenance_step("lora unmerge" if invert else "lora merge", params,
+                                               [base, *(a.ckpt for a, _ in adapters)]))
         self.base, self.adapters, self.dtype, self.invert = base, list(adapters), dtype, invert
-        self.path = base.path
         self._source: dict[str, str] = {n: n for n in base}  # output name -> base tensor it starts from
         self._terms: dict[str, list[_Term]] = {}
         targets = {n for a, _ in self.adapters for n in (*a.modules, *a.replacements,
                                                           *(f"{m.module}.bias" for m in a.modules.values() if m.bias))}
         self.untied: list[str] = []
-        self.tied_weights = {}
+        self._tied: dict[str, str] = {}
         for head, embed in base.tied_weights.items():
             if head in targets or embed in targets:  # the fold makes them differ: write both
                 self._source[head] = embed
                 self.untied.append(head)
             else:
-                self.tied_weights[head] = embed
+                self._tied[head] = embed
         self._order = list(self._source)
         for adapter, weight in self.adapters:
             self._plan(adapter, weight)
         self.config = _untied_config(base.config) if self.untied and base.config is not None else base.config
-        self.carry_files = base.carry_files
-        self.root = base.root
 
     # -- planning (shapes only, no data) --------------------------------------------------------------------------
 
@@ -234,12 +236,15 @@ class FoldedCheckpoint(Mapping[str, Tensor]):
         dtype = self.dtype if self.dtype is not None and base.dtype.is_floating_point else base.dtype
         return TensorInfo(name, base.shape, dtype, base.file)
 
-    def infos(self) -> list[TensorInfo]:
-        return [self.info(n) for n in self._order]
+    def location(self, name: str) -> tuple[Path, int, int] | None:
+        """An untouched tensor's bytes on disk (copied file to file by the writer); None for folded ones."""
+        if name in self._terms or self.info(name).dtype != self._info(name).dtype:
+            return None
+        return self.base.location(self._source[name])
 
     @property
-    def nbytes(self) -> int:
-        return sum(i.nbytes for i in self.infos())
+    def tied_weights(self) -> dict[str, str]:
+        return self._tied
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -313,7 +318,7 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
                                   dtype=folded.dtype, shard_size=shard_size, force=force)
         with writer:
             for name in progress(folded, total=len(folded), desc=operation):
-                writer.write(name, folded[name])
+                writer.write_from(folded, name)
     changed = folded.changed
     counts: dict[str, int] = {}
     for hows in changed.values():
