@@ -49,11 +49,12 @@ def _qconfig(path) -> dict:
 
 # -- NF4 ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,double_quant", [("llama", True), ("qwen2", False)])
-def test_nf4_bytes_match_bitsandbytes_and_transformers_save(tiny_model, tmp_path, kind, double_quant):
+@pytest.mark.parametrize("kind,double_quant,dtype", [("llama", True, "float32"), ("qwen2", False, "float32"),
+                                                     ("llama", False, "bfloat16")])
+def test_nf4_bytes_match_bitsandbytes_and_transformers_save(tiny_model, tmp_path, kind, double_quant, dtype):
     import bitsandbytes.functional as F
 
-    src = tiny_model(kind)
+    src = tiny_model(kind, dtype=dtype)
     ws.quantize(src, tmp_path / "ours", scheme="nf4", double_quant=double_quant)
     ours = _tensors(tmp_path / "ours")
     float_sd = _tensors(src)
@@ -187,10 +188,11 @@ def test_int8_packing_matches_compressed_tensors(tmp_path):
         assert torch.equal(unpack_from_int32(packed, 8, q.shape), q)
 
 
-@pytest.mark.parametrize("options", [{}, {"weight_only": True}, {"group_size": 16}])
-def test_int8_loads_in_transformers_close_to_float(tiny_model, tmp_path, options):
+@pytest.mark.parametrize("options,dtype", [({}, "float32"), ({"weight_only": True}, "float32"),
+                                           ({"group_size": 16}, "float32"), ({}, "bfloat16")])
+def test_int8_loads_in_transformers_close_to_float(tiny_model, tmp_path, options, dtype):
     tf = _tf()
-    src = tiny_model("qwen2")
+    src = tiny_model("qwen2", dtype=dtype)
     ws.quantize(src, tmp_path / "int8", scheme="int8", **options)
     ref = _logits(tf.AutoModelForCausalLM.from_pretrained(src))
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
@@ -200,6 +202,8 @@ def test_int8_loads_in_transformers_close_to_float(tiny_model, tmp_path, options
     deq = _tensors(tmp_path / "deq")
     loaded = model.state_dict()
     assert torch.equal(loaded["model.layers.1.mlp.down_proj.weight"], deq["model.layers.1.mlp.down_proj.weight"])
+    # the scale keeps the weight's dtype, as compressed-tensors initialises it
+    assert _tensors(tmp_path / "int8")["model.layers.0.mlp.up_proj.weight_scale"].dtype == getattr(torch, dtype)
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
