@@ -117,8 +117,8 @@ def main() -> None:
           f"{largest:.0f} MiB; RSS budget 2 × largest + 300 MB = {budget:.0f} MiB. Warm page cache, medians of 3 "
           f"(transformers: 1 run).\n\n"
           + table(["contender", "wall s", "× cp", "peak RSS MiB", "RSS ÷ model size"], rows)
-          + f"\n\nThe CLI row includes interpreter start-up and `import torch` (≈2–3 s here); the in-process row is "
-            f"the copy itself, which is what the ≤1.5× cp target is about.\n")
+          + "\n\nThe CLI row includes interpreter start-up and `import torch` (≈2–3 s here); the in-process row is "
+            "the copy itself, which is what the ≤1.5× cp target is about.\n")
     write_section("io_bench", md)
 
 

@@ -170,6 +170,12 @@ def _check_params(where: str, step: Step) -> None:
         if expected is not None:
             raise ConfigError(f"{where}: {step.label()}: parameter {name!r} must be {expected}, "
                               f"got {type(value).__name__} {value!r}")
+    if step.kind == "lora_merge" and "adapters" in params:
+        try:
+            _adapters(params["adapters"])
+        except (KeyError, TypeError, ValueError, ConfigError):
+            raise ConfigError(f"{where}: {step.label()}: adapters must be a list of paths, 'path@weight' or "
+                              f"{{path, weight}} entries, got {params['adapters']!r}") from None
     missing = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind is p.KEYWORD_ONLY
                and p.name not in params]
     missing += [p.name for p in list(sig.parameters.values())[1:] if p.default is p.empty and p.name not in params
@@ -364,7 +370,7 @@ def _run_step(r: Recipe, step: Step, current: Any, work: Path, output: Path, las
             options = {k: v for k, v in params.items() if k in _MERGE_RUN_OPTIONS}
             sub = fn(config, out, force=force and last, **options)
         else:
-            sub = fn(current, out, force=force and last, **params)
+            sub = fn(**{step.row.source: current}, out=out, force=force and last, **params)
     except WeightsmithError as exc:
         raise type(exc)(f"{step.label()}: {exc}") from None
     report.details[f"step {step.index} {step.kind}"] = sub.summary
