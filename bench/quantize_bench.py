@@ -57,7 +57,8 @@ def llmcompressor_pythonpath() -> str | None:
         except (subprocess.SubprocessError, OSError):
             return None
     path = f"{site}:{deps}"
-    ok = subprocess.run([PY, "-c", "import llmcompressor"], env={**ENV, "PYTHONPATH": path}, capture_output=True)
+    ok = subprocess.run([PY, "-c", "import llmcompressor"], env={**ENV, "PYTHONPATH": path}, capture_output=True,
+                        check=False)
     return path if ok.returncode == 0 else None
 
 
@@ -97,7 +98,7 @@ def speed_table() -> str:
         runs.append(("int8 W8A8", "llm-compressor oneshot W8A8 (data-free) + save_pretrained",
                      measure(python_cmd(code), env=env), out))
         version = subprocess.run([PY, "-c", "import llmcompressor; print(llmcompressor.__version__)"], env=env,
-                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         notes.append(f"llm-compressor {version} installed with `pip --target` beside the project env (--no-deps: it "
                      "pins transformers ≤5.17 and compressed-tensors 0.19; it ran here with 5.23 / 0.20).")
     else:

@@ -214,8 +214,8 @@ def test_int8_minilm_embeddings_and_size(minilm_path, tmp_path):
     assert stored["encoder.layer.0.intermediate.dense.weight"].dtype == torch.int8
     assert stored["embeddings.word_embeddings.weight"].dtype == torch.float32
     assert stored["encoder.layer.0.output.LayerNorm.weight"].dtype == torch.float32
-    linear = [n for n in _tensors(minilm_path) if n.endswith("dense.weight") or n.endswith(("query.weight",
-                                                                                         "key.weight", "value.weight"))]
+    linear = [n for n in _tensors(minilm_path)
+              if n.endswith(("dense.weight", "query.weight", "key.weight", "value.weight"))]
     fp32 = sum(_tensors(minilm_path)[n].numel() * 4 for n in linear)
     int8 = sum(stored[n].numel() + stored[n.removesuffix("weight") + "weight_scale"].numel() * 4 for n in linear)
     assert int8 / fp32 <= 0.27

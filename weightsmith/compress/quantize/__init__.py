@@ -29,7 +29,7 @@ from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size
 
-__all__ = ["quantize", "dequantize", "Int8", "NF4", "SCHEMES", "REGISTRY", "DEFAULT_IGNORE", "make_scheme",
+__all__ = ["DEFAULT_IGNORE", "NF4", "REGISTRY", "SCHEMES", "Int8", "dequantize", "make_scheme", "quantize",
            "relative_error"]
 
 REGISTRY: dict[type, ModuleType] = {Int8: int8, NF4: nf4}
