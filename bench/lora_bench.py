@@ -8,6 +8,8 @@ linear. PEFT: from_pretrained → PeftModel.from_pretrained → merge_and_unload
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -71,6 +73,15 @@ print(worst)
 """
 
 
+def run(cmd: list[str]):
+    """measure() plus the command's CPU time (user + sys, from this process's reaped-children rusage): on a shared
+    2-core machine wall time also counts waiting for the CPU, CPU time does not."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = measure(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def main() -> None:
     WORK.mkdir(exist_ok=True)
     rows, ours_rss = [], []
@@ -85,24 +96,29 @@ def main() -> None:
         out_ws, out_peft = WORK / "lora_out_ws", WORK / "lora_out_peft"
         for out in (out_ws, out_peft):
             shutil.rmtree(out, ignore_errors=True)
-        ws_run = measure([PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)])
-        peft_run = measure([PY, "-c", PEFT, str(base), str(adapter), str(out_peft)])
+        ws_run, ws_cpu = run([PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)])
+        peft_run, peft_cpu = run([PY, "-c", PEFT, str(base), str(adapter), str(out_peft)])
         ulps = subprocess.run([PY, "-c", CHECK, str(out_ws), str(out_peft)], capture_output=True, text=True,
                               check=True).stdout.strip()
         for out in (out_ws, out_peft):
             shutil.rmtree(out, ignore_errors=True)
         ours_rss.append(ws_run.peak_rss_mb)
         rows.append([f"{size_gb:.2f} GB ({layers} layers)", round(ws_run.seconds, 1), round(peft_run.seconds, 1),
-                     f"{peft_run.seconds / ws_run.seconds:.1f}×", round(ws_run.peak_rss_mb), round(peft_run.peak_rss_mb),
+                     f"{peft_run.seconds / ws_run.seconds:.1f}×", round(ws_cpu, 1), round(peft_cpu, 1),
+                     f"{peft_cpu / ws_cpu:.1f}×", round(ws_run.peak_rss_mb), round(peft_run.peak_rss_mb),
                      f"{ws_run.peak_rss_mb / peft_run.peak_rss_mb:.2f}×", ulps])
+    load = os.getloadavg()[1]
     md = ("## LoRA fold (`bench/lora_bench.py`)\n\n"
           "bf16 Llama-shaped bases (hidden 2048, GQA 16/4 heads, vocab 32000) built at run time, rank-16 fp32 "
           "adapter on all 7 linears of every layer. weightsmith = `weightsmith lora merge` CLI; PEFT = "
           "`from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`. One run each, "
           "fresh process, start-up included, 2 shared CPU cores.\n\n"
-          + table(["base", "weightsmith s", "PEFT s", "speed-up", "weightsmith RSS MB", "PEFT RSS MB",
+          + table(["base", "weightsmith wall s", "PEFT wall s", "wall speed-up", "weightsmith CPU s", "PEFT CPU s",
+                   "CPU ratio", "weightsmith RSS MB", "PEFT RSS MB",
                    "RSS ratio", "max ulp vs PEFT"], rows)
-          + f"\n\nweightsmith peak RSS {ours_rss[0]:.0f} → {ours_rss[1]:.0f} MB when the model doubles "
+          + f"\n\nLoad average during the run: {load:.1f} on 2 cores (other jobs share the machine), so wall times "
+            f"include waiting for a CPU; CPU time (user + sys) is the work each tool did."
+            f" weightsmith peak RSS {ours_rss[0]:.0f} → {ours_rss[1]:.0f} MB when the model doubles "
             f"({ours_rss[1] / ours_rss[0]:.2f}×): it holds a few tensors, never the model.")
     write_section("lora", md)
 

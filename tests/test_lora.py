@@ -270,3 +270,16 @@ def test_adapter_tensors_read_lazily(tiny_model, tmp_path):
     b = sd[f"base_model.model.{name[:-7]}.lora_B.weight"]
     want = ws.open(tiny_model("llama"))[name] + (8 / 2) * b @ a  # PEFT's default lora_alpha is 8
     assert float((folded[name] - want).abs().max()) <= 1e-6
+
+
+def test_unmerge_embedding_adapter_and_sharded_base(tiny_model, tmp_path):
+    sharded = tiny_model("llama", shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    adapter = make_adapter(build_model("llama"), tmp_path / "a", r=4, target_modules=["embed_tokens", "o_proj"])
+    ws.lora.merge(sharded, [adapter], tmp_path / "m_sharded")
+    ws.lora.merge(tiny_model("llama"), [adapter], tmp_path / "m")
+    assert ws.diff(tmp_path / "m", tmp_path / "m_sharded").summary["max_abs"] == 0.0
+    assert ws.diff(tiny_model("llama"), tmp_path / "m").summary["differ"] == 3  # embedding + 2 o_proj
+    # the adapter's saved embedding base_layer copy is not a replacement to undo: only s·B·A is subtracted
+    ws.lora.unmerge(tmp_path / "m_sharded", adapter, tmp_path / "back")
+    assert ws.diff(tiny_model("llama"), tmp_path / "back").summary["max_abs"] <= 1e-6
