@@ -124,6 +124,41 @@ def test_causal_lm_logits_parity_with_dynamic_sequence(kind, optimize, tiny_mode
     assert (out.parent / "config.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def tiny_masked_lm(tmp_path_factory):
+    """A tiny random BertForMaskedLM (conftest has no masked-LM kind), saved the transformers way."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=96, max_position_embeddings=64)
+    out = tmp_path_factory.mktemp("bert-mlm")
+    tf.BertForMaskedLM(config).eval().save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("task", ["text-classification", "masked-lm"])
+def test_encoder_heads_parity(task, tiny_model, tiny_masked_lm, tmp_path):
+    import transformers as tf
+
+    src = tiny_model("bert_cls") if task == "text-classification" else tiny_masked_lm
+    auto = tf.AutoModelForSequenceClassification if task == "text-classification" else tf.AutoModelForMaskedLM
+    out = tmp_path / "model.onnx"
+    ws.export.onnx(src, out, task=task)
+    session, model = _session(out), auto.from_pretrained(src).eval()
+    names = [i.name for i in session.get_inputs()]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]  # no tokenizer: BERT's signature
+    for batch, seq in [(1, 7), (5, 33)]:
+        feeds = _padded_batch(model.config.vocab_size, batch, seq, names, seed=3)
+        got = torch.from_numpy(session.run(None, {n: t.numpy() for n, t in feeds.items()})[0])
+        with torch.no_grad():
+            expected = model(**feeds).logits
+        if task == "masked-lm":
+            keep = feeds["attention_mask"].bool()
+            got, expected = got[keep], expected[keep]
+        assert got.shape == expected.shape and (got - expected).abs().max().item() <= 1e-4, (batch, seq)
+
+
 def test_external_data_layout(tiny_model, tmp_path, monkeypatch):
     """Above the threshold (2 GB in use, lowered here) the weights go to one model.onnx.data beside the graph."""
     import onnx

@@ -323,7 +323,12 @@ def _quantize_int8(src: Path, path: Path, big: bool) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path.parent.mkdir(parents=True)
-    quantize_dynamic(src, path, per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=big)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its advice to pre-process is for static (calibrated) quantization
+    try:
+        quantize_dynamic(src, path, per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=big)
+    finally:
+        logging.disable(previous)
     return path
 
 
