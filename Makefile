@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m weightsmith.demo
+	$(PY) examples/demo.py
 
 test: setup
 	$(PY) -m pytest tests

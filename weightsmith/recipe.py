@@ -373,7 +373,7 @@ def _run_step(r: Recipe, step: Step, current: Any, work: Path, output: Path, las
             sub = fn(**{step.row.source: current}, out=out, force=force and last, **params)
     except WeightsmithError as exc:
         raise type(exc)(f"{step.label()}: {exc}") from None
-    report.details[f"step {step.index} {step.kind}"] = sub.summary
+    report.details[f"step {step.index} {step.kind}"] = {**sub.summary, **sub.details}
     report.notes += [f"step {step.index}: {n}" for n in sub.notes]
     return out.parent if step.kind == "export" else out
 
