@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PY, WORK, measure, table, write_section  # noqa: E402
+from _common import PY, WORK, measure, table, write_section
 
 H, I, HEADS, KV, V, R = 2048, 5632, 16, 4, 32000, 16
 

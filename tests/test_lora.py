@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
+from _lora_utils import ids, load, make_adapter, max_abs, model_logits, peft_logits, peft_merged
+from conftest import build_model, embed
 from safetensors.torch import load_file, save_file
 
 import weightsmith as ws
-from _lora_utils import ids, load, make_adapter, max_abs, model_logits, peft_logits, peft_merged
-from conftest import build_model, embed
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -22,19 +22,19 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 CASES = {
     # GQA llama, every linear and the embedding, PEFT regex rank/alpha patterns
-    "llama_patterns": ("llama", dict(r=4, lora_alpha=8, target_modules=[*ALL_LINEAR, "embed_tokens"],
-                                     rank_pattern={"q_proj": 2, r"layers\.1\..*v_proj": 6},
-                                     alpha_pattern={"down_proj": 3, "layers.0.self_attn.o_proj": 32})),
-    "llama_rslora": ("llama", dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True)),
-    "llama_dora": ("llama", dict(r=4, lora_alpha=8, target_modules=[*ALL_LINEAR, "embed_tokens"], use_dora=True)),
-    "gpt2_conv1d_lora_bias": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
-                                           lora_bias=True)),
-    "gpt2_dora_embedding": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "wte"],
-                                         use_dora=True)),
-    "bert_cls_bias_all": ("bert_cls", dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
-                                           bias="all", modules_to_save=["classifier"])),
-    "qwen2": ("qwen2", dict(r=4, lora_alpha=16, target_modules="all-linear", modules_to_save=["lm_head"])),
-    "llama_tied_embedding": ("llama_tied", dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])),
+    "llama_patterns": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": [*ALL_LINEAR, "embed_tokens"],
+                                     "rank_pattern": {"q_proj": 2, r"layers\.1\..*v_proj": 6},
+                                     "alpha_pattern": {"down_proj": 3, "layers.0.self_attn.o_proj": 32}}),
+    "llama_rslora": ("llama", {"r": 8, "lora_alpha": 4, "target_modules": "all-linear", "use_rslora": True}),
+    "llama_dora": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": [*ALL_LINEAR, "embed_tokens"], "use_dora": True}),
+    "gpt2_conv1d_lora_bias": ("gpt2", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"],
+                                           "lora_bias": True}),
+    "gpt2_dora_embedding": ("gpt2", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "wte"],
+                                         "use_dora": True}),
+    "bert_cls_bias_all": ("bert_cls", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value", "dense"],
+                                           "bias": "all", "modules_to_save": ["classifier"]}),
+    "qwen2": ("qwen2", {"r": 4, "lora_alpha": 16, "target_modules": "all-linear", "modules_to_save": ["lm_head"]}),
+    "llama_tied_embedding": ("llama_tied", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens"]}),
 }
 
 
@@ -131,7 +131,7 @@ def test_conv2d_and_conv_dora_match_peft(tmp_path):
 
 def test_bin_adapter_folds_like_safetensors(tiny_model, tmp_path):
     base = tiny_model("qwen2")
-    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=3)
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "seed": 3}
     st = make_adapter(build_model("qwen2"), tmp_path / "st", **kw)
     binary = make_adapter(build_model("qwen2"), tmp_path / "bin", safe_serialization=False, **kw)
     assert (binary / "adapter_model.bin").is_file() and not (binary / "adapter_model.safetensors").exists()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _lora_utils import make_adapter
+from conftest import build_model
 from safetensors.torch import load_file, save_file
 
 import weightsmith as ws
-from _lora_utils import make_adapter
-from conftest import build_model
 from weightsmith.cli import main
 from weightsmith.cli.lora import parse_adapter
 

@@ -18,6 +18,7 @@ Only torch and safetensors are imported; never transformers or peft.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -276,7 +277,7 @@ def _adapter_specs(adapters: Sequence[AdapterSpec] | AdapterSpec) -> list[tuple[
             weight = float(weight)
         except (TypeError, ValueError):
             raise ConfigError(f"adapter {src}: weight {weight!r} is not a number") from None
-        if weight != weight or weight in (float("inf"), float("-inf")):
+        if not math.isfinite(weight):
             raise ConfigError(f"adapter {src}: weight {weight} is not finite")
         specs.append((src, weight))
     if not specs:
@@ -377,4 +378,4 @@ def extract(base: Checkpoint | str | os.PathLike, tuned: Checkpoint | str | os.P
     return _extract(base, tuned, out, rank=rank, energy=energy, force=force)
 
 
-__all__ = ["FoldedCheckpoint", "open_folded", "merge", "unmerge", "extract"]
+__all__ = ["FoldedCheckpoint", "extract", "merge", "open_folded", "unmerge"]
