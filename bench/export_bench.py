@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import PY, WORK, measure, table, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import SENTENCES, embed  # noqa: E402
+from conftest import SENTENCES, embed
 
 REPEATS = 15
 SHAPE = (8, 128)
@@ -60,7 +59,7 @@ def main() -> None:
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            ms[label] = _median_ms(lambda: session.run(None, np_feeds))
+            ms[label] = _median_ms(lambda s=session: s.run(None, np_feeds))
         rows.append([threads, f"{eager:.1f}", f"{ms['fp32']:.1f}", f"{ms['int8']:.1f}",
                      f"{ms['int8'] / ms['fp32']:.2f}", f"{ms['int8'] / eager:.2f}"])
 
@@ -77,16 +76,16 @@ def main() -> None:
 
     size = {k: v.stat().st_size / 1e6 for k, v in files.items()}
     md = ["## export (MiniLM-L6 → ONNX)", "",
-          f"Latency at {SHAPE[0]}×{SHAPE[1]}, median of {REPEATS} runs after a warm-up, fixed threads "
-          "(torch.set_num_threads / ORT intra_op_num_threads), on this shared 2-core machine.", "",
+          (f"Latency at {SHAPE[0]}×{SHAPE[1]}, median of {REPEATS} runs after a warm-up, fixed threads "
+           "(torch.set_num_threads / ORT intra_op_num_threads), on this shared 2-core machine."), "",
           table(["threads", "torch eager ms", "ORT fp32 ms", "ORT int8 ms", "int8/fp32", "int8/eager"], rows), "",
           table(["graph", "size MB", "size ratio", "export s (CLI)", "export peak RSS MB",
                  "cosine to torch (mean)", "cosine (min)"],
                 [[k, f"{size[k]:.1f}", f"{size[k] / size['fp32']:.3f}", f"{runs[k].seconds:.1f}",
                   f"{runs[k].peak_rss_mb:.0f}", f"{cosines[k].mean().item():.5f}", f"{cosines[k].min().item():.5f}"]
                  for k in files]), "",
-          f"Cosine: mean-pooled sentence embeddings of {len(SENTENCES)} sentences vs transformers' float model. "
-          "The export times include validation at 4 shapes and the report's latency measurement."]
+          (f"Cosine: mean-pooled sentence embeddings of {len(SENTENCES)} sentences vs transformers' float model. "
+           "The export times include validation at 4 shapes and the report's latency measurement.")]
     write_section("export", "\n".join(md))
 
 

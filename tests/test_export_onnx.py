@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SENTENCES, embed
 
 import weightsmith as ws
 from weightsmith.cli import main
 from weightsmith.errors import ConfigError
-
-from conftest import SENTENCES, embed
 
 ort = pytest.importorskip("onnxruntime")  # a declared dependency: present whenever the suite runs
 

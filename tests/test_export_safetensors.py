@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import build_model
 from torch.nn.utils import prune
 
 import weightsmith as ws
 from weightsmith.cli import main
-
-from conftest import build_model
 
 PRUNED = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
 

@@ -7,7 +7,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.checkpoint import (
+    DEFAULT_SHARD_SIZE,
+    Checkpoint,
+    CheckpointWriter,
+    provenance_step,
+)
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype

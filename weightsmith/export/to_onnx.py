@@ -28,7 +28,13 @@ import torch
 
 from weightsmith.checkpoint import Checkpoint, check_destination
 from weightsmith.conversion import as_checkpoint
-from weightsmith.errors import ConfigError, DestinationError, IncompatibleError, NumericalError, WeightsmithError
+from weightsmith.errors import (
+    ConfigError,
+    DestinationError,
+    IncompatibleError,
+    NumericalError,
+    WeightsmithError,
+)
 from weightsmith.report import Report
 from weightsmith.units import format_size
 
@@ -295,7 +301,7 @@ def _export(wrapper: _Wrapper, config, input_names: Sequence[str], output_name: 
             torch.onnx.export(wrapper, tuple(example.values()), str(path), input_names=list(input_names),
                               output_names=[output_name], opset_version=opset, dynamo=True, external_data=big,
                               dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in input_names),))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; each is one unexportable model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsmithError(f"torch.onnx.export failed for {type(wrapper.model).__name__}: {first}") from None
     finally:
@@ -469,7 +475,7 @@ def _latency(wrapper: _Wrapper, final_path: Path, float_path: Path | None, confi
     graphs = {"ort_float": float_path, "ort_int8": final_path} if float_path else {"ort_float": final_path}
     for key, path in graphs.items():
         session = _session(path, LATENCY_THREADS)
-        result[key] = _median_ms(lambda: _ort_run(session, feeds))
+        result[key] = _median_ms(lambda s=session: _ort_run(s, feeds))
     result["ort_speedup_vs_torch"] = round(result["torch_eager"] / result[list(graphs)[-1]], 3)
     return result
 
