@@ -1,38 +1,34 @@
-"""``quantize``: int8 (compressed-tensors) or NF4 (bitsandbytes) in one streamed pass; ``dequantize``: back to float.
+"""``quantize``: int8 (compressed-tensors) or NF4 (bitsandbytes) in one streamed pass; ``dequantize``: back to float;
+``open_quantized``: the quantized checkpoint as a lazy view (what ``quantize`` writes), to stream into another step.
 
     ws.quantize("llama", "llama-int8", scheme="int8")
     ws.quantize("llama", "llama-nf4", scheme=NF4(double_quant=True))
     ws.dequantize("llama-nf4", "llama-float")
 
 The scheme is a value: ``REGISTRY`` maps its config type to the codec module that quantizes a module's weight,
-checks shapes and writes the format's ``quantization_config``. The verb itself knows no scheme.
+describes and checks shapes and writes the format's ``quantization_config``. The verb itself knows no scheme.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
-from weightsmith.compress.quantize import int8, nf4
+from weightsmith.compress.quantize import int8
 from weightsmith.compress.quantize.dequantize import dequantize
-from weightsmith.compress.quantize.detect import detect
 from weightsmith.compress.quantize.schemes import NF4, SCHEMES, Int8, Scheme, make_scheme
-from weightsmith.compress.quantize.targets import DEFAULT_IGNORE, plan
-from weightsmith.conversion import as_checkpoint
-from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
+from weightsmith.compress.quantize.targets import DEFAULT_IGNORE
+from weightsmith.compress.quantize.view import REGISTRY, QuantizedView, open_quantized
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size
 
-__all__ = ["DEFAULT_IGNORE", "NF4", "REGISTRY", "SCHEMES", "Int8", "dequantize", "make_scheme", "quantize",
-           "relative_error"]
-
-REGISTRY: dict[type, ModuleType] = {Int8: int8, NF4: nf4}
+__all__ = ["DEFAULT_IGNORE", "NF4", "REGISTRY", "SCHEMES", "Int8", "QuantizedView", "dequantize", "make_scheme",
+           "open_quantized", "quantize", "relative_error"]
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -58,45 +54,22 @@ def quantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, scheme
 
     >>> ws.quantize("llama", "llama-nf4", scheme="nf4", double_quant=True)  # doctest: +SKIP
     """
-    config = make_scheme(scheme, **options)
-    codec = REGISTRY[type(config)]
-    ckpt = as_checkpoint(src)
-    # -- every check before anything is written ----------------------------------------------------------------
-    if ckpt.is_adapter:
-        raise IncompatibleError(f"{ckpt.path}: a PEFT adapter; quantize the merged model instead")
-    layout = detect(ckpt)
-    if layout is not None:
-        raise IncompatibleError(f"{ckpt.path}: already quantized ({layout.method}"
-                                f"{', ' + layout.scheme.label if layout.scheme else ''}); dequantize it first")
-    selection = plan(ckpt, ignore)
-    if not selection.targets:
-        why = "; ".join(selection.notes) or "all ignored or none present"
-        raise ConfigError(f"{ckpt.path}: no 2-D Linear weights to quantize ({why})")
-    problems = [p for name in selection.targets if (p := codec.check(config, name, ckpt.info(name).shape))]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"{problems[0]}{more}")
-
+    view = open_quantized(src, scheme, ignore=ignore, **options)  # every refusal happens here
+    ckpt, config, codec, selection = view.source, view.scheme, view.codec, view.selection
     report = Report("quantize", output=str(out))
-    out_config = dict(ckpt.config) if ckpt.config is not None else None
-    if out_config is not None:
-        out_config["quantization_config"] = codec.quantization_config(config, selection.kept)
-    params = {**config.to_dict(), "ignore": list(DEFAULT_IGNORE if ignore is None else ignore)}
     targets = set(selection.targets)
     rows, linear_in, linear_out = [], 0, 0
     with report.timed("total"):
-        writer = CheckpointWriter(out, steps=[provenance_step("quantize", params, [ckpt])], config=out_config,
+        writer = CheckpointWriter(out, steps=[provenance_step("quantize", view.params, [ckpt])], config=view.config,
                                   carry=ckpt.carry_files, shard_size=shard_size, force=force)
         with writer:
             for name in progress(ckpt, total=len(ckpt), desc=f"quantize {config.name}"):
-                tensor = ckpt[name]
                 if name not in targets:
-                    writer.write(name, tensor)
+                    writer.write_from(view, name)
                     continue
-                if not torch.isfinite(tensor).all():
-                    raise NumericalError(f"{ckpt.path}: tensor {name!r} holds NaN or Inf; refusing to quantize it")
+                tensor = ckpt[name]
                 module = name.removesuffix(".weight")
-                parts = codec.quantize_module(config, tensor)  # suffix → stored tensor
+                parts = view.quantized(name, tensor)  # suffix → stored tensor, in the view's order
                 for suffix, value in parts.items():
                     writer.write(f"{module}.{suffix}", value)
                 stored = sum(v.numel() * v.element_size() for v in parts.values())
@@ -118,7 +91,7 @@ def quantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, scheme
     report.details["ignored_modules"] = selection.kept
     report.tensors = sorted(rows, key=lambda r: -r["rel_error"])  # worst first: the text report shows the top rows
     report.notes += selection.notes
-    if out_config is None:
+    if view.config is None:
         report.notes.append("no config.json in the input: the output has no quantization_config and "
                             "from_pretrained will not load it as a quantized model")
     return report

@@ -85,6 +85,18 @@ def quantize_module(scheme: Int8, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"weight": q, "weight_scale": scale}
 
 
+def describe(scheme: Int8, shape: tuple[int, ...], dtype: torch.dtype
+             ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of each tensor ``quantize_module`` stores for a weight of ``shape`` and ``dtype``, in the
+    same order, without computing anything."""
+    out_features, in_features = shape
+    scale = ((out_features, in_features // (scheme.group_size or in_features)), dtype)
+    if scheme.weight_only:
+        return {"weight_packed": ((out_features, -(-in_features // 4)), torch.int32), "weight_scale": scale,
+                "weight_shape": ((2,), torch.int64)}
+    return {"weight": ((out_features, in_features), torch.int8), "weight_scale": scale}
+
+
 def dequantize_module(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """A module's stored tensors (suffix → tensor) → its float weight, in the scale's dtype."""
     if "weight_packed" in parts:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 
 import torch
@@ -90,8 +91,6 @@ def dequantize_module(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def read_quant_state(raw: torch.Tensor) -> dict:
     """The JSON inside ``<m>.weight.quant_state.bitsandbytes__nf4`` (uint8 bytes)."""
-    import json
-
     return json.loads(bytes(raw.tolist()).decode("utf-8"))
 
 
@@ -105,6 +104,40 @@ def check(scheme: NF4, name: str, shape: tuple[int, ...]) -> str | None:
 
 def quantize_module(scheme: NF4, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return quantize_nf4(w, scheme.group_size, scheme.double_quant)
+
+
+# The 16 NF4 levels and the 256-entry dynamic map of double quantization, both stored as float32.
+_QUANT_MAP_SIZE, _NESTED_MAP_SIZE = 16, 256
+NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax in blocks of 256 with double quant
+
+
+def describe(scheme: NF4, shape: tuple[int, ...], dtype: torch.dtype
+             ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
+    """The (shape, dtype) of each tensor ``quantize_module`` stores for a weight of ``shape`` and ``dtype``, in the
+    same order, without computing anything.
+
+    One exception: with double quant the quant state's JSON holds ``nested_offset`` (the mean block absmax), whose
+    decimal form has a data-dependent length; its shape is given as None.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    blocks = -(-n // scheme.group_size)
+    out: dict[str, tuple[tuple[int, ...] | None, torch.dtype]] = {
+        "weight": ((-(-n // 2), 1), torch.uint8),  # two codes a byte
+        "weight.absmax": ((blocks,), torch.uint8 if scheme.double_quant else torch.float32),
+        "weight.quant_map": ((_QUANT_MAP_SIZE,), torch.float32),
+    }
+    if scheme.double_quant:
+        out["weight.nested_absmax"] = ((-(-blocks // NESTED_BLOCKSIZE),), torch.float32)
+        out["weight.nested_quant_map"] = ((_NESTED_MAP_SIZE,), torch.float32)
+        out[QUANT_STATE] = (None, torch.uint8)
+    else:
+        # bitsandbytes' QuantState.as_dict(packed=True) serialises exactly this with json.dumps
+        state = {"quant_type": "nf4", "blocksize": scheme.group_size, "dtype": str(dtype).removeprefix("torch."),
+                 "shape": list(shape)}
+        out[QUANT_STATE] = ((len(json.dumps(state).encode()),), torch.uint8)
+    return out
 
 
 STORED_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
