@@ -53,14 +53,16 @@ class StepKind:
 STEPS: dict[str, StepKind] = {
     "lora_merge": StepKind("weightsmith.merge.lora:merge", "base", True, view="weightsmith.merge.lora:open_folded"),
     "merge": StepKind("weightsmith.merge:run", None, True),
-    "prune": StepKind("weightsmith.compress.prune:prune", "src", True),
-    "quantize": StepKind("weightsmith.compress.quantize:quantize", "src", True),
+    "prune": StepKind("weightsmith.compress.prune:prune", "src", True, view="weightsmith.compress.prune:open_pruned"),
+    "quantize": StepKind("weightsmith.compress.quantize:quantize", "src", True,
+                         view="weightsmith.compress.quantize:open_quantized"),
     "distill": StepKind("weightsmith.compress.distill:distill", "teacher", False),
     "export": StepKind("weightsmith.export:onnx", "src", False),
     "export_safetensors": StepKind("weightsmith.export:safetensors", "src", True),
     "convert": StepKind("weightsmith.conversion:convert", "src", True),
 }
 _MERGE_RUN_OPTIONS = ("seed", "workers", "shard_size")  # other keys of a merge step form the mergekit config
+_WRITER_ONLY = ("shard_size",)  # meaningless for a step that hands a view on: nothing of it is written
 
 
 @dataclass
@@ -305,11 +307,18 @@ def _output_bytes(step: Step, size: int) -> int:
 
 
 def _hands_view(recipe: Recipe, i: int) -> bool:
-    """Step i gives the next step a lazy view instead of writing: it has one and the next step reads checkpoints."""
+    """Step i gives the next step a lazy view instead of writing: it has a view that takes all of the step's
+    parameters, and the next step streams checkpoints it is handed (a step that builds the model, or a merge,
+    which opens its models by path, gets files)."""
     if i + 1 >= len(recipe.steps):
         return False
     step, following = recipe.steps[i], recipe.steps[i + 1]
-    return step.row.view is not None and following.row.source is not None
+    if step.row.view is None or step.materializes() or following.row.source is None or following.materializes():
+        return False
+    module, name = step.row.view.split(":")
+    accepted = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    return takes_any or all(k in accepted for k in step.params if k not in _WRITER_ONLY)
 
 
 # -- running ----------------------------------------------------------------------------------------------------
@@ -354,7 +363,8 @@ def _run_step(r: Recipe, step: Step, current: Any, work: Path, output: Path, las
     try:
         if _hands_view(r, step.index):
             module, name = step.row.view.split(":")
-            view = getattr(importlib.import_module(module), name)(current, **params)
+            view_params = {k: v for k, v in params.items() if k not in _WRITER_ONLY}
+            view = getattr(importlib.import_module(module), name)(current, **view_params)
             report.details[f"step {step.index} {step.kind}"] = {"streamed": "lazy view, nothing written"}
             return view
         if (step.materializes() or step.kind == "merge") and not isinstance(current, (str, Path, type(None))):
