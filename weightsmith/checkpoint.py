@@ -479,6 +479,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:  # one write may stop short (Linux caps it near 2 GiB)
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 class _Shard:
     """A shard being written: tensor data streams in after a reserved header block, the header comes at commit."""
 
@@ -487,21 +493,28 @@ class _Shard:
     RESERVED = 64 * 2**10
     IN_PLACE_MIN_BYTES = 64 * 2**20
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, io: ThreadPoolExecutor):
+        self.path, self.io = path, io
         self.file = path.open("wb", buffering=0)
-        self.file.seek(8 + self.RESERVED)
         self.entries: dict[str, dict] = {}
         self.size = 0
+        self._pending: Future | None = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a tensor's bytes for the I/O thread, which writes while the caller computes the next tensor.
+        At most one write is in flight, so memory holds at most one tensor beyond the caller's."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
-        while view:  # an unbuffered write may stop short (Linux caps one write near 2 GiB)
-            view = view[self.file.write(view):]
+        offset = 8 + self.RESERVED + self.size
         self.entries[name] = {"dtype": _ST_CODES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.size, self.size + data.nbytes]}
         self.size += data.nbytes
+        self.wait()
+        self._pending = self.io.submit(_pwrite_all, self.file.fileno(), memoryview(data), offset)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write (disk full…) here, in the caller's thread
 
     def copy(self, name: str, info: TensorInfo, location: tuple[Path, int, int]) -> None:
         """Append a tensor's bytes straight from another file (in the kernel where the OS can)."""
@@ -510,7 +523,8 @@ class _Shard:
             done = 0
             try:
                 while done < count:
-                    n = os.copy_file_range(src.fileno(), self.file.fileno(), count - done, offset + done)
+                    n = os.copy_file_range(src.fileno(), self.file.fileno(), count - done, offset + done,
+                                           8 + self.RESERVED + self.size + done)
                     if n == 0:
                         raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}")
                     done += n
@@ -520,14 +534,14 @@ class _Shard:
                     chunk = memoryview(src.read(min(count - done, 64 * 2**20)))
                     if not chunk:
                         raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}") from None
+                    _pwrite_all(self.file.fileno(), chunk, 8 + self.RESERVED + self.size + done)
                     done += len(chunk)
-                    while chunk:
-                        chunk = chunk[self.file.write(chunk):]
         self.entries[name] = {"dtype": _ST_CODES[info.dtype], "shape": list(info.shape),
                               "data_offsets": [self.size, self.size + count]}
         self.size += count
 
     def finish(self, metadata: dict[str, str], final_path: Path) -> None:
+        self.wait()
         self.file.close()
         header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
         if len(header) <= self.RESERVED and self.size >= self.IN_PLACE_MIN_BYTES:
@@ -576,6 +590,7 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self.total_size = 0
         self._pool = ThreadPoolExecutor(max_workers=1)  # hashes the inputs beside the work
+        self._io = ThreadPoolExecutor(max_workers=1)  # writes tensor data beside the work
         self.steps = [self._resolve_step(s) for s in _with_history(steps)]
 
     def _resolve_step(self, step: dict) -> dict:
@@ -616,7 +631,9 @@ class CheckpointWriter:
         if name in self._names:
             raise WeightsmithError(f"{self.out}: tensor {name!r} written twice")
         if not self._shards or (self._shards[-1].size and self._shards[-1].size + nbytes > self.shard_size):
-            self._shards.append(_Shard(self.tmp / f".shard-{len(self._shards)}.partial"))
+            if self._shards:
+                self._shards[-1].wait()
+            self._shards.append(_Shard(self.tmp / f".shard-{len(self._shards)}.partial", self._io))
         self._names.add(name)
         self.total_size += nbytes
         return self._shards[-1]
@@ -640,6 +657,9 @@ class CheckpointWriter:
                 if isinstance(item.get("sha256"), Future):
                     item["sha256"] = item["sha256"].result()
         self._pool.shutdown()
+        for shard in self._shards:
+            shard.wait()
+        self._io.shutdown()
         metadata = {"format": "pt", "weightsmith": json.dumps(
             {"version": _version(), "steps": self.steps}, default=_json_default, separators=(",", ":"))}
         n = len(self._shards)
@@ -670,6 +690,7 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Remove everything written so far; the destination is untouched."""
+        self._io.shutdown(wait=True)  # let an in-flight write finish before its file goes
         for shard in self._shards:
             shard.file.close()
         self._pool.shutdown(cancel_futures=True)
