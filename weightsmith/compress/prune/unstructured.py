@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, _set_config_dtype, provenance_step
+from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step, set_config_dtype
 from weightsmith.compress.prune import masks
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError
@@ -182,7 +182,7 @@ class PrunedView(CheckpointView):
         self._ties_used: dict[str, int] = {}  # target → how many of those ties it dropped
         if dtype is not None and source.config is not None:
             self.config = dict(source.config)
-            _set_config_dtype(self.config, dtype)
+            set_config_dtype(self.config, dtype)
 
     @property
     def targets(self) -> list[str]:

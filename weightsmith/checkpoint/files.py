@@ -1,0 +1,206 @@
+"""Weight files: safetensors headers parsed and checked up front, tensors read by positioned reads; weights-only
+``.bin`` loading; file digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightsmith.errors import CheckpointError
+
+DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the Hub's and transformers' default
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".gguf", ".h5",
+                    ".msgpack", ".index.json")
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+# safetensors dtype codes ↔ torch dtypes
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+ST_CODES = {dtype: code for code, dtype in ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known of a tensor without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str  # the weight file holding it, relative to the checkpoint
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight files
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: header parsed and checked up front, tensors read on demand."""
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label = path, label
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} bytes (truncated?)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+            if not isinstance(header, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: malformed safetensors header ({exc})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
+        data_size = size - self.data_start
+        for name, spec in header.items():
+            try:
+                dtype = ST_DTYPES[spec["dtype"]]
+                shape = tuple(int(d) for d in spec["shape"])
+                begin, end = (int(x) for x in spec["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed or unsupported entry {spec}") from None
+            info = TensorInfo(name, shape, dtype, label)
+            if end - begin != info.nbytes or begin < 0:
+                raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {info.nbytes}")
+            if end > data_size:
+                raise CheckpointError(
+                    f"{path}: truncated: tensor {name!r} ends at byte {self.data_start + end}, the file has {size}")
+            self.entries[name] = (info, begin, end)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries, key=lambda k: self.entries[k][1])  # storage order: sequential reads
+
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute byte offset, byte count) of a tensor's data, for in-kernel copies."""
+        _, begin, end = self.entries[name]
+        return self.path, self.data_start + begin, end - begin
+
+    def read(self, name: str) -> torch.Tensor:
+        info, begin, end = self.entries[name]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):  # positioned reads: safe from several threads, no shared file offset
+                got = os.preadv(fd, [view[done:]], self.data_start + begin + done)
+                if got == 0:
+                    raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+                done += got
+        finally:
+            os.close(fd)
+        return buf.view(info.dtype).reshape(info.shape)
+
+
+class TorchFile:
+    """One ``pytorch_model*.bin`` file, loaded with ``weights_only=True`` (never arbitrary unpickling)."""
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label, self.metadata = path, label, {}
+        try:
+            with warnings.catch_warnings():  # torch warns about pickle protocols; the refusal below says it all
+                warnings.simplefilter("ignore")
+                state = self._load(path)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{path}: refused: it holds objects other than tensors ({_unpickler_reason(exc)}); weightsmith "
+                f"loads .bin files with weights_only=True only and never unpickles arbitrary objects") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict of tensors")
+        odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if odd:
+            raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, odd[:5]))}"
+                                  f"{' …' if len(odd) > 5 else ''} (a training checkpoint? save the state_dict)")
+        self.tensors: dict[str, torch.Tensor] = dict(state)
+        self.entries = {k: (TensorInfo(k, tuple(v.shape), v.dtype, label), 0, 0) for k, v in self.tensors.items()}
+
+    @staticmethod
+    def _load(path: Path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name].clone()  # a private copy: callers may not write into a shared mmap
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The useful part of torch's weights_only refusal, e.g. "Unsupported global: GLOBAL print"."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n|$)", str(exc))
+    return match.group(1).strip() if match else "not a weights-only pickle"
+
+
+def open_weight_file(path: Path, label: str) -> SafetensorsFile | TorchFile:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path, label)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return TorchFile(path, label)
+    raise CheckpointError(f"{path}: unsupported weight file (expected .safetensors or .bin)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) for this process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        buf = bytearray(16 * 2**20)
+        view = memoryview(buf)
+        with path.open("rb") as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])  # hashlib releases the GIL on large buffers: digests run beside the work
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing

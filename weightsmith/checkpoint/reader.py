@@ -1,0 +1,268 @@
+"""``Checkpoint``: a lazy, read-only tensor dict over a model directory, a weight file or a PEFT adapter; and
+``CheckpointView``, a lazy transform of one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightsmith.checkpoint.files import (ADAPTER_CONFIG, SAFETENSORS_INDEX, TORCH_INDEX, WEIGHT_SUFFIXES,
+                                          SafetensorsFile, TensorInfo, file_sha256, open_weight_file)
+from weightsmith.errors import CheckpointError
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str]]]:
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: no weight_map")
+    by_file: dict[str, set[str]] = {}
+    for name, rel in weight_map.items():
+        by_file.setdefault(rel, set()).add(name)
+    shards = []
+    for rel, names in by_file.items():
+        target = (root / rel).resolve()
+        if Path(rel).is_absolute() or not target.is_relative_to(root.resolve()):
+            raise CheckpointError(f"{index_path}: shard {rel!r} lies outside the checkpoint directory")
+        if not target.is_file():
+            raise CheckpointError(f"{index_path}: names shard {rel!r}, which is missing")
+        shards.append((root / rel, names))
+    return shards
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A read-only, lazy tensor dict over a model directory, a weight file or a PEFT adapter directory.
+
+    ``ckpt[name]`` reads that tensor (a fresh, writable tensor each time); ``ckpt.info(name)`` gives its shape and
+    dtype without reading. Iteration follows storage order so that a full pass reads each file sequentially.
+
+    >>> ckpt = weightsmith.open("path/to/model")            # doctest: +SKIP
+    >>> ckpt.info("model.embed_tokens.weight").shape         # doctest: +SKIP
+    (32000, 4096)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        self.root = self.path if self.path.is_dir() else self.path.parent
+        self.config: dict | None = None
+        self.adapter_config: dict | None = None
+        self.index_file: Path | None = None
+        files = self._locate_files()
+        self._files = [open_weight_file(p, str(p.relative_to(self.root))) for p in files]
+        self._where: dict[str, Any] = {}
+        for wf in self._files:
+            for name in wf.names():
+                if name in self._where:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} appears in both {self._where[name].label} and {wf.label}")
+                self._where[name] = wf
+        if self.index_file is not None:
+            self._check_index_agrees()
+        self._order = list(self._where)
+        self.history: list[dict] = _recorded_steps(self.metadata)  # the steps that made these tensors
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+
+    def _locate_files(self) -> list[Path]:
+        p = self.path
+        if p.is_file():
+            return [p]
+        if (p / ADAPTER_CONFIG).is_file():
+            self.adapter_config = _read_json(p / ADAPTER_CONFIG)
+            for name in ("adapter_model.safetensors", "adapter_model.bin"):
+                if (p / name).is_file():
+                    return [p / name]
+            raise CheckpointError(f"{p}: adapter directory without adapter_model.safetensors or adapter_model.bin")
+        if (p / "config.json").is_file():
+            self.config = _read_json(p / "config.json")
+        for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+            if (p / index_name).is_file():
+                self.index_file = p / index_name
+                self._index_shards = _shards_from_index(p, self.index_file)
+                return [shard for shard, _ in self._index_shards]
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (p / name).is_file():
+                return [p / name]
+        found = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        if found:
+            return found
+        if not any(p.iterdir()):
+            raise CheckpointError(f"{p}: empty directory")
+        raise CheckpointError(f"{p}: no weights found (expected model.safetensors, a sharded index, "
+                              f"pytorch_model.bin or adapter_model.safetensors)")
+
+    def _check_index_agrees(self) -> None:
+        for shard, names in self._index_shards:
+            label = str(shard.relative_to(self.root))
+            stored = {n for n, wf in self._where.items() if wf.label == label}
+            if names - stored:
+                missing = sorted(names - stored)
+                raise CheckpointError(f"{self.index_file}: {len(missing)} tensor(s) listed for {label} are not in it, "
+                                      f"e.g. {missing[0]!r}")
+            if stored - names:
+                extra = sorted(stored - names)
+                raise CheckpointError(f"{shard}: holds {len(extra)} tensor(s) the index does not list, e.g. {extra[0]!r}")
+
+    # -- Mapping --------------------------------------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+    # -- facts without reading data -------------------------------------------------------------------------------
+
+    def info(self, name: str) -> TensorInfo:
+        return self._where[name].entries[name][0]
+
+    def location(self, name: str) -> tuple[Path, int, int] | None:
+        """Where a tensor's bytes lie on disk (file, offset, count), or None when they are not stored raw (.bin)."""
+        wf = self._where[name]
+        return wf.location(name) if isinstance(wf, SafetensorsFile) else None
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(n) for n in self._order]
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter_config is not None
+
+    @property
+    def format(self) -> str:
+        return "safetensors" if isinstance(self._files[0], SafetensorsFile) else "pytorch"
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return [wf.path for wf in self._files]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` of the first weight file (provenance lives here)."""
+        return dict(self._files[0].metadata)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos())
+
+    @property
+    def carry_files(self) -> list[Path]:
+        """Non-weight files to copy into an output (tokenizer, generation config, sub-folders such as 1_Pooling).
+
+        config.json and adapter_config.json are excluded: the writer writes the (possibly rewritten) config itself.
+        """
+        if not self.path.is_dir():
+            return []
+        out = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.name.startswith(".") or entry.name in ("config.json", ADAPTER_CONFIG):
+                continue
+            if entry.is_file() and not entry.name.endswith(WEIGHT_SUFFIXES):
+                out.append(entry)
+            elif entry.is_dir() and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in entry.rglob("*")):
+                out.append(entry)
+        return out
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """Output-embedding names that are not stored because they share the input embedding: {missing: stored}."""
+        if self.config is None or not self.config.get("tie_word_embeddings", True):
+            return {}
+        archs = " ".join(self.config.get("architectures") or [])
+        heads = {"CausalLM": "lm_head.weight", "LMHead": "lm_head.weight", "MaskedLM": "cls.predictions.decoder.weight"}
+        head = next((h for key, h in heads.items() if key in archs), None)
+        if head is None or head in self:
+            return {}
+        embed = next((n for n in self._order if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n)),
+                     None)
+        return {head: embed} if embed else {}
+
+    def digest(self) -> str:
+        """sha256 of the weights: of the file itself for a single file, else of the per-file digests."""
+        digests = [(str(p.relative_to(self.root)), file_sha256(p)) for p in self.weight_files]
+        if len(digests) == 1:
+            return digests[0][1]
+        return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in digests).encode()).hexdigest()
+
+
+def _recorded_steps(metadata: Mapping[str, str]) -> list[dict]:
+    """The provenance steps a weightsmith output recorded ([] for other files or unreadable metadata)."""
+    try:
+        steps = json.loads(metadata.get("weightsmith", "{}")).get("steps", [])
+    except (ValueError, AttributeError):
+        return []
+    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("inputs", []), list)]
+
+
+def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - the public verb, as in safetensors.safe_open
+    """Open a checkpoint lazily: a model directory, a ``.safetensors``/``.bin`` file, or a PEFT adapter directory."""
+    return Checkpoint(path)
+
+
+class CheckpointView(Checkpoint):
+    """A lazy transform of a checkpoint with the same reader interface: tensors are computed when read.
+
+    This is how streamed steps chain without intermediate files: a view is accepted wherever a Checkpoint is, and
+    the writer records the view's steps in the output's provenance. A subclass overrides ``__getitem__`` and, where
+    names, shapes or dtypes change, ``_order``, ``info`` and ``config``. Files, carried files and digests are the
+    source's.
+    """
+
+    def __init__(self, source: Checkpoint, step: dict):
+        self.source = source
+        self.path, self.root = source.path, source.root
+        self.config, self.adapter_config, self.index_file = source.config, source.adapter_config, None
+        self._files = source._files
+        self._order = list(source)
+        self.history = [*source.history, step]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._order
+
+    def info(self, name: str) -> TensorInfo:
+        return self.source.info(name)
+
+    def location(self, name: str) -> tuple[Path, int, int] | None:
+        return None  # computed tensors have no bytes on disk
+
+    @property
+    def carry_files(self) -> list[Path]:
+        return self.source.carry_files
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        return self.source.tied_weights
+
+    def digest(self) -> str:
+        return self.source.digest()

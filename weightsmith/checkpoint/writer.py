@@ -1,0 +1,331 @@
+"""``CheckpointWriter``: tensors stream into safetensors shards inside a temporary sibling directory, which is
+renamed into place only when everything succeeded; provenance goes into every shard's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, SAFETENSORS_INDEX, ST_CODES, TensorInfo
+from weightsmith.checkpoint.reader import Checkpoint, CheckpointView
+from weightsmith.errors import CheckpointError, DestinationError, WeightsmithError
+from weightsmith.units import parse_size
+
+
+def provenance_step(operation: str, parameters: Mapping[str, Any], inputs: Sequence[Checkpoint | str | Path]) -> dict:
+    """One step of an output's history: what was done, with which parameters, to which inputs."""
+    return {"operation": operation, "parameters": dict(parameters), "inputs": list(inputs)}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (Path, torch.dtype)):
+        return str(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:  # one write may stop short (Linux caps it near 2 GiB)
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+class _Shard:
+    """A shard being written: tensor data streams in after a reserved header block, the header comes at commit."""
+
+    # Room left for the JSON header in large shards, so it can be filled in place. Small shards are rewritten
+    # compactly instead (cheap), as is any shard whose header outgrows the room.
+    RESERVED = 64 * 2**10
+    IN_PLACE_MIN_BYTES = 64 * 2**20
+
+    def __init__(self, path: Path, io: ThreadPoolExecutor):
+        self.path, self.io = path, io
+        self.file = path.open("wb", buffering=0)
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+        self._pending: Future | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a tensor's bytes for the I/O thread, which writes while the caller computes the next tensor.
+        At most one write is in flight, so memory holds at most one tensor beyond the caller's."""
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        offset = 8 + self.RESERVED + self.size
+        self.entries[name] = {"dtype": ST_CODES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + data.nbytes]}
+        self.size += data.nbytes
+        self.wait()
+        self._pending = self.io.submit(_pwrite_all, self.file.fileno(), memoryview(data), offset)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write (disk full…) here, in the caller's thread
+
+    def copy(self, name: str, info: TensorInfo, location: tuple[Path, int, int]) -> None:
+        """Append a tensor's bytes straight from another file (in the kernel where the OS can)."""
+        src_path, offset, count = location
+        with src_path.open("rb", buffering=0) as src:
+            done = 0
+            try:
+                while done < count:
+                    n = os.copy_file_range(src.fileno(), self.file.fileno(), count - done, offset + done,
+                                           8 + self.RESERVED + self.size + done)
+                    if n == 0:
+                        raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}")
+                    done += n
+            except OSError:  # no copy_file_range across these files: copy through user space
+                src.seek(offset + done)
+                while done < count:
+                    chunk = memoryview(src.read(min(count - done, 64 * 2**20)))
+                    if not chunk:
+                        raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}") from None
+                    _pwrite_all(self.file.fileno(), chunk, 8 + self.RESERVED + self.size + done)
+                    done += len(chunk)
+        self.entries[name] = {"dtype": ST_CODES[info.dtype], "shape": list(info.shape),
+                              "data_offsets": [self.size, self.size + count]}
+        self.size += count
+
+    def finish(self, metadata: dict[str, str], final_path: Path) -> None:
+        self.wait()
+        self.file.close()
+        header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
+        if len(header) <= self.RESERVED and self.size >= self.IN_PLACE_MIN_BYTES:
+            with self.path.open("r+b") as f:
+                f.write(self.RESERVED.to_bytes(8, "little") + header.ljust(self.RESERVED, b" "))
+            self.path.rename(final_path)
+            return
+        header = header.ljust(-(-len(header) // 8) * 8, b" ")  # data aligned to 8 bytes, as safetensors does
+        with self.path.open("rb") as src, final_path.open("wb") as dst:
+            dst.write(len(header).to_bytes(8, "little") + header)
+            src.seek(8 + self.RESERVED)
+            shutil.copyfileobj(src, dst, 16 * 2**20)
+        self.path.unlink()
+
+
+class CheckpointWriter:
+    """Streams tensors into a transformers-style directory, atomically.
+
+    Tensors go to disk as they arrive (``write``); shards roll over at ``shard_size`` bytes. ``commit`` writes the
+    headers, the index, config.json and the carried files, then renames the temporary sibling directory into place.
+    Used as a context manager it commits on success and removes everything on any exception or Ctrl-C.
+
+    >>> with CheckpointWriter("out", steps=[provenance_step("convert", {}, [src])], config=src.config) as w:  # doctest: +SKIP
+    ...     for name in src:
+    ...         w.write(name, src[name])
+    """
+
+    def __init__(self, out: str | os.PathLike, *, steps: Sequence[dict], config: dict | None = None,
+                 carry: Sequence[Path] = (), dtype: torch.dtype | None = None,
+                 shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False, prefix: str = "model",
+                 index_name: str | None = SAFETENSORS_INDEX):
+        self.out = Path(out)
+        self.force, self.dtype, self.prefix, self.index_name = force, dtype, prefix, index_name
+        self.shard_size = parse_size(shard_size)
+        self.config = dict(config) if config is not None else None
+        self.carry = list(carry)
+        self.files: dict[str, bytes] = {}
+        check_destination(self.out, force)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.out.parent / f".{self.out.name}.weightsmith-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise DestinationError(f"{self.out}: cannot write here ({exc.strerror or exc})") from None
+        self._shards: list[_Shard] = []
+        self._names: set[str] = set()
+        self.total_size = 0
+        self._pool = ThreadPoolExecutor(max_workers=1)  # hashes the inputs beside the work
+        self._io = ThreadPoolExecutor(max_workers=1)  # writes tensor data beside the work
+        self.steps = [self._resolve_step(s) for s in _with_history(steps)]
+
+    def _resolve_step(self, step: dict) -> dict:
+        resolved = []
+        for item in step.get("inputs", []):
+            if isinstance(item, dict):  # an already resolved step (from an input's history)
+                resolved.append(item)
+                continue
+            ckpt = item if isinstance(item, Checkpoint) else None
+            path = str(ckpt.path if ckpt else item)
+            digest: Future | None = self._pool.submit(ckpt.digest) if ckpt else None
+            entry = {"path": path, "sha256": digest}
+            if isinstance(ckpt, CheckpointView):  # read through lazily applied steps
+                entry["via"] = [h["operation"] for h in ckpt.history[len(ckpt.source.history):]]
+            resolved.append(entry)
+        return {**step, "inputs": resolved}
+
+    # -- streaming ------------------------------------------------------------------------------------------------
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (cast to the writer's dtype if it is a float tensor)."""
+        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        self._shard_for(name, tensor.numel() * tensor.element_size()).write(name, tensor)
+
+    def write_from(self, source: Checkpoint, name: str) -> None:
+        """Copy one tensor of ``source`` unchanged (except for the writer's cast), without decoding it when the
+        bytes can be copied as they are."""
+        info = source.info(name)
+        location = source.location(name)
+        casts = self.dtype is not None and info.dtype.is_floating_point and info.dtype != self.dtype
+        if location is None or casts:
+            self.write(name, source[name])
+        else:
+            self._shard_for(name, info.nbytes).copy(name, info, location)
+
+    def _shard_for(self, name: str, nbytes: int) -> _Shard:
+        if name in self._names:
+            raise WeightsmithError(f"{self.out}: tensor {name!r} written twice")
+        if not self._shards or (self._shards[-1].size and self._shards[-1].size + nbytes > self.shard_size):
+            if self._shards:
+                self._shards[-1].wait()
+            self._shards.append(_Shard(self.tmp / f".shard-{len(self._shards)}.partial", self._io))
+        self._names.add(name)
+        self.total_size += nbytes
+        return self._shards[-1]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def add_file(self, relpath: str, content: str | bytes) -> None:
+        """A small extra file for the output directory (e.g. a README or adapter_config.json)."""
+        self.files[relpath] = content.encode() if isinstance(content, str) else content
+
+    # -- finishing ------------------------------------------------------------------------------------------------
+
+    def commit(self) -> Path:
+        """Finish every file and move the directory into place; returns the output path."""
+        if not self._shards:
+            raise WeightsmithError(f"{self.out}: nothing to write (no tensors)")
+        for step in self.steps:
+            for item in step["inputs"]:
+                if isinstance(item.get("sha256"), Future):
+                    item["sha256"] = item["sha256"].result()
+        self._pool.shutdown()
+        for shard in self._shards:
+            shard.wait()
+        self._io.shutdown()
+        metadata = {"format": "pt", "weightsmith": json.dumps(
+            {"version": _version(), "steps": self.steps}, default=_json_default, separators=(",", ":"))}
+        n = len(self._shards)
+        weight_map = {}
+        for i, shard in enumerate(self._shards):
+            fname = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            shard.finish(metadata, self.tmp / fname)
+            weight_map.update(dict.fromkeys(shard.entries, fname))
+        if n > 1:
+            if self.index_name is None:
+                raise WeightsmithError(f"{self.out}: this output must be a single file; raise the shard size")
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
+        for src in self.carry:
+            if src.is_dir():
+                shutil.copytree(src, self.tmp / src.name)
+            else:
+                shutil.copy2(src, self.tmp / src.name)
+        if self.config is not None:
+            if self.dtype is not None:
+                set_config_dtype(self.config, self.dtype)
+            (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        for rel, content in self.files.items():
+            (self.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.tmp / rel).write_bytes(content)
+        _move_into_place(self.tmp, self.out, self.force)
+        return self.out
+
+    def abort(self) -> None:
+        """Remove everything written so far; the destination is untouched."""
+        self._io.shutdown(wait=True)  # let an in-flight write finish before its file goes
+        for shard in self._shards:
+            shard.file.close()
+        self._pool.shutdown(cancel_futures=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty destination unless ``force``; refuse a destination inside a file."""
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        if not force:
+            raise DestinationError(f"{out}: already exists and is not empty (use --force to replace it)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DestinationError(f"{out}: cannot write here ({parent} is a file)")
+            if not os.access(parent, os.W_OK):
+                raise DestinationError(f"{out}: cannot write here ({parent} is not writable)")
+            break
+
+
+def _with_history(steps: Sequence[dict]) -> list[dict]:
+    """The steps, each preceded by the lazily applied steps of the views it read (each recorded once)."""
+    out: list[dict] = []
+    for step in steps:
+        for item in step.get("inputs", []):
+            if isinstance(item, Checkpoint):
+                out.extend(h for h in _with_history(item.history) if not any(h is o for o in out))
+        out.append(step)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    check_destination(out, force)  # again: something may have appeared while we worked
+    trash = None
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            trash = out.parent / f".{out.name}.weightsmith-old-{uuid.uuid4().hex[:8]}"
+            out.rename(trash)
+    tmp.rename(out)
+    if trash is not None:
+        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for key in keys:
+        config[key] = name
+
+
+def _version() -> str:
+    from weightsmith import __version__
+
+    return __version__
+
+
+def save(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike, *, config: dict | None = None,
+         operation: str = "save", parameters: Mapping[str, Any] | None = None,
+         inputs: Sequence[Checkpoint | str | Path] = (), **writer_options: Any) -> Path:
+    """Write a tensor dict (any Mapping, lazy ones included) as a transformers-style directory, atomically.
+
+    >>> weightsmith.save({"w": torch.zeros(2, 2)}, "out_dir")  # doctest: +SKIP
+    """
+    steps = [provenance_step(operation, parameters or {}, inputs)]
+    with CheckpointWriter(out, steps=steps, config=config, **writer_options) as writer:
+        for name in tensors:
+            writer.write(name, tensors[name])
+    return Path(out)
