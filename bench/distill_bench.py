@@ -10,6 +10,7 @@ alone; held-out CE in nats per character.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 import time
@@ -84,6 +85,7 @@ def causal(work: Path, train: Path, held_out: Path) -> str:
                             tie_word_embeddings=False)
     torch.manual_seed(0)
     tf.LlamaForCausalLM(config).save_pretrained(work / "lm-random-raw")
+    shutil.rmtree(work / "lm-random", ignore_errors=True)  # left by an earlier run
     random_dir = with_tokenizer(work / "lm-random-raw", work / "lm-random", causal=True)
     common = dict(seq_len=64, batch_size=16, lr=2e-3, eval_data=held_out, force=True)
     # the teacher: the 4-layer model trained on the corpus with CE alone (a "student" keeping every layer)
