@@ -57,6 +57,15 @@ t2 = time.perf_counter()
 json.dump({"import": t1 - t0, "work": t2 - t1}, open(sys.argv[3], "w"))
 """
 
+DIGEST = """
+import json, sys, time
+from pathlib import Path
+from weightsmith.checkpoint import file_sha256
+t = time.perf_counter()
+file_sha256(Path(sys.argv[1]))
+json.dump({"work": time.perf_counter() - t}, open(sys.argv[2], "w"))
+"""
+
 TRANSFORMERS = """
 import sys, torch, transformers
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
@@ -103,6 +112,12 @@ def main() -> None:
         work_times.append((json.loads(stats_file.read_text())["work"], run.peak_rss_mb))
     timings["weightsmith convert (in-process work)"] = (statistics.median(t for t, _ in work_times),
                                                          max(r for _, r in work_times))
+    digest_times = []
+    for _ in range(3):
+        stats_file = WORK / "io_stats.json"
+        measure([PY, "-c", DIGEST, str(src / "model.safetensors"), str(stats_file)])
+        digest_times.append(json.loads(stats_file.read_text())["work"])
+    timings["of which: sha256 of the input (provenance)"] = (statistics.median(digest_times), float("nan"))
     fresh()
     run = measure([PY, "-c", TRANSFORMERS, str(src), str(out)])
     timings["transformers from_pretrained + save_pretrained"] = (run.seconds, run.peak_rss_mb)
@@ -110,15 +125,18 @@ def main() -> None:
 
     cp_time = timings["cp -r"][0]
     for name, (seconds, rss) in timings.items():
-        rows.append([name, round(seconds, 2), round(seconds / cp_time, 2), round(rss), round(rss / total, 2)])
+        rss_cells = ["-", "-"] if rss != rss else [round(rss), round(rss / total, 2)]  # NaN: not a process of its own
+        rows.append([name, round(seconds, 2), round(seconds / cp_time, 2), *rss_cells])
     budget = 2 * largest + 300
     md = (f"## Copy-through (`bench/io_bench.py`)\n\n"
           f"{total:.0f} MiB bf16 Llama-shaped checkpoint (8 layers, hidden 2048, GQA), one 1 GB file; largest tensor "
           f"{largest:.0f} MiB; RSS budget 2 × largest + 300 MB = {budget:.0f} MiB. Warm page cache, medians of 3 "
           f"(transformers: 1 run).\n\n"
           + table(["contender", "wall s", "× cp", "peak RSS MiB", "RSS ÷ model size"], rows)
-          + "\n\nThe CLI row includes interpreter start-up and `import torch` (≈2–3 s here); the in-process row is "
-            "the copy itself, which is what the ≤1.5× cp target is about.\n")
+          + "\n\nThe CLI row includes interpreter start-up and `import torch` (≈1–2 s here); the in-process row is "
+            "the copy itself, which is what the ≤1.5× cp target is about. Unchanged tensors are copied file to file "
+            "in the kernel (`copy_file_range`), as `cp` does; the in-process time is bounded by the sha256 of the "
+            "input that provenance records, hashed on a second thread beside the copy.\n")
     write_section("io_bench", md)
 
 

@@ -256,3 +256,19 @@ def test_console_script_exit_codes(tiny_model, tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("inspect")
     bad = subprocess.run([exe, "inspect", tmp_path / "missing"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1
+
+
+def test_public_names_survive_importing_every_module():
+    """A submodule named like a verb would replace the verb on the package once imported (ws.convert, ws.evaluate)."""
+    import importlib
+    import pkgutil
+
+    import weightsmith
+
+    for module in pkgutil.walk_packages(weightsmith.__path__, "weightsmith."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    for name, (module, attr) in weightsmith._EXPORTS.items():
+        expected = importlib.import_module(module)
+        expected = getattr(expected, attr) if attr else expected
+        assert getattr(weightsmith, name) is expected, name

@@ -86,6 +86,11 @@ def test_recipe_with_export_matches_exporting_the_manual_result(parts, tmp_path)
     outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
             for p in (tmp_path / "out" / "model.onnx", tmp_path / "manual-onnx" / "model.onnx")]
     np.testing.assert_array_equal(outs[0], outs[1])
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / "model.onnx")).metadata_props}
+    steps = [s["operation"] for s in json.loads(props["weightsmith"])["steps"]]
+    assert steps == ["lora merge", "merge", "prune", "quantize", "export onnx"]
 
 
 def test_a_fold_streams_into_the_next_step(parts, tmp_path):

@@ -30,7 +30,7 @@ _EXPORTS = {
     "merge": ("weightsmith.merge", None),
     "export": ("weightsmith.export", None),
     "run": ("weightsmith.recipe", "run"),
-    "evaluate": ("weightsmith.evaluate", "evaluate"),
+    "evaluate": ("weightsmith.evaluation", "evaluate"),
     "Report": ("weightsmith.report", "Report"),
     "WeightsmithError": ("weightsmith.errors", "WeightsmithError"),
 }

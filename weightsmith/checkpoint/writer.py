@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,42 @@ from weightsmith.units import parse_size
 def provenance_step(operation: str, parameters: Mapping[str, Any], inputs: Sequence[Checkpoint | str | Path]) -> dict:
     """One step of an output's history: what was done, with which parameters, to which inputs."""
     return {"operation": operation, "parameters": dict(parameters), "inputs": list(inputs)}
+
+
+def resolve_steps(steps: Sequence[dict], submit: Callable[..., Future] | None = None) -> list[dict]:
+    """Steps with their inputs' own histories put first and each input turned into {path, sha256 (a Future), via}.
+
+    ``submit`` runs the digests (e.g. a thread pool's, so that they run beside the work); default: right away."""
+    submit = submit or _run_now
+    resolved = []
+    for step in _with_history(steps):
+        inputs = []
+        for item in step.get("inputs", []):
+            if isinstance(item, dict):  # already resolved (a step recorded in an input's metadata)
+                inputs.append(item)
+                continue
+            ckpt = item if isinstance(item, Checkpoint) else None
+            entry = {"path": str(ckpt.path if ckpt else item), "sha256": submit(ckpt.digest) if ckpt else None}
+            if isinstance(ckpt, CheckpointView):  # read through lazily applied steps
+                entry["via"] = [h["operation"] for h in ckpt.history[len(ckpt.source.history):]]
+            inputs.append(entry)
+        resolved.append({**step, "inputs": inputs})
+    return resolved
+
+
+def provenance_record(steps: list[dict]) -> str:
+    """The JSON stored under the ``weightsmith`` metadata key: version and steps, digests waited for."""
+    for step in steps:
+        for item in step["inputs"]:
+            if isinstance(item.get("sha256"), Future):
+                item["sha256"] = item["sha256"].result()
+    return json.dumps({"version": _version(), "steps": steps}, default=_json_default, separators=(",", ":"))
+
+
+def _run_now(fn: Callable[[], str]) -> Future:
+    done: Future = Future()
+    done.set_result(fn())
+    return done
 
 
 def _json_default(value: Any) -> Any:
@@ -145,22 +181,7 @@ class CheckpointWriter:
         self.total_size = 0
         self._pool = ThreadPoolExecutor(max_workers=1)  # hashes the inputs beside the work
         self._io = ThreadPoolExecutor(max_workers=1)  # writes tensor data beside the work
-        self.steps = [self._resolve_step(s) for s in _with_history(steps)]
-
-    def _resolve_step(self, step: dict) -> dict:
-        resolved = []
-        for item in step.get("inputs", []):
-            if isinstance(item, dict):  # an already resolved step (from an input's history)
-                resolved.append(item)
-                continue
-            ckpt = item if isinstance(item, Checkpoint) else None
-            path = str(ckpt.path if ckpt else item)
-            digest: Future | None = self._pool.submit(ckpt.digest) if ckpt else None
-            entry = {"path": path, "sha256": digest}
-            if isinstance(ckpt, CheckpointView):  # read through lazily applied steps
-                entry["via"] = [h["operation"] for h in ckpt.history[len(ckpt.source.history):]]
-            resolved.append(entry)
-        return {**step, "inputs": resolved}
+        self.steps = resolve_steps(steps, self._pool.submit)
 
     # -- streaming ------------------------------------------------------------------------------------------------
 
@@ -206,16 +227,12 @@ class CheckpointWriter:
         """Finish every file and move the directory into place; returns the output path."""
         if not self._shards:
             raise WeightsmithError(f"{self.out}: nothing to write (no tensors)")
-        for step in self.steps:
-            for item in step["inputs"]:
-                if isinstance(item.get("sha256"), Future):
-                    item["sha256"] = item["sha256"].result()
+        record = provenance_record(self.steps)
         self._pool.shutdown()
         for shard in self._shards:
             shard.wait()
         self._io.shutdown()
-        metadata = {"format": "pt", "weightsmith": json.dumps(
-            {"version": _version(), "steps": self.steps}, default=_json_default, separators=(",", ":"))}
+        metadata = {"format": "pt", "weightsmith": record}
         n = len(self._shards)
         weight_map = {}
         for i, shard in enumerate(self._shards):

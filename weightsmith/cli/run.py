@@ -34,6 +34,6 @@ def _run(args):
 
 
 def _eval(args):
-    from weightsmith.evaluate import evaluate
+    from weightsmith.evaluation import evaluate
 
     return evaluate(args.model, args.data, ref=args.ref, max_length=args.max_length)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from weightsmith.checkpoint import Checkpoint, check_destination
+from weightsmith.checkpoint import Checkpoint, check_destination, provenance_step
+from weightsmith.checkpoint.writer import provenance_record, resolve_steps
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import (
     ConfigError,
@@ -141,7 +142,9 @@ def onnx(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, task: s
         with report.timed("latency"):
             latency = _latency(wrapper, final_path, float_path if quantize else None, model.config, input_names)
         graph = _graph_facts(final_path)
-        written = _place(final_path, beside, out, data_file, big, force)
+        params = {"task": task, "opset": opset, "quantize": quantize, "optimize": optimize, "atol": atol}
+        record = provenance_record(resolve_steps([provenance_step("export onnx", params, [ckpt])]))
+        written = _place(final_path, beside, out, data_file, big, force, record)
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -338,18 +341,22 @@ def _quantize_int8(src: Path, path: Path, big: bool) -> Path:
     return path
 
 
-def _place(model_path: Path, beside: Path, out: Path, data_file: Path, big: bool, force: bool) -> list[str]:
-    """Move the finished files into place: beside-files first, the .onnx last (its presence means complete)."""
+def _place(model_path: Path, beside: Path, out: Path, data_file: Path, big: bool, force: bool,
+           provenance: str) -> list[str]:
+    """Move the finished files into place: beside-files first, the .onnx last (its presence means complete).
+    The graph's metadata gets the provenance record (key ``weightsmith``), as safetensors outputs do."""
     import onnx as onnx_lib
 
     staged = model_path.parent.parent / "final" / out.name
     staged.parent.mkdir()
+    proto = onnx_lib.load(str(model_path), load_external_data=big)
+    onnx_lib.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                            "weightsmith": provenance})
     if big:  # one data file named after the output, whatever the exporter or quantizer called theirs
-        proto = onnx_lib.load(str(model_path), load_external_data=True)
         onnx_lib.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_file.name)
     else:
-        model_path.rename(staged)
+        onnx_lib.save_model(proto, str(staged))
     check_destination(out, force)  # again: something may have appeared while we worked
     written = []
     for f in sorted(beside.iterdir()):

@@ -155,7 +155,7 @@ class FamilyStats:
 
 
 def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float],
-                       **options) -> tuple[Tensor, FamilyStats]:
+                       **options) -> tuple[Tensor, FamilyStats | None]:
     """θ = θ_b + λ · Σᵢ mᵢ ⊙ wᵢ·S(δᵢ) / D, the task-vector family (mergekit's generalized task arithmetic).
 
     S thins δᵢ (``row.sparsifier``; density dᵢ), rescaled by 1/p (the papers) or to δᵢ's L1 norm (mergekit) when
@@ -174,9 +174,9 @@ def merge_deltas_(row: FamilyRow, base: Tensor, deltas: list[Tensor], weights: S
                   densities: Sequence[float] | None = None, lam: float = 1.0, normalize: bool | None = None,
                   rescale: bool | None = None, rescale_mode: str = "1/p", consensus: str | None = None,
                   gammas: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
-                  generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, FamilyStats]:
+                  generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, FamilyStats | None]:
     """``merge_task_vectors`` on task vectors δᵢ, consuming its inputs: the result is written into ``base`` and
-    ``deltas`` is emptied. The streaming engine's form: peak memory is the base and the N deltas plus one
+    ``deltas`` is emptied. Stats are None for rows that neither thin nor elect (task arithmetic). The streaming engine's form: peak memory is the base and the N deltas plus one
     tensor of scratch for the sparsifier and chunk-sized scratch for the combine.
 
     ``gammas`` (breadcrumbs) and ``epsilons`` (DELLA) are per model; random sparsifiers draw from ``generators``
@@ -211,6 +211,13 @@ def merge_deltas_(row: FamilyRow, base: Tensor, deltas: list[Tensor], weights: S
         else:
             kept += 1.0
         delta.mul_(weights[i])
+    if consensus is None and row.sparsifier is None:  # plain weighted sum: in place, no statistics to gather
+        total_w = float(sum(weights))
+        scale = lam / total_w if normalize and abs(total_w) >= 1e-8 else lam
+        for dl in deltas:
+            base.add_(dl, alpha=scale)
+        deltas.clear()
+        return base, None
     # Elementwise from here on: combine in chunks so that the scratch is small. (N, chunk) views of the deltas.
     flat = [dl.reshape(-1) for dl in deltas]
     out = base.reshape(-1)  # the result replaces the base, chunk by chunk

@@ -87,7 +87,7 @@ def prune(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, method
 def _eval_texts(ckpt: Checkpoint, eval_data) -> list[str] | None:
     if eval_data is None:
         return None
-    from weightsmith.evaluate import read_texts, require_tokenizer
+    from weightsmith.evaluation import read_texts, require_tokenizer
 
     texts = read_texts(eval_data, what="evaluation file")
     require_tokenizer(ckpt.path)
@@ -159,7 +159,7 @@ def _write(view: PrunedView, out, report: Report, *, shard_size, force: bool) ->
 def _wanda_norms(ckpt: Checkpoint, calibration, samples: int, seq_len: int, plan: PrunePlan) -> dict[str, Tensor]:
     """Input norms of every Linear, gathered block by block with each block pruned before the next one runs."""
     from weightsmith.compress.prune.wanda import input_norms
-    from weightsmith.evaluate import encode, load_model, load_tokenizer, read_texts
+    from weightsmith.evaluation import encode, load_model, load_tokenizer, read_texts
 
     texts = read_texts(calibration, what="calibration file")
     tokenizer = load_tokenizer(ckpt.path)

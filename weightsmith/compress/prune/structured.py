@@ -280,7 +280,7 @@ def _norm_of(norms: dict, module: str, calibration, ckpt) -> Tensor | None:
 
 def _dense_norms(ckpt, calibration, samples: int, seq_len: int) -> dict[str, Tensor]:
     from weightsmith.compress.prune.wanda import input_norms
-    from weightsmith.evaluate import encode, load_model, load_tokenizer, read_texts
+    from weightsmith.evaluation import encode, load_model, load_tokenizer, read_texts
 
     texts = read_texts(calibration, what="calibration file")
     batches = encode(load_tokenizer(ckpt.path), texts[:samples], seq_len)

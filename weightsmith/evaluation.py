@@ -50,6 +50,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype: Any = "float32"):
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json: a transformers model directory is needed here")
+    transformers.utils.logging.disable_progress_bar()  # weightsmith reports for itself; stderr stays quiet
     config = transformers.AutoConfig.from_pretrained(path)
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
@@ -146,42 +147,43 @@ class _Runner:
     """Runs one text at a time through a checkpoint (transformers) or an ONNX file (onnxruntime).
 
     ``outputs(ids)`` gives the model's main output for a [1, T] input: logits [T, vocab] for causal LMs, the last
-    hidden state [T, hidden] otherwise.
+    hidden state [T, hidden] otherwise. The model loads on first use, so that bad input is refused before any load.
     """
 
     def __init__(self, path: Path):
+        import json
+
         self.path = path
         self.onnx = path.suffix == ".onnx"
-        if self.onnx:
-            import json
+        self.tokenizer_dir = path.parent if self.onnx else path
+        config_file = self.tokenizer_dir / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.tokenizer_dir}: no config.json: cannot tell what kind of model this is")
+        self.causal = is_causal_lm(json.loads(config_file.read_text()))
+        self._model = None
 
+    def _load(self):
+        if self.onnx:
             import onnxruntime as ort
 
-            config_file = path.parent / "config.json"
-            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-            self.causal = is_causal_lm(config)
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self.inputs = [i.name for i in self.session.get_inputs()]
-            self.tokenizer_dir = path.parent
-        else:
-            from weightsmith.checkpoint import Checkpoint
-
-            self.causal = is_causal_lm(Checkpoint(path).config)
-            self.model = load_model(path)
-            self.tokenizer_dir = path
+            session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in session.get_inputs()]
+            return session
+        return load_model(self.path)
 
     def outputs(self, ids):
         import torch
 
+        self._model = self._model if self._model is not None else self._load()
         mask = torch.ones_like(ids)
         if self.onnx:
             feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-            result = self.session.run(None, {k: feeds[k].numpy() for k in self.inputs if k in feeds})
+            result = self._model.run(None, {k: feeds[k].numpy() for k in self.inputs if k in feeds})
             return torch.from_numpy(result[0])[0].float()
         with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask)
+            out = self._model(input_ids=ids, attention_mask=mask)
         return (out.logits if self.causal else out.last_hidden_state)[0].float()
 
 
@@ -202,8 +204,9 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, ref: str | os
     from weightsmith.report import Report
 
     path = Path(model)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+    for p in (path, *([Path(ref)] if ref is not None else [])):
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or directory")
     texts = read_texts(data, what="evaluation data")
     runner = _Runner(path)
     reference = _Runner(Path(ref)) if ref is not None else None
