@@ -223,25 +223,27 @@ def merge_deltas_(row: FamilyRow, base: Tensor, deltas: list[Tensor], weights: S
     out = base.reshape(-1)  # the result replaces the base, chunk by chunk
     total_w = float(sum(weights))
     conflicts = 0
+    w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(1)  # (N, 1)
     for start in range(0, base.numel(), _COMBINE_CHUNK):
         stacked = torch.stack([f[start:start + _COMBINE_CHUNK] for f in flat])  # (N, chunk)
-        positive, negative = stacked > 0, stacked < 0
-        conflicts += int(torch.count_nonzero(positive.any(0) & negative.any(0)))
         if consensus is not None:
             if consensus == "sum":
-                elected_pos = stacked.sum(0) >= 0
+                elected = stacked.sum(0) >= 0
             elif consensus == "count":
-                elected_pos = (positive.sum(0) - negative.sum(0)) >= 0
+                elected = torch.sign(stacked).sum(0) >= 0
             else:
                 raise ValueError(f"unknown consensus {consensus!r}")
-            agree = torch.where(elected_pos, positive, negative)  # (N, chunk)
+            aligned = stacked * (elected.to(stacked.dtype) * 2 - 1)  # > 0 where δᵢ has the elected sign
+            agree = aligned > 0
+            # an entry is a conflict when some kept δᵢ opposes the elected sign (then another one has it)
+            conflicts += int(torch.count_nonzero((aligned < 0).any(0)))
             total = (stacked * agree).sum(0)
             if normalize:
-                w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(1)
                 divisor = (w * agree).sum(0)
                 divisor[divisor == 0] = 1
                 total /= divisor
         else:
+            conflicts += int(torch.count_nonzero((stacked > 0).any(0) & (stacked < 0).any(0)))
             total = stacked.sum(0)
             if normalize and abs(total_w) >= 1e-8:
                 total /= total_w
