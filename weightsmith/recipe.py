@@ -32,6 +32,7 @@ from weightsmith.checkpoint import check_destination
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.report import Report
 from weightsmith.units import format_size
+from weightsmith.yamltext import parse_mapping
 
 PREVIOUS = "@previous"
 
@@ -99,18 +100,11 @@ def load_recipe(source: str | os.PathLike | Mapping) -> Recipe:
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
-        import yaml
-
         path = Path(source)
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such recipe file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with input, output and steps")
+        raw = parse_mapping(path.read_text(), where, "input, output and steps")
     unknown = set(raw) - {"input", "output", "steps"}
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected input, output, steps)")

@@ -21,6 +21,7 @@ from typing import Any
 
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods import FAMILY
+from weightsmith.yamltext import parse_mapping
 
 REQUIRED = object()  # marks a parameter without default
 
@@ -103,20 +104,13 @@ def load_config(source: str | os.PathLike | Mapping) -> MergeConfig:
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
-        import yaml
-
         text = str(source)
         if isinstance(source, os.PathLike) or (len(text) < 4096 and "\n" not in text and not text.lstrip().startswith("{")):
             path = Path(source)
             if not path.is_file():
                 raise ConfigError(f"{path}: no such config file")
             where, text = str(path), path.read_text()
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: expected a mapping with merge_method and models")
+        raw = parse_mapping(text, where, "merge_method and models")
     return _validate(raw, where)
 
 

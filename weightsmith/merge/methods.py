@@ -28,8 +28,8 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
     >>> linear([torch.ones(2), torch.zeros(2)], [3.0, 1.0]).tolist()
     [0.75, 0.75]
     """
-    out = torch.zeros_like(tensors[0], dtype=torch.float32)
-    for tensor, w in zip(tensors, weights):
+    out = tensors[0].to(torch.float32, copy=True).mul_(weights[0])  # w₀θ₀ rounded once, as 0 + w₀θ₀ would be
+    for tensor, w in zip(tensors[1:], weights[1:]):
         out.add_(tensor, alpha=w)
     if normalize:
         out /= sum(weights)
