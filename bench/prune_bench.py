@@ -20,7 +20,7 @@ from conftest import SENTENCES  # noqa: E402
 
 import torch  # noqa: E402
 
-from weightsmith import evaluate  # noqa: E402
+from weightsmith import evaluation as evaluate  # noqa: E402
 
 RUNS = [  # (label, CLI flags)
     ("magnitude 50%, per tensor", ["--sparsity", "0.5"]),

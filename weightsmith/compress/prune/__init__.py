@@ -183,7 +183,7 @@ def _wanda_norms(ckpt: Checkpoint, calibration, samples: int, seq_len: int, plan
 
 def _quality(ckpt: Checkpoint, out, texts: list[str]) -> dict:
     """Perplexity before/after for a causal LM; embedding cosine to the original for an encoder."""
-    from weightsmith import evaluate
+    from weightsmith import evaluation as evaluate
 
     if evaluate.is_causal_lm(ckpt.config):
         tokenizer = evaluate.load_tokenizer(ckpt.path)
