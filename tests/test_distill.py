@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 from _distill_utils import english_lines, with_tokenizer, write_corpus
-from conftest import SENTENCES, build_model, embed
+from conftest import build_model, embed
 
 import weightsmith as ws
 from weightsmith.checkpoint import Checkpoint

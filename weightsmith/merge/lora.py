@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,12 +217,6 @@ class FoldedCheckpoint(CheckpointView):
         delta = lora_delta_rows(ck[mod.a], ck[mod.b], mod.scaling)  # [out, in]; DoRA's norm needs the full ΔW
         rows = dora_rows(to_rows(w, t.kind), delta.to(w.dtype), ck[mod.magnitude].reshape(-1))
         return from_rows(rows.to(w.dtype), t.kind, tuple(w.shape))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
 
     def __contains__(self, name: object) -> bool:
         return name in self._source
