@@ -361,8 +361,6 @@ def _run_step(r: Recipe, step: Step, current: Any, work: Path, output: Path, las
             view = getattr(importlib.import_module(module), name)(current, **view_params)
             report.details[f"step {step.index} {step.kind}"] = {"streamed": "lazy view, nothing written"}
             return view
-        if (step.materializes() or step.kind == "merge") and not isinstance(current, (str, Path, type(None))):
-            current = _materialize(current, work / f"{step.index}-input")  # the model is built from files
         out = output if last else work / f"{step.index}-{step.kind}"
         if step.kind == "export":
             out = out / "model.onnx"
@@ -389,16 +387,6 @@ def _adapters(value: Any) -> list[tuple[str, float]]:
     entries = [value] if isinstance(value, (str, dict)) else list(value)
     return [parse_adapter(a) if isinstance(a, str) else (str(a["path"]), float(a.get("weight", 1.0)))
             for a in entries]
-
-
-def _materialize(view: Any, out: Path) -> Path:
-    """Write a lazy view to disk once, for a step that builds the model or opens paths itself."""
-    from weightsmith.checkpoint import CheckpointWriter
-
-    with CheckpointWriter(out, steps=list(view.history), config=view.config, carry=view.carry_files) as writer:
-        for name in view:
-            writer.write(name, view[name])
-    return out
 
 
 def _size_of(path: Path) -> str:
