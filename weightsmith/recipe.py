@@ -8,12 +8,12 @@ same parameters as its command, the output of each feeding the next.
       - prune: {sparsity: 0.5}
       - quantize: {scheme: int8}
 
-A step that offers a lazy view (``lora_merge``: the base with its adapters folded on read) streams into the next
-step without an intermediate checkpoint; other steps write their output, into a temporary work directory unless
-they are last. Steps that need the network (Wanda or structured pruning, distillation, ONNX export) build the
+A step that offers a lazy view (``lora_merge``, data-free ``prune``, ``quantize``: tensors computed on read) streams
+into a following step that streams too, without an intermediate checkpoint; other steps write their output, into a
+temporary work directory unless they are last. Relative paths are relative to the working directory. Steps that need the network (Wanda or structured pruning, distillation, ONNX export) build the
 model once from their input. In a ``merge`` step, ``"@previous"`` names the output of the step before it.
 Everything is checked before the first step runs; one Report covers the run, and every step's provenance ends up in
-the output's safetensors metadata.
+the output's metadata (safetensors, or the ONNX graph's).
 """
 
 from __future__ import annotations
