@@ -191,17 +191,12 @@ def _dequantized(ckpt: Checkpoint, folder: Path, report: Report) -> Checkpoint:
     quant = ckpt.config.get("quantization_config")
     if not quant:
         return ckpt
-    import importlib
+    from weightsmith.compress.quantize.dequantize import dequantize
 
     method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-    try:
-        reader = importlib.import_module("weightsmith.compress.quantize.dequantize").dequantize
-    except ImportError:
-        raise IncompatibleError(f"{ckpt.path}: quantized checkpoint ({method}) and this weightsmith cannot "
-                                f"dequantize it; export the float model") from None
-    reader(ckpt, folder, dtype="float32")
-    report.notes.append(f"{method} checkpoint dequantized to float32 for export (W = q·s / NF4 codes × absmax): "
-                        f"the graph computes in float; add --quantize int8 for an int8 graph")
+    dequantize(ckpt, folder, dtype="float32")
+    report.notes.append(f"{method} checkpoint dequantized to float32 for export (W = q·s / NF4 codes × absmax); "
+                        f"--quantize int8 makes the graph itself int8")
     return Checkpoint(folder)
 
 
