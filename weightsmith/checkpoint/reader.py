@@ -231,10 +231,12 @@ class CheckpointView(Checkpoint):
     """A lazy transform of a checkpoint with the same reader interface: tensors are computed when read.
 
     This is how streamed steps chain without intermediate files: a view is accepted wherever a Checkpoint is, and
-    the writer records the view's steps in the output's provenance. A subclass overrides ``__getitem__`` and, where
-    names, shapes or dtypes change, ``_order``, ``info`` and ``config``. Files, carried files and digests are the
-    source's.
+    the writer records the view's steps in the output's provenance. A subclass overrides ``__getitem__`` and
+    ``_changed`` (the tensors it computes); ``dtype`` casts float tensors; where names or shapes change it also
+    overrides ``_source_name``, ``_order``, ``info`` and ``config``. Files, carried files and digests are the source's.
     """
+
+    dtype: torch.dtype | None = None  # float tensors come out in this dtype (None: each source tensor's own)
 
     def __init__(self, source: Checkpoint, step: dict):
         self.source = source
@@ -250,11 +252,25 @@ class CheckpointView(Checkpoint):
     def __contains__(self, name: object) -> bool:
         return name in self._order
 
+    def _source_name(self, name: str) -> str:
+        """The source tensor ``name`` starts from."""
+        return name
+
+    def _changed(self, name: str) -> bool:
+        """True for tensors the view computes (they have no bytes on disk)."""
+        return True
+
     def info(self, name: str) -> TensorInfo:
-        return self.source.info(name)
+        src = self.source.info(self._source_name(name))
+        dtype = self.dtype if self.dtype is not None and src.dtype.is_floating_point else src.dtype
+        return TensorInfo(name, src.shape, dtype, src.file)
 
     def location(self, name: str) -> tuple[Path, int, int] | None:
-        return None  # computed tensors have no bytes on disk
+        """An untouched, uncast tensor's bytes in the source (the writer copies them file to file); else None."""
+        source_name = self._source_name(name)
+        if self._changed(name) or self.info(name).dtype != self.source.info(source_name).dtype:
+            return None
+        return self.source.location(source_name)
 
     @property
     def carry_files(self) -> list[Path]:

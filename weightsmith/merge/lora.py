@@ -22,7 +22,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -167,7 +166,7 @@ class FoldedCheckpoint(CheckpointView):
         return CONV1D if model_type in _CONV1D_MODEL_TYPES else LINEAR
 
     def _info(self, name: str) -> TensorInfo:
-        return self.base.info(self._source[name])
+        return self.base.info(self._source[name])  # as stored in the base (``info`` gives it as folded)
 
     # -- Mapping --------------------------------------------------------------------------------------------------
 
@@ -226,16 +225,11 @@ class FoldedCheckpoint(CheckpointView):
 
     # -- facts without reading ------------------------------------------------------------------------------------
 
-    def info(self, name: str) -> TensorInfo:
-        base = self._info(name)
-        dtype = self.dtype if self.dtype is not None and base.dtype.is_floating_point else base.dtype
-        return TensorInfo(name, base.shape, dtype, base.file)
+    def _source_name(self, name: str) -> str:
+        return self._source[name]
 
-    def location(self, name: str) -> tuple[Path, int, int] | None:
-        """An untouched tensor's bytes on disk (copied file to file by the writer); None for folded ones."""
-        if name in self._terms or self.info(name).dtype != self._info(name).dtype:
-            return None
-        return self.base.location(self._source[name])
+    def _changed(self, name: str) -> bool:
+        return name in self._terms
 
     @property
     def tied_weights(self) -> dict[str, str]:

@@ -16,12 +16,11 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step, set_config_dtype
+from weightsmith.checkpoint import Checkpoint, CheckpointView, provenance_step, set_config_dtype
 from weightsmith.compress.prune import masks
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError
@@ -224,16 +223,8 @@ class PrunedView(CheckpointView):
     def __repr__(self) -> str:
         return f"PrunedView({str(self.path)!r}, {self.plan.method} {self.plan.sparsity:g}, {len(self)} tensors)"
 
-    def info(self, name: str) -> TensorInfo:
-        base = self.source.info(name)
-        dtype = self.dtype if self.dtype is not None and base.dtype.is_floating_point else base.dtype
-        return TensorInfo(name, base.shape, dtype, base.file)
-
-    def location(self, name: str) -> tuple[Path, int, int] | None:
-        """An untouched tensor's bytes on disk (copied file to file by the writer); None for pruned or cast ones."""
-        if name in self._targets or self.info(name).dtype != self.source.info(name).dtype:
-            return None
-        return self.source.location(name)
+    def _changed(self, name: str) -> bool:
+        return name in self._targets
 
 
 def open_pruned(src: Checkpoint | str | os.PathLike, *, method: str = "magnitude", sparsity: float | None = None,
