@@ -142,6 +142,22 @@ def test_bin_adapter_folds_like_safetensors(tiny_model, tmp_path):
     assert worst <= 1e-6
 
 
+def test_output_dtype_is_one_rounding_of_the_float32_fold(tiny_model, tmp_path):
+    """--dtype rounds the float32 fold once: bf16 output == fp32 fold rounded; a bf16 base folded into fp32 output ==
+    the fold of that base first widened to fp32 (different paths through the fold: cast out, cast in, in place)."""
+    adapter = make_adapter(build_model("llama"), tmp_path / "a", r=4, target_modules="all-linear", seed=5)
+    ws.lora.merge(tiny_model("llama"), [adapter], tmp_path / "f32")
+    ws.lora.merge(tiny_model("llama"), [adapter], tmp_path / "to_bf16", dtype="bf16")
+    f32, to_bf16 = ws.open(tmp_path / "f32"), ws.open(tmp_path / "to_bf16")
+    assert all(torch.equal(to_bf16[n], f32[n].to(torch.bfloat16)) for n in f32)
+    bf16_base = tiny_model("llama", dtype="bfloat16")
+    ws.convert(bf16_base, tmp_path / "widened", dtype="fp32")
+    ws.lora.merge(bf16_base, [adapter], tmp_path / "from_bf16", dtype="fp32")
+    ws.lora.merge(tmp_path / "widened", [adapter], tmp_path / "from_widened")
+    assert ws.diff(tmp_path / "from_bf16", tmp_path / "from_widened").summary["max_abs"] == 0.0
+    assert ws.diff(tmp_path / "from_bf16", tmp_path / "widened").summary["max_abs"] > 0  # the fold did change it
+
+
 def test_weighted_folds_are_sums_of_single_folds(tiny_model, tmp_path):
     base_dir = tiny_model("llama")
     a1 = make_adapter(build_model("llama"), tmp_path / "a1", r=4, target_modules=["q_proj", "v_proj"], seed=1)

@@ -382,7 +382,7 @@ def _run_step(r: Recipe, step: Step, current: Any, work: Path, output: Path, las
 
 def _adapters(value: Any) -> list[tuple[str, float]]:
     """``adapters`` of a lora_merge step: ``path``, ``path@weight`` or ``{path, weight}`` entries."""
-    from weightsmith.cli.lora import parse_adapter
+    from weightsmith.cli.common import parse_adapter
 
     entries = [value] if isinstance(value, (str, dict)) else list(value)
     return [parse_adapter(a) if isinstance(a, str) else (str(a["path"]), float(a.get("weight", 1.0)))

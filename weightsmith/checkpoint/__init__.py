@@ -6,9 +6,10 @@ touched). Writing streams tensor data straight into shard files and fills in the
 temporary sibling directory that is renamed into place only when everything succeeded.
 """
 
-from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, TensorInfo, file_sha256
+from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, TensorInfo
 from weightsmith.checkpoint.reader import Checkpoint, CheckpointView, open
 from weightsmith.checkpoint.writer import CheckpointWriter, check_destination, provenance_step, save, set_config_dtype
+from weightsmith.digests import file_sha256
 
 __all__ = ["Checkpoint", "CheckpointView", "CheckpointWriter", "DEFAULT_SHARD_SIZE", "TensorInfo", "check_destination",
            "file_sha256", "open", "provenance_step", "save", "set_config_dtype"]

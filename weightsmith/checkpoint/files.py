@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -178,28 +177,6 @@ def open_weight_file(path: Path, label: str) -> SafetensorsFile | TorchFile:
     if path.suffix in (".bin", ".pt", ".pth"):
         return TorchFile(path, label)
     raise CheckpointError(f"{path}: unsupported weight file (expected .safetensors or .bin)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoint
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) for this process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        buf = bytearray(16 * 2**20)
-        view = memoryview(buf)
-        with path.open("rb") as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])  # hashlib releases the GIL on large buffers: digests run beside the work
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint.files import (ADAPTER_CONFIG, SAFETENSORS_INDEX, TORCH_INDEX, WEIGHT_SUFFIXES,
-                                          SafetensorsFile, TensorInfo, file_sha256, open_weight_file)
+                                          SafetensorsFile, TensorInfo, open_weight_file)
+from weightsmith.digests import file_sha256
 from weightsmith.errors import CheckpointError
 
 

@@ -8,6 +8,8 @@ Exit codes: 0 success, 2 bad input (one line on stderr), 1 a bug (traceback with
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import importlib
 import sys
 import traceback
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "out", None) is not None:  # a command that streams a checkpoint into an output
+        _start_input_digests(args)
+        _reuse_freed_memory()
     from weightsmith.errors import WeightsmithError
 
     try:
@@ -60,6 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     if report is not None:
         print(report.to_json() if getattr(args, "json", False) else report.to_text())
     return 0
+
+
+def _start_input_digests(args: argparse.Namespace) -> None:
+    """Hash the input checkpoints for the output's provenance while torch is still being imported."""
+    from weightsmith.cli.common import parse_adapter
+    from weightsmith.digests import prefetch
+
+    values = [v for k, v in vars(args).items() if k != "out"]
+    texts = [t for v in values for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
+    prefetch(parse_adapter(t)[0] for t in texts)
+
+
+def _reuse_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of unmapping every large block: a streamed pass allocates
+    and frees tensors of the same few sizes thousands of times, and by default each one is a fresh mmap that
+    page-faults its way in (a quarter of a LoRA fold's time). Peak RSS stays that of the largest working set. A
+    no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap for the next tensor
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -22,3 +22,14 @@ def add_output_options(parser: argparse.ArgumentParser, *, dtype: bool = True, s
         parser.add_argument("--dtype", help="cast float tensors when writing: float32, bfloat16, float16")
     if shards:
         parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 500MB, 2GiB (default 5GB)")
+
+
+def parse_adapter(text: str) -> tuple[str, float]:
+    """``ADAPTER[@WEIGHT]``: a trailing ``@number`` is the weight (default 1); any other ``@`` is part of the path."""
+    path, sep, weight = text.rpartition("@")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from weightsmith.cli.common import add_command, add_output_options
-
-
-def parse_adapter(text: str) -> tuple[str, float]:
-    """``ADAPTER[@WEIGHT]``: a trailing ``@number`` is the weight (default 1); any other ``@`` is part of the path."""
-    path, sep, weight = text.rpartition("@")
-    if sep:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
+from weightsmith.cli.common import add_command, add_output_options, parse_adapter
 
 
 def register(sub) -> None:

@@ -31,7 +31,7 @@ from weightsmith.checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, CheckpointVi
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 from weightsmith.merge.lora_math import (CONV, CONV1D, EMBEDDING, LINEAR, add_lora_, dora_rows, from_rows,
-                                         lora_delta_rows, to_rows)
+                                         lora_delta_rows, stored_factors, to_rows)
 from weightsmith.merge.lora_read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.progress import progress
 from weightsmith.report import Report
@@ -178,7 +178,7 @@ class FoldedCheckpoint(CheckpointView):
         target = self.info(name).dtype
         if not terms:
             return value if value.dtype == target else value.to(target)
-        value = self._fold(value, terms).to(target)  # the one rounding
+        value = self._fold(value, terms, target)  # rounded once, to the output dtype
         # checked as stored (an overflow of the output dtype counts); one pass: NaN/Inf make the sum non-finite,
         # and a finite tensor whose sum overflows is re-checked element-wise
         if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
@@ -186,7 +186,11 @@ class FoldedCheckpoint(CheckpointView):
                                  f"into tensor {name!r} gives NaN or Inf")
         return value
 
-    def _fold(self, w: Tensor, terms: list[_Term]) -> Tensor:
+    def _fold(self, w: Tensor, terms: list[_Term], target: torch.dtype) -> Tensor:
+        if all(t.how == "lora" for t in terms):  # the common case: from the stored weight straight to the output
+            out = w if w.dtype == target else torch.empty(w.shape, dtype=target)  # w is our own copy
+            self._add_lora(w, out, terms)
+            return out
         acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         w = w.to(acc_dtype)  # fp32 accumulate; the stored tensor is cast once, at the end. A fresh tensor: ours
         replace = [t for t in terms if t.how == "replace"]
@@ -206,9 +210,15 @@ class FoldedCheckpoint(CheckpointView):
                 elif t.how == "bias":
                     result += (t.module.scaling * t.weight) * t.adapter.ckpt[t.module.bias].to(acc_dtype)
                 else:
-                    add_lora_(to_rows(result, t.kind), t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b],
-                              t.module.scaling * t.weight)
-        return result
+                    self._add_lora(result, result, [t])
+        return result.to(target)
+
+    @staticmethod
+    def _add_lora(src: Tensor, dst: Tensor, terms: list[_Term]) -> None:
+        acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+        factors = [(*stored_factors(t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b], t.kind, acc),
+                    t.module.scaling * t.weight) for t in terms]
+        add_lora_(src.reshape(src.shape[0], -1), dst.reshape(dst.shape[0], -1), factors)
 
     @staticmethod
     def _dora(w: Tensor, t: _Term) -> Tensor:

@@ -15,6 +15,8 @@ from torch import Tensor
 # How each kind stores its weight relative to the row view [out, in].
 LINEAR, CONV1D, EMBEDDING, CONV = "linear", "conv1d", "embedding", "conv"
 
+_BLOCK_ELEMENTS = 1 << 18  # rows per block in add_lora_: about 1 MB of float32
+
 
 def _acc(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
@@ -54,12 +56,35 @@ def lora_delta_rows(a: Tensor, b: Tensor, scaling: float) -> Tensor:
     return (b2 @ a2) * scaling
 
 
-def add_lora_(rows: Tensor, a: Tensor, b: Tensor, scaling: float) -> None:
-    """rows += s · B·A, in place, in one fused pass (``addmm_``); ``rows`` is the fold's own accumulator
-    ``[out, in]`` (a view of it for Conv1D/embedding/conv). Shapes as in ``lora_delta_rows``."""
-    a2 = a.to(rows.dtype).reshape(a.shape[0], -1)  # [r, in·∏k]
-    b2 = b.to(rows.dtype).reshape(b.shape[0], -1)  # [out, r]
-    rows.addmm_(b2, a2, alpha=scaling)
+def stored_factors(a: Tensor, b: Tensor, kind: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(L, R) with L·R = B·A laid out as the weight is stored, flattened to 2-D ``[stored rows, rest]``.
+
+    Linear and conv store the row view itself (L = B ``[out, r]``, R = A ``[r, in·∏k]``); Conv1D and embedding
+    store its transpose (L = Aᵀ ``[in, r]``, R = Bᵀ ``[r, out]``). Shapes of ``a``/``b`` as in ``lora_delta_rows``.
+    """
+    a2 = a.to(dtype).reshape(a.shape[0], -1)  # [r, in·∏k]
+    b2 = b.to(dtype).reshape(b.shape[0], -1)  # [out, r]
+    return (a2.t(), b2.t()) if kind in (CONV1D, EMBEDDING) else (b2, a2)
+
+
+def add_lora_(src: Tensor, dst: Tensor, terms: list[tuple[Tensor, Tensor, float]]) -> None:
+    """dst = src + Σ sᵢ·Lᵢ·Rᵢ, block of rows by block of rows, rounding once to ``dst``'s dtype.
+
+    ``src`` and ``dst`` are the stored weight flattened to 2-D (they may be the same tensor: the fold then happens
+    in place); ``terms`` are ``stored_factors`` with their scale. Each block is upcast to float32 (float64 stays
+    float64) and accumulated with a fused ``addmm_``, the product taken before the scale as PEFT's
+    ``get_delta_weight`` does; blocks are about a megabyte, so the float32 copy of the weight never exists whole and
+    the work stays in the CPU cache.
+    """
+    step = max(1, _BLOCK_ELEMENTS // max(1, src.shape[1]))
+    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    for start in range(0, src.shape[0], step):
+        block = src[start:start + step].to(acc)  # a view when src is already float32: accumulated in place
+        for left, right, scale in terms:
+            block.addmm_(left[start:start + step], right, alpha=scale)
+        out = dst[start:start + step]
+        if block.data_ptr() != out.data_ptr():
+            out.copy_(block)
 
 
 def dora_rows(weight_rows: Tensor, delta_rows: Tensor, magnitude: Tensor) -> Tensor:
