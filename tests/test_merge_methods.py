@@ -46,14 +46,10 @@ def test_outlier_mask_matches_definition():
     assert torch.equal(mask.reshape(-1), expected)
 
 
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def test_dare_paper_rescale_is_unbiased():
     """1/p: kept fraction ≈ p, and the survivors ×1/p keep the sum (in expectation; N large)."""
     base, delta = torch.zeros(400, 1000), _delta(2).abs()
-    out = M.dare_linear(base, [delta], [1.0], [0.3], [_gen()], rescale_mode="1/p")
+    out = M.dare_linear(base, [delta], [1.0], [0.3], [0], rescale_mode="1/p")
     kept = (out != 0).float().mean()
     assert abs(float(kept) - 0.3) < 0.005
     assert torch.allclose(out[out != 0], delta[out != 0] / 0.3)
@@ -65,7 +61,7 @@ def test_dare_l1_rescale_matches_mergekit_statistics():
     Bernoulli sparsifier on the same tensor."""
     sparsify = pytest.importorskip("mergekit.sparsify")
     base, delta = torch.zeros(400, 1000), _delta(3)
-    ours = M.dare_linear(base, [delta], [1.0], [0.3], [_gen()], rescale_mode="l1")
+    ours = M.dare_linear(base, [delta], [1.0], [0.3], [0], rescale_mode="l1")
     torch.manual_seed(0)
     theirs = sparsify.bernoulli(delta, 0.3, sparsify.RescaleNorm.l1)
     for out in (ours, theirs):
@@ -79,7 +75,7 @@ def test_dare_l1_rescale_matches_mergekit_statistics():
 def test_dare_ties_at_density_one_is_ties_without_trim():
     base = torch.zeros(50, 40)
     tuned = [_delta(s)[:50, :40] for s in (4, 5, 6)]
-    out = M.dare_ties(base, tuned, [0.5, 0.3, 0.2], [1.0] * 3, [_gen(i) for i in range(3)])
+    out = M.dare_ties(base, tuned, [0.5, 0.3, 0.2], [1.0] * 3, [0, 1, 2])
     ref = M.merge_task_vectors(M.FAMILY["ties"], base, tuned, [0.5, 0.3, 0.2], densities=[1.0] * 3,
                                normalize=False)[0]
     assert torch.equal(out, ref)
@@ -91,7 +87,7 @@ def test_della_keeps_large_entries_more_often_like_mergekit():
     sparsify = pytest.importorskip("mergekit.sparsify")
     delta = _delta(7)
     base = torch.zeros_like(delta)
-    ours = M.della(base, [delta], [1.0], [0.4], [_gen()], epsilon=0.2, rescale_mode="l1")
+    ours = M.della(base, [delta], [1.0], [0.4], [0], epsilon=0.2, rescale_mode="l1")
     torch.manual_seed(0)
     theirs = sparsify.della_magprune(delta, 0.4, 0.2, sparsify.RescaleNorm.l1)
     big = delta.abs() >= delta.abs().median(dim=1, keepdim=True).values
@@ -109,7 +105,7 @@ def test_della_paper_rescale_divides_by_each_probability():
     delta = _delta(8)[:20]
     p = sp.rank_keep_probability(delta, 0.5, 0.1)
     assert float(p.min()) == pytest.approx(0.4) and float(p.max()) == pytest.approx(0.6)
-    out = M.della(torch.zeros_like(delta), [delta], [1.0], [0.5], [_gen()], epsilon=0.1, rescale_mode="1/p")
+    out = M.della(torch.zeros_like(delta), [delta], [1.0], [0.5], [0], epsilon=0.1, rescale_mode="1/p")
     kept = out != 0
     assert torch.allclose(out[kept], delta[kept] / p[kept])
 
@@ -118,6 +114,9 @@ def test_methods_do_not_mutate_inputs():
     base, a, b = (torch.randn(8, 8) for _ in range(3))
     copies = [t.clone() for t in (base, a, b)]
     M.ties(base, [a, b], [1.0, 1.0], [0.5, 0.5])
+    M.dare_linear(base, [a, b], [1.0, 1.0], [0.5, 0.5], [0, 1], rescale_mode="l1")
+    M.della(base, [a, b], [1.0, 1.0], [0.5, 0.5], [0, 1])
+    M.breadcrumbs(base, [a, b], [1.0, 1.0], [0.5, 0.5])
     M.slerp(a, b, 0.3)
     M.model_stock(base, [a, b])
     M.nuslerp(a, b, [1.0, 2.0], base=base)

@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_input_digests(args: argparse.Namespace) -> None:
-    """Hash the input checkpoints for the output's provenance while torch is still being imported."""
+    """Hash the input checkpoints for the output's provenance while torch is still being imported. A command
+    names its inputs with an ``inputs(args)`` default; otherwise every argument but the output is a candidate."""
     from weightsmith.cli.common import parse_adapter
     from weightsmith.digests import prefetch
 
-    values = [v for k, v in vars(args).items() if k != "out"]
+    if callable(getattr(args, "inputs", None)):
+        prefetch(args.inputs(args))
+        return
+    values = [v for k, v in vars(args).items() if k not in ("out", "handler")]
     texts = [t for v in values for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
     prefetch(parse_adapter(t)[0] for t in texts)
 

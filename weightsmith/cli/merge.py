@@ -38,7 +38,22 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random methods (default 0)")
     p.add_argument("--workers", type=int, default=1, help="tensors merged at once (output does not depend on it)")
     add_output_options(p)
-    p.set_defaults(handler=_merge)
+    p.set_defaults(handler=_merge, inputs=_inputs)
+
+
+def _inputs(args) -> list[str]:
+    """The checkpoints a merge reads (for hashing ahead); a config that cannot be read yields none of its own."""
+    specs = [args.base, *args.model]
+    if args.config:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(open(args.config, encoding="utf-8"))
+            specs += [raw.get("base_model")] + [m.get("model") for m in raw.get("models") or []]
+        except (OSError, yaml.YAMLError, AttributeError):
+            pass
+    paths = [part for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]
+    return [path.rpartition("@")[0] or path for path in paths]
 
 
 def _merge(args):

@@ -1,7 +1,9 @@
 """The merge engine: check the inputs, plan every tensor, then stream: read one tensor from each input, merge, write.
 
 The engine knows nothing about any method's math (``methods``) and the methods know nothing about files. Peak
-memory is about (inputs + 2) × the largest tensor in float32 per worker, plus the writer's buffer. With
+memory per worker is about the largest tensor of every input as stored plus its output (the task-vector family and
+linear work block by block from the stored dtype; slerp, nuslerp and model_stock hold (inputs + 2) float32 copies),
+plus the writer's buffer. With
 ``workers > 1`` several tensors are merged at once and written in order; a tensor's random stream derives from the
 seed and its name, so the output is byte-identical for any number of workers.
 """
@@ -116,7 +118,8 @@ def _check_task(config: MergeConfig, task: _Task) -> None:
 
 def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor],
                   seed: int) -> tuple[torch.Tensor, M.FamilyStats | None]:
-    """Dispatch one tensor to its method (float32 in, float32 out)."""
+    """Dispatch one tensor to its method: float32 out (the task-vector family: ``task.dtype``); float32 in, except
+    linear and the family, which take the stored dtype."""
     method, s, pm = config.method, task.shared, task.per_model
     if method == "linear":
         return M.linear(tensors, [p["weight"] for p in pm], normalize=s["normalize"]), None
@@ -129,17 +132,12 @@ def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, t
         return M.model_stock(base, tensors, filter_wise=s["filter_wise"]), None
     if method == "passthrough":
         return M.passthrough(tensors[0], pm[0]["scale"]), None
-    row = M.FAMILY[method]
-    generators = None
-    if row.sparsifier in ("random", "rank_random"):
-        generators = [torch.Generator().manual_seed(tensor_seed(seed, task.name, i)) for i in range(len(tensors))]
-    deltas = [t.sub_(base) for t in tensors]  # in place: the engine owns these fresh reads (and the base)
-    tensors.clear()
-    return M.merge_deltas_(
-        row, base, deltas, [p["weight"] for p in pm], densities=[p["density"] for p in pm], lam=s["lambda"],
-        normalize=s["normalize"], rescale=s["rescale"], rescale_mode=s.get("rescale_mode", "1/p"),
+    return M.merge_task_vectors(
+        M.FAMILY[method], base, tensors, [p["weight"] for p in pm], densities=[p["density"] for p in pm],
+        lam=s["lambda"], normalize=s["normalize"], rescale=s["rescale"], rescale_mode=s.get("rescale_mode", "1/p"),
         consensus=s.get("consensus"), gammas=[p.get("gamma", 0.01) for p in pm],
-        epsilons=[p.get("epsilon", 0.15) for p in pm], generators=generators)
+        epsilons=[p.get("epsilon", 0.15) for p in pm],
+        seeds=[tensor_seed(seed, task.name, i) for i in range(len(tensors))], out_dtype=task.dtype)
 
 
 def run(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.PathLike, *, seed: int = 0,
@@ -184,7 +182,8 @@ def run(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.PathLik
     base_ckpt = opened[cfg.base.path] if cfg.base else None
     model_ckpts = [opened[r.path] for r in cfg.inputs]
 
-    native = cfg.method == "linear"  # linear accumulates any float dtype into fp32 itself: skip the up-cast
+    # linear and the task-vector family take the stored dtype and accumulate in fp32 themselves: no up-cast copy
+    native = cfg.method == "linear" or cfg.method in M.FAMILY
 
     def work(task: _Task) -> tuple[torch.Tensor, M.FamilyStats | None]:
         info = primary.info(task.name)

@@ -1,132 +1,160 @@
 """Masks that keep part of a tensor: by magnitude, by magnitude without outliers, at random, by magnitude rank.
 
-Shared by the merge methods (TIES, DARE, breadcrumbs, DELLA) and by pruning. Magnitude masks find their threshold
-by selection (a sampled bracket, then ``kthvalue`` on the few candidates inside it), never by sorting the tensor:
-a full argsort of a large tensor is what makes other TIES implementations slow. Every mask keeps exactly the
-requested count; ties at the threshold are broken by position (lower index first).
+Used by the task-vector merges (TIES, DARE, breadcrumbs, DELLA), which apply them chunk by chunk. Magnitude masks
+find their threshold by selection (a sampled bracket, then ``kthvalue`` on the few candidates inside it), never by
+sorting the tensor: a full argsort of a large tensor is what makes other TIES implementations slow. The values are
+read through a callable that yields them in chunks, so a threshold over |θᵢ − θ_b| never needs that difference in
+memory. Every mask keeps exactly the requested count; ties at the threshold are broken by position (lower index
+first).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
 import torch
 from torch import Tensor
 
 _SAMPLE = 1 << 16  # elements sampled to bracket a threshold
-_ROW_CHUNK = 1 << 22  # elements per chunk when ranking rows (bounds the scratch of the per-row sort)
+_UNIFORM_BITS = 24  # resolution of the uniform draws (as torch.rand's float32)
 
 
-def _kth_smallest(a: Tensor, k: int) -> Tensor:
-    """The k-th smallest value (1-based) of a flat tensor, by selection on a sampled bracket.
+class Cut:
+    """The k largest (or smallest) of a sequence of values: those strictly beyond ``threshold`` plus the first
+    ``ties`` values equal to it. ``mask(chunk)`` is called on consecutive chunks, in order (it counts the ties)."""
 
-    A strided sample estimates the value's quantile; a margin of a few standard errors brackets it; the exact
-    answer is the kthvalue of the elements inside the bracket (a small tensor). Falls back to kthvalue of the
-    whole tensor when the bracket misses.
+    def __init__(self, threshold: float, ties: int, equal: int, largest: bool):
+        self.threshold, self.ties, self.equal, self.largest = threshold, ties, equal, largest
+
+    def mask(self, chunk: Tensor) -> Tensor:
+        beyond = chunk > self.threshold if self.largest else chunk < self.threshold
+        if self.ties == 0:
+            return beyond
+        equal = chunk == self.threshold
+        if self.ties == self.equal:  # every equal value is in (the common case)
+            return beyond | equal
+        first = torch.cumsum(equal.reshape(-1), 0).reshape(chunk.shape) <= self.ties
+        taken = equal & first
+        self.ties -= int(torch.count_nonzero(taken))
+        self.equal -= int(torch.count_nonzero(equal))
+        return beyond | taken
+
+
+def count_cut(chunks: Callable[[], Iterable[Tensor]], strided: Callable[[int], Tensor], n: int, k: int,
+              largest: bool) -> Cut:
+    """The ``Cut`` keeping exactly ``k`` of the ``n`` values that ``chunks()`` yields (a fresh pass per call);
+    ``strided(step)`` gives every step-th of those values, from the first.
+
+    The k-th value is found by selection: a strided sample of about ``_SAMPLE`` values estimates the quantile, a
+    margin of a few standard errors brackets it, and ``kthvalue`` runs on the values inside the bracket only. One
+    pass counts and gathers them; a missed bracket (improbable) falls back to all values.
     """
-    n = a.numel()
+    if k <= 0 or k >= n:  # nothing or everything: a threshold beyond every value
+        edge = float("inf") if (k <= 0) == largest else float("-inf")
+        return Cut(edge, 0, 0, largest)
+    rank = n - k + 1 if largest else k  # 1-based, among the values in ascending order
+    below = 0  # values known to lie below every candidate in ``values``
     if n <= 4 * _SAMPLE:
-        return torch.kthvalue(a, k).values
-    step = n // _SAMPLE
-    sample = a[::step].contiguous()
-    m = sample.numel()
-    q = k / n
-    margin = 4.0 * (q * (1 - q) / m) ** 0.5 + 4.0 / m
-    lo_i = max(1, int((q - margin) * m))
-    hi_i = min(m, int((q + margin) * m) + 1)
-    lo = torch.kthvalue(sample, lo_i).values if q - margin > 0 else a.min()
-    hi = torch.kthvalue(sample, hi_i).values if q + margin < 1 else a.max()
-    below = int(torch.count_nonzero(a < lo))
-    band = a[(a >= lo) & (a <= hi)]
-    if below < k <= below + band.numel():
-        return torch.kthvalue(band, k - below).values
-    return torch.kthvalue(a, k).values
+        values = torch.cat([c.reshape(-1) for c in chunks()])
+    else:
+        sample = strided(n // _SAMPLE)
+        m = sample.numel()
+        q = rank / n
+        margin = 4.0 * (q * (1 - q) / m) ** 0.5 + 4.0 / m
+        lo = torch.kthvalue(sample, max(1, int((q - margin) * m))).values if q - margin > 0 else None
+        hi = torch.kthvalue(sample, min(m, int((q + margin) * m) + 1)).values if q + margin < 1 else None
+        band = []
+        for c in chunks():
+            c = c.reshape(-1)
+            inside = torch.ones_like(c, dtype=torch.bool) if lo is None else c >= lo
+            if lo is not None:
+                below += c.numel() - int(torch.count_nonzero(inside))
+            if hi is not None:
+                inside &= c <= hi
+            band.append(c[inside])
+        values = torch.cat(band)
+        if not below < rank <= below + values.numel():  # the bracket missed: select among all values
+            values, below = torch.cat([c.reshape(-1) for c in chunks()]), 0
+    threshold = torch.kthvalue(values, rank - below).values
+    less = below + int(torch.count_nonzero(values < threshold))
+    equal = int(torch.count_nonzero(values == threshold))
+    strict = n - less - equal if largest else less
+    return Cut(float(threshold), k - strict, equal, largest)
 
 
 def smallest_mask(a: Tensor, k: int) -> Tensor:
     """Bool mask (a's shape) of exactly the ``k`` smallest entries of ``a``; ties broken by position."""
-    return _count_mask(a, k, largest=False)
+    return count_cut(lambda: [a], lambda step: a.reshape(-1)[::step], a.numel(), k, largest=False).mask(a)
 
 
 def largest_mask(a: Tensor, k: int) -> Tensor:
     """Bool mask of exactly the ``k`` largest entries of ``a``; ties broken by position."""
-    return _count_mask(a, k, largest=True)
+    return count_cut(lambda: [a], lambda step: a.reshape(-1)[::step], a.numel(), k, largest=True).mask(a)
 
 
-def _count_mask(a: Tensor, k: int, largest: bool) -> Tensor:
-    flat = a.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros_like(a, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(a, dtype=torch.bool)
-    thr = _kth_smallest(flat, n - k + 1 if largest else k)
-    mask = flat > thr if largest else flat < thr
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:  # fill from the entries equal to the threshold, in index order
-        equal = (flat == thr).nonzero().squeeze(1)[:missing]
-        mask[equal] = True
-    return mask.reshape(a.shape)
+def magnitude_count(n: int, density: float) -> int:
+    """k = max(1, ⌊density·N⌋) entries of largest |x| are kept (TIES' "trim" step, Yadav et al. 2023); N for
+    density ≥ 1, 0 for density ≤ 0."""
+    return n if density >= 1 else 0 if density <= 0 else max(1, int(density * n))
+
+
+def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(bottom, top): how many of the smallest and of the largest |x| Model Breadcrumbs drops (Davari & Belilovsky
+    2023) to keep ⌊density·N⌋ after dropping the ⌊γ·N⌋ largest. When γ and density together exceed N, fewer
+    outliers are dropped so the density holds."""
+    keep = int(density * n)
+    bottom = max(0, n - keep - int(gamma * n))
+    return bottom, n - bottom - keep
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Keep the k = max(1, ⌊density·N⌋) entries of largest |x| (TIES' "trim" step, Yadav et al. 2023)."""
-    if density >= 1:
-        return torch.ones_like(x, dtype=torch.bool)
-    if density <= 0 or x.numel() == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    return largest_mask(x.abs(), max(1, int(density * x.numel())))
+    """Keep the ``magnitude_count`` entries of largest |x|."""
+    return largest_mask(x.abs(), magnitude_count(x.numel(), density))
 
 
 def outlier_magnitude_mask(x: Tensor, density: float, gamma: float) -> Tensor:
-    """Drop the ⌊γ·N⌋ largest |x| and then the smallest, keeping ⌊density·N⌋ (Model Breadcrumbs, Davari &
-    Belilovsky 2023). When γ and density together exceed N, fewer outliers are dropped so the density holds."""
+    """Keep ⌊density·N⌋ entries of |x|, dropping the largest ``outlier_counts`` first (Model Breadcrumbs)."""
     if density >= 1:
         return torch.ones_like(x, dtype=torch.bool)
-    n = x.numel()
-    keep = int(density * n)
-    n_bottom = max(0, n - keep - int(gamma * n))
-    n_top = n - n_bottom - keep
+    bottom, top = outlier_counts(x.numel(), density, gamma)
     a = x.abs()
-    return ~(smallest_mask(a, n_bottom) | largest_mask(a, n_top))
+    return ~(smallest_mask(a, bottom) | largest_mask(a, top))
 
 
-def bernoulli_mask(shape: torch.Size | tuple[int, ...], p: float | Tensor, generator: torch.Generator) -> Tensor:
-    """Keep each entry independently with probability p (a scalar or a tensor of shape ``shape``)."""
-    return torch.rand(shape, generator=generator) < p
+def bernoulli_mask(generator: np.random.Generator, shape: torch.Size | tuple[int, ...], p: float | Tensor) -> Tensor:
+    """Keep each entry independently with probability p (a scalar, or a float tensor of ``shape``): u < p.
+
+    u = ⌊r/2⁸⌋·2⁻²⁴ for a uniform 32-bit r is uniform on [0, 1) at float32's resolution. The bits come from a numpy
+    bit generator (PCG64, ``random_raw``: several times faster than torch.rand on CPU), and its stream continues
+    across calls, so block-by-block draws equal one draw for the whole tensor.
+    """
+    n = math.prod(shape)
+    raw = generator.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    if isinstance(p, Tensor):
+        u = torch.from_numpy((raw >> 8).astype(np.float32)).mul_(2.0 ** -_UNIFORM_BITS)
+        return u.reshape(shape) < p
+    threshold = round(min(max(p, 0.0), 1.0) * (1 << _UNIFORM_BITS)) << 8  # ⌊r/2⁸⌋ < t  ⇔  r < t·2⁸
+    return torch.from_numpy(np.less(raw, threshold)).reshape(shape)
 
 
 def rank_keep_probability(x: Tensor, density: float, epsilon: float) -> Tensor:
     """DELLA's MagPrune probabilities (Deep et al. 2024): within each row, pᵢ = density − ε + 2ε·rᵢ, rᵢ the rank of
-    |xᵢ| scaled to [0, 1] (smallest 0, largest 1). Rows are dim 0 after viewing x as 2-D (a 1-D x is one row).
+    |xᵢ| scaled to [0, 1] (smallest 0, largest 1; equal values ranked by position). Rows are dim 0 after viewing x
+    as 2-D (a 1-D x is one row); the merge calls this on blocks of rows.
 
-    Ranks need an order within each row, so rows are sorted (in chunks of rows); the tensor as a whole is not.
+    The order comes from sorting one int64 key per entry, the float32 bits of |xᵢ| (which order like the values)
+    above its column index: keys are unique, so any sort gives the stable order, and numpy's vectorised sort of
+    integers is several times faster than an argsort.
     """
     rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
     n = rows.shape[1]
-    ranks = torch.empty(rows.shape, dtype=torch.float32)
-    step = max(1, _ROW_CHUNK // max(n, 1))
-    positions = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)  # rank → [0, 1]
-    for start in range(0, rows.shape[0], step):
-        order = rows[start:start + step].abs().argsort(dim=1, stable=True)
-        ranks[start:start + step].scatter_(1, order, positions.expand(order.shape[0], n))
-    return ((density - epsilon) + 2 * epsilon * ranks).reshape(x.shape)
-
-
-def rescale_(delta: Tensor, mask: Tensor, mode: str | None, p: float | Tensor | None = None,
-             eps: float = 1e-7) -> Tensor:
-    """Apply a mask to ``delta`` in place and restore the scale of what was dropped; returns ``delta``.
-
-    - ``None``: δ ⊙ m.
-    - ``"1/p"`` (the DARE paper, Yu et al. 2024; DELLA per element): δ ⊙ m / p, unbiased per entry.
-    - ``"l1"`` (mergekit): δ ⊙ m · ‖δ‖₁ / ‖δ ⊙ m‖₁, left unscaled when either norm is below ``eps``.
-    """
-    if mode not in (None, "1/p", "l1"):
-        raise ValueError(f"unknown rescale mode {mode!r}")
-    before = delta.abs().sum() if mode == "l1" else None
-    delta.mul_(mask)
-    if mode == "1/p":
-        delta.div_(p)
-    elif mode == "l1":
-        after = delta.abs().sum()
-        if before >= eps and after >= eps:
-            delta.mul_(before / after)
-    return delta
+    keys = rows.abs().float().contiguous().view(torch.int32).numpy().astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(n, dtype=np.int64)
+    keys.sort(axis=1)
+    order = torch.from_numpy(keys & 0xFFFFFFFF)  # [rows, n]: the column holding each rank
+    positions = torch.arange(n, dtype=torch.float32).div_(max(n - 1, 1))  # rank → [0, 1]
+    ranks = torch.empty(rows.shape, dtype=torch.float32).scatter_(1, order, positions.expand(rows.shape[0], n))
+    return ranks.mul_(2 * epsilon).add_(density - epsilon).reshape(x.shape)
