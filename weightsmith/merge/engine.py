@@ -118,11 +118,11 @@ def _check_task(config: MergeConfig, task: _Task) -> None:
 
 def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor],
                   seed: int) -> tuple[torch.Tensor, M.FamilyStats | None]:
-    """Dispatch one tensor to its method: float32 out (the task-vector family: ``task.dtype``); float32 in, except
-    linear and the family, which take the stored dtype."""
+    """Dispatch one tensor to its method: float32 in and out, except linear and the task-vector family, which take
+    the stored dtype and round once to ``task.dtype`` themselves."""
     method, s, pm = config.method, task.shared, task.per_model
     if method == "linear":
-        return M.linear(tensors, [p["weight"] for p in pm], normalize=s["normalize"]), None
+        return M.linear(tensors, [p["weight"] for p in pm], normalize=s["normalize"], out_dtype=task.dtype), None
     if method == "slerp":
         return M.slerp(base, tensors[0], s["t"]), None
     if method == "nuslerp":

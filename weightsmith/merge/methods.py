@@ -19,22 +19,33 @@ from torch import Tensor
 
 from weightsmith.merge import sparsify as sp
 
+_BLOCK = 1 << 18  # elements per block of rows: N × 1 MB of float32 scratch stays in the CPU cache
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Averaging and interpolation
 
 
-def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True,
+           out_dtype: torch.dtype = torch.float32) -> Tensor:
     """θ = Σᵢ wᵢ θᵢ, divided by Σᵢ wᵢ when ``normalize`` — Wortsman et al. 2022, "Model soups".
+
+    Inputs in any float dtype, accumulated in float32 a block of rows at a time and rounded once to ``out_dtype``.
 
     >>> linear([torch.ones(2), torch.zeros(2)], [3.0, 1.0]).tolist()
     [0.75, 0.75]
     """
-    out = tensors[0].to(torch.float32, copy=True).mul_(weights[0])  # w₀θ₀ rounded once, as 0 + w₀θ₀ would be
-    for tensor, w in zip(tensors[1:], weights[1:]):
-        out.add_(tensor, alpha=w)
-    if normalize:
-        out /= sum(weights)
+    rows = [_as_rows(t) for t in tensors]
+    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    o2 = out.view(rows[0].shape)
+    total = sum(weights)
+    for s, e in _row_blocks(rows[0]):
+        acc = rows[0][s:e].to(torch.float32, copy=True).mul_(weights[0])  # w₀θ₀ rounded once, as 0 + w₀θ₀ would be
+        for t, w in zip(rows[1:], weights[1:]):
+            acc.add_(t[s:e], alpha=w)
+        if normalize:
+            acc /= total
+        o2[s:e] = acc
     return out
 
 
@@ -156,9 +167,6 @@ class FamilyStats:
     conflict: float  # fraction of entries whose kept, weighted δᵢ disagree in sign (before the election)
 
 
-_BLOCK = 1 << 18  # elements per block of rows: N × 1 MB of float32 scratch stays in the CPU cache
-
-
 def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], *,
                        densities: Sequence[float] | None = None, lam: float = 1.0, normalize: bool | None = None,
                        rescale: bool | None = None, rescale_mode: str = "1/p", consensus: str | None = None,
@@ -196,8 +204,7 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
     epsilons = epsilons or [0.15] * n
     b2 = _as_rows(base)
     t2 = [_as_rows(t) for t in tuned]
-    step = max(1, _BLOCK // max(1, b2.shape[1]))
-    blocks = [(s, min(s + step, b2.shape[0])) for s in range(0, b2.shape[0], step)]
+    blocks = _row_blocks(b2)
 
     def magnitudes(i: int):
         """|δᵢ| block by block (float32, fresh tensors)."""
@@ -318,6 +325,12 @@ def _any(masks) -> Tensor:
 
 
 _L1_EPS = 1e-7  # below this an L1 norm is left unscaled (as mergekit does)
+
+
+def _row_blocks(rows: Tensor) -> list[tuple[int, int]]:
+    """[start, end) row ranges of about ``_BLOCK`` elements (at least one row) covering a 2-D view."""
+    step = max(1, _BLOCK // max(1, rows.shape[1]))
+    return [(s, min(s + step, rows.shape[0])) for s in range(0, rows.shape[0], step)]
 
 
 def _as_rows(t: Tensor) -> Tensor:
