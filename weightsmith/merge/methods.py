@@ -1,4 +1,6 @@
-"""Merge methods: pure functions from float32 tensors to a float32 tensor. They know nothing about files.
+"""Merge methods: pure functions on tensors, which know nothing about files. They compute in float32; linear and the
+task-vector family take inputs in any float dtype and work a block of rows at a time (see ``_BLOCK``), rounding
+once to the dtype asked for.
 
 Notation: θ_b the base tensor, θᵢ the fine-tuned tensors, δᵢ = θᵢ − θ_b their task vectors, wᵢ their weights.
 The task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA) is one computation parameterised by a row of
