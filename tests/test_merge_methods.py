@@ -35,6 +35,19 @@ def test_mask_counts_exact_with_ties():
     assert int(sp.smallest_mask(torch.zeros(300_000), 1234).sum()) == 1234
 
 
+def test_ties_trim_across_blocks_breaks_ties_by_position():
+    """Few distinct magnitudes (as bf16 task vectors have) spread over many row blocks: the kept set is exactly the
+    k largest |δ| with equal values taken in index order, as a stable full sort orders them."""
+    g = torch.Generator().manual_seed(9)
+    delta = torch.randint(-3, 4, (700, 1024), generator=g).float()  # 7 values, ~100k of each
+    assert delta.numel() > 2 * M._BLOCK
+    out = M.ties(torch.zeros_like(delta), [delta], [1.0], [0.37])
+    k = int(0.37 * delta.numel())
+    expected = torch.zeros(delta.numel(), dtype=torch.bool)
+    expected[delta.abs().reshape(-1).argsort(descending=True, stable=True)[:k]] = True
+    assert torch.equal(out, delta * expected.reshape(delta.shape))
+
+
 def test_outlier_mask_matches_definition():
     x = _delta(1)
     mask = sp.outlier_magnitude_mask(x, 0.5, 0.02)
