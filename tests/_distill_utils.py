@@ -1,13 +1,17 @@
 """Helpers for the distillation tests: a character-level tokenizer for the tiny conftest models, offline English text.
 
 The tiny models have a 128-token vocabulary and no tokenizer; a character tokenizer over printable ASCII (95
-symbols plus 6 specials) fits in it. Text comes from the docstrings of the standard library, generated at run time.
+symbols plus 6 specials) fits in it. Text comes from docstrings, generated at run time: ``english_lines`` from a
+fixed list of imported standard-library modules, ``docstring_lines`` from every source file under some directories
+(parsed, not imported).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
@@ -17,20 +21,49 @@ _MODULES = ["argparse", "json", "pathlib", "collections", "functools", "itertool
             "asyncio", "inspect", "typing", "dataclasses", "enum", "heapq", "bisect", "random", "difflib"]
 
 
+def _prose(docs: Iterable[str | None], lines: dict[str, None]) -> None:
+    """Add the prose lines (≥ 40 ASCII characters, no doctest prompts) of ``docs`` to the ordered set ``lines``."""
+    for doc in docs:
+        if not isinstance(doc, str):
+            continue
+        for line in doc.splitlines():
+            line = " ".join(line.split())
+            if len(line) >= 40 and line.isascii() and not line.startswith((">>>", "...")):
+                lines[line] = None
+
+
+def lines_by_module() -> dict[str, list[str]]:
+    """The prose lines of each module of the fixed list: its docstring and its public attributes' docstrings."""
+    modules = [importlib.import_module(name) for name in _MODULES]  # first all: imports add package attributes
+    out = {}
+    for name, module in zip(_MODULES, modules):
+        lines: dict[str, None] = {}
+        _prose([module.__doc__] + [getattr(getattr(module, a), "__doc__", None) for a in sorted(dir(module))
+                                   if not a.startswith("_")], lines)
+        out[name] = list(lines)
+    return out
+
+
 def english_lines() -> list[str]:
     """Prose lines (≥ 40 ASCII characters) from standard-library docstrings, in a fixed order."""
-    lines: dict[str, None] = {}  # ordered and de-duplicated
-    for name in _MODULES:
-        module = importlib.import_module(name)
-        docs = [module.__doc__] + [getattr(getattr(module, a), "__doc__", None) for a in sorted(dir(module))
-                                   if not a.startswith("_")]
-        for doc in docs:
-            if not isinstance(doc, str):
-                continue
-            for line in doc.splitlines():
-                line = " ".join(line.split())
-                if len(line) >= 40 and line.isascii() and not line.startswith((">>>", "...")):
-                    lines[line] = None
+    return list(dict.fromkeys(line for lines in lines_by_module().values() for line in lines))
+
+
+def docstring_lines(root: Path, *, skip: Iterable[str] = (), skip_dirs: Iterable[str] = ()) -> list[str]:
+    """Prose lines of the module, class and function docstrings of every ``.py`` file under ``root`` (sorted paths),
+    parsed with ``ast``; files named in ``skip`` (module names, e.g. "difflib") and directories named in ``skip_dirs``
+    or "test"/"tests" are left out."""
+    skip, skip_dirs = set(skip), {"test", "tests", *skip_dirs}
+    lines: dict[str, None] = {}
+    for path in sorted(root.rglob("*.py")):
+        if path.stem in skip or skip_dirs & set(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        _prose([ast.get_docstring(node, clean=False) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))], lines)
     return list(lines)
 
 

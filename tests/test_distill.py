@@ -20,6 +20,7 @@ from conftest import build_model, embed
 import weightsmith as ws
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.cli import build_parser, main
+from weightsmith.compress.distill import data as D
 from weightsmith.compress.distill import losses as L
 from weightsmith.compress.distill import student as S
 from weightsmith.compress.distill import train as T
@@ -95,6 +96,33 @@ def test_hidden_and_feature_losses():
     with torch.no_grad():
         expected = F.mse_loss(proj(h)[keep], target[keep])
     torch.testing.assert_close(L.feature_loss([h], [target], [proj], mask), expected)
+
+
+def test_length_grouped_order_is_a_permutation_with_less_padding():
+    gen = torch.Generator().manual_seed(0)
+    lengths = tuple(torch.randint(3, 60, (1000,), generator=gen).tolist())
+    grouped, plain = D.Order(1000, 16, 1, 0, lengths), D.Order(1000, 16, 1, 0)
+    steps = 2 * 1000 // 16  # two epochs
+    batches = [grouped.batch(s, 0) for s in range(steps)]
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:1000]) == sorted(flat[1000:]) == list(range(1000))  # each epoch sees every example once
+    assert flat[:1000] != flat[1000:]  # and epochs differ
+    assert batches == [D.Order(1000, 16, 1, 0, lengths).batch(s, 0) for s in range(steps)]  # deterministic
+
+    def padded(bs):  # tokens in the padded (B, L) batches
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    assert padded(batches) < 0.8 * padded([plain.batch(s, 0) for s in range(steps)])
+    # two ranks split each grouped global batch without overlap
+    two = D.Order(1000, 8, 2, 0, lengths)
+    assert [two.batch(s, 0) + two.batch(s, 1) for s in range(steps)] == batches
+
+
+def test_feature_layers_map_to_the_teacher_layer_the_next_kept_layer_reads():
+    assert [S.teacher_counterpart(i, [0, 2, 4], 6, 3) for i in range(3)] == [1, 3, 5]
+    assert [S.teacher_counterpart(i, [0, 1, 2, 3], 4, 4) for i in range(4)] == [0, 1, 2, 3]  # all kept: itself
+    assert [S.teacher_counterpart(i, None, 6, 3) for i in range(3)] == [1, 3, 5]  # any student: proportional
+    assert [S.teacher_counterpart(i, None, 12, 4) for i in range(4)] == [2, 5, 8, 11]
 
 
 # -- student initialisation --------------------------------------------------------------------------------------
@@ -191,6 +219,19 @@ def test_minilm_student_gets_closer_to_the_teacher(minilm_path, corpus, tmp_path
     assert cos_after > cos_before + 0.005, (cos_before, cos_after)
     assert 0 < report.summary["eval_cosine"] <= 1
     assert (out / "modules.json").is_file() and (out / "1_Pooling").is_dir()  # still a sentence-transformers dir
+
+
+def test_frozen_embeddings_and_bf16_autocast(bert, corpus, tmp_path):
+    out = tmp_path / "out"
+    report = ws.distill(bert, out, corpus["train"], layers=[1], steps=4, seq_len=32, batch_size=4, lr=1e-3,
+                        freeze_embeddings=True, mixed_precision="bf16", eval_data=corpus["eval"])
+    assert report.summary["loss_finite"] and 0 < report.summary["eval_cosine"] <= 1
+    teacher, student = Checkpoint(bert), Checkpoint(out)
+    name = "embeddings.word_embeddings.weight"
+    assert torch.equal(student[name], teacher[name])  # frozen
+    layer = "encoder.layer.0.attention.self.query.weight"  # student layer 0 = teacher layer 1, trained
+    assert not torch.equal(student[layer], teacher["encoder.layer.1.attention.self.query.weight"])
+    assert student[layer].dtype == torch.float32  # autocast leaves the weights in float32
 
 
 def test_two_processes_under_accelerate_launch(llama, corpus, tmp_path):

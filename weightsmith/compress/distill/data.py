@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,16 +71,19 @@ def tokenize(texts: list[str], tokenizer, *, causal: bool, seq_len: int) -> list
 
 @dataclass(frozen=True)
 class Order:
-    """Which examples each rank takes at each step: epochs are seeded permutations of all examples, concatenated.
+    """Which examples each rank takes at each step: epochs are seeded orders of all examples, concatenated.
 
     Global position p = step·(B·W) + rank·B + j (B per-process batch, W processes) maps to example
-    perm_{p // n}[p mod n] with perm_e = randperm(n, seed + e).
+    order_{p // n}[p mod n], where order_e is randperm(n, seed + e), or with ``lengths`` that permutation grouped by
+    length (``grouped_order``).
     """
 
     num_examples: int
     batch_size: int
     world_size: int
     seed: int
+    lengths: tuple[int, ...] | None = None  # example lengths: put similar lengths into the same global batch
+    _epochs: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def global_batch(self) -> int:
@@ -95,16 +98,30 @@ class Order:
 
     def _example(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_examples)
-        return int(_permutation(self.num_examples, self.seed + epoch)[offset])
+        if epoch not in self._epochs:
+            perm = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._epochs[epoch] = perm if self.lengths is None else grouped_order(perm, self.lengths,
+                                                                                  self.global_batch, self.seed + epoch)
+        return int(self._epochs[epoch][offset])
 
 
-_PERMS: dict[tuple[int, int], torch.Tensor] = {}
+GROUP_CHUNK = 64  # global batches per length-sorted chunk
 
 
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    if (n, seed) not in _PERMS:
-        _PERMS[(n, seed)] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return _PERMS[(n, seed)]
+def grouped_order(perm: torch.Tensor, lengths: tuple[int, ...], global_batch: int, seed: int) -> torch.Tensor:
+    """A permutation regrouped so that each global batch holds examples of similar length (less padding).
+
+    As transformers' ``group_by_length`` sampler: cut ``perm`` into chunks of GROUP_CHUNK global batches, sort each
+    chunk by length (longest first), then shuffle the order of the whole global batches with ``seed`` (a partial
+    tail batch stays last). Still a permutation, and a pure function of its arguments.
+    """
+    size = global_batch * GROUP_CHUNK
+    ordered = [i for start in range(0, len(perm), size)
+               for i in sorted(perm[start:start + size].tolist(), key=lambda i: -lengths[i])]
+    full = len(ordered) // global_batch
+    blocks = torch.randperm(full, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    out = [i for b in blocks for i in ordered[b * global_batch:(b + 1) * global_batch]]
+    return torch.tensor(out + ordered[full * global_batch:], dtype=torch.long)
 
 
 def collate(examples: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,3 +82,15 @@ def write_student(teacher: Checkpoint, out: str | os.PathLike, layers: Sequence[
         for name, tensor in student_tensors(teacher, layers):
             writer.write(name, tensor)
     return Path(out)
+
+
+def teacher_counterpart(layer: int, kept: Sequence[int] | None, teacher_layers: int, student_layers: int) -> int:
+    """The teacher layer whose output student layer ``layer`` should reproduce.
+
+    A student built from kept teacher layers k₀ < k₁ < …: student layer i feeds the copy of teacher layer kᵢ₊₁, which
+    in the teacher reads the output of layer kᵢ₊₁ − 1; the last student layer stands for the teacher's last layer.
+    Any other student: the proportional layer ⌈(i + 1)·N_t / N_s⌉ − 1 (TinyBERT's uniform mapping).
+    """
+    if kept is not None:
+        return kept[layer + 1] - 1 if layer + 1 < len(kept) else teacher_layers - 1
+    return -(-(layer + 1) * teacher_layers // student_layers) - 1

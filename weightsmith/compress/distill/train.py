@@ -7,6 +7,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -107,13 +109,14 @@ def _batch(plan: Plan, examples: list[list[int]], indices: list[int], mask_seed:
     return corrupted, attention, ids, picked
 
 
-def _teacher_out(teacher, plan, ids, attention):
+def _teacher_out(teacher, plan, ids, attention, autocast=contextlib.nullcontext):
+    """The teacher's logits (None for encoders) and hidden states, as float32 whatever ``autocast`` computed them in."""
     if not _needs_teacher(plan):
         return None, None
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         out = teacher(input_ids=ids, attention_mask=attention, output_hidden_states=True)
-    logits = out.logits if plan.kind != "encoder" else None
-    return logits, tuple(out.hidden_states)
+    logits = out.logits.float() if plan.kind != "encoder" else None
+    return logits, tuple(h.float() for h in out.hidden_states)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -203,6 +206,10 @@ def run(plan: Plan) -> Result:
 
     cfg = plan.config
     acc = Accelerator(cpu=cpu_only(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # bf16 mixed precision: both forwards under torch.autocast, float32 master weights and optimizer state (bf16 keeps
+    # float32's exponent range, so no loss scaling); not through accelerate, whose precision is fixed per process
+    autocast = functools.partial(torch.autocast, acc.device.type, dtype=torch.bfloat16,
+                                 enabled=cfg.mixed_precision == "bf16")
     set_seed(cfg.seed)
     teacher = plan.model_class.from_pretrained(plan.teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
     teacher.to(acc.device)
@@ -213,11 +220,16 @@ def run(plan: Plan) -> Result:
                           f"encoder distillation compares hidden states directly")
     projections = nn.ModuleList(nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
                                 for _ in plan.feature_pairs)
+    if cfg.freeze_embeddings:  # the teacher's token table: tokens absent from the training text stay consistent
+        student.get_input_embeddings().weight.requires_grad_(False)
     trainee = _Trainee(student, projections, plan)
-    decay = [p for n, p in trainee.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in trainee.named_parameters() if p.ndim < 2]  # biases and norms, as BERT/GPT do
+    trained = [p for p in trainee.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]  # biases and norms, as BERT/GPT do
+    # fused: one kernel over all parameters (on CPU the per-tensor loop costs a third of a small model's step)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                  fused=acc.device.type in ("cpu", "cuda"))
     warmup = int(cfg.warmup * plan.steps)
     # linear warm-up, then linear decay to zero; stepped once per optimizer step whatever the process count
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -231,7 +243,8 @@ def run(plan: Plan) -> Result:
         acc.load_state(str(latest))
         start = json.loads((latest / STATE_FILE).read_text())["step"]
 
-    order = D.Order(len(plan.train), cfg.batch_size, acc.num_processes, cfg.seed)
+    lengths = tuple(len(e) for e in plan.train) if cfg.group_by_length else None
+    order = D.Order(len(plan.train), cfg.batch_size, acc.num_processes, cfg.seed, lengths)
     result = Result(None, acc.is_main_process, acc.num_processes, start)
     seen: set[int] = set()
     first_batch: list[int] = []
@@ -242,8 +255,9 @@ def run(plan: Plan) -> Result:
         first_batch = first_batch or indices
         mask_seed = cfg.seed * 1_000_003 + step * 1009 + acc.process_index
         ids, attention, targets, loss_mask = (t.to(acc.device) for t in _batch(plan, plan.train, indices, mask_seed))
-        t_logits, t_hidden = _teacher_out(teacher, plan, ids, attention)
-        loss, parts = trainee(ids, attention, targets, loss_mask, t_logits, t_hidden)
+        t_logits, t_hidden = _teacher_out(teacher, plan, ids, attention, autocast)
+        with autocast():
+            loss, parts = trainee(ids, attention, targets, loss_mask, t_logits, t_hidden)
         if not torch.isfinite(loss):
             raise NumericalError(f"{plan.teacher_dir}: the distillation loss became {float(loss)} at step {step + 1} "
                                  f"(lower --lr?)")
