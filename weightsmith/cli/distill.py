@@ -50,6 +50,12 @@ def register(sub) -> None:
     p.add_argument("--feature-layers", type=_ints,
                    help="student layers whose outputs also match the teacher's (learned projection if widths differ)")
     p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature loss (default 1)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="keep the student's input token embeddings at the teacher's (fewer trained parameters)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                   help="bf16: both forwards under bf16 autocast (weights and optimizer stay float32; default no)")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="batches in plain shuffled order instead of grouped by length")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--save-every", type=int, help="steps between saved training states (for --resume)")
     p.add_argument("--state-dir", help="where training states go (default OUT.distill-state)")
@@ -66,6 +72,8 @@ def _distill(args):
                      epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                      feature_layers=args.feature_layers, feature_weight=args.feature_weight,
                      eval_every=args.eval_every, save_every=args.save_every, state_dir=args.state_dir,
-                     resume=args.resume, dtype=args.dtype, force=args.force)
+                     resume=args.resume, dtype=args.dtype, group_by_length=args.group_by_length,
+                     freeze_embeddings=args.freeze_embeddings, mixed_precision=args.mixed_precision,
+                     force=args.force)
     # under accelerate launch every process returns a report; only the main process prints one
     return report if report.details["process"]["main"] else None
