@@ -1,11 +1,11 @@
 """The merge engine: check the inputs, plan every tensor, then stream: read one tensor from each input, merge, write.
 
 The engine knows nothing about any method's math (``methods``) and the methods know nothing about files. Peak
-memory per worker is about the largest tensor of every input as stored plus its output (the task-vector family and
-linear work block by block from the stored dtype; slerp, nuslerp and model_stock hold (inputs + 2) float32 copies),
-plus the writer's buffer. With
-``workers > 1`` several tensors are merged at once and written in order; a tensor's random stream derives from the
-seed and its name, so the output is byte-identical for any number of workers.
+memory per worker is about the largest tensor of every input as stored plus its output (the task-vector family,
+linear and slerp work block by block from the stored dtype; nuslerp and model_stock hold (inputs + 2) float32
+copies), plus the writer's buffer. With ``workers > 1`` several tensors are merged at once and written in order; a
+tensor's random stream derives from the seed and its name, so the output is byte-identical for any number of
+workers.
 """
 
 from __future__ import annotations
@@ -118,13 +118,13 @@ def _check_task(config: MergeConfig, task: _Task) -> None:
 
 def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor],
                   seed: int) -> tuple[torch.Tensor, M.FamilyStats | None]:
-    """Dispatch one tensor to its method: float32 in and out, except linear and the task-vector family, which take
-    the stored dtype and round once to ``task.dtype`` themselves."""
+    """Dispatch one tensor to its method: float32 in and out, except linear, slerp and the task-vector family, which
+    take the stored dtype and round once to ``task.dtype`` themselves."""
     method, s, pm = config.method, task.shared, task.per_model
     if method == "linear":
         return M.linear(tensors, [p["weight"] for p in pm], normalize=s["normalize"], out_dtype=task.dtype), None
     if method == "slerp":
-        return M.slerp(base, tensors[0], s["t"]), None
+        return M.slerp(base, tensors[0], s["t"], out_dtype=task.dtype), None
     if method == "nuslerp":
         return M.nuslerp(tensors[0], tensors[1], [p["weight"] for p in pm], base=base,
                          row_wise=s["nuslerp_row_wise"], flatten=s["nuslerp_flatten"]), None
@@ -182,8 +182,8 @@ def run(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.PathLik
     base_ckpt = opened[cfg.base.path] if cfg.base else None
     model_ckpts = [opened[r.path] for r in cfg.inputs]
 
-    # linear and the task-vector family take the stored dtype and accumulate in fp32 themselves: no up-cast copy
-    native = cfg.method == "linear" or cfg.method in M.FAMILY
+    # linear, slerp and the task-vector family take the stored dtype and work in fp32 themselves: no up-cast copy
+    native = cfg.method in ("linear", "slerp") or cfg.method in M.FAMILY
 
     def work(task: _Task) -> tuple[torch.Tensor, M.FamilyStats | None]:
         info = primary.info(task.name)

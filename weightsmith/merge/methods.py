@@ -51,23 +51,35 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
     return out
 
 
-def slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+def slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8,
+          out_dtype: torch.dtype = torch.float32) -> Tensor:
     """Spherical interpolation of the flattened tensors — Shoemake 1985; mergekit's ``slerp`` (t = 0 gives a).
 
     With â = a/‖a‖, b̂ = b/‖b‖, cos Ω = â·b̂ (clamped to [−1, 1]):
     θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, the norms untouched (the coefficients multiply a and b, as
     mergekit does). Nearly colinear tensors (|cos Ω| > ``dot_threshold``) fall back to (1−t)·a + t·b.
-    Norms below ``eps`` count as 1.
+    Norms below ``eps`` count as 1. Inputs in any float dtype, read twice a block of rows at a time (norms and dot
+    product accumulated in float64, then the float32 combination rounded once to ``out_dtype``).
     """
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+    ra, rb = _as_rows(a), _as_rows(b)
+    blocks = _row_blocks(ra)
+    sq_a = sq_b = ab = 0.0
+    for s, e in blocks:
+        x, y = ra[s:e].double(), rb[s:e].double()
+        sq_a, sq_b, ab = sq_a + float(x.square().sum()), sq_b + float(y.square().sum()), ab + float((x * y).sum())
+    na, nb = math.sqrt(sq_a), math.sqrt(sq_b)
+    na, nb = na if na > eps else 1.0, nb if nb > eps else 1.0
+    dot = min(max(ab / (na * nb), -1.0), 1.0)
     if abs(dot) > dot_threshold:
-        return (1 - t) * a + t * b
-    omega = math.acos(dot)
-    s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
+        ca, cb = 1 - t, t
+    else:
+        omega = math.acos(dot)
+        ca, cb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    out = torch.empty(a.shape, dtype=out_dtype)
+    o2 = out.view(ra.shape)
+    for s, e in blocks:
+        o2[s:e] = ra[s:e].to(torch.float32, copy=True).mul_(ca).add_(rb[s:e], alpha=cb)
+    return out
 
 
 def nuslerp(a: Tensor, b: Tensor, weights: Sequence[float], base: Tensor | None = None, row_wise: bool = False,
