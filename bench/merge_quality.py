@@ -146,7 +146,7 @@ def main() -> None:
         ws.merge.run(cfg_, out, force=True, seed=0)
         score(label, str(out))
     md = ("## merge quality: per-domain perplexity of merged fine-tunes\n\n"
-          f"Byte-level Llama ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) trained here for "
+          f"Byte-level Llama ({tf.LlamaForCausalLM(cfg).num_parameters() / 1e6:.2f}M parameters) trained here for "
           f"{STEPS_BASE} steps on docstrings of installed packages, then fine-tuned {STEPS_FT} steps on torch's "
           "docstrings (A) and on the standard library's (B). Held-out byte perplexity (lower is better); the last "
           "column is the geometric mean of the two domains.\n\n"
