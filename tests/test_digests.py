@@ -63,3 +63,40 @@ def test_helper_prints_sha256sum_lines(tmp_path):
     out = subprocess.run([sys.executable, "-m", "weightsmith.digests", str(path), str(tmp_path / "missing")],
                          capture_output=True, text=True, check=True).stdout
     assert out == f"{expected}  {path}\n"
+
+
+def test_commands_name_the_checkpoints_they_read(tmp_path):
+    """What the CLI hashes ahead: a merge config's models and base, a recipe's input, a fold's base and adapters
+    (weights stripped), never the output."""
+    from weightsmith.cli import build_parser
+
+    def inputs(*argv):
+        args = build_parser().parse_args([str(a) for a in argv])
+        return list(args.inputs(args))
+
+    config = tmp_path / "ties.yaml"
+    config.write_text("merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./a\n  - model: ./b+./lora\n")
+    assert inputs("merge", config, "-o", tmp_path / "out") == ["./base", "./a", "./b", "./lora"]
+    assert inputs("merge", "--method", "linear", "--model", "x@0.5", "--model", "y", "-o", "o") == ["x", "y"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("input: ./model\noutput: ./shipped\nsteps:\n  - quantize: {scheme: int8}\n")
+    assert inputs("run", recipe) == ["./model"]
+    assert inputs("run", recipe, "--dry-run") == []
+    assert inputs("run", tmp_path / "missing.yaml") == []
+
+
+def test_each_writing_command_hashes_what_it_reads_and_nothing_else(monkeypatch):
+    from weightsmith import cli
+
+    seen = []
+    monkeypatch.setattr(digests, "prefetch", lambda paths: seen.extend(paths))
+    parser = cli.build_parser()
+    for argv, expected in ((["lora", "merge", "base", "a1@0.5", "a2", "-o", "out"], ["base", "a1", "a2"]),
+                           (["lora", "unmerge", "merged", "a@0.7", "-o", "out"], ["merged", "a"]),
+                           (["quantize", "src", "-o", "out", "--scheme", "int8"], ["src"]),
+                           (["distill", "--teacher", "t", "--data", "d.txt", "-o", "out"], ["t"]),
+                           (["export", "onnx", "src", "-o", "m.onnx", "--task", "feature-extraction"], ["src"])):
+        seen.clear()
+        cli._start_input_digests(parser.parse_args(argv))
+        assert seen == expected, argv
+    assert not callable(getattr(parser.parse_args(["inspect", "x"]), "inputs", None))  # reads only: no hashing

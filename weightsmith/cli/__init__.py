@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # thread and the digest helper, and a spinning thread takes their core (on two cores a LoRA fold ran 1.5-1.7×
     # slower, on a busy machine merges 10-60× slower). Set before torch is imported; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if getattr(args, "out", None) is not None:  # a command that streams a checkpoint into an output
+    if callable(getattr(args, "inputs", None)):  # a command that writes a checkpoint from the ones it names
         _start_input_digests(args)
         _reuse_freed_memory()
     from weightsmith.errors import WeightsmithError
@@ -73,17 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_input_digests(args: argparse.Namespace) -> None:
-    """Hash the input checkpoints for the output's provenance while torch is still being imported. A command
-    names its inputs with an ``inputs(args)`` default; otherwise every argument but the output is a candidate."""
-    from weightsmith.cli.common import parse_adapter
+    """Hash the checkpoints the command reads (its ``inputs``) for the output's provenance while torch is still
+    being imported."""
     from weightsmith.digests import prefetch
 
-    if callable(getattr(args, "inputs", None)):
-        prefetch(args.inputs(args))
-        return
-    values = [v for k, v in vars(args).items() if k not in ("out", "handler")]
-    texts = [t for v in values for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
-    prefetch(parse_adapter(t)[0] for t in texts)
+    prefetch(args.inputs(args))
 
 
 def _reuse_freed_memory() -> None:

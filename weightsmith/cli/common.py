@@ -15,13 +15,28 @@ def add_command(sub, name: str, *, help: str, examples: list[str], description: 
     return parser
 
 
-def add_output_options(parser: argparse.ArgumentParser, *, dtype: bool = True, shards: bool = True) -> None:
+def add_output_options(parser: argparse.ArgumentParser, *, inputs: tuple[str, ...] = ("src",), dtype: bool = True,
+                       shards: bool = True) -> None:
+    """-o/--force (and --dtype, --shard-size); ``inputs`` names the arguments holding the checkpoints the command
+    reads, which the CLI starts hashing for the output's provenance before torch is imported."""
+    declare_inputs(parser, *inputs)
     parser.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     if dtype:
         parser.add_argument("--dtype", help="cast float tensors when writing: float32, bfloat16, float16")
     if shards:
         parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 500MB, 2GiB (default 5GB)")
+
+
+def declare_inputs(parser: argparse.ArgumentParser, *dests: str) -> None:
+    """Record which arguments (``dest`` names; values may be lists and carry ``@WEIGHT``) are input checkpoints."""
+
+    def inputs(args: argparse.Namespace) -> list[str]:
+        values = [getattr(args, d, None) for d in dests]
+        return [parse_adapter(v)[0] for value in values for v in (value if isinstance(value, list) else [value])
+                if isinstance(v, str)]
+
+    parser.set_defaults(inputs=inputs)
 
 
 def parse_adapter(text: str) -> tuple[str, float]:

@@ -31,7 +31,7 @@ def register(sub) -> None:
                   "--data train.txt --keep-every 2 --steps 1000"])
     p.add_argument("--teacher", required=True, help="teacher model directory (transformers, with its tokenizer)")
     p.add_argument("--data", required=True, help="training text: .txt (one document per line) or .jsonl ('text')")
-    add_output_options(p, shards=False)
+    add_output_options(p, inputs=("teacher", "student"), shards=False)
     who = p.add_mutually_exclusive_group()
     who.add_argument("--student", help="student checkpoint (e.g. a pruned model) with the teacher's vocabulary")
     who.add_argument("--layers", type=_ints, help="build the student from these teacher layers, e.g. 0,2,4")

@@ -26,7 +26,7 @@ def register(sub) -> None:
                               "weightsmith lora merge ./gpt2 ./adapter -o ./merged --shard-size 500MB --json"])
     p.add_argument("base", help="base model directory or weight file")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT adapter directory, optional weight")
-    add_output_options(p)
+    add_output_options(p, inputs=("base", "adapters"))
     p.set_defaults(handler=_merge)
 
     p = add_command(lora, "unmerge", help="subtract a plain LoRA adapter from a merged checkpoint",
@@ -35,7 +35,7 @@ def register(sub) -> None:
                               "weightsmith lora unmerge ./merged ./math@0.7 -o ./without-math"])
     p.add_argument("merged", help="checkpoint the adapter was folded into")
     p.add_argument("adapter", metavar="ADAPTER[@WEIGHT]", help="the PEFT adapter to take out")
-    add_output_options(p)
+    add_output_options(p, inputs=("merged", "adapter"))
     p.set_defaults(handler=_unmerge)
 
     p = add_command(lora, "extract", help="extract a PEFT LoRA adapter from a fine-tune by truncated SVD",
@@ -48,7 +48,7 @@ def register(sub) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=int, help="rank of every extracted module")
     how.add_argument("--energy", type=float, help="keep this fraction of each ΔW's squared singular values (0–1]")
-    add_output_options(p, dtype=False, shards=False)
+    add_output_options(p, inputs=("base", "tuned"), dtype=False, shards=False)
     p.set_defaults(handler=_extract)
 
 

@@ -14,7 +14,7 @@ def register(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; write nothing")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.set_defaults(handler=_run)
+    p.set_defaults(handler=_run, inputs=_inputs)
 
     p = add_command(sub, "eval", help="perplexity, embedding cosine, logits |Δ| and KL, on checkpoints or ONNX files",
                     examples=["weightsmith eval ./llama-pruned --data held_out.txt",
@@ -25,6 +25,19 @@ def register(sub) -> None:
     p.add_argument("--ref", help="reference checkpoint to compare against")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
     p.set_defaults(handler=_eval)
+
+
+def _inputs(args) -> list[str]:
+    """The recipe's input checkpoint (for hashing ahead); none for a dry run or a recipe that cannot be read."""
+    if args.dry_run:
+        return []
+    import yaml
+
+    try:
+        raw = yaml.safe_load(open(args.recipe, encoding="utf-8"))
+        return [raw["input"]] if isinstance(raw.get("input"), str) else []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
 
 
 def _run(args):
