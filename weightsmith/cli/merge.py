@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightsmith.cli.common import add_command, add_output_options
+from weightsmith.cli.common import add_command, add_output_options, parse_adapter
 
 _METHODS = ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough")
@@ -52,8 +52,7 @@ def _inputs(args) -> list[str]:
             specs += [raw.get("base_model")] + [m.get("model") for m in raw.get("models") or []]
         except (OSError, yaml.YAMLError, AttributeError):
             pass
-    paths = [part for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]
-    return [path.rpartition("@")[0] or path for path in paths]
+    return [parse_adapter(part)[0] for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]
 
 
 def _merge(args):
