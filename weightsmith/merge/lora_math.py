@@ -15,7 +15,7 @@ from torch import Tensor
 # How each kind stores its weight relative to the row view [out, in].
 LINEAR, CONV1D, EMBEDDING, CONV = "linear", "conv1d", "embedding", "conv"
 
-_BLOCK_ELEMENTS = 1 << 18  # rows per block in add_lora_: about 1 MB of float32
+_BLOCK_ELEMENTS = 1 << 18  # elements per block of rows in add_lora_: about 1 MB of float32
 
 
 def _acc(t: Tensor) -> Tensor:
