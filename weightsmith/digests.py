@@ -75,10 +75,11 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
 
 def _collect(helper: subprocess.Popen, pending: dict[tuple[str, int, int], Future]) -> None:
     by_path = {key[0]: future for key, future in pending.items()}
-    for line in helper.stdout:
-        digest, _, path = line.rstrip("\n").partition("  ")
-        if path in by_path:
-            by_path[path].set_result(digest)
+    with helper.stdout:
+        for line in helper.stdout:
+            digest, _, path = line.rstrip("\n").partition("  ")
+            if path in by_path:
+                by_path[path].set_result(digest)
     helper.wait()
     _settle(pending)
 

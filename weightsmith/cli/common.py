@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_command(sub, name: str, *, help: str, examples: list[str], description: str | None = None):
@@ -48,3 +49,14 @@ def parse_adapter(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def yaml_mapping(path: str) -> dict:
+    """The top-level mapping of a YAML file, or {} when it cannot be read (the command itself reports why)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return raw if isinstance(raw, dict) else {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightsmith.cli.common import add_command, add_output_options, parse_adapter
+from weightsmith.cli.common import add_command, add_output_options, parse_adapter, yaml_mapping
 
 _METHODS = ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough")
@@ -45,13 +45,9 @@ def _inputs(args) -> list[str]:
     """The checkpoints a merge reads (for hashing ahead); a config that cannot be read yields none of its own."""
     specs = [args.base, *args.model]
     if args.config:
-        import yaml
-
-        try:
-            raw = yaml.safe_load(open(args.config, encoding="utf-8"))
-            specs += [raw.get("base_model")] + [m.get("model") for m in raw.get("models") or []]
-        except (OSError, yaml.YAMLError, AttributeError):
-            pass
+        raw = yaml_mapping(args.config)
+        models = raw.get("models") if isinstance(raw.get("models"), list) else []
+        specs += [raw.get("base_model")] + [m.get("model") for m in models if isinstance(m, dict)]
     return [parse_adapter(part)[0] for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightsmith.cli.common import add_command
+from weightsmith.cli.common import add_command, yaml_mapping
 
 
 def register(sub) -> None:
@@ -29,15 +29,8 @@ def register(sub) -> None:
 
 def _inputs(args) -> list[str]:
     """The recipe's input checkpoint (for hashing ahead); none for a dry run or a recipe that cannot be read."""
-    if args.dry_run:
-        return []
-    import yaml
-
-    try:
-        raw = yaml.safe_load(open(args.recipe, encoding="utf-8"))
-        return [raw["input"]] if isinstance(raw.get("input"), str) else []
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
+    source = None if args.dry_run else yaml_mapping(args.recipe).get("input")
+    return [source] if isinstance(source, str) else []
 
 
 def _run(args):
