@@ -20,19 +20,26 @@ def _delta(seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
-def test_magnitude_mask_equals_full_sort(density):
+def test_ties_trim_equals_full_sort(density):
+    """One model on a zero base: TIES keeps exactly the k = ⌊dN⌋ largest |δ| and nothing else."""
     x = _delta()
     k = max(1, int(density * x.numel()))
     expected = torch.zeros(x.numel(), dtype=torch.bool)
     expected[x.abs().reshape(-1).argsort(descending=True)[:k]] = True
-    assert torch.equal(sp.magnitude_mask(x, density).reshape(-1), expected)
+    out = M.ties(torch.zeros_like(x), [x], [1.0], [density])
+    assert torch.equal(out, x * expected.reshape(x.shape))
 
 
-def test_mask_counts_exact_with_ties():
+def _cut(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    return sp.count_cut(lambda: [x], lambda step: x[::step], x.numel(), k, largest).mask(x)
+
+
+def test_cut_counts_exact_with_ties():
     x = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0, 0.0, 1.0, 3.0])
-    mask = sp.largest_mask(x, 4)
-    assert mask.tolist() == [False, True, True, False, True, False, False, True]  # ties: lower index first
-    assert int(sp.smallest_mask(torch.zeros(300_000), 1234).sum()) == 1234
+    assert _cut(x, 4, largest=True).tolist() == [False, True, True, False, True, False, False, True]  # by index
+    assert _cut(x, 3, largest=False).tolist() == [True, True, False, False, False, True, False, False]
+    assert int(_cut(torch.zeros(300_000), 1234, largest=False).sum()) == 1234  # sampled bracket, all equal
+    assert not _cut(x, 0, largest=True).any() and _cut(x, 8, largest=False).all()
 
 
 def test_ties_trim_across_blocks_breaks_ties_by_position():
@@ -48,15 +55,16 @@ def test_ties_trim_across_blocks_breaks_ties_by_position():
     assert torch.equal(out, delta * expected.reshape(delta.shape))
 
 
-def test_outlier_mask_matches_definition():
+def test_breadcrumbs_keeps_the_band_below_the_outliers():
+    """Model Breadcrumbs on one model: drop the ⌊γN⌋ largest |δ| and the smallest, keeping ⌊dN⌋ in between."""
     x = _delta(1)
-    mask = sp.outlier_magnitude_mask(x, 0.5, 0.02)
+    out = M.breadcrumbs(torch.zeros_like(x), [x], [1.0], [0.5], gamma=0.02)
     order = x.abs().reshape(-1).argsort()
     n = x.numel()
     n_bottom = n - int(0.5 * n) - int(0.02 * n)
     expected = torch.zeros(n, dtype=torch.bool)
     expected[order[n_bottom:n_bottom + int(0.5 * n)]] = True
-    assert torch.equal(mask.reshape(-1), expected)
+    assert torch.equal(out, x * expected.reshape(x.shape))
 
 
 def test_dare_paper_rescale_is_unbiased():

@@ -1,4 +1,5 @@
-"""Masks that keep part of a tensor: by magnitude, by magnitude without outliers, at random, by magnitude rank.
+"""Masks that keep part of a tensor: by magnitude (``count_cut`` with ``magnitude_count`` or, without outliers,
+``outlier_counts``), at random (``bernoulli_mask``), by magnitude rank (``rank_keep_probability``).
 
 Used by the task-vector merges (TIES, DARE, breadcrumbs, DELLA), which apply them chunk by chunk. Magnitude masks
 find their threshold by selection (a sampled bracket, then ``kthvalue`` on the few candidates inside it), never by
@@ -84,16 +85,6 @@ def count_cut(chunks: Callable[[], Iterable[Tensor]], strided: Callable[[int], T
     return Cut(float(threshold), k - strict, equal, largest)
 
 
-def smallest_mask(a: Tensor, k: int) -> Tensor:
-    """Bool mask (a's shape) of exactly the ``k`` smallest entries of ``a``; ties broken by position."""
-    return count_cut(lambda: [a], lambda step: a.reshape(-1)[::step], a.numel(), k, largest=False).mask(a)
-
-
-def largest_mask(a: Tensor, k: int) -> Tensor:
-    """Bool mask of exactly the ``k`` largest entries of ``a``; ties broken by position."""
-    return count_cut(lambda: [a], lambda step: a.reshape(-1)[::step], a.numel(), k, largest=True).mask(a)
-
-
 def magnitude_count(n: int, density: float) -> int:
     """k = max(1, ⌊density·N⌋) entries of largest |x| are kept (TIES' "trim" step, Yadav et al. 2023); N for
     density ≥ 1, 0 for density ≤ 0."""
@@ -107,20 +98,6 @@ def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     keep = int(density * n)
     bottom = max(0, n - keep - int(gamma * n))
     return bottom, n - bottom - keep
-
-
-def magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Keep the ``magnitude_count`` entries of largest |x|."""
-    return largest_mask(x.abs(), magnitude_count(x.numel(), density))
-
-
-def outlier_magnitude_mask(x: Tensor, density: float, gamma: float) -> Tensor:
-    """Keep ⌊density·N⌋ entries of |x|, dropping the largest ``outlier_counts`` first (Model Breadcrumbs)."""
-    if density >= 1:
-        return torch.ones_like(x, dtype=torch.bool)
-    bottom, top = outlier_counts(x.numel(), density, gamma)
-    a = x.abs()
-    return ~(smallest_mask(a, bottom) | largest_mask(a, top))
 
 
 def bernoulli_mask(generator: np.random.Generator, shape: torch.Size | tuple[int, ...], p: float | Tensor) -> Tensor:
