@@ -53,10 +53,10 @@ def parse_adapter(text: str) -> tuple[str, float]:
 
 def yaml_mapping(path: str) -> dict:
     """The top-level mapping of a YAML file, or {} when it cannot be read (the command itself reports why)."""
-    import yaml
+    from weightsmith.errors import ConfigError
+    from weightsmith.yamltext import parse_mapping
 
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return parse_mapping(Path(path).read_text(encoding="utf-8"), path, "a mapping")
+    except (OSError, UnicodeDecodeError, ConfigError):
         return {}
-    return raw if isinstance(raw, dict) else {}

@@ -220,10 +220,10 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
     t2 = [_as_rows(t) for t in tuned]
     blocks = _row_blocks(b2)
 
-    def magnitudes(i: int):
-        """|δᵢ| block by block (float32, fresh tensors)."""
+    def deltas(i: int):
+        """δᵢ block by block (float32, fresh tensors)."""
         for s, e in blocks:
-            yield torch.sub(t2[i][s:e], b2[s:e].float()).abs_()
+            yield torch.sub(t2[i][s:e], b2[s:e].float())
 
     def strided(i: int, step: int) -> Tensor:
         """Every step-th |δᵢ| of the flattened tensor, read straight from the inputs."""
@@ -232,7 +232,7 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
     thinned = [row.sparsifier is not None and d < 1 for d in densities]
     cuts: list[list[sp.Cut]] = [[] for _ in range(n)]
     for i in range(n):
-        chunks, sample = (lambda i=i: magnitudes(i)), (lambda step, i=i: strided(i, step))
+        chunks, sample = (lambda i=i: (d.abs_() for d in deltas(i))), (lambda step, i=i: strided(i, step))
         if thinned[i] and row.sparsifier == "magnitude":
             cuts[i] = [sp.count_cut(chunks, sample, numel, sp.magnitude_count(numel, densities[i]), largest=True)]
         elif thinned[i] and row.sparsifier == "outliers":
@@ -261,8 +261,7 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
     if mode == "l1":
         for i in (i for i in range(n) if thinned[i]):
             thin, before, after = sparsifier(i), 0.0, 0.0
-            for s, e in blocks:
-                delta = torch.sub(t2[i][s:e], b2[s:e].float())
+            for delta in deltas(i):
                 before += float(delta.abs().sum())
                 after += float(delta.mul_(thin(delta)[0].view(torch.uint8)).abs().sum())
             if before >= _L1_EPS and after >= _L1_EPS:
