@@ -32,7 +32,7 @@ from weightsmith.checkpoint import check_destination
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.report import Report
 from weightsmith.units import format_size
-from weightsmith.yamltext import parse_mapping
+from weightsmith.yamltext import load_mapping
 
 PREVIOUS = "@previous"
 
@@ -96,15 +96,7 @@ class Recipe:
 
 def load_recipe(source: str | os.PathLike | Mapping) -> Recipe:
     """Parse and check a recipe (YAML file or dict): step names, parameter names and types, before anything runs."""
-    where = "recipe"
-    if isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such recipe file")
-        raw = parse_mapping(path.read_text(), where, "input, output and steps")
+    raw, where = load_mapping(source, "recipe", "input, output and steps")
     unknown = set(raw) - {"input", "output", "steps"}
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected input, output, steps)")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
 from weightsmith.errors import ConfigError
 
 
@@ -16,3 +20,13 @@ def parse_mapping(text: str, where: str, expected: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with {expected}")
     return raw
+
+
+def load_mapping(source: Mapping | str | os.PathLike, what: str, expected: str) -> tuple[dict, str]:
+    """A ``what`` (e.g. "recipe") given as a dict or a YAML file: its mapping, and the name its errors use."""
+    if isinstance(source, Mapping):
+        return dict(source), what
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    return parse_mapping(path.read_text(), str(path), expected), str(path)

@@ -16,12 +16,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods import FAMILY
-from weightsmith.yamltext import parse_mapping
+from weightsmith.yamltext import load_mapping, parse_mapping
 
 REQUIRED = object()  # marks a parameter without default
 
@@ -100,18 +99,11 @@ class MergeConfig:
 
 def load_config(source: str | os.PathLike | Mapping) -> MergeConfig:
     """Read a mergekit-style config from a YAML file, YAML text or a dict, and validate it (no files opened)."""
-    where = "config"
-    if isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        text = str(source)
-        if isinstance(source, os.PathLike) or (len(text) < 4096 and "\n" not in text and not text.lstrip().startswith("{")):
-            path = Path(source)
-            if not path.is_file():
-                raise ConfigError(f"{path}: no such config file")
-            where, text = str(path), path.read_text()
-        raw = parse_mapping(text, where, "merge_method and models")
-    return _validate(raw, where)
+    expected = "merge_method and models"
+    text = source if isinstance(source, str) else None
+    if text is not None and (len(text) >= 4096 or "\n" in text or text.lstrip().startswith("{")):  # YAML inline
+        return _validate(parse_mapping(text, "config", expected), "config")
+    return _validate(*load_mapping(source, "config", expected))
 
 
 def _validate(raw: dict, where: str) -> MergeConfig:
