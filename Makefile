@@ -1,21 +1,24 @@
-# Every target creates .venv when it is missing. torch is pinned for the set-up only (the package itself accepts any
-# torch >= 2.4): 2.13.0 is the release this project is tested with, and pinning it keeps pip from pulling a newer
-# multi-GB CUDA build where a CPU wheel is at hand.
+# Every target creates .venv when it is missing, from requirements.lock: every package of the development and test
+# environment pinned, so a fresh clone installs the same set today and in six months. The package itself keeps
+# compatible ranges for users (pyproject.toml). `make lock` regenerates the lock from pip's own resolver;
+# `make test-latest` runs the suite against the newest releases pyproject.toml allows, in an environment of its own.
+# torch is pinned to 2.13.0 (the CPU wheel where one is at hand): an unpinned torch pulls a multi-GB CUDA build.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LOCK := requirements.lock
+LATEST := .venv-latest
 TORCH_VERSION ?= 2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench lock test-latest clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install --quiet -e ".[test,peers]"
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,8 +29,23 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 bench: setup
 	$(PY) bench/run_all.py
 
+lock: setup
+	$(PY) tools/lock.py $(TORCH_VERSION) > $(LOCK).new && mv $(LOCK).new $(LOCK)
+
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test,peers,dev]"
+	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pytest tests
+
 clean:
-	rm -rf $(VENV) .pytest_cache bench/_work
+	rm -rf $(VENV) $(LATEST) .pytest_cache bench/_work

@@ -176,6 +176,27 @@ def test_int8_layout_and_config_match_compressed_tensors_own_compressor(tiny_mod
     assert mine == config
 
 
+def test_int8_config_names_the_installed_compressed_tensors_and_loads_without_it(tiny_model, tmp_path, monkeypatch):
+    from importlib import metadata
+
+    src = tiny_model("llama")
+    ws.quantize(src, tmp_path / "with", scheme="int8")
+    assert _qconfig(tmp_path / "with")["version"] == metadata.version("compressed-tensors")
+
+    def absent(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(int8_codec.metadata, "version", absent)
+    ws.quantize(src, tmp_path / "without", scheme="int8")
+    monkeypatch.undo()
+    assert "version" not in _qconfig(tmp_path / "without")
+    # written where compressed-tensors is absent, the checkpoint still loads where it is present, keys complete
+    model, info = _tf().AutoModelForCausalLM.from_pretrained(tmp_path / "without", output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    with_model = _tf().AutoModelForCausalLM.from_pretrained(tmp_path / "with")
+    assert torch.equal(_logits(model), _logits(with_model))
+
+
 def test_int8_packing_matches_compressed_tensors(tmp_path):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 

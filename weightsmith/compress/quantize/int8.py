@@ -9,14 +9,13 @@ The scale has the weight's float dtype, as compressed-tensors initialises it. Sy
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import torch
 
 from weightsmith.compress.quantize.schemes import Int8
 
 QMAX = 127  # symmetric range [-127, 127]: -128 is never produced, so negating a weight negates its code
-# The version of the compressed-tensors config schema these files were checked against (its loader reads "version"
-# only to report it).
-COMPRESSED_TENSORS_VERSION = "0.20.0"
 
 
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +128,18 @@ def quantization_config(scheme: Int8, ignore: list[str]) -> dict:
     return {"config_groups": {"group_0": group}, "format": fmt, "global_compression_ratio": None,
             "ignore": list(ignore), "kv_cache_scheme": None, "moe_sparsity_config": None,
             "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
-            "transform_config": {}, "version": COMPRESSED_TENSORS_VERSION}
+            "transform_config": {}, **_schema_version()}
+
+
+def _schema_version() -> dict[str, str]:
+    """``{"version": …}`` as compressed-tensors' own ``update_config`` writes it: the installed compressed-tensors'
+    version, read from the package metadata (no import). Where compressed-tensors is not installed the key is left
+    out: its loader (and transformers' and vLLM's through it) reads "version" only to report it, and a config
+    without it loads the same."""
+    try:
+        return {"version": metadata.version("compressed-tensors")}
+    except metadata.PackageNotFoundError:
+        return {}
 
 
 def scheme_from_config(qc: dict) -> Int8 | None:
