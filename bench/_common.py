@@ -15,8 +15,13 @@ BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "_work"  # generated checkpoints live here (git-ignored), never committed
 RESULTS = BENCH / "RESULTS.md"
 PY = sys.executable
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WEIGHTSMITH_QUIET": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WEIGHTSMITH_QUIET": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @dataclass
@@ -43,8 +48,13 @@ def measure(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None)
     """Wall time and peak RSS of exactly this command's process."""
     stats = WORK / f".measure-{os.getpid()}"
     WORK.mkdir(exist_ok=True)
-    proc = subprocess.run([PY, "-S", "-c", _WRAPPER, str(stats), *map(str, cmd)], cwd=cwd, env=env or ENV,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(
+        [PY, "-S", "-c", _WRAPPER, str(stats), *map(str, cmd)],
+        cwd=cwd,
+        env=env or ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     seconds, maxrss_kb, code = stats.read_text().split()
     stats.unlink()
     if int(code) != 0 or proc.returncode != 0:

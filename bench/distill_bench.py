@@ -36,8 +36,15 @@ from weightsmith.checkpoint import Checkpoint  # noqa: E402
 from weightsmith.compress.distill.student import write_student  # noqa: E402
 
 # the recipe: 4000 steps × 32 lines, about 8 minutes on two cores with bf16 autocast (10 are allowed)
-MINILM = dict(steps=4000, lr=1e-3, batch_size=32, seq_len=48, feature_layers=[0, 1], freeze_embeddings=True,
-              mixed_precision="bf16")
+MINILM = dict(
+    steps=4000,
+    lr=1e-3,
+    batch_size=32,
+    seq_len=48,
+    feature_layers=[0, 1],
+    freeze_embeddings=True,
+    mixed_precision="bf16",
+)
 EVAL_EVERY, SITE_SAMPLE = 250, 80_000
 TEACHER_STEPS, STUDENT_STEPS = 1500, 300  # a teacher worth imitating: at 200 steps a 2-layer student beat it
 
@@ -82,8 +89,16 @@ def minilm(work: Path, lines: list[str], held_out_lines: list[str]) -> str:
     before = _cosine(init, teacher_held, held_out_lines)
     before_everyday = _cosine(init, teacher_everyday)
     start = time.perf_counter()
-    report = ws.distill(teacher_dir, work / "minilm-3l", train, layers=[0, 2, 4], eval_data=held_out,
-                        eval_every=EVAL_EVERY, force=True, **MINILM)
+    report = ws.distill(
+        teacher_dir,
+        work / "minilm-3l",
+        train,
+        layers=[0, 2, 4],
+        eval_data=held_out,
+        eval_every=EVAL_EVERY,
+        force=True,
+        **MINILM,
+    )
     wall = time.perf_counter() - start
     after = _cosine(work / "minilm-3l", teacher_held, held_out_lines)
     after_everyday = _cosine(work / "minilm-3l", teacher_everyday)
@@ -91,29 +106,60 @@ def minilm(work: Path, lines: list[str], held_out_lines: list[str]) -> str:
     speedup = _latency(teacher_dir, batch) / _latency(work / "minilm-3l", batch)
     rows = [[0, round(before, 4)]] + [[e["step"], round(e["cosine"], 4)] for e in report.details["evals"]]
     steps = MINILM["steps"]
-    return "\n".join([
-        f"MiniLM (all-MiniLM-L6-v2, 22.7M parameters) → 3-layer student from layers 0, 2, 4. Recipe: {steps} steps "
-        f"× {MINILM['batch_size']} lines (≤ {MINILM['seq_len']} tokens, length-grouped batches), AdamW lr "
-        f"{MINILM['lr']:g} (5% warm-up, linear decay), loss = hidden-state MSE + per-token cosine + pooled-embedding "
-        f"cosine on the last layer + MSE of student layers 0, 1 to teacher layers 1, 3; token embeddings frozen; bf16 "
-        f"autocast; one CPU process (two shared cores, load average {os.getloadavg()[0]:.1f} at the end). Training "
-        f"text: {about['lines']} docstring lines (the fixed standard-library modules, the rest of the standard "
-        f"library, {SITE_SAMPLE} sampled lines of installed packages) without the modules "
-        f"{', '.join(about['held-out modules'])}, from which the {len(held_out_lines)} held-out lines come. "
-        f"'Everyday' is the 32 sentences of tests/conftest.py, outside the corpus's domain. Cosine: mean over "
-        f"sentences of the cosine between student and teacher embeddings (mean pooling + L2 normalisation).", "",
-        table(["step", "mean cosine to teacher (held-out lines)"], rows), "",
-        table(["cosine before", "cosine after", "everyday before", "everyday after", "steps", "wall time (s)",
-               "student CPU inference speed-up"],
-              [[round(before, 4), round(after, 4), round(before_everyday, 4), round(after_everyday, 4), steps,
-                round(wall, 1), f"{speedup:.2f}×"]]),
-    ])
+    return "\n".join(
+        [
+            f"MiniLM (all-MiniLM-L6-v2, 22.7M parameters) → 3-layer student from layers 0, 2, 4. Recipe: {steps} steps "
+            f"× {MINILM['batch_size']} lines (≤ {MINILM['seq_len']} tokens, length-grouped batches), AdamW lr "
+            f"{MINILM['lr']:g} (5% warm-up, linear decay), loss = hidden-state MSE + per-token cosine + "
+            f"pooled-embedding cosine on the last layer + MSE of student layers 0, 1 to teacher layers 1, 3;"
+            f" token embeddings frozen; "
+            f"bf16 "
+            f"autocast; one CPU process (two shared cores, load average {os.getloadavg()[0]:.1f} at the end). Training "
+            f"text: {about['lines']} docstring lines (the fixed standard-library modules, the rest of the standard "
+            f"library, {SITE_SAMPLE} sampled lines of installed packages) without the modules "
+            f"{', '.join(about['held-out modules'])}, from which the {len(held_out_lines)} held-out lines come. "
+            f"'Everyday' is the 32 sentences of tests/conftest.py, outside the corpus's domain. Cosine: mean over "
+            f"sentences of the cosine between student and teacher embeddings (mean pooling + L2 normalisation).",
+            "",
+            table(["step", "mean cosine to teacher (held-out lines)"], rows),
+            "",
+            table(
+                [
+                    "cosine before",
+                    "cosine after",
+                    "everyday before",
+                    "everyday after",
+                    "steps",
+                    "wall time (s)",
+                    "student CPU inference speed-up",
+                ],
+                [
+                    [
+                        round(before, 4),
+                        round(after, 4),
+                        round(before_everyday, 4),
+                        round(after_everyday, 4),
+                        steps,
+                        round(wall, 1),
+                        f"{speedup:.2f}×",
+                    ]
+                ],
+            ),
+        ]
+    )
 
 
 def causal(work: Path, train: Path, held_out: Path) -> str:
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                            tie_word_embeddings=False)
+    config = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     tf.LlamaForCausalLM(config).save_pretrained(work / "lm-random-raw")
     shutil.rmtree(work / "lm-random", ignore_errors=True)  # left by an earlier run
@@ -123,14 +169,25 @@ def causal(work: Path, train: Path, held_out: Path) -> str:
     t = ws.distill(random_dir, work / "lm-teacher", train, keep_every=1, alpha=0.0, steps=TEACHER_STEPS, **common)
     rows = [["teacher (4 layers)", TEACHER_STEPS, round(t.summary["eval_ce"], 4)]]
     for label, alpha in (("student KD + CE (α 0.5, T 2)", 0.5), ("student CE only", 0.0)):
-        r = ws.distill(work / "lm-teacher", work / f"lm-student-{alpha}", train, layers=[0, 2], alpha=alpha,
-                       temperature=2.0, steps=STUDENT_STEPS, **common)
+        r = ws.distill(
+            work / "lm-teacher",
+            work / f"lm-student-{alpha}",
+            train,
+            layers=[0, 2],
+            alpha=alpha,
+            temperature=2.0,
+            steps=STUDENT_STEPS,
+            **common,
+        )
         rows.append([label, STUDENT_STEPS, round(r.summary["eval_ce"], 4)])
-    return "\n".join([
-        "Tiny causal LM (character level, 4 layers, width 64): 2-layer students from teacher layers 0 and 2, "
-        "equal steps; held-out CE in nats per character.", "",
-        table(["model", "steps", "held-out CE"], rows),
-    ])
+    return "\n".join(
+        [
+            "Tiny causal LM (character level, 4 layers, width 64): 2-layer students from teacher layers 0 and 2, "
+            "equal steps; held-out CE in nats per character.",
+            "",
+            table(["model", "steps", "held-out CE"], rows),
+        ]
+    )
 
 
 def main() -> None:
@@ -140,8 +197,13 @@ def main() -> None:
     train = write_corpus(work / "train.txt", lines[:-300])
     held_out = write_corpus(work / "heldout.txt", lines[-300:])
     torch.manual_seed(0)
-    write_section("distill", "## Distillation (`bench/distill_bench.py`)\n\n" + minilm(work, lines, lines[-300:-100])
-                  + "\n\n" + causal(work, train, held_out))
+    write_section(
+        "distill",
+        "## Distillation (`bench/distill_bench.py`)\n\n"
+        + minilm(work, lines, lines[-300:-100])
+        + "\n\n"
+        + causal(work, train, held_out),
+    )
 
 
 if __name__ == "__main__":

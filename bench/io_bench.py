@@ -16,8 +16,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, WORK, measure, table, write_section  # noqa: E402
 
-SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-             num_key_value_heads=4, vocab_size=32000)
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 
 BUILD = """
 import sys, torch, weightsmith as ws
@@ -75,9 +81,15 @@ m.save_pretrained(sys.argv[2])
 
 def build(path: Path, shard: str = "5GB") -> None:
     if not (path / "config.json").exists():
-        code = BUILD.format(h=SHAPE["hidden_size"], i=SHAPE["intermediate_size"], L=SHAPE["num_hidden_layers"],
-                            heads=SHAPE["num_attention_heads"], kv=SHAPE["num_key_value_heads"],
-                            V=SHAPE["vocab_size"], shard=shard)
+        code = BUILD.format(
+            h=SHAPE["hidden_size"],
+            i=SHAPE["intermediate_size"],
+            L=SHAPE["num_hidden_layers"],
+            heads=SHAPE["num_attention_heads"],
+            kv=SHAPE["num_key_value_heads"],
+            V=SHAPE["vocab_size"],
+            shard=shard,
+        )
         measure([PY, "-c", code, str(path)])
 
 
@@ -96,9 +108,10 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
     rows, timings = [], {}
-    for name, cmd in [("cp -r", ["cp", "-r", str(src), str(out)]),
-                      ("weightsmith convert (CLI)", [str(Path(PY).parent / "weightsmith"), "convert", str(src),
-                                                     "-o", str(out)])]:
+    for name, cmd in [
+        ("cp -r", ["cp", "-r", str(src), str(out)]),
+        ("weightsmith convert (CLI)", [str(Path(PY).parent / "weightsmith"), "convert", str(src), "-o", str(out)]),
+    ]:
         runs = []
         for _ in range(3):
             fresh()
@@ -110,8 +123,10 @@ def main() -> None:
         stats_file = WORK / "io_stats.json"
         run = measure([PY, "-c", OURS, str(src), str(out), str(stats_file)])
         work_times.append((json.loads(stats_file.read_text())["work"], run.peak_rss_mb))
-    timings["weightsmith convert (in-process work)"] = (statistics.median(t for t, _ in work_times),
-                                                         max(r for _, r in work_times))
+    timings["weightsmith convert (in-process work)"] = (
+        statistics.median(t for t, _ in work_times),
+        max(r for _, r in work_times),
+    )
     digest_times = []
     for _ in range(3):
         stats_file = WORK / "io_stats.json"
@@ -128,15 +143,17 @@ def main() -> None:
         rss_cells = ["-", "-"] if rss != rss else [round(rss), round(rss / total, 2)]  # NaN: not a process of its own
         rows.append([name, round(seconds, 2), round(seconds / cp_time, 2), *rss_cells])
     budget = 2 * largest + 300
-    md = (f"## Copy-through (`bench/io_bench.py`)\n\n"
-          f"{total:.0f} MiB bf16 Llama-shaped checkpoint (8 layers, hidden 2048, GQA), one 1 GB file; largest tensor "
-          f"{largest:.0f} MiB; RSS budget 2 × largest + 300 MB = {budget:.0f} MiB. Warm page cache, medians of 3 "
-          f"(transformers: 1 run).\n\n"
-          + table(["contender", "wall s", "× cp", "peak RSS MiB", "RSS ÷ model size"], rows)
-          + "\n\nThe CLI row includes interpreter start-up and `import torch` (≈1–2 s here); the in-process row is "
-            "the copy itself, which is what the ≤1.5× cp target is about. Unchanged tensors are copied file to file "
-            "in the kernel (`copy_file_range`), as `cp` does; the in-process time is bounded by the sha256 of the "
-            "input that provenance records, hashed on a second thread beside the copy.\n")
+    md = (
+        f"## Copy-through (`bench/io_bench.py`)\n\n"
+        f"{total:.0f} MiB bf16 Llama-shaped checkpoint (8 layers, hidden 2048, GQA), one 1 GB file; largest tensor "
+        f"{largest:.0f} MiB; RSS budget 2 × largest + 300 MB = {budget:.0f} MiB. Warm page cache, medians of 3 "
+        f"(transformers: 1 run).\n\n"
+        + table(["contender", "wall s", "× cp", "peak RSS MiB", "RSS ÷ model size"], rows)
+        + "\n\nThe CLI row includes interpreter start-up and `import torch` (≈1–2 s here); the in-process row is "
+        "the copy itself, which is what the ≤1.5× cp target is about. Unchanged tensors are copied file to file "
+        "in the kernel (`copy_file_range`), as `cp` does; the in-process time is bounded by the sha256 of the "
+        "input that provenance records, hashed on a second thread beside the copy.\n"
+    )
     write_section("io_bench", md)
 
 

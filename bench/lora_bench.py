@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, WORK, measure, table, write_section
 
-H, I, HEADS, KV, V, R = 2048, 5632, 16, 4, 32000, 16
+H, FFN, HEADS, KV, V, R = 2048, 5632, 16, 4, 32000, 16
 
 BUILD = """
 import json, sys, torch
@@ -90,36 +90,63 @@ def main() -> None:
         if not (base / "config.json").exists():
             shutil.rmtree(base, ignore_errors=True)
             shutil.rmtree(adapter, ignore_errors=True)
-            measure([PY, "-c", BUILD.format(h=H, i=I, L=layers, heads=HEADS, kv=KV, V=V, r=R), str(base),
-                     str(adapter)])
+            build = BUILD.format(h=H, i=FFN, L=layers, heads=HEADS, kv=KV, V=V, r=R)
+            measure([PY, "-c", build, str(base), str(adapter)])
         size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
         out_ws, out_peft = WORK / "lora_out_ws", WORK / "lora_out_peft"
         for out in (out_ws, out_peft):
             shutil.rmtree(out, ignore_errors=True)
         ws_run, ws_cpu = run([PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)])
         peft_run, peft_cpu = run([PY, "-c", PEFT, str(base), str(adapter), str(out_peft)])
-        ulps = subprocess.run([PY, "-c", CHECK, str(out_ws), str(out_peft)], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        ulps = subprocess.run(
+            [PY, "-c", CHECK, str(out_ws), str(out_peft)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         for out in (out_ws, out_peft):
             shutil.rmtree(out, ignore_errors=True)
         ours_rss.append(ws_run.peak_rss_mb)
-        rows.append([f"{size_gb:.2f} GB ({layers} layers)", round(ws_run.seconds, 1), round(peft_run.seconds, 1),
-                     f"{peft_run.seconds / ws_run.seconds:.1f}×", round(ws_cpu, 1), round(peft_cpu, 1),
-                     f"{peft_cpu / ws_cpu:.1f}×", round(ws_run.peak_rss_mb), round(peft_run.peak_rss_mb),
-                     f"{ws_run.peak_rss_mb / peft_run.peak_rss_mb:.2f}×", ulps])
+        rows.append(
+            [
+                f"{size_gb:.2f} GB ({layers} layers)",
+                round(ws_run.seconds, 1),
+                round(peft_run.seconds, 1),
+                f"{peft_run.seconds / ws_run.seconds:.1f}×",
+                round(ws_cpu, 1),
+                round(peft_cpu, 1),
+                f"{peft_cpu / ws_cpu:.1f}×",
+                round(ws_run.peak_rss_mb),
+                round(peft_run.peak_rss_mb),
+                f"{ws_run.peak_rss_mb / peft_run.peak_rss_mb:.2f}×",
+                ulps,
+            ]
+        )
     load = os.getloadavg()[1]
-    md = ("## LoRA fold (`bench/lora_bench.py`)\n\n"
-          "bf16 Llama-shaped bases (hidden 2048, GQA 16/4 heads, vocab 32000) built at run time, rank-16 fp32 "
-          "adapter on all 7 linears of every layer. weightsmith = `weightsmith lora merge` CLI; PEFT = "
-          "`from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`. One run each, "
-          "fresh process, start-up included, 2 shared CPU cores.\n\n"
-          + table(["base", "weightsmith wall s", "PEFT wall s", "wall speed-up", "weightsmith CPU s", "PEFT CPU s",
-                   "CPU ratio", "weightsmith RSS MB", "PEFT RSS MB",
-                   "RSS ratio", "max ulp vs PEFT"], rows)
-          + f"\n\nLoad average during the run: {load:.1f} on 2 cores (other jobs share the machine), so wall times "
-            f"include waiting for a CPU; CPU time (user + sys) is the work each tool did."
-            f" weightsmith peak RSS {ours_rss[0]:.0f} → {ours_rss[1]:.0f} MB when the model doubles "
-            f"({ours_rss[1] / ours_rss[0]:.2f}×): it holds a few tensors, never the model.")
+    md = (
+        "## LoRA fold (`bench/lora_bench.py`)\n\n"
+        "bf16 Llama-shaped bases (hidden 2048, GQA 16/4 heads, vocab 32000) built at run time, rank-16 fp32 "
+        "adapter on all 7 linears of every layer. weightsmith = `weightsmith lora merge` CLI; PEFT = "
+        "`from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`. One run each, "
+        "fresh process, start-up included, 2 shared CPU cores.\n\n"
+        + table(
+            [
+                "base",
+                "weightsmith wall s",
+                "PEFT wall s",
+                "wall speed-up",
+                "weightsmith CPU s",
+                "PEFT CPU s",
+                "CPU ratio",
+                "weightsmith RSS MB",
+                "PEFT RSS MB",
+                "RSS ratio",
+                "max ulp vs PEFT",
+            ],
+            rows,
+        )
+        + f"\n\nLoad average during the run: {load:.1f} on 2 cores (other jobs share the machine), so wall times "
+        f"include waiting for a CPU; CPU time (user + sys) is the work each tool did."
+        f" weightsmith peak RSS {ours_rss[0]:.0f} → {ours_rss[1]:.0f} MB when the model doubles "
+        f"({ours_rss[1] / ours_rss[0]:.2f}×): it holds a few tensors, never the model."
+    )
     write_section("lora", md)
 
 

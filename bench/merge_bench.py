@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import zlib
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -20,9 +20,20 @@ from _common import PY, WORK, measure, table, write_section  # noqa: E402
 
 HERE = WORK / "merge"
 BIN = Path(sys.executable).parent
-CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=1024,
-              intermediate_size=2816, num_hidden_layers=22, num_attention_heads=16, num_key_value_heads=4,
-              max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="bfloat16")
+CONFIG = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=22,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    dtype="bfloat16",
+)
 METHODS = ["linear", "task_arithmetic", "slerp", "ties", "dare_ties", "della"]
 
 
@@ -31,11 +42,19 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, h)}
     for n in range(CONFIG["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
-                       p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
     return shapes
@@ -56,8 +75,11 @@ class _Synthetic:
     def __getitem__(self, name):
         shape = self.shapes[name]
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # same base tensor in every model
-        base = torch.ones(shape) + 0.1 * torch.randn(shape, generator=g) if len(shape) == 1 else \
-            0.02 * torch.randn(shape, generator=g)
+        base = (
+            torch.ones(shape) + 0.1 * torch.randn(shape, generator=g)
+            if len(shape) == 1
+            else 0.02 * torch.randn(shape, generator=g)
+        )
         if self.noise_seed is not None:
             gn = torch.Generator().manual_seed(self.noise_seed * 100003 + zlib.crc32(name.encode()))
             base += 0.002 * torch.randn(shape, generator=gn)
@@ -71,21 +93,28 @@ def build() -> dict[str, Path]:
     for key, path in paths.items():
         if (path / "config.json").is_file():
             continue
-        ws.save(_Synthetic(None if key == "base" else int(key[2:]) + 1), path, config=CONFIG, force=True,
-                shard_size="2GB")
+        ws.save(
+            _Synthetic(None if key == "base" else int(key[2:]) + 1), path, config=CONFIG, force=True, shard_size="2GB"
+        )
     return paths
 
 
 def configs(p: dict[str, Path]) -> dict[str, dict]:
     fts = [str(p[f"ft{i}"]) for i in range(3)]
     base = str(p["base"])
-    tv = lambda extra: [{"model": f, "parameters": {"weight": w, **extra}}  # noqa: E731
-                        for f, w in zip(fts, (0.5, 0.3, 0.2))]
+    tv = lambda extra: [
+        {"model": f, "parameters": {"weight": w, **extra}}  # noqa: E731
+        for f, w in zip(fts, (0.5, 0.3, 0.2))
+    ]
     return {
         "linear": {"merge_method": "linear", "models": tv({})},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": tv({})},
-        "slerp": {"merge_method": "slerp", "base_model": fts[0], "models": [{"model": fts[0]}, {"model": fts[1]}],
-                  "parameters": {"t": [0, 0.5, 1]}},
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": fts[0],
+            "models": [{"model": fts[0]}, {"model": fts[1]}],
+            "parameters": {"t": [0, 0.5, 1]},
+        },
         "ties": {"merge_method": "ties", "base_model": base, "models": tv({"density": 0.5})},
         "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": tv({"density": 0.5})},
         "della": {"merge_method": "della", "base_model": base, "models": tv({"density": 0.5})},
@@ -104,10 +133,32 @@ def main(methods: list[str]) -> None:
         cfg_path.write_text(yaml.safe_dump(configs(paths)[method]))
         runs = {}
         for tool, cmd in (
-            ("mergekit", [str(BIN / "mergekit-yaml"), str(cfg_path), str(HERE / f"out-mk-{method}"),
-                          "--random-seed", "0", "--no-copy-tokenizer", "--no-write-model-card"]),
-            ("weightsmith", [PY, "-m", "weightsmith.cli", "merge", str(cfg_path), "-o", str(HERE / f"out-ws-{method}"),
-                             "--seed", "0"]),
+            (
+                "mergekit",
+                [
+                    str(BIN / "mergekit-yaml"),
+                    str(cfg_path),
+                    str(HERE / f"out-mk-{method}"),
+                    "--random-seed",
+                    "0",
+                    "--no-copy-tokenizer",
+                    "--no-write-model-card",
+                ],
+            ),
+            (
+                "weightsmith",
+                [
+                    PY,
+                    "-m",
+                    "weightsmith.cli",
+                    "merge",
+                    str(cfg_path),
+                    "-o",
+                    str(HERE / f"out-ws-{method}"),
+                    "--seed",
+                    "0",
+                ],
+            ),
         ):
             out = HERE / f"out-{'mk' if tool == 'mergekit' else 'ws'}-{method}"
             shutil.rmtree(out, ignore_errors=True)
@@ -115,19 +166,31 @@ def main(methods: list[str]) -> None:
             shutil.rmtree(out, ignore_errors=True)
             print(f"{method:16s} {tool:12s} {runs[tool].seconds:7.1f} s {runs[tool].peak_rss_mb:7.0f} MB", flush=True)
         mk, ws_ = runs["mergekit"], runs["weightsmith"]
-        rows.append([method, round(mk.seconds, 1), round(ws_.seconds, 1), f"{mk.seconds / ws_.seconds:.1f}×",
-                     round(mk.peak_rss_mb), round(ws_.peak_rss_mb), f"{mk.peak_rss_mb / ws_.peak_rss_mb:.1f}×"])
+        rows.append(
+            [
+                method,
+                round(mk.seconds, 1),
+                round(ws_.seconds, 1),
+                f"{mk.seconds / ws_.seconds:.1f}×",
+                round(mk.peak_rss_mb),
+                round(ws_.peak_rss_mb),
+                f"{mk.peak_rss_mb / ws_.peak_rss_mb:.1f}×",
+            ]
+        )
         _write(rows, size_mb)  # after each method: a long run that is cut short still leaves its table
 
 
 def _write(rows: list, size_mb: float) -> None:
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    md = (f"## merge: weightsmith vs mergekit 0.1.5\n\nThree bf16 fine-tunes + base, {size_mb:.0f} MB each "
-          f"(Llama shape, 22 layers, hidden 1024, vocab 32000); same YAML; one fresh process per run, start-up "
-          f"included; 2 CPU cores (load average {load} at the end: the machine was shared); weightsmith with "
-          f"--workers 1.\n\n"
-          + table(["method", "mergekit s", "weightsmith s", "speed-up", "mergekit MB", "weightsmith MB", "RSS ratio"],
-                  rows))
+    md = (
+        f"## merge: weightsmith vs mergekit 0.1.5\n\nThree bf16 fine-tunes + base, {size_mb:.0f} MB each "
+        f"(Llama shape, 22 layers, hidden 1024, vocab 32000); same YAML; one fresh process per run, start-up "
+        f"included; 2 CPU cores (load average {load} at the end: the machine was shared); weightsmith with "
+        f"--workers 1.\n\n"
+        + table(
+            ["method", "mergekit s", "weightsmith s", "speed-up", "mergekit MB", "weightsmith MB", "RSS ratio"], rows
+        )
+    )
     write_section("merge_bench", md)
     (HERE / "results.json").write_text(json.dumps(rows))
 

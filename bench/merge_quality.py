@@ -49,10 +49,10 @@ def docstrings(root: Path, limit: int) -> str:
 def corpora() -> dict[str, str]:
     site = Path(torch.__file__).parent.parent
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    general = "\n\n".join(docstrings(site / pkg, 300_000) for pkg in ("transformers", "numpy", "scipy", "pandas")
-                          if (site / pkg).is_dir())
-    return {"general": general, "A": docstrings(Path(torch.__file__).parent, 600_000),
-            "B": docstrings(stdlib, 600_000)}
+    general = "\n\n".join(
+        docstrings(site / pkg, 300_000) for pkg in ("transformers", "numpy", "scipy", "pandas") if (site / pkg).is_dir()
+    )
+    return {"general": general, "A": docstrings(Path(torch.__file__).parent, 600_000), "B": docstrings(stdlib, 600_000)}
 
 
 def split(text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +64,7 @@ def split(text: str) -> tuple[torch.Tensor, torch.Tensor]:
 def batches(data: torch.Tensor, rng: random.Random):
     while True:
         idx = [rng.randrange(0, len(data) - SEQ - 1) for _ in range(BATCH)]
-        yield torch.stack([data[i:i + SEQ + 1] for i in idx])
+        yield torch.stack([data[i : i + SEQ + 1] for i in idx])
 
 
 def train(model, data: torch.Tensor, steps: int, lr: float, seed: int) -> None:
@@ -86,7 +86,7 @@ def train(model, data: torch.Tensor, steps: int, lr: float, seed: int) -> None:
 def perplexity(model, data: torch.Tensor) -> float:
     losses = []
     for start in range(0, min(len(data) - SEQ - 1, 64 * SEQ), SEQ):
-        chunk = data[start:start + SEQ + 1].unsqueeze(0)
+        chunk = data[start : start + SEQ + 1].unsqueeze(0)
         logits = model(input_ids=chunk[:, :-1]).logits
         losses.append(float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:])))
     return math.exp(sum(losses) / len(losses))
@@ -101,9 +101,16 @@ def main() -> None:
     HERE.mkdir(parents=True, exist_ok=True)
     texts = corpora()
     data = {k: split(v) for k, v in texts.items()}
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
-                         tie_word_embeddings=False)
+    cfg = tf.LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
     trained = all((HERE / n / "config.json").is_file() for n in ("base", "ftA", "ftB"))
     if not trained:  # the trained models are the fixture (deterministic, seeded): built once, reused after
         model = tf.LlamaForCausalLM(cfg)
@@ -115,12 +122,18 @@ def main() -> None:
             train(ft, data[dom][0], STEPS_FT, 1e-3, seed=seed)
             ft.save_pretrained(HERE / f"ft{dom}")
     base, a, b = (str(HERE / n) for n in ("base", "ftA", "ftB"))
-    two = lambda extra: [{"model": a, "parameters": {"weight": 1.0, **extra}},  # noqa: E731
-                         {"model": b, "parameters": {"weight": 1.0, **extra}}]
+    two = lambda extra: [
+        {"model": a, "parameters": {"weight": 1.0, **extra}},  # noqa: E731
+        {"model": b, "parameters": {"weight": 1.0, **extra}},
+    ]
     merges = {
         "linear": {"merge_method": "linear", "models": two({})},
-        "slerp (t=0.5)": {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
-                          "parameters": {"t": 0.5}},
+        "slerp (t=0.5)": {
+            "merge_method": "slerp",
+            "base_model": a,
+            "models": [{"model": a}, {"model": b}],
+            "parameters": {"t": 0.5},
+        },
         "nuslerp": {"merge_method": "nuslerp", "base_model": base, "models": two({})},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": two({})},
         "ties (d=0.5)": {"merge_method": "ties", "base_model": base, "models": two({"density": 0.5})},
@@ -145,12 +158,13 @@ def main() -> None:
         out = HERE / ("merged-" + label.split()[0])
         ws.merge.run(cfg_, out, force=True, seed=0)
         score(label, str(out))
-    md = ("## merge quality: per-domain perplexity of merged fine-tunes\n\n"
-          f"Byte-level Llama ({tf.LlamaForCausalLM(cfg).num_parameters() / 1e6:.2f}M parameters) trained here for "
-          f"{STEPS_BASE} steps on docstrings of installed packages, then fine-tuned {STEPS_FT} steps on torch's "
-          "docstrings (A) and on the standard library's (B). Held-out byte perplexity (lower is better); the last "
-          "column is the geometric mean of the two domains.\n\n"
-          + table(["model", "ppl A", "ppl B", "geo-mean"], rows))
+    md = (
+        "## merge quality: per-domain perplexity of merged fine-tunes\n\n"
+        f"Byte-level Llama ({tf.LlamaForCausalLM(cfg).num_parameters() / 1e6:.2f}M parameters) trained here for "
+        f"{STEPS_BASE} steps on docstrings of installed packages, then fine-tuned {STEPS_FT} steps on torch's "
+        "docstrings (A) and on the standard library's (B). Held-out byte perplexity (lower is better); the last "
+        "column is the geometric mean of the two domains.\n\n" + table(["model", "ppl A", "ppl B", "geo-mean"], rows)
+    )
     write_section("merge_quality", md)
     (HERE / "results.json").write_text(json.dumps(rows))
 

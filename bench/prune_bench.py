@@ -15,10 +15,9 @@ from pathlib import Path
 from _common import BENCH, PY, WORK, measure, table, write_section
 
 sys.path.insert(0, str(BENCH.parent / "tests"))
+import torch  # noqa: E402
 from _prune_utils import CALIBRATION  # noqa: E402
 from conftest import SENTENCES  # noqa: E402
-
-import torch  # noqa: E402
 
 from weightsmith import evaluation as evaluate  # noqa: E402
 
@@ -62,8 +61,9 @@ def main() -> None:
     rows, outputs = [], {}
     for i, (label, flags) in enumerate(RUNS):
         out = work / f"run{i}"
-        run = measure([PY, "-m", "weightsmith.cli", "prune", str(dense), "-o", str(out),
-                       *[f.format(calib=calib) for f in flags]])
+        run = measure(
+            [PY, "-m", "weightsmith.cli", "prune", str(dense), "-o", str(out), *[f.format(calib=calib) for f in flags]]
+        )
         cos = evaluate.embedding_cosine(out, dense, SENTENCES)
         n = sum(p.numel() for p in evaluate.load_model(out).parameters())
         rows.append([label, round(cos, 4), f"{n / 1e6:.2f}M", round(run.seconds, 1), round(run.peak_rss_mb)])
@@ -73,13 +73,15 @@ def main() -> None:
     base, *others = latencies([dense, *(outputs[label] for label in timed)], ids)
     speed = [["dense", f"{base * 1e3:.1f}", "1.00"]]
     speed += [[label, f"{t * 1e3:.1f}", f"{t / base:.2f}"] for label, t in zip(timed, others)]
-    md = ("## Pruning (all-MiniLM-L6-v2, 22.7M parameters)\n\n"
-          f"Embedding cosine to the dense model, mean over {len(SENTENCES)} held-out sentences; calibration: "
-          f"{len(CALIBRATION)} other sentences. Embeddings, LayerNorms and the pooler stay dense. Time and peak RSS "
-          "are for the whole `weightsmith prune` process.\n\n"
-          + table(["method", "cosine", "params", "seconds", "peak RSS MB"], rows)
-          + "\n\nCPU latency of one forward pass (batch 8 × 128 tokens, 1 thread, median of 15, models interleaved):\n\n"
-          + table(["model", "ms", "ratio to dense"], speed))
+    md = (
+        "## Pruning (all-MiniLM-L6-v2, 22.7M parameters)\n\n"
+        f"Embedding cosine to the dense model, mean over {len(SENTENCES)} held-out sentences; calibration: "
+        f"{len(CALIBRATION)} other sentences. Embeddings, LayerNorms and the pooler stay dense. Time and peak RSS "
+        "are for the whole `weightsmith prune` process.\n\n"
+        + table(["method", "cosine", "params", "seconds", "peak RSS MB"], rows)
+        + "\n\nCPU latency of one forward pass (batch 8 × 128 tokens, 1 thread, median of 15, models interleaved):\n\n"
+        + table(["model", "ms", "ratio to dense"], speed)
+    )
     write_section("prune", md)
 
 

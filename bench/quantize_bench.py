@@ -57,8 +57,9 @@ def llmcompressor_pythonpath() -> str | None:
         except (subprocess.SubprocessError, OSError):
             return None
     path = f"{site}:{deps}"
-    ok = subprocess.run([PY, "-c", "import llmcompressor"], env={**ENV, "PYTHONPATH": path}, capture_output=True,
-                        check=False)
+    ok = subprocess.run(
+        [PY, "-c", "import llmcompressor"], env={**ENV, "PYTHONPATH": path}, capture_output=True, check=False
+    )
     return path if ok.returncode == 0 else None
 
 
@@ -75,32 +76,54 @@ def speed_table() -> str:
     runs.append(("NF4", "weightsmith quantize --scheme nf4", measure([*ws, "-o", str(out), "--scheme", "nf4"]), out))
     out = WORK / "q_tf_nf4"
     shutil.rmtree(out, ignore_errors=True)
-    code = ("import transformers as tf\n"
-            f"m = tf.AutoModelForCausalLM.from_pretrained({str(SRC)!r}, quantization_config=tf.BitsAndBytesConfig("
-            "load_in_4bit=True, bnb_4bit_quant_type='nf4'))\n"
-            f"m.save_pretrained({str(out)!r})")
+    code = (
+        "import transformers as tf\n"
+        f"m = tf.AutoModelForCausalLM.from_pretrained({str(SRC)!r}, quantization_config=tf.BitsAndBytesConfig("
+        "load_in_4bit=True, bnb_4bit_quant_type='nf4'))\n"
+        f"m.save_pretrained({str(out)!r})"
+    )
     runs.append(("NF4", "transformers from_pretrained(bnb nf4) + save_pretrained", measure(python_cmd(code)), out))
     out = WORK / "q_ws_int8"
-    runs.append(("int8 W8A8", "weightsmith quantize --scheme int8", measure([*ws, "-o", str(out), "--scheme", "int8"]),
-                 out))
+    runs.append(
+        ("int8 W8A8", "weightsmith quantize --scheme int8", measure([*ws, "-o", str(out), "--scheme", "int8"]), out)
+    )
     notes = []
     path = llmcompressor_pythonpath()
     if path:
         out = WORK / "q_llmc_int8"
         shutil.rmtree(out, ignore_errors=True)
-        code = ("import transformers as tf\n"
-                "from llmcompressor import oneshot\n"
-                "from llmcompressor.modifiers.quantization import QuantizationModifier\n"
-                f"m = tf.AutoModelForCausalLM.from_pretrained({str(SRC)!r}, dtype='auto')\n"
-                "oneshot(model=m, recipe=QuantizationModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']))\n"
-                f"m.save_pretrained({str(out)!r}, save_compressed=True)")
+        code = (
+            "import transformers as tf\n"
+            "from llmcompressor import oneshot\n"
+            "from llmcompressor.modifiers.quantization import QuantizationModifier\n"
+            f"m = tf.AutoModelForCausalLM.from_pretrained({str(SRC)!r}, dtype='auto')\n"
+            "oneshot(model=m, recipe=QuantizationModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']))\n"
+            f"m.save_pretrained({str(out)!r}, save_compressed=True)"
+        )
         env = {**ENV, "PYTHONPATH": path}
-        runs.append(("int8 W8A8", "llm-compressor oneshot W8A8 (data-free) + save_pretrained",
-                     measure(python_cmd(code), env=env), out))
-        version = subprocess.run([PY, "-c", "import llmcompressor; print(llmcompressor.__version__)"], env=env,
-                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        notes.append(f"llm-compressor {version} installed with `pip --target` beside the project env (--no-deps: it "
-                     "pins transformers ≤5.17 and compressed-tensors 0.19; it ran here with 5.23 / 0.20).")
+        runs.append(
+            (
+                "int8 W8A8",
+                "llm-compressor oneshot W8A8 (data-free) + save_pretrained",
+                measure(python_cmd(code), env=env),
+                out,
+            )
+        )
+        version = (
+            subprocess.run(
+                [PY, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        notes.append(
+            f"llm-compressor {version} installed with `pip --target` beside the project env (--no-deps: it "
+            "pins transformers ≤5.17 and compressed-tensors 0.19; it ran here with 5.23 / 0.20)."
+        )
     else:
         notes.append("llm-compressor did not install or import in a throwaway target here: no int8 peer row.")
     rows = []
@@ -108,14 +131,33 @@ def speed_table() -> str:
     for scheme, who, run, out in runs:
         base.setdefault(scheme, run)
         ref = base[scheme]
-        rows.append([scheme, who, round(run.seconds, 1), round(run.peak_rss_mb), round(size_of(out) / 1e6),
-                     round(src_bytes / size_of(out), 2), round(run.seconds / ref.seconds, 2),
-                     round(run.peak_rss_mb / ref.peak_rss_mb, 2)])
-    header = ["scheme", "tool", "wall s", "peak RSS MB", "output MB", "size ratio", "wall ÷ weightsmith",
-              "RSS ÷ weightsmith"]
-    intro = (f"Llama-shaped fp32 checkpoint built at run time: 16 layers, hidden 1024, MLP 2816, vocab 32000, "
-             f"{src_bytes / 1e9:.2f} GB in one file. One run each, whole process (start-up and imports included), "
-             f"2 shared CPU cores.")
+        rows.append(
+            [
+                scheme,
+                who,
+                round(run.seconds, 1),
+                round(run.peak_rss_mb),
+                round(size_of(out) / 1e6),
+                round(src_bytes / size_of(out), 2),
+                round(run.seconds / ref.seconds, 2),
+                round(run.peak_rss_mb / ref.peak_rss_mb, 2),
+            ]
+        )
+    header = [
+        "scheme",
+        "tool",
+        "wall s",
+        "peak RSS MB",
+        "output MB",
+        "size ratio",
+        "wall ÷ weightsmith",
+        "RSS ÷ weightsmith",
+    ]
+    intro = (
+        f"Llama-shaped fp32 checkpoint built at run time: 16 layers, hidden 1024, MLP 2816, vocab 32000, "
+        f"{src_bytes / 1e9:.2f} GB in one file. One run each, whole process (start-up and imports included), "
+        f"2 shared CPU cores."
+    )
     return "\n\n".join([intro, table(header, rows), *notes])
 
 
@@ -146,11 +188,20 @@ def quality_table() -> str:
     code = QUALITY_CODE.format(tests=str(HERE.parent / "tests"), work=str(WORK))
     proc = subprocess.run([PY, "-c", code], env=ENV, capture_output=True, text=True, check=True)
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    header = ["scheme", "mean cosine", "min cosine", "Linear bytes ÷ fp32", "checkpoint ratio", "mean ‖ΔW‖/‖W‖",
-              "max ‖ΔW‖/‖W‖"]
-    intro = ("all-MiniLM-L6-v2 (22.7M parameters): mean-pooled sentence embeddings of the quantized model, loaded "
-             "with transformers' `from_pretrained` (compressed-tensors / bitsandbytes), against the float model on "
-             "32 varied sentences. Embeddings, LayerNorms and biases stay fp32.")
+    header = [
+        "scheme",
+        "mean cosine",
+        "min cosine",
+        "Linear bytes ÷ fp32",
+        "checkpoint ratio",
+        "mean ‖ΔW‖/‖W‖",
+        "max ‖ΔW‖/‖W‖",
+    ]
+    intro = (
+        "all-MiniLM-L6-v2 (22.7M parameters): mean-pooled sentence embeddings of the quantized model, loaded "
+        "with transformers' `from_pretrained` (compressed-tensors / bitsandbytes), against the float model on "
+        "32 varied sentences. Embeddings, LayerNorms and biases stay fp32."
+    )
     return "\n\n".join([intro, table(header, rows)])
 
 

@@ -64,8 +64,9 @@ def train_adapter(base: Path, out: Path) -> float:
 
     torch.manual_seed(0)
     tok = tf.AutoTokenizer.from_pretrained(base)
-    model = peft.get_peft_model(tf.AutoModel.from_pretrained(base),
-                                peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    model = peft.get_peft_model(
+        tf.AutoModel.from_pretrained(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     left = tok([a for a, _ in PAIRS], padding=True, return_tensors="pt")
     right = tok([b for _, b in PAIRS], padding=True, return_tensors="pt")
@@ -87,8 +88,9 @@ def train_adapter(base: Path, out: Path) -> float:
 
 
 def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx",
-                                                                                        ".data"))
+    return sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx", ".data")
+    )
 
 
 def main() -> int:
@@ -103,9 +105,9 @@ def main() -> int:
     recipe = OUT / "recipe.yaml"
     recipe.write_text(f"""\
 input: {base}
-output: {OUT / 'shipped'}
+output: {OUT / "shipped"}
 steps:
-  - lora_merge: {{adapters: [{OUT / 'adapter'}]}}
+  - lora_merge: {{adapters: [{OUT / "adapter"}]}}
   - prune: {{sparsity: 0.2}}
   - quantize: {{scheme: int8}}
   - export: {{task: feature-extraction, quantize: int8}}
@@ -122,8 +124,10 @@ steps:
     print(f"  all-MiniLM-L6-v2 safetensors : {dir_size(base) / 1e6:7.1f} MB")
     print(f"  shipped ONNX (int8)          : {onnx_file.stat().st_size / 1e6:7.1f} MB")
     print(f"  export parity (float graph)  : max |Δ| {export['parity_max_abs']:.2e} vs PyTorch")
-    print(f"  shipped vs fine-tuned float  : embedding cosine {fidelity['embedding_cosine']:.4f} "
-          f"on {fidelity['texts']} held-out sentences")
+    print(
+        f"  shipped vs fine-tuned float  : embedding cosine {fidelity['embedding_cosine']:.4f} "
+        f"on {fidelity['texts']} held-out sentences"
+    )
     print(f"  int8 graph vs float graph    : cosine {export['int8']['cosine_mean']:.4f}")
     print("  latency at 8×128, 1 thread   : " + ", ".join(f"{k} {v}" for k, v in export["latency (median ms)"].items()))
     print(f"  total recipe time            : {report.timings['total']:.1f}s")

@@ -15,10 +15,42 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
-_MODULES = ["argparse", "json", "pathlib", "collections", "functools", "itertools", "subprocess", "logging",
-            "unittest", "decimal", "fractions", "statistics", "textwrap", "string", "re", "shutil", "tarfile",
-            "zipfile", "csv", "datetime", "calendar", "email", "http.client", "urllib.request", "threading",
-            "asyncio", "inspect", "typing", "dataclasses", "enum", "heapq", "bisect", "random", "difflib"]
+_MODULES = [
+    "argparse",
+    "json",
+    "pathlib",
+    "collections",
+    "functools",
+    "itertools",
+    "subprocess",
+    "logging",
+    "unittest",
+    "decimal",
+    "fractions",
+    "statistics",
+    "textwrap",
+    "string",
+    "re",
+    "shutil",
+    "tarfile",
+    "zipfile",
+    "csv",
+    "datetime",
+    "calendar",
+    "email",
+    "http.client",
+    "urllib.request",
+    "threading",
+    "asyncio",
+    "inspect",
+    "typing",
+    "dataclasses",
+    "enum",
+    "heapq",
+    "bisect",
+    "random",
+    "difflib",
+]
 
 
 def _prose(docs: Iterable[str | None], lines: dict[str, None]) -> None:
@@ -38,8 +70,11 @@ def lines_by_module() -> dict[str, list[str]]:
     out = {}
     for name, module in zip(_MODULES, modules):
         lines: dict[str, None] = {}
-        _prose([module.__doc__] + [getattr(getattr(module, a), "__doc__", None) for a in sorted(dir(module))
-                                   if not a.startswith("_")], lines)
+        _prose(
+            [module.__doc__]
+            + [getattr(getattr(module, a), "__doc__", None) for a in sorted(dir(module)) if not a.startswith("_")],
+            lines,
+        )
         out[name] = list(lines)
     return out
 
@@ -62,8 +97,14 @@ def docstring_lines(root: Path, *, skip: Iterable[str] = (), skip_dirs: Iterable
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
         except (SyntaxError, ValueError):
             continue
-        _prose([ast.get_docstring(node, clean=False) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))], lines)
+        _prose(
+            [
+                ast.get_docstring(node, clean=False)
+                for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            ],
+            lines,
+        )
     return list(lines)
 
 
@@ -87,10 +128,14 @@ def char_tokenizer(causal: bool):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     if not causal:
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   **({"eos_token": "</s>"} if causal else
-                                      {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}))
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        **({"eos_token": "</s>"} if causal else {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}),
+    )
     return fast
 
 

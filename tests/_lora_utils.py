@@ -6,9 +6,15 @@ from pathlib import Path
 
 import torch
 
-AUTO = {"llama": "AutoModelForCausalLM", "llama_tied": "AutoModelForCausalLM", "qwen2": "AutoModelForCausalLM",
-        "mistral": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModel",
-        "bert_cls": "AutoModelForSequenceClassification"}
+AUTO = {
+    "llama": "AutoModelForCausalLM",
+    "llama_tied": "AutoModelForCausalLM",
+    "qwen2": "AutoModelForCausalLM",
+    "mistral": "AutoModelForCausalLM",
+    "gpt2": "AutoModelForCausalLM",
+    "bert": "AutoModel",
+    "bert_cls": "AutoModelForSequenceClassification",
+}
 
 
 def load(kind: str, path, dtype=None):
@@ -27,8 +33,15 @@ def perturb_trainable(model: torch.nn.Module, seed: int, scale: float = 0.05) ->
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
 
 
-def make_adapter(model: torch.nn.Module, out: Path, seed: int = 1, safe_serialization: bool = True,
-                 scale: float = 0.05, autocast_adapter_dtype: bool = True, **lora) -> Path:
+def make_adapter(
+    model: torch.nn.Module,
+    out: Path,
+    seed: int = 1,
+    safe_serialization: bool = True,
+    scale: float = 0.05,
+    autocast_adapter_dtype: bool = True,
+    **lora,
+) -> Path:
     """A PEFT LoRA adapter on ``model`` (random non-zero factors, perturbed), saved to ``out``."""
     from peft import LoraConfig, get_peft_model
 

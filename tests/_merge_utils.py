@@ -39,8 +39,13 @@ def run_mergekit(config: dict, out: Path, seed: int | None = None) -> Path:
     from mergekit.merge import MergeOptions, run_merge
 
     cfg = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config)))
-    run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False,
-                                                     random_seed=seed, lazy_unpickle=False))
+    run_merge(
+        cfg,
+        str(out),
+        options=MergeOptions(
+            copy_tokenizer=False, quiet=True, write_model_card=False, random_seed=seed, lazy_unpickle=False
+        ),
+    )
     return out
 
 

@@ -30,10 +30,9 @@ CALIBRATION = [
 
 def with_tokenizer(model_dir: Path, dest: Path, vocab_size: int = 128) -> Path:
     """A copy of ``model_dir`` with a small BPE tokenizer (trained on the calibration text) that fits its vocab."""
+    from conftest import SENTENCES
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from conftest import SENTENCES
 
     if dest.exists():
         return dest

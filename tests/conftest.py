@@ -23,8 +23,14 @@ VOCAB = 128
 def _config(kind: str):
     import transformers as tf
 
-    small = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=96, max_position_embeddings=64)
+    small = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
     if kind == "llama":  # GQA: 4 query heads share 2 key/value heads
         return tf.LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=False), tf.LlamaForCausalLM
     if kind == "llama_tied":
@@ -34,8 +40,12 @@ def _config(kind: str):
     if kind == "qwen2":  # q/k/v carry biases
         return tf.Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=False), tf.Qwen2ForCausalLM
     if kind == "gpt2":  # Conv1D weights stored [in, out]; lm_head tied to wte and not stored
-        return (tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                              eos_token_id=0), tf.GPT2LMHeadModel)
+        return (
+            tf.GPT2Config(
+                vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+            ),
+            tf.GPT2LMHeadModel,
+        )
     if kind == "bert":
         return tf.BertConfig(**small), tf.BertModel
     if kind == "bert_cls":

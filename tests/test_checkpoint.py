@@ -140,7 +140,9 @@ def test_carried_files_and_config(minilm_path, tmp_path):
     ws.convert(minilm_path, tmp_path / "out")
     for name in ("tokenizer.json", "vocab.txt", "modules.json", "1_Pooling/config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (minilm_path / name).read_bytes()
-    assert json.loads((tmp_path / "out/config.json").read_text()) == json.loads((minilm_path / "config.json").read_text())
+    assert json.loads((tmp_path / "out/config.json").read_text()) == json.loads(
+        (minilm_path / "config.json").read_text()
+    )
 
 
 def test_real_minilm_round_trip_gives_same_embeddings(minilm_path, tmp_path):
@@ -206,9 +208,21 @@ def test_large_shard_header_is_filled_in_place(tmp_path):
 def test_all_dtypes_round_trip(tmp_path):
     from safetensors.torch import load_file
 
-    tensors = {str(dt): (torch.randn(3, 5) * 10).to(dt) for dt in
-               (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int32,
-                torch.int64, torch.bool, torch.float8_e4m3fn)}
+    tensors = {
+        str(dt): (torch.randn(3, 5) * 10).to(dt)
+        for dt in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+            torch.float64,
+            torch.int8,
+            torch.uint8,
+            torch.int32,
+            torch.int64,
+            torch.bool,
+            torch.float8_e4m3fn,
+        )
+    }
     tensors["scalar"] = torch.tensor(3.5)
     tensors["empty"] = torch.zeros(0, 4)
     ws.save(tensors, tmp_path / "out")

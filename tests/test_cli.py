@@ -42,14 +42,22 @@ def _copy_model(src: Path, dst: Path) -> Path:
 
 
 def test_missing_path(capsys, tmp_path):
-    assert_refused(capsys, tmp_path / "out", "convert", tmp_path / "nope", "-o", tmp_path / "out",
-                   match="no such file or directory")
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        "convert",
+        tmp_path / "nope",
+        "-o",
+        tmp_path / "out",
+        match="no such file or directory",
+    )
 
 
 def test_empty_directory(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_refused(capsys, tmp_path / "out", "convert", tmp_path / "empty", "-o", tmp_path / "out",
-                   match="empty directory")
+    assert_refused(
+        capsys, tmp_path / "out", "convert", tmp_path / "empty", "-o", tmp_path / "out", match="empty directory"
+    )
 
 
 def test_truncated_safetensors(capsys, tiny_model, tmp_path):
@@ -62,8 +70,9 @@ def test_truncated_safetensors(capsys, tiny_model, tmp_path):
 def test_header_claims_more_than_the_file(capsys, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((10**6).to_bytes(8, "little") + b'{"a": 1}')
-    assert_refused(capsys, tmp_path / "out", "convert", bad, "-o", tmp_path / "out",
-                   match="header claims 1000000 bytes")
+    assert_refused(
+        capsys, tmp_path / "out", "convert", bad, "-o", tmp_path / "out", match="header claims 1000000 bytes"
+    )
 
 
 def test_malformed_header(capsys, tmp_path):
@@ -91,8 +100,9 @@ def test_index_names_path_outside(capsys, tiny_model, tmp_path):
     index["weight_map"][first] = "../x.safetensors"
     (tmp_path / "x.safetensors").write_bytes(b"")
     index_path.write_text(json.dumps(index))
-    assert_refused(capsys, tmp_path / "out", "convert", model, "-o", tmp_path / "out",
-                   match="outside the checkpoint directory")
+    assert_refused(
+        capsys, tmp_path / "out", "convert", model, "-o", tmp_path / "out", match="outside the checkpoint directory"
+    )
 
 
 def test_same_tensor_in_two_shards(capsys, tmp_path):
@@ -153,8 +163,17 @@ def test_unwritable_destination(capsys, tiny_model, tmp_path):
 
 
 def test_bad_shard_size(capsys, tiny_model, tmp_path):
-    assert_refused(capsys, tmp_path / "out", "convert", tiny_model("bert"), "-o", tmp_path / "out",
-                   "--shard-size", "lots", match="size 'lots'")
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        "convert",
+        tiny_model("bert"),
+        "-o",
+        tmp_path / "out",
+        "--shard-size",
+        "lots",
+        match="size 'lots'",
+    )
 
 
 def test_inspect_reports_what_the_model_holds(capsys, tiny_model):
@@ -221,10 +240,12 @@ def test_diff_finds_each_kind_of_difference(capsys, tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from weightsmith.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'peft', 'onnx', 'onnxruntime') if m in sys.modules]\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from weightsmith.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'onnx', 'onnxruntime') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -60,8 +60,12 @@ def test_an_unreadable_prefetch_falls_back_to_hashing_here(tmp_path, monkeypatch
 
 def test_helper_prints_sha256sum_lines(tmp_path):
     path, expected = _weight_file(tmp_path / "model.safetensors")
-    out = subprocess.run([sys.executable, "-m", "weightsmith.digests", str(path), str(tmp_path / "missing")],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "weightsmith.digests", str(path), str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out == f"{expected}  {path}\n"
 
 
@@ -91,11 +95,13 @@ def test_each_writing_command_hashes_what_it_reads_and_nothing_else(monkeypatch)
     seen = []
     monkeypatch.setattr(digests, "prefetch", lambda paths: seen.extend(paths))
     parser = cli.build_parser()
-    for argv, expected in ((["lora", "merge", "base", "a1@0.5", "a2", "-o", "out"], ["base", "a1", "a2"]),
-                           (["lora", "unmerge", "merged", "a@0.7", "-o", "out"], ["merged", "a"]),
-                           (["quantize", "src", "-o", "out", "--scheme", "int8"], ["src"]),
-                           (["distill", "--teacher", "t", "--data", "d.txt", "-o", "out"], ["t"]),
-                           (["export", "onnx", "src", "-o", "m.onnx", "--task", "feature-extraction"], ["src"])):
+    for argv, expected in (
+        (["lora", "merge", "base", "a1@0.5", "a2", "-o", "out"], ["base", "a1", "a2"]),
+        (["lora", "unmerge", "merged", "a@0.7", "-o", "out"], ["merged", "a"]),
+        (["quantize", "src", "-o", "out", "--scheme", "int8"], ["src"]),
+        (["distill", "--teacher", "t", "--data", "d.txt", "-o", "out"], ["t"]),
+        (["export", "onnx", "src", "-o", "m.onnx", "--task", "feature-extraction"], ["src"]),
+    ):
         seen.clear()
         cli._start_input_digests(parser.parse_args(argv))
         assert seen == expected, argv

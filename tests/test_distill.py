@@ -33,9 +33,11 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     lines = english_lines()
     assert len(lines) > 600
-    return {"train": write_corpus(d / "train.txt", lines[:400]),
-            "eval": write_corpus(d / "eval.jsonl", lines[400:440], jsonl=True),
-            "empty": write_corpus(d / "empty.txt", ["", "   "])}
+    return {
+        "train": write_corpus(d / "train.txt", lines[:400]),
+        "eval": write_corpus(d / "eval.jsonl", lines[400:440], jsonl=True),
+        "empty": write_corpus(d / "empty.txt", ["", "   "]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,14 @@ def bert(tiny_model, tmp_path_factory):
 
 
 def _masked_lm(dest: Path, hidden: int, layers: int) -> Path:
-    config = tf.BertConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                           intermediate_size=2 * hidden, max_position_embeddings=64)
+    config = tf.BertConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(hidden)
     tf.BertForMaskedLM(config).save_pretrained(dest / "raw")
     return with_tokenizer(dest / "raw", dest / "model", causal=False)
@@ -69,8 +77,12 @@ def test_kd_loss_matches_torch_kl_div_and_cross_entropy():
     temp, alpha = 2.0, 0.3
     loss, parts = L.kd_loss(s, t, labels, mask, temperature=temp, alpha=alpha)
     # torch's KLDivLoss over the kept tokens: sum over vocabulary, mean over tokens, times T²
-    kl = F.kl_div(F.log_softmax(s[keep] / temp, -1), F.log_softmax(t[keep] / temp, -1), log_target=True,
-                  reduction="batchmean") * temp**2
+    kl = (
+        F.kl_div(
+            F.log_softmax(s[keep] / temp, -1), F.log_softmax(t[keep] / temp, -1), log_target=True, reduction="batchmean"
+        )
+        * temp**2
+    )
     ce = F.cross_entropy(s[keep], labels[keep])
     torch.testing.assert_close(parts["kl"], kl)
     torch.testing.assert_close(parts["ce"], ce)
@@ -147,8 +159,18 @@ def test_layer_selection_equals_transformers_with_layers_removed(tiny_model, tmp
 
 def test_causal_distill_writes_a_loadable_student(llama, corpus, tmp_path):
     out = tmp_path / "student"
-    report = ws.distill(llama, out, corpus["train"], layers=[0], steps=12, lr=2e-3, seq_len=32, batch_size=4,
-                        eval_data=corpus["eval"], eval_every=5)
+    report = ws.distill(
+        llama,
+        out,
+        corpus["train"],
+        layers=[0],
+        steps=12,
+        lr=2e-3,
+        seq_len=32,
+        batch_size=4,
+        eval_data=corpus["eval"],
+        eval_every=5,
+    )
     assert report.summary["loss_finite"] and report.summary["loss_last"] < report.summary["loss_first"]
     assert [e["step"] for e in report.details["evals"]] == [5, 10, 12]
     model = tf.AutoModelForCausalLM.from_pretrained(out)
@@ -167,8 +189,17 @@ def test_masked_lm_with_a_narrower_student_and_projected_features(corpus, tmp_pa
     teacher = _masked_lm(tmp_path / "teacher", hidden=64, layers=2)
     student = _masked_lm(tmp_path / "student", hidden=32, layers=1)
     out = tmp_path / "out"
-    report = ws.distill(teacher, out, corpus["train"], student=student, steps=6, seq_len=32, batch_size=4,
-                        feature_layers=[0], eval_data=corpus["eval"])
+    report = ws.distill(
+        teacher,
+        out,
+        corpus["train"],
+        student=student,
+        steps=6,
+        seq_len=32,
+        batch_size=4,
+        feature_layers=[0],
+        eval_data=corpus["eval"],
+    )
     assert report.summary["kind"] == "masked" and report.summary["loss_finite"]
     assert "eval_ce" in report.summary
     written = Checkpoint(out)
@@ -202,17 +233,54 @@ def test_resume_equals_an_uninterrupted_run(bert, corpus, tmp_path, monkeypatch)
     worst = max(float((a[n].float() - b[n].float()).abs().max()) for n in a)
     assert worst <= 1e-6
     # a resume with other parameters is refused
-    assert main(["distill", "--teacher", str(bert), "-o", str(tmp_path / "c"), "--data", str(corpus["train"]),
-                 "--layers", "1", "--steps", "8", "--save-every", "3", "--seq-len", "32", "--batch-size", "4",
-                 "--lr", "5e-4", "--seed", "3", "--resume", "--state-dir", str(tmp_path / "b.distill-state")]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(bert),
+                "-o",
+                str(tmp_path / "c"),
+                "--data",
+                str(corpus["train"]),
+                "--layers",
+                "1",
+                "--steps",
+                "8",
+                "--save-every",
+                "3",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--lr",
+                "5e-4",
+                "--seed",
+                "3",
+                "--resume",
+                "--state-dir",
+                str(tmp_path / "b.distill-state"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "c").exists()
 
 
 def test_minilm_student_gets_closer_to_the_teacher(minilm_path, corpus, tmp_path):
     before = S.write_student(Checkpoint(minilm_path), tmp_path / "init", [0, 2, 4])
     out = tmp_path / "out"
-    report = ws.distill(minilm_path, out, corpus["train"], layers=[0, 2, 4], steps=8, lr=1e-4, seq_len=32,
-                        batch_size=8, eval_data=corpus["eval"])
+    report = ws.distill(
+        minilm_path,
+        out,
+        corpus["train"],
+        layers=[0, 2, 4],
+        steps=8,
+        lr=1e-4,
+        seq_len=32,
+        batch_size=8,
+        eval_data=corpus["eval"],
+    )
     teacher = embed(minilm_path)
     cos_before = float((embed(before) * teacher).sum(-1).mean())
     cos_after = float((embed(out) * teacher).sum(-1).mean())
@@ -223,8 +291,19 @@ def test_minilm_student_gets_closer_to_the_teacher(minilm_path, corpus, tmp_path
 
 def test_frozen_embeddings_and_bf16_autocast(bert, corpus, tmp_path):
     out = tmp_path / "out"
-    report = ws.distill(bert, out, corpus["train"], layers=[1], steps=4, seq_len=32, batch_size=4, lr=1e-3,
-                        freeze_embeddings=True, mixed_precision="bf16", eval_data=corpus["eval"])
+    report = ws.distill(
+        bert,
+        out,
+        corpus["train"],
+        layers=[1],
+        steps=4,
+        seq_len=32,
+        batch_size=4,
+        lr=1e-3,
+        freeze_embeddings=True,
+        mixed_precision="bf16",
+        eval_data=corpus["eval"],
+    )
     assert report.summary["loss_finite"] and 0 < report.summary["eval_cosine"] <= 1
     teacher, student = Checkpoint(bert), Checkpoint(out)
     name = "embeddings.word_embeddings.weight"
@@ -238,10 +317,39 @@ def test_two_processes_under_accelerate_launch(llama, corpus, tmp_path):
     # accelerate 1.x's --cpu flag selects its single-process launcher (multi-CPU needs MPI); --multi_gpu starts the
     # processes with torchrun, and on this GPU-less machine distill trains them on CPU over gloo
     out = tmp_path / "out"
-    cmd = [str(ROOT / ".venv/bin/accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631",
-           "-m", "weightsmith.cli", "distill", "--teacher", str(llama), "-o", str(out), "--data",
-           str(corpus["train"]), "--layers", "0", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--json"]
+    cmd = [
+        str(ROOT / ".venv/bin/accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29631",
+        "-m",
+        "weightsmith.cli",
+        "distill",
+        "--teacher",
+        str(llama),
+        "-o",
+        str(out),
+        "--data",
+        str(corpus["train"]),
+        "--layers",
+        "0",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--json",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WEIGHTSMITH_QUIET": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -284,18 +392,31 @@ def test_refusals(llama, bert, corpus, tmp_path, capsys):
     base = ["--teacher", str(llama), "--layers", "0"]
     _refused([*base, "--data", str(tmp_path / "missing.txt"), "--steps", "2"], out, capsys, "no such data file")
     _refused([*base, "--data", str(corpus["empty"]), "--steps", "2"], out, capsys, "holds no text")
-    _refused(["--teacher", str(llama), "--layers", "0,5", "--data", str(corpus["train"]), "--steps", "2"], out, capsys,
-             "out of range")
+    _refused(
+        ["--teacher", str(llama), "--layers", "0,5", "--data", str(corpus["train"]), "--steps", "2"],
+        out,
+        capsys,
+        "out of range",
+    )
     _refused([*base, "--data", str(corpus["train"]), "--steps", "0"], out, capsys, "steps 0")
     _refused([*base, "--data", str(corpus["train"]), "--epochs", "0.001"], out, capsys, "zero steps")
     other_vocab = tmp_path / "gpt2"
-    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0,
-                                     eos_token_id=0)).save_pretrained(other_vocab)
+    tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(other_vocab)
     capsys.readouterr()  # the save's progress bar
-    _refused(["--teacher", str(llama), "--student", str(other_vocab), "--data", str(corpus["train"]), "--steps", "2"],
-             out, capsys, "vocabulary")
-    _refused(["--teacher", str(llama), "--student", str(bert), "--data", str(corpus["train"]), "--steps", "2"], out,
-             capsys, "cannot be distilled")
+    _refused(
+        ["--teacher", str(llama), "--student", str(other_vocab), "--data", str(corpus["train"]), "--steps", "2"],
+        out,
+        capsys,
+        "vocabulary",
+    )
+    _refused(
+        ["--teacher", str(llama), "--student", str(bert), "--data", str(corpus["train"]), "--steps", "2"],
+        out,
+        capsys,
+        "cannot be distilled",
+    )
 
 
 def test_help_examples_parse():
@@ -305,7 +426,7 @@ def test_help_examples_parse():
     assert len(examples) >= 4
     for example in examples:
         argv = shlex.split(example)
-        argv = argv[argv.index("distill"):]  # also the accelerate launch form
+        argv = argv[argv.index("distill") :]  # also the accelerate launch form
         args = parser.parse_args(argv)
         assert args.command == "distill"
 

@@ -15,8 +15,12 @@ from conftest import SENTENCES, embed
 import weightsmith as ws
 from weightsmith.cli import main
 
-TEXTS = ["the quick brown fox jumps over the lazy dog", "merging models one tensor at a time",
-         "a b", "streaming keeps memory flat however large the model is"]
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "merging models one tensor at a time",
+    "a b",
+    "streaming keeps memory flat however large the model is",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,14 @@ def _reference_numbers(model_dir, ref_dir, texts):
             out = model(input_ids=ids, labels=ids)
             nll += float(out.loss) * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
-            kl += float(torch.nn.functional.kl_div(out.logits.log_softmax(-1), ref(input_ids=ids).logits.log_softmax(-1),
-                                                   log_target=True, reduction="sum"))
+            kl += float(
+                torch.nn.functional.kl_div(
+                    out.logits.log_softmax(-1),
+                    ref(input_ids=ids).logits.log_softmax(-1),
+                    log_target=True,
+                    reduction="sum",
+                )
+            )
             positions += ids.shape[1]
     return math.exp(nll / count), kl / positions
 
@@ -88,22 +98,27 @@ def test_encoder_cosine_matches_sentence_embeddings(minilm_path, tmp_path, capsy
     assert 0.99 < summary["embedding_cosine"] < 1
 
 
-@pytest.mark.parametrize("case, message", [
-    ("encoder_without_ref", "pass --ref"),
-    ("missing_data", "evaluation data not found"),
-    ("empty_data", "evaluation data is empty"),
-    ("kinds_differ", "cannot compare a causal LM with an encoder"),
-    ("missing_model", "no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("encoder_without_ref", "pass --ref"),
+        ("missing_data", "evaluation data not found"),
+        ("empty_data", "evaluation data is empty"),
+        ("kinds_differ", "cannot compare a causal LM with an encoder"),
+        ("missing_model", "no such file or directory"),
+    ],
+)
 def test_bad_eval_input(causal_pair, minilm_path, tmp_path, capsys, case, message):
     model, _, data = causal_pair
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    argv = {"encoder_without_ref": [minilm_path, "--data", data],
-            "missing_data": [model, "--data", tmp_path / "nope.txt"],
-            "empty_data": [model, "--data", empty],
-            "kinds_differ": [model, "--ref", minilm_path, "--data", data],
-            "missing_model": [tmp_path / "nope", "--data", data]}[case]
+    argv = {
+        "encoder_without_ref": [minilm_path, "--data", data],
+        "missing_data": [model, "--data", tmp_path / "nope.txt"],
+        "empty_data": [model, "--data", empty],
+        "kinds_differ": [model, "--ref", minilm_path, "--data", data],
+        "missing_model": [tmp_path / "nope", "--data", data],
+    }[case]
     capsys.readouterr()
     code = main(["eval", *map(str, argv)])
     err = capsys.readouterr().err

@@ -23,9 +23,11 @@ def _padded_batch(vocab: int, batch: int, seq: int, names, seed: int = 0) -> dic
     """Random ids, right padding: row i keeps seq − i·seq/(2·batch) tokens (row 0 full)."""
     gen = torch.Generator().manual_seed(seed + 31 * batch + seq)
     lengths = torch.tensor([seq - (i * seq) // (2 * batch) for i in range(batch)])
-    feeds = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
-             "attention_mask": (torch.arange(seq)[None] < lengths[:, None]).long(),
-             "token_type_ids": torch.zeros(batch, seq, dtype=torch.long)}
+    feeds = {
+        "input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
+        "attention_mask": (torch.arange(seq)[None] < lengths[:, None]).long(),
+        "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
+    }
     return {n: feeds[n] for n in names}
 
 
@@ -129,8 +131,14 @@ def tiny_masked_lm(tmp_path_factory):
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=96, max_position_embeddings=64)
+    config = tf.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
     out = tmp_path_factory.mktemp("bert-mlm")
     tf.BertForMaskedLM(config).eval().save_pretrained(out)
     return out
@@ -169,8 +177,12 @@ def test_external_data_layout(tiny_model, tmp_path, monkeypatch):
     src, out = tiny_model("gpt2"), tmp_path / "big" / "model.onnx"
     ws.export.onnx(src, out, task="causal-lm")
     assert sorted(p.name for p in out.parent.iterdir()) == ["config.json", "model.onnx", "model.onnx.data"]
-    locations = {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
-                 for e in t.external_data if e.key == "location"}
+    locations = {
+        e.value
+        for t in onnx.load(str(out), load_external_data=False).graph.initializer
+        for e in t.external_data
+        if e.key == "location"
+    }
     assert locations == {"model.onnx.data"}
     assert (out.parent / "model.onnx.data").stat().st_size > out.stat().st_size  # tensors under 1 KB stay inline
     model = tf.AutoModelForCausalLM.from_pretrained(src).eval()
@@ -185,8 +197,9 @@ def _nothing_written(folder):
     return not folder.exists()  # not even the folder the export would have created
 
 
-@pytest.mark.parametrize("kind, task, words", [("gpt2", "text-classification", "score"),
-                                               ("bert", "causal-lm", "lacks")])
+@pytest.mark.parametrize(
+    "kind, task, words", [("gpt2", "text-classification", "score"), ("bert", "causal-lm", "lacks")]
+)
 def test_cli_refuses_a_task_the_checkpoint_cannot_serve(kind, task, words, tiny_model, tmp_path, capsys):
     out, src = tmp_path / "x" / "model.onnx", tiny_model(kind)
     capsys.readouterr()  # the fixture's own output
@@ -199,8 +212,7 @@ def test_cli_refuses_a_task_the_checkpoint_cannot_serve(kind, task, words, tiny_
 def test_cli_refuses_an_export_that_fails_parity(tiny_model, tmp_path, capsys):
     out, src = tmp_path / "x" / "model.onnx", tiny_model("gpt2")
     capsys.readouterr()
-    assert main(["export", "onnx", str(src), "-o", str(out), "--task", "causal-lm",
-                 "--atol", "1e-30"]) == 2
+    assert main(["export", "onnx", str(src), "-o", str(out), "--task", "causal-lm", "--atol", "1e-30"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "differs from PyTorch" in err and "1e-30" in err
     assert _nothing_written(out.parent)

@@ -46,12 +46,18 @@ def test_export_folds_prune_pairs_drops_training_state_and_loads_in_transformers
     out = tmp_path / "clean"
     report = ws.export.safetensors(src, out)
     rows = {r["tensor"]: r["action"] for r in report.tensors}
-    expected_dropped = ["optimizer.state.0.exp_avg", "optimizer.state.0.step", "model.norm.weight.exp_avg_sq",
-                        "lr_scheduler.last_epoch", "model.layers.0.mlp.up_proj.weight_orig",
-                        "model.layers.0.mlp.up_proj.weight_mask"]
+    expected_dropped = [
+        "optimizer.state.0.exp_avg",
+        "optimizer.state.0.step",
+        "model.norm.weight.exp_avg_sq",
+        "lr_scheduler.last_epoch",
+        "model.layers.0.mlp.up_proj.weight_orig",
+        "model.layers.0.mlp.up_proj.weight_mask",
+    ]
     assert sorted(n for n, a in rows.items() if a == "dropped") == sorted(expected_dropped)
     assert sorted(n for n, a in rows.items() if a == "folded") == sorted(
-        f"{m}.weight_{s}" for m in PRUNED for s in ("orig", "mask"))
+        f"{m}.weight_{s}" for m in PRUNED for s in ("orig", "mask")
+    )
     assert report.summary["dropped"] == 6 and report.summary["folded"] == 2
 
     for name in PRUNED:  # the peer: make the pruning permanent

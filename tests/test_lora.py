@@ -22,17 +22,39 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 CASES = {
     # GQA llama, every linear and the embedding, PEFT regex rank/alpha patterns
-    "llama_patterns": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": [*ALL_LINEAR, "embed_tokens"],
-                                     "rank_pattern": {"q_proj": 2, r"layers\.1\..*v_proj": 6},
-                                     "alpha_pattern": {"down_proj": 3, "layers.0.self_attn.o_proj": 32}}),
+    "llama_patterns": (
+        "llama",
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": [*ALL_LINEAR, "embed_tokens"],
+            "rank_pattern": {"q_proj": 2, r"layers\.1\..*v_proj": 6},
+            "alpha_pattern": {"down_proj": 3, "layers.0.self_attn.o_proj": 32},
+        },
+    ),
     "llama_rslora": ("llama", {"r": 8, "lora_alpha": 4, "target_modules": "all-linear", "use_rslora": True}),
-    "llama_dora": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": [*ALL_LINEAR, "embed_tokens"], "use_dora": True}),
-    "gpt2_conv1d_lora_bias": ("gpt2", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"],
-                                           "lora_bias": True}),
-    "gpt2_dora_embedding": ("gpt2", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "wte"],
-                                         "use_dora": True}),
-    "bert_cls_bias_all": ("bert_cls", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value", "dense"],
-                                           "bias": "all", "modules_to_save": ["classifier"]}),
+    "llama_dora": (
+        "llama",
+        {"r": 4, "lora_alpha": 8, "target_modules": [*ALL_LINEAR, "embed_tokens"], "use_dora": True},
+    ),
+    "gpt2_conv1d_lora_bias": (
+        "gpt2",
+        {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], "lora_bias": True},
+    ),
+    "gpt2_dora_embedding": (
+        "gpt2",
+        {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "wte"], "use_dora": True},
+    ),
+    "bert_cls_bias_all": (
+        "bert_cls",
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["query", "value", "dense"],
+            "bias": "all",
+            "modules_to_save": ["classifier"],
+        },
+    ),
     "qwen2": ("qwen2", {"r": 4, "lora_alpha": 16, "target_modules": "all-linear", "modules_to_save": ["lm_head"]}),
     "llama_tied_embedding": ("llama_tied", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens"]}),
 }
@@ -80,8 +102,9 @@ def test_tied_embedding_untied_when_fold_makes_them_differ(tiny_model, tmp_path)
 def test_bf16_base_matches_peft_bits(adapter_dtype, tiny_model, tmp_path):
     base = tiny_model("llama", dtype="bfloat16")
     model = build_model("llama").to(getattr(torch, adapter_dtype))
-    adapter = make_adapter(model, tmp_path / "a", r=4, lora_alpha=8, target_modules="all-linear",
-                           autocast_adapter_dtype=False)
+    adapter = make_adapter(
+        model, tmp_path / "a", r=4, lora_alpha=8, target_modules="all-linear", autocast_adapter_dtype=False
+    )
     ws.lora.merge(base, [adapter], tmp_path / "m")
     ours = dict(ws.open(tmp_path / "m"))
     theirs = peft_merged("llama", base, adapter, dtype=torch.bfloat16)
@@ -100,14 +123,18 @@ def test_conv2d_and_conv_dora_match_peft(tmp_path):
 
     def net():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 1),
-                                   torch.nn.Flatten(), torch.nn.Linear(6 * 6 * 6, 5)).eval()
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 6, 1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(6 * 6 * 6, 5),
+        ).eval()
 
     save_file({k: v.contiguous() for k, v in net().state_dict().items()}, tmp_path / "base.safetensors")
     x = torch.randn(2, 3, 8, 8)
     for use_dora in (False, True):
-        cfg = LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2", "4"], use_dora=use_dora,
-                         init_lora_weights=False)
+        cfg = LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2", "4"], use_dora=use_dora, init_lora_weights=False)
         peft_model = get_peft_model(net(), cfg)
         with torch.no_grad():
             for p in peft_model.parameters():
@@ -161,8 +188,9 @@ def test_output_dtype_is_one_rounding_of_the_float32_fold(tiny_model, tmp_path):
 def test_weighted_folds_are_sums_of_single_folds(tiny_model, tmp_path):
     base_dir = tiny_model("llama")
     a1 = make_adapter(build_model("llama"), tmp_path / "a1", r=4, target_modules=["q_proj", "v_proj"], seed=1)
-    a2 = make_adapter(build_model("llama"), tmp_path / "a2", r=2, target_modules=["v_proj", "down_proj"], seed=2,
-                      use_dora=True)
+    a2 = make_adapter(
+        build_model("llama"), tmp_path / "a2", r=2, target_modules=["v_proj", "down_proj"], seed=2, use_dora=True
+    )
     folded = ws.lora.open_folded(base_dir, [(a1, 0.7), (a2, -0.3)])
     one = ws.lora.open_folded(base_dir, [(a1, 1.0)])
     two = ws.lora.open_folded(base_dir, [(a2, 1.0)])
@@ -187,8 +215,9 @@ def test_minilm_lora_folds_loads_and_matches_peft(minilm_path, tmp_path):
     from peft import PeftModel
 
     model = tf.AutoModel.from_pretrained(minilm_path).eval()
-    adapter = make_adapter(model, tmp_path / "adapter", r=8, lora_alpha=16,
-                           target_modules=["query", "key", "value", "dense"], scale=0.02)
+    adapter = make_adapter(
+        model, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], scale=0.02
+    )
     report = ws.lora.merge(minilm_path, [adapter], tmp_path / "merged")
     # 6 layers × (q, k, v, attention out, intermediate, output dense) + the pooler's dense
     assert report.summary["lora"] == 6 * 6 + 1
@@ -206,8 +235,7 @@ def test_minilm_lora_folds_loads_and_matches_peft(minilm_path, tmp_path):
 
 def test_unmerge_inverts_plain_lora(tiny_model, tmp_path):
     base = tiny_model("gpt2")
-    adapter = make_adapter(build_model("gpt2"), tmp_path / "a", r=4, target_modules=["c_attn", "c_fc"],
-                           lora_bias=True)
+    adapter = make_adapter(build_model("gpt2"), tmp_path / "a", r=4, target_modules=["c_attn", "c_fc"], lora_bias=True)
     ws.lora.merge(base, [(adapter, 0.5)], tmp_path / "m")
     assert ws.diff(base, tmp_path / "m").summary["differ"] == 8  # 2 layers × (c_attn, c_fc) × (weight, bias)
     ws.lora.unmerge(tmp_path / "m", (adapter, 0.5), tmp_path / "back")
@@ -217,15 +245,24 @@ def test_unmerge_inverts_plain_lora(tiny_model, tmp_path):
 def test_fold_imports_neither_transformers_nor_peft(tiny_model, tmp_path):
     base = tiny_model("llama")
     adapter = make_adapter(build_model("llama"), tmp_path / "a", r=2, target_modules=["q_proj"])
-    code = (f"import sys, weightsmith as ws; ws.lora.merge({str(base)!r}, [{str(adapter)!r}], "
-            f"{str(tmp_path / 'm')!r}); bad = [m for m in ('transformers', 'peft') if m in sys.modules]; "
-            f"assert not bad, bad")
+    code = (
+        f"import sys, weightsmith as ws; ws.lora.merge({str(base)!r}, [{str(adapter)!r}], "
+        f"{str(tmp_path / 'm')!r}); bad = [m for m in ('transformers', 'peft') if m in sys.modules]; "
+        f"assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_inspect_describes_adapter(tmp_path):
-    adapter = make_adapter(build_model("llama"), tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"],
-                           use_dora=True, use_rslora=True)
+    adapter = make_adapter(
+        build_model("llama"),
+        tmp_path / "a",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        use_dora=True,
+        use_rslora=True,
+    )
     info = ws.inspect(adapter).details["adapter"]
     assert info["peft_type"] == "LORA" and info["r"] == 4 and info["lora_alpha"] == 8
     assert {"dora", "rslora"} <= set(info["variants"]) and info["target_modules"] == ["q_proj"]
@@ -268,8 +305,9 @@ def test_extract_full_finetune_to_reported_energy(tiny_model, tmp_path):
             lost = float(((refolded[name] - tuned[name]).double().norm() / delta.norm()) ** 2)
             assert row["energy_kept"] >= 0.9 and abs(lost - (1 - row["energy_kept"])) <= 1e-4, name
         saved = json.loads((tmp_path / f"ad-{kind}" / "adapter_config.json").read_text())["modules_to_save"]
-        assert saved and all(torch.equal(refolded[n], tuned[n]) for n in tuned
-                             if n.rsplit(".", 1)[0] in saved or n.endswith(".bias"))
+        assert saved and all(
+            torch.equal(refolded[n], tuned[n]) for n in tuned if n.rsplit(".", 1)[0] in saved or n.endswith(".bias")
+        )
         peft_model = PeftModel.from_pretrained(load(kind, base), tmp_path / f"ad-{kind}").eval()
         with torch.no_grad():
             want = peft_model(**ids()).logits

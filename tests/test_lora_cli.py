@@ -33,8 +33,9 @@ def refused(capsys, out: Path, *argv, match: str) -> None:
 
 @pytest.fixture(scope="module")
 def llama_adapter(tmp_path_factory) -> Path:
-    return make_adapter(build_model("llama"), tmp_path_factory.mktemp("ad") / "a", r=4,
-                        target_modules=["q_proj", "v_proj"])
+    return make_adapter(
+        build_model("llama"), tmp_path_factory.mktemp("ad") / "a", r=4, target_modules=["q_proj", "v_proj"]
+    )
 
 
 def _edit_adapter(src: Path, dst: Path, *, config: dict | None = None, tensors=None) -> Path:
@@ -50,8 +51,17 @@ def _edit_adapter(src: Path, dst: Path, *, config: dict | None = None, tensors=N
 
 
 def test_missing_targets_named(capsys, tiny_model, llama_adapter, tmp_path):
-    refused(capsys, tmp_path / "o", "lora", "merge", tiny_model("gpt2"), llama_adapter, "-o", tmp_path / "o",
-            match="target(s) missing from the base")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "merge",
+        tiny_model("gpt2"),
+        llama_adapter,
+        "-o",
+        tmp_path / "o",
+        match="target(s) missing from the base",
+    )
     capsys.readouterr()
     main(["lora", "merge", str(tiny_model("gpt2")), str(llama_adapter), "-o", str(tmp_path / "o")])
     assert "model.layers.0.self_attn.q_proj.weight" in capsys.readouterr().err
@@ -63,25 +73,47 @@ def test_shapes_that_do_not_fit(capsys, tiny_model, llama_adapter, tmp_path):
         sd[key] = torch.zeros(4, 80)
 
     bad = _edit_adapter(llama_adapter, tmp_path / "bad", tensors=widen)
-    refused(capsys, tmp_path / "o", "lora", "merge", tiny_model("llama"), bad, "-o", tmp_path / "o",
-            match="model.layers.1.self_attn.v_proj.weight")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "merge",
+        tiny_model("llama"),
+        bad,
+        "-o",
+        tmp_path / "o",
+        match="model.layers.1.self_attn.v_proj.weight",
+    )
 
 
 def test_prompt_tuning_adapter_refused(capsys, tiny_model, tmp_path):
     from peft import PromptTuningConfig, get_peft_model
 
-    get_peft_model(build_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-                   ).save_pretrained(tmp_path / "prompt")
-    refused(capsys, tmp_path / "o", "lora", "merge", tiny_model("llama"), tmp_path / "prompt", "-o", tmp_path / "o",
-            match="peft_type 'PROMPT_TUNING' cannot be folded")
+    get_peft_model(
+        build_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).save_pretrained(tmp_path / "prompt")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "merge",
+        tiny_model("llama"),
+        tmp_path / "prompt",
+        "-o",
+        tmp_path / "o",
+        match="peft_type 'PROMPT_TUNING' cannot be folded",
+    )
 
 
-@pytest.mark.parametrize("config, match", [
-    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-    ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
-    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, "init_lora_weights='loftq'"),
-    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+        ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, "init_lora_weights='loftq'"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+    ],
+)
 def test_unconverted_or_unfoldable_config_refused(capsys, tiny_model, llama_adapter, tmp_path, config, match):
     bad = _edit_adapter(llama_adapter, tmp_path / "bad", config=config)
     refused(capsys, tmp_path / "o", "lora", "merge", tiny_model("llama"), bad, "-o", tmp_path / "o", match=match)
@@ -92,8 +124,17 @@ def test_nan_in_adapter_refused(capsys, tiny_model, llama_adapter, tmp_path):
         sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][3, 1] = float("nan")
 
     bad = _edit_adapter(llama_adapter, tmp_path / "bad", tensors=poison)
-    refused(capsys, tmp_path / "o", "lora", "merge", tiny_model("llama"), bad, "-o", tmp_path / "o",
-            match="'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' contains NaN or Inf")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "merge",
+        tiny_model("llama"),
+        bad,
+        "-o",
+        tmp_path / "o",
+        match="'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' contains NaN or Inf",
+    )
 
 
 def test_inf_in_result_refused(capsys, tiny_model, llama_adapter, tmp_path):
@@ -102,29 +143,75 @@ def test_inf_in_result_refused(capsys, tiny_model, llama_adapter, tmp_path):
         sd["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].fill_(1e30)
 
     bad = _edit_adapter(llama_adapter, tmp_path / "bad", tensors=blow_up)
-    refused(capsys, tmp_path / "o", "lora", "merge", tiny_model("llama"), bad, "-o", tmp_path / "o",
-            match="into tensor 'model.layers.1.self_attn.v_proj.weight' gives NaN or Inf")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "merge",
+        tiny_model("llama"),
+        bad,
+        "-o",
+        tmp_path / "o",
+        match="into tensor 'model.layers.1.self_attn.v_proj.weight' gives NaN or Inf",
+    )
 
 
 def test_weight_not_a_number_refused(capsys, tiny_model, llama_adapter, tmp_path):
-    refused(capsys, tmp_path / "o", "lora", "merge", tiny_model("llama"), f"{llama_adapter}@nan", "-o",
-            tmp_path / "o", match="is not finite")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "merge",
+        tiny_model("llama"),
+        f"{llama_adapter}@nan",
+        "-o",
+        tmp_path / "o",
+        match="is not finite",
+    )
     base = dict(ws.open(tiny_model("llama")))
     base["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 64, dtype=torch.int8)
     save_file(base, tmp_path / "int8.safetensors")
-    refused(capsys, tmp_path / "o", "lora", "merge", tmp_path / "int8.safetensors", llama_adapter, "-o",
-            tmp_path / "o", match="not a floating-point weight")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "merge",
+        tmp_path / "int8.safetensors",
+        llama_adapter,
+        "-o",
+        tmp_path / "o",
+        match="not a floating-point weight",
+    )
 
 
 def test_unmerge_refuses_dora_and_replacements(capsys, tiny_model, tmp_path):
     dora = make_adapter(build_model("llama"), tmp_path / "dora", r=2, target_modules=["q_proj"], use_dora=True)
     ws.lora.merge(tiny_model("llama"), [dora], tmp_path / "m")
-    refused(capsys, tmp_path / "o", "lora", "unmerge", tmp_path / "m", dora, "-o", tmp_path / "o",
-            match="DoRA cannot be unmerged")
-    mts = make_adapter(build_model("llama"), tmp_path / "mts", r=2, target_modules=["q_proj"],
-                       modules_to_save=["lm_head"])
-    refused(capsys, tmp_path / "o", "lora", "unmerge", tiny_model("llama"), mts, "-o", tmp_path / "o",
-            match="'lm_head.weight'")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "unmerge",
+        tmp_path / "m",
+        dora,
+        "-o",
+        tmp_path / "o",
+        match="DoRA cannot be unmerged",
+    )
+    mts = make_adapter(
+        build_model("llama"), tmp_path / "mts", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "unmerge",
+        tiny_model("llama"),
+        mts,
+        "-o",
+        tmp_path / "o",
+        match="'lm_head.weight'",
+    )
 
 
 def test_existing_destination_and_adapter_as_base_refused(capsys, tiny_model, llama_adapter, tmp_path):
@@ -132,28 +219,99 @@ def test_existing_destination_and_adapter_as_base_refused(capsys, tiny_model, ll
     (tmp_path / "o" / "keep.txt").write_text("x")
     code = main(["lora", "merge", str(tiny_model("llama")), str(llama_adapter), "-o", str(tmp_path / "o")])
     assert code == 2 and (tmp_path / "o" / "keep.txt").read_text() == "x"
-    refused(capsys, tmp_path / "p", "lora", "merge", llama_adapter, llama_adapter, "-o", tmp_path / "p",
-            match="is a PEFT adapter; the first input must be the base model")
+    refused(
+        capsys,
+        tmp_path / "p",
+        "lora",
+        "merge",
+        llama_adapter,
+        llama_adapter,
+        "-o",
+        tmp_path / "p",
+        match="is a PEFT adapter; the first input must be the base model",
+    )
 
 
 def test_extract_refusals(capsys, tiny_model, tmp_path):
-    refused(capsys, tmp_path / "o", "lora", "extract", tiny_model("llama"), tiny_model("llama"), "-o",
-            tmp_path / "o", "--rank", 4, match="nothing to extract")
-    refused(capsys, tmp_path / "o", "lora", "extract", tiny_model("llama"), tiny_model("gpt2"), "-o",
-            tmp_path / "o", "--rank", 4, match="tensor names differ")
-    refused(capsys, tmp_path / "o", "lora", "extract", tiny_model("llama"), tiny_model("llama", seed=1), "-o",
-            tmp_path / "o", "--energy", 1.5, match="energy must be in (0, 1]")
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "extract",
+        tiny_model("llama"),
+        tiny_model("llama"),
+        "-o",
+        tmp_path / "o",
+        "--rank",
+        4,
+        match="nothing to extract",
+    )
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "extract",
+        tiny_model("llama"),
+        tiny_model("gpt2"),
+        "-o",
+        tmp_path / "o",
+        "--rank",
+        4,
+        match="tensor names differ",
+    )
+    refused(
+        capsys,
+        tmp_path / "o",
+        "lora",
+        "extract",
+        tiny_model("llama"),
+        tiny_model("llama", seed=1),
+        "-o",
+        tmp_path / "o",
+        "--energy",
+        1.5,
+        match="energy must be in (0, 1]",
+    )
 
 
 def test_cli_round_trip_with_json(capsys, tiny_model, llama_adapter, tmp_path):
     capsys.readouterr()
-    assert main(["lora", "merge", str(tiny_model("llama")), f"{llama_adapter}@0.5", "-o", str(tmp_path / "m"),
-                 "--dtype", "bf16", "--shard-size", "100KB", "--json"]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                "merge",
+                str(tiny_model("llama")),
+                f"{llama_adapter}@0.5",
+                "-o",
+                str(tmp_path / "m"),
+                "--dtype",
+                "bf16",
+                "--shard-size",
+                "100KB",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["lora"] == 4 and report["summary"]["shards"] > 1
     assert {i.dtype for i in ws.open(tmp_path / "m").infos() if i.dtype.is_floating_point} == {torch.bfloat16}
-    assert main(["lora", "extract", str(tiny_model("llama")), str(tiny_model("llama", seed=1)), "-o",
-                 str(tmp_path / "x"), "--rank", "2"]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                "extract",
+                str(tiny_model("llama")),
+                str(tiny_model("llama", seed=1)),
+                "-o",
+                str(tmp_path / "x"),
+                "--rank",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "x" / "adapter_config.json").is_file()
     assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
 

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
+from _merge_utils import load, make_finetune, max_diff, mergekit_available, run_mergekit, write_yaml
 
 import weightsmith as ws
 from weightsmith.cli import build_parser, main
-from _merge_utils import load, make_finetune, max_diff, mergekit_available, run_mergekit, write_yaml
 
 LAYERS = 5  # enough layers for a gradient to interpolate between its points
 
@@ -24,53 +24,104 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("merge-models")
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     tf.LlamaForCausalLM(cfg).save_pretrained(root / "base")
-    fts = [make_finetune(root / "base", root / f"ft{i}", seed=i + 1, frozen=("norm",) if i == 2 else ())
-           for i in range(3)]
+    fts = [
+        make_finetune(root / "base", root / f"ft{i}", seed=i + 1, frozen=("norm",) if i == 2 else ()) for i in range(3)
+    ]
     return {"root": root, "base": str(root / "base"), "ft": [str(f) for f in fts]}
 
 
 def _configs(m) -> dict[str, dict]:
     base, (a, b, c) = m["base"], m["ft"]
-    grad_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-              {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.4}]
+    grad_t = [
+        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+        {"value": 0.4},
+    ]
     return {
-        "linear": {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 0.7}},
-                                                        {"model": b, "parameters": {"weight": 0.2}},
-                                                        {"model": c, "parameters": {"weight": 0.4}}]},
-        "slerp": {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
-                  "parameters": {"t": grad_t}},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
-                            "models": [{"model": a, "parameters": {"weight": 0.5}},
-                                       {"model": b, "parameters": {"weight": -0.3}},
-                                       {"model": c, "parameters": {"weight": [0.2, 0.9]}}],
-                            "parameters": {"lambda": 0.9}},
-        "ties": {"merge_method": "ties", "base_model": base,
-                 "models": [{"model": a, "parameters": {"weight": 0.5, "density": 0.5}},
-                            {"model": b, "parameters": {"weight": 0.3, "density": [0.2, 0.8]}},
-                            {"model": c, "parameters": {"weight": 0.8, "density": 0.7}}]},
-        "ties_short": {"merge_method": "ties", "base_model": base,
-                       "models": [{"model": a, "parameters": {"weight": 0.6}},
-                                  {"model": c, "parameters": {"weight": 0.4}}],
-                       "parameters": {"density": 0.5}},
-        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base,
-                        "models": [{"model": a, "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.05}},
-                                   {"model": b, "parameters": {"weight": 0.7, "density": 0.8}}]},
+        "linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": a, "parameters": {"weight": 0.7}},
+                {"model": b, "parameters": {"weight": 0.2}},
+                {"model": c, "parameters": {"weight": 0.4}},
+            ],
+        },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": a,
+            "models": [{"model": a}, {"model": b}],
+            "parameters": {"t": grad_t},
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {"model": a, "parameters": {"weight": 0.5}},
+                {"model": b, "parameters": {"weight": -0.3}},
+                {"model": c, "parameters": {"weight": [0.2, 0.9]}},
+            ],
+            "parameters": {"lambda": 0.9},
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": a, "parameters": {"weight": 0.5, "density": 0.5}},
+                {"model": b, "parameters": {"weight": 0.3, "density": [0.2, 0.8]}},
+                {"model": c, "parameters": {"weight": 0.8, "density": 0.7}},
+            ],
+        },
+        "ties_short": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [{"model": a, "parameters": {"weight": 0.6}}, {"model": c, "parameters": {"weight": 0.4}}],
+            "parameters": {"density": 0.5},
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "base_model": base,
+            "models": [
+                {"model": a, "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.05}},
+                {"model": b, "parameters": {"weight": 0.7, "density": 0.8}},
+            ],
+        },
         "model_stock": {"merge_method": "model_stock", "base_model": base, "models": [{"model": x} for x in (a, b, c)]},
-        "nuslerp": {"merge_method": "nuslerp", "base_model": base,
-                    "models": [{"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.7}}]},
-        "dare_ties_d1": {"merge_method": "dare_ties", "base_model": base,
-                         "models": [{"model": x, "parameters": {"weight": w, "density": 1.0}}
-                                    for x, w in ((a, 0.6), (b, 0.5), (c, 0.3))]},
-        "dare_linear_d1": {"merge_method": "dare_linear", "base_model": base,
-                           "models": [{"model": x, "parameters": {"weight": w, "density": 1.0}}
-                                      for x, w in ((a, 0.6), (b, 0.5))]},
-        "della_d1": {"merge_method": "della", "base_model": base,
-                     "models": [{"model": x, "parameters": {"weight": w, "density": 1.0}}
-                                for x, w in ((a, 0.6), (b, 0.5), (c, 0.3))], "parameters": {"lambda": 1.2}},
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [{"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.7}}],
+        },
+        "dare_ties_d1": {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "models": [
+                {"model": x, "parameters": {"weight": w, "density": 1.0}} for x, w in ((a, 0.6), (b, 0.5), (c, 0.3))
+            ],
+        },
+        "dare_linear_d1": {
+            "merge_method": "dare_linear",
+            "base_model": base,
+            "models": [{"model": x, "parameters": {"weight": w, "density": 1.0}} for x, w in ((a, 0.6), (b, 0.5))],
+        },
+        "della_d1": {
+            "merge_method": "della",
+            "base_model": base,
+            "models": [
+                {"model": x, "parameters": {"weight": w, "density": 1.0}} for x, w in ((a, 0.6), (b, 0.5), (c, 0.3))
+            ],
+            "parameters": {"lambda": 1.2},
+        },
     }
 
 
@@ -85,8 +136,18 @@ def mk(models):
     return out
 
 
-PARITY = ["linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "model_stock", "nuslerp", "dare_ties_d1",
-          "dare_linear_d1", "della_d1"]
+PARITY = [
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "breadcrumbs",
+    "model_stock",
+    "nuslerp",
+    "dare_ties_d1",
+    "dare_linear_d1",
+    "della_d1",
+]
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -103,8 +164,10 @@ def test_slerp_gradient_and_filters_take_effect(models, mk, tmp_path):
     """Each layer got its own t: the merged attention moves away from model a as the gradient rises."""
     merged, a, b = load(mk["slerp"]), load(models["ft"][0]), load(models["ft"][1])
     q = "model.layers.{}.self_attn.q_proj.weight"
-    share = [float((merged[q.format(i)] - a[q.format(i)]).norm() / (b[q.format(i)] - a[q.format(i)]).norm())
-             for i in range(LAYERS)]
+    share = [
+        float((merged[q.format(i)] - a[q.format(i)]).norm() / (b[q.format(i)] - a[q.format(i)]).norm())
+        for i in range(LAYERS)
+    ]
     assert share[0] < 1e-6 and share[-1] > 0.99 and 0.2 < share[1] < 0.8 and share[2] < share[1] < share[3]
 
 
@@ -116,8 +179,23 @@ def test_yaml_file_through_cli_matches_mergekit(models, mk, tmp_path):
 
 def test_short_form_matches_mergekit(models, mk, tmp_path):
     a, c = models["ft"][0], models["ft"][2]
-    rc = main(["merge", "--method", "ties", "--base", models["base"], "--model", f"{a}@0.6", "--model", f"{c}@0.4",
-               "--density", "0.5", "-o", str(tmp_path / "out")])
+    rc = main(
+        [
+            "merge",
+            "--method",
+            "ties",
+            "--base",
+            models["base"],
+            "--model",
+            f"{a}@0.6",
+            "--model",
+            f"{c}@0.4",
+            "--density",
+            "0.5",
+            "-o",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     assert max_diff(load(tmp_path / "out"), load(mk["ties_short"]))[0] <= 1e-6
 
@@ -131,8 +209,11 @@ def test_ties_report_has_kept_fraction_and_conflicts(models, tmp_path):
 
 
 def test_workers_give_byte_identical_output(models, tmp_path):
-    cfg = {"merge_method": "dare_ties", "base_model": models["base"],
-           "models": [{"model": x, "parameters": {"weight": 0.5, "density": 0.4}} for x in models["ft"]]}
+    cfg = {
+        "merge_method": "dare_ties",
+        "base_model": models["base"],
+        "models": [{"model": x, "parameters": {"weight": 0.5, "density": 0.4}} for x in models["ft"]],
+    }
     for n in (1, 3):
         ws.merge.run(cfg, tmp_path / f"w{n}", workers=n, seed=7)
     ws.merge.run(cfg, tmp_path / "other-seed", seed=8)
@@ -172,28 +253,59 @@ def _bad_configs(m, odd):
     ta = {"merge_method": "ties", "base_model": base, "models": [{"model": a, "parameters": {"weight": 1}}]}
     return {
         "unknown method": ({"merge_method": "frankenmerge", "models": [{"model": a}]}, "unknown merge_method"),
-        "missing base": ({"merge_method": "ties", "models": [{"model": a, "parameters": {"weight": 1}}]},
-                         "needs a base_model"),
-        "slerp of three": ({"merge_method": "slerp", "base_model": a, "models": [{"model": x} for x in (a, b, c)],
-                            "parameters": {"t": 0.5}}, "slerp takes 1 models besides the base, got 2"),
-        "zero weights": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
-                                                               {"model": b, "parameters": {"weight": -1}}]},
-                         "weights sum to 0"),
-        "mismatched shapes": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
-                                                                    {"model": odd, "parameters": {"weight": 1}}]},
-                              "inputs do not match"),
+        "missing base": (
+            {"merge_method": "ties", "models": [{"model": a, "parameters": {"weight": 1}}]},
+            "needs a base_model",
+        ),
+        "slerp of three": (
+            {
+                "merge_method": "slerp",
+                "base_model": a,
+                "models": [{"model": x} for x in (a, b, c)],
+                "parameters": {"t": 0.5},
+            },
+            "slerp takes 1 models besides the base, got 2",
+        ),
+        "zero weights": (
+            {
+                "merge_method": "linear",
+                "models": [{"model": a, "parameters": {"weight": 1}}, {"model": b, "parameters": {"weight": -1}}],
+            },
+            "weights sum to 0",
+        ),
+        "mismatched shapes": (
+            {
+                "merge_method": "linear",
+                "models": [{"model": a, "parameters": {"weight": 1}}, {"model": odd, "parameters": {"weight": 1}}],
+            },
+            "inputs do not match",
+        ),
         "slices": ({**ta, "slices": []}, "mergekit key 'slices' is not supported"),
         "unknown parameter": ({**ta, "parameters": {"densty": 0.5}}, "parameter 'densty' is not a parameter of ties"),
-        "missing weight": ({"merge_method": "ties", "base_model": base, "models": [{"model": a}]},
-                           "no value for parameter 'weight'"),
+        "missing weight": (
+            {"merge_method": "ties", "base_model": base, "models": [{"model": a}]},
+            "no value for parameter 'weight'",
+        ),
         "bad density": ({**ta, "parameters": {"density": 1.5}}, "density 1.5"),
         "union tokenizer": ({**ta, "tokenizer_source": "union"}, "tokenizer_source 'union'"),
     }
 
 
-@pytest.mark.parametrize("case", ["unknown method", "missing base", "slerp of three", "zero weights",
-                                  "mismatched shapes", "slices", "unknown parameter", "missing weight",
-                                  "bad density", "union tokenizer"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown method",
+        "missing base",
+        "slerp of three",
+        "zero weights",
+        "mismatched shapes",
+        "slices",
+        "unknown parameter",
+        "missing weight",
+        "bad density",
+        "union tokenizer",
+    ],
+)
 def test_bad_config_refused_through_cli(models, odd_vocab, case, tmp_path, capsys):
     cfg, expected = _bad_configs(models, odd_vocab)[case]
     path = write_yaml(cfg, tmp_path / "bad.yaml")
@@ -230,9 +342,11 @@ def test_merge_imports_neither_transformers_nor_peft(models, tmp_path):
     import sys
 
     cfg = write_yaml(_configs(models)["ties"], tmp_path / "ties.yaml")
-    code = ("import sys; from weightsmith.cli import main; "
-            f"rc = main(['merge', {str(cfg)!r}, '-o', {str(tmp_path / 'out')!r}]); "
-            "bad = [m for m in ('transformers', 'peft', 'mergekit') if m in sys.modules]; "
-            "sys.exit(rc or (3 if bad else 0))")
+    code = (
+        "import sys; from weightsmith.cli import main; "
+        f"rc = main(['merge', {str(cfg)!r}, '-o', {str(tmp_path / 'out')!r}]); "
+        "bad = [m for m in ('transformers', 'peft', 'mergekit') if m in sys.modules]; "
+        "sys.exit(rc or (3 if bad else 0))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _merge_utils import load, make_finetune, max_diff
 
 import weightsmith as ws
 from weightsmith.merge import methods as M
 from weightsmith.merge import sparsify as sp
-from _merge_utils import load, make_finetune, max_diff
 
 N = 400_000  # large enough for the sampled-bracket path of the selection (> 4 × 65536)
 
@@ -63,7 +63,7 @@ def test_breadcrumbs_keeps_the_band_below_the_outliers():
     n = x.numel()
     n_bottom = n - int(0.5 * n) - int(0.02 * n)
     expected = torch.zeros(n, dtype=torch.bool)
-    expected[order[n_bottom:n_bottom + int(0.5 * n)]] = True
+    expected[order[n_bottom : n_bottom + int(0.5 * n)]] = True
     assert torch.equal(out, x * expected.reshape(x.shape))
 
 
@@ -97,8 +97,7 @@ def test_dare_ties_at_density_one_is_ties_without_trim():
     base = torch.zeros(50, 40)
     tuned = [_delta(s)[:50, :40] for s in (4, 5, 6)]
     out = M.dare_ties(base, tuned, [0.5, 0.3, 0.2], [1.0] * 3, [0, 1, 2])
-    ref = M.merge_task_vectors(M.FAMILY["ties"], base, tuned, [0.5, 0.3, 0.2], densities=[1.0] * 3,
-                               normalize=False)[0]
+    ref = M.merge_task_vectors(M.FAMILY["ties"], base, tuned, [0.5, 0.3, 0.2], densities=[1.0] * 3, normalize=False)[0]
     assert torch.equal(out, ref)
 
 
@@ -167,8 +166,9 @@ def test_adapter_input_matches_peft_merge(tiny_model, tmp_path):
 
     base_dir = tiny_model("llama")
     model = tf.AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(tmp_path / "adapter")
     lora.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
     other = make_finetune(base_dir, tmp_path / "ft", seed=3)

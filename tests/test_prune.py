@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 import transformers as tf
-
-import weightsmith as ws
 from _prune_utils import CALIBRATION, mask_units_, with_tokenizer, write_lines
 from conftest import SENTENCES, VOCAB, embed
+
+import weightsmith as ws
 from weightsmith.compress.prune import DEFAULT_SKIP, masks
 
 PRUNED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -83,10 +83,12 @@ def test_24_pattern_every_group_and_loads(tiny_model, tmp_path):
 
 
 def test_magnitude_streams_without_transformers(tiny_model, tmp_path):
-    code = ("import sys, weightsmith as ws; "
-            f"ws.prune({str(tiny_model('llama'))!r}, {str(tmp_path / 'o')!r}, sparsity=0.5, scope='global'); "
-            "bad = [m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, weightsmith as ws; "
+        f"ws.prune({str(tiny_model('llama'))!r}, {str(tmp_path / 'o')!r}, sparsity=0.5, scope='global'); "
+        "bad = [m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -95,9 +97,11 @@ def _hook_norms(model, ids_list):
     sums, handles = {}, []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
+
             def hook(_m, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
-                sums[name] = sums.get(name, 0) + (x ** 2).sum(0)
+                sums[name] = sums.get(name, 0) + (x**2).sum(0)
+
             handles.append(mod.register_forward_pre_hook(hook))
     with torch.no_grad():
         for ids in ids_list:
@@ -149,10 +153,17 @@ LLAMA_NAMES = {"ffn": "model.layers.{i}.mlp.down_proj.weight", "heads": "model.l
 BERT_NAMES = {"ffn": "encoder.layer.{i}.output.dense.weight"}
 
 
-@pytest.mark.parametrize("kind,structured,option", [
-    ("llama", "ffn", {"ratio": 0.25}), ("llama", "heads", {"keep_heads": 2}), ("qwen2", "ffn", {"ratio": 0.5}),
-    ("qwen2", "heads", {"ratio": 0.5}), ("mistral", "heads", {"keep_heads": 2}), ("bert", "ffn", {"ratio": 0.25}),
-])
+@pytest.mark.parametrize(
+    "kind,structured,option",
+    [
+        ("llama", "ffn", {"ratio": 0.25}),
+        ("llama", "heads", {"keep_heads": 2}),
+        ("qwen2", "ffn", {"ratio": 0.5}),
+        ("qwen2", "heads", {"ratio": 0.5}),
+        ("mistral", "heads", {"keep_heads": 2}),
+        ("bert", "ffn", {"ratio": 0.25}),
+    ],
+)
 def test_structured_equals_masked_original(tiny_model, tmp_path, kind, structured, option):
     src = tiny_model(kind)
     report = ws.prune(src, tmp_path / "out", structured=structured, **option)
@@ -162,8 +173,7 @@ def test_structured_equals_masked_original(tiny_model, tmp_path, kind, structure
     cfg = ref.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     units = cfg.intermediate_size if structured == "ffn" else cfg.num_attention_heads
-    mask_units_(ref, structured, report.details["kept"], BERT_NAMES if kind == "bert" else LLAMA_NAMES, units,
-                head_dim)
+    mask_units_(ref, structured, report.details["kept"], BERT_NAMES if kind == "bert" else LLAMA_NAMES, units, head_dim)
     n_params = sum(p.numel() for p in small.parameters())
     assert report.summary["params_after"] == n_params < sum(p.numel() for p in ref.parameters())
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -178,8 +188,16 @@ def test_structured_equals_masked_original(tiny_model, tmp_path, kind, structure
 
 
 def test_structured_gqa_whole_groups(tmp_path):
-    config = tf.MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                              num_key_value_heads=4, intermediate_size=96, head_dim=16, sliding_window=None)
+    config = tf.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        head_dim=16,
+        sliding_window=None,
+    )
     torch.manual_seed(0)
     tf.MistralForCausalLM(config).save_pretrained(tmp_path / "src")
     report = ws.prune(tmp_path / "src", tmp_path / "out", structured="heads", keep_heads=6)  # 6 % 4: drop a group
@@ -222,10 +240,21 @@ def test_minilm_wanda_beats_magnitude_on_held_out(minilm_path, tmp_path):
 def test_default_skip_covers_the_usual_suspects():
     import re
 
-    skipped = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "transformer.wte.weight",
-               "embeddings.LayerNorm.weight", "pooler.dense.weight", "classifier.weight", "transformer.h.0.ln_1.weight"]
-    kept = ["model.layers.0.self_attn.q_proj.weight", "encoder.layer.0.output.dense.weight",
-            "transformer.h.0.attn.c_attn.weight"]
+    skipped = [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "transformer.wte.weight",
+        "embeddings.LayerNorm.weight",
+        "pooler.dense.weight",
+        "classifier.weight",
+        "transformer.h.0.ln_1.weight",
+    ]
+    kept = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "encoder.layer.0.output.dense.weight",
+        "transformer.h.0.attn.c_attn.weight",
+    ]
     hit = lambda n: any(re.search(p, n) for p in DEFAULT_SKIP)  # noqa: E731
     assert all(hit(n) for n in skipped) and not any(hit(n) for n in kept)
 

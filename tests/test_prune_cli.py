@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from _prune_utils import CALIBRATION, with_tokenizer, write_lines
+
 from weightsmith.cli import build_parser, main
 
 
@@ -17,23 +17,26 @@ def _refused(capsys, argv, out, needle):
     assert not list(out.parent.glob(f".{out.name}.weightsmith-*"))  # no temporary left behind either
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--sparsity", "1.0"], "must be in [0, 1)"),
-    (["--sparsity", "-0.1"], "must be in [0, 1)"),
-    ([], "needs --sparsity"),
-    (["--pattern", "2:5"], "divisible by 5"),
-    (["--pattern", "4:2"], "expected N:M"),
-    (["--pattern", "2:4", "--sparsity", "0.3"], "contradicts"),
-    (["--sparsity", "0.5", "--scope", "global", "--method", "wanda", "--calibration", "x.txt"], "no global scope"),
-    (["--method", "wanda", "--sparsity", "0.5"], "needs --calibration"),
-    (["--structured", "ffn"], "needs --ratio"),
-    (["--structured", "ffn", "--ratio", "1.0"], "must be in [0, 1)"),
-    (["--structured", "heads", "--keep-heads", "3"], "would not load in transformers"),
-    (["--structured", "heads", "--keep-heads", "0"], "between 1 and 4"),
-    (["--structured", "ffn", "--ratio", "0.5", "--sparsity", "0.5"], "not --sparsity"),
-    (["--sparsity", "0.5", "--skip", "("], "not a valid regular expression"),
-    (["--structured", "ffn", "--ratio", "0.5", "--method", "wanda"], "--method/--scope do not apply"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--sparsity", "1.0"], "must be in [0, 1)"),
+        (["--sparsity", "-0.1"], "must be in [0, 1)"),
+        ([], "needs --sparsity"),
+        (["--pattern", "2:5"], "divisible by 5"),
+        (["--pattern", "4:2"], "expected N:M"),
+        (["--pattern", "2:4", "--sparsity", "0.3"], "contradicts"),
+        (["--sparsity", "0.5", "--scope", "global", "--method", "wanda", "--calibration", "x.txt"], "no global scope"),
+        (["--method", "wanda", "--sparsity", "0.5"], "needs --calibration"),
+        (["--structured", "ffn"], "needs --ratio"),
+        (["--structured", "ffn", "--ratio", "1.0"], "must be in [0, 1)"),
+        (["--structured", "heads", "--keep-heads", "3"], "would not load in transformers"),
+        (["--structured", "heads", "--keep-heads", "0"], "between 1 and 4"),
+        (["--structured", "ffn", "--ratio", "0.5", "--sparsity", "0.5"], "not --sparsity"),
+        (["--sparsity", "0.5", "--skip", "("], "not a valid regular expression"),
+        (["--structured", "ffn", "--ratio", "0.5", "--method", "wanda"], "--method/--scope do not apply"),
+    ],
+)
 def test_refusals_write_nothing(tiny_model, tmp_path, capsys, flags, needle):
     out = tmp_path / "out"
     _refused(capsys, ["prune", str(tiny_model("llama")), "-o", str(out), *flags], out, needle)
@@ -47,20 +50,51 @@ def test_refusals_calibration_missing_empty_no_tokenizer(tiny_model, tmp_path, c
     (tmp_path / "empty.txt").write_text("\n  \n")
     _refused(capsys, [*base, str(tmp_path / "empty.txt")], out, "calibration file is empty")
     calib = write_lines(tmp_path / "c.txt", CALIBRATION)
-    _refused(capsys, ["prune", str(tiny_model("llama")), "-o", str(out), "--method", "wanda", "--sparsity", "0.5",
-                      "--calibration", str(calib)], out, "no tokenizer files")
-    _refused(capsys, ["prune", str(src), "-o", str(out), "--sparsity", "0.5", "--eval-data",
-                      str(tmp_path / "empty.txt")], out, "evaluation file is empty")
+    _refused(
+        capsys,
+        [
+            "prune",
+            str(tiny_model("llama")),
+            "-o",
+            str(out),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--calibration",
+            str(calib),
+        ],
+        out,
+        "no tokenizer files",
+    )
+    _refused(
+        capsys,
+        ["prune", str(src), "-o", str(out), "--sparsity", "0.5", "--eval-data", str(tmp_path / "empty.txt")],
+        out,
+        "evaluation file is empty",
+    )
 
 
 def test_refusals_unsupported_structured(tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
-    _refused(capsys, ["prune", str(tiny_model("gpt2")), "-o", str(out), "--structured", "ffn", "--ratio", "0.25"],
-             out, "structured pruning supports llama, mistral, qwen2, bert")
-    _refused(capsys, ["prune", str(tiny_model("bert")), "-o", str(out), "--structured", "heads", "--ratio", "0.25"],
-             out, "head pruning of bert is not supported")
-    _refused(capsys, ["prune", str(tiny_model("mistral")), "-o", str(out), "--structured", "heads", "--keep-heads",
-                      "3"], out, "must be a multiple of 2 (same heads per group) or of 2 (whole groups)")
+    _refused(
+        capsys,
+        ["prune", str(tiny_model("gpt2")), "-o", str(out), "--structured", "ffn", "--ratio", "0.25"],
+        out,
+        "structured pruning supports llama, mistral, qwen2, bert",
+    )
+    _refused(
+        capsys,
+        ["prune", str(tiny_model("bert")), "-o", str(out), "--structured", "heads", "--ratio", "0.25"],
+        out,
+        "head pruning of bert is not supported",
+    )
+    _refused(
+        capsys,
+        ["prune", str(tiny_model("mistral")), "-o", str(out), "--structured", "heads", "--keep-heads", "3"],
+        out,
+        "must be a multiple of 2 (same heads per group) or of 2 (whole groups)",
+    )
 
 
 def test_cli_prunes_and_reports(tiny_model, tmp_path, capsys):

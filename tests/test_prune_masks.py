@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from weightsmith.compress.prune import masks
-from weightsmith.compress.prune.structured import keep_heads_gqa, parse_ranges, _ranges
+from weightsmith.compress.prune.structured import _ranges, keep_heads_gqa, parse_ranges
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
@@ -56,7 +56,7 @@ def test_global_radix_threshold_equals_full_sort(dtype):
     high, below = masks.select_bin(hist, k)
     hist = sum(masks.global_bin_histogram(t, level=1, prefix=high) for t in tensors)
     low, below_low = masks.select_bin(hist, k - below)
-    threshold = ((high << 16) | low)
+    threshold = (high << 16) | low
     assert torch.tensor([threshold], dtype=torch.int32).view(torch.float32).item() == torch.sort(flat).values[k - 1]
     quota, dropped = k - below - below_low, 0
     for t in tensors:

@@ -25,8 +25,9 @@ def _tf():
 
 
 def _bnb_config(double_quant=False):
-    return _tf().BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_use_double_quant=double_quant)
+    return _tf().BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant
+    )
 
 
 def _logits(model) -> torch.Tensor:
@@ -49,8 +50,10 @@ def _qconfig(path) -> dict:
 
 # -- NF4 ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,double_quant,dtype", [("llama", True, "float32"), ("qwen2", False, "float32"),
-                                                     ("llama", False, "bfloat16")])
+
+@pytest.mark.parametrize(
+    "kind,double_quant,dtype", [("llama", True, "float32"), ("qwen2", False, "float32"), ("llama", False, "bfloat16")]
+)
 def test_nf4_bytes_match_bitsandbytes_and_transformers_save(tiny_model, tmp_path, kind, double_quant, dtype):
     import bitsandbytes.functional as F
 
@@ -62,8 +65,9 @@ def test_nf4_bytes_match_bitsandbytes_and_transformers_save(tiny_model, tmp_path
     quantized = [n for n in float_sd if f"{n}.absmax" in ours]
     assert len(quantized) == 14  # 7 Linear per layer × 2 layers; lm_head and embeddings stay float
     for name in quantized:
-        packed, state = F.quantize_4bit(float_sd[name], blocksize=64, compress_statistics=double_quant,
-                                        quant_type="nf4")
+        packed, state = F.quantize_4bit(
+            float_sd[name], blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+        )
         assert torch.equal(ours[name], packed), name
         assert torch.equal(ours[f"{name}.absmax"], state.absmax), name
     # 2. every stored tensor equals transformers' save_pretrained of its own load_in_4bit model
@@ -125,8 +129,9 @@ def test_nf4_dequantize_matches_bitsandbytes_reference_dequantization(tiny_model
         if state.nested:
             absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
         # bitsandbytes' generic 4-bit dequantization (its CPU kernel falls back to it for odd widths)
-        ref = _dequantize_4bit_compute(stored[name].reshape(-1), absmax.float(), state.code, 64,
-                                       list(source[name].shape), torch.float32)
+        ref = _dequantize_4bit_compute(
+            stored[name].reshape(-1), absmax.float(), state.code, 64, list(source[name].shape), torch.float32
+        )
         assert torch.allclose(deq[name], ref, rtol=0, atol=1e-6), name
     d = ws.diff(src, tmp_path / "deq")
     assert d.summary["compared"] == len(source) and d.summary["missing_in_b"] == 0
@@ -135,17 +140,23 @@ def test_nf4_dequantize_matches_bitsandbytes_reference_dequantization(tiny_model
 
 # -- int8 (compressed-tensors) -----------------------------------------------------------------------------------
 
+
 def _ct_reference(model, scheme, ours: dict[str, torch.Tensor], tmp_path):
     """compressed-tensors' own path on a transformers model: apply the scheme, set our scales, compress, and write
     the config with ModelCompressor.update_config."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, apply_quantization_config,
-                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
 
     preset = preset_name_to_scheme("W8A16" if scheme.weight_only else "W8A8", ["Linear"])
     strategy = "group" if scheme.group_size else "channel"
-    preset.weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy=strategy,
-                                      group_size=scheme.group_size, dynamic=False)
+    preset.weights = QuantizationArgs(
+        num_bits=8, type="int", symmetric=True, strategy=strategy, group_size=scheme.group_size, dynamic=False
+    )
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": preset}, ignore=["lm_head"]))
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -209,8 +220,10 @@ def test_int8_packing_matches_compressed_tensors(tmp_path):
         assert torch.equal(unpack_from_int32(packed, 8, q.shape), q)
 
 
-@pytest.mark.parametrize("options,dtype", [({}, "float32"), ({"weight_only": True}, "float32"),
-                                           ({"group_size": 16}, "float32"), ({}, "bfloat16")])
+@pytest.mark.parametrize(
+    "options,dtype",
+    [({}, "float32"), ({"weight_only": True}, "float32"), ({"group_size": 16}, "float32"), ({}, "bfloat16")],
+)
 def test_int8_loads_in_transformers_close_to_float(tiny_model, tmp_path, options, dtype):
     tf = _tf()
     src = tiny_model("qwen2", dtype=dtype)
@@ -235,8 +248,9 @@ def test_int8_minilm_embeddings_and_size(minilm_path, tmp_path):
     assert stored["encoder.layer.0.intermediate.dense.weight"].dtype == torch.int8
     assert stored["embeddings.word_embeddings.weight"].dtype == torch.float32
     assert stored["encoder.layer.0.output.LayerNorm.weight"].dtype == torch.float32
-    linear = [n for n in _tensors(minilm_path)
-              if n.endswith(("dense.weight", "query.weight", "key.weight", "value.weight"))]
+    linear = [
+        n for n in _tensors(minilm_path) if n.endswith(("dense.weight", "query.weight", "key.weight", "value.weight"))
+    ]
     fp32 = sum(_tensors(minilm_path)[n].numel() * 4 for n in linear)
     int8 = sum(stored[n].numel() + stored[n.removesuffix("weight") + "weight_scale"].numel() * 4 for n in linear)
     assert int8 / fp32 <= 0.27
@@ -245,6 +259,7 @@ def test_int8_minilm_embeddings_and_size(minilm_path, tmp_path):
 
 
 # -- report, selection, inspect ------------------------------------------------------------------------------------
+
 
 def test_report_errors_are_the_relative_errors_of_what_was_written(tiny_model, tmp_path):
     src = tiny_model("llama")
@@ -256,10 +271,12 @@ def test_report_errors_are_the_relative_errors_of_what_was_written(tiny_model, t
         w, w_hat = a[row["name"]], b[row["name"]]
         assert row["rel_error"] == pytest.approx(float((w - w_hat).norm() / w.norm()), rel=1e-5)
     assert report.summary["rel_error_max"] == report.tensors[0]["rel_error"]
-    assert report.summary["bytes_out"] == sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors")) \
-        - sum(_header_size(f) for f in (tmp_path / "q").glob("*.safetensors"))
+    assert report.summary["bytes_out"] == sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors")) - sum(
+        _header_size(f) for f in (tmp_path / "q").glob("*.safetensors")
+    )
     assert report.summary["bytes_in"] / report.summary["bytes_out"] == pytest.approx(
-        report.summary["compression_ratio"], rel=1e-3)
+        report.summary["compression_ratio"], rel=1e-3
+    )
 
 
 def _header_size(path) -> int:
@@ -278,18 +295,26 @@ def test_ignore_keeps_modules_float_and_the_output_still_loads(tiny_model, tmp_p
     skip = _qconfig(tmp_path / "q")["llm_int8_skip_modules"]
     assert {"model.layers.1.mlp.up_proj", "model.layers.0.self_attn.o_proj", "lm_head"} <= set(skip)
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    theirs = tf.AutoModelForCausalLM.from_pretrained(src, quantization_config=tf.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "model.layers.1.mlp",
-                                                                             "o_proj"]))
+    theirs = tf.AutoModelForCausalLM.from_pretrained(
+        src,
+        quantization_config=tf.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=["lm_head", "model.layers.1.mlp", "o_proj"],
+        ),
+    )
     assert type(model.model.layers[1].mlp.up_proj) is torch.nn.Linear
     assert (_logits(model) - _logits(theirs)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("scheme,options,expect", [
-    ("nf4", {"double_quant": True}, {"bits": 4, "group_size": 64, "double_quant": True, "method": "bitsandbytes"}),
-    ("int8", {"group_size": 32}, {"bits": 8, "group_size": 32, "format": "int-quantized"}),
-    ("int8", {"weight_only": True}, {"bits": 8, "group_size": None, "format": "pack-quantized"}),
-])
+@pytest.mark.parametrize(
+    "scheme,options,expect",
+    [
+        ("nf4", {"double_quant": True}, {"bits": 4, "group_size": 64, "double_quant": True, "method": "bitsandbytes"}),
+        ("int8", {"group_size": 32}, {"bits": 8, "group_size": 32, "format": "int-quantized"}),
+        ("int8", {"weight_only": True}, {"bits": 8, "group_size": None, "format": "pack-quantized"}),
+    ],
+)
 def test_inspect_and_diff_recognise_quantized_checkpoints(tiny_model, tmp_path, scheme, options, expect):
     src = tiny_model("llama")
     ws.quantize(src, tmp_path / "q", scheme=scheme, **options)
@@ -298,7 +323,9 @@ def test_inspect_and_diff_recognise_quantized_checkpoints(tiny_model, tmp_path, 
     assert facts["quantized_modules"] == 14 and "lm_head" in facts["ignored_modules"]
     assert facts["compression_ratio"] == pytest.approx(
         sum(t.numel() * t.element_size() for t in _tensors(src).values())
-        / sum(t.numel() * t.element_size() for t in _tensors(tmp_path / "q").values()), abs=1e-3)
+        / sum(t.numel() * t.element_size() for t in _tensors(tmp_path / "q").values()),
+        abs=1e-3,
+    )
     d = ws.diff(src, tmp_path / "q")
     assert d.summary["compared"] == len(_tensors(src)) and d.summary["shape_mismatches"] == 0
     assert d.summary["missing_in_b"] == 0 and d.summary["extra_in_b"] == 0

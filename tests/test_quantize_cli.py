@@ -26,41 +26,65 @@ def test_refuses_an_already_quantized_checkpoint(tiny_model, tmp_path, capsys):
     assert main(["quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q")]) == 0
     capsys.readouterr()
     for scheme in ("int8", "nf4"):
-        _refused(capsys, ["quantize", str(tmp_path / "q"), "-o", str(tmp_path / "again"), "--scheme", scheme],
-                 tmp_path / "again", "already quantized", "dequantize it first")
+        _refused(
+            capsys,
+            ["quantize", str(tmp_path / "q"), "-o", str(tmp_path / "again"), "--scheme", scheme],
+            tmp_path / "again",
+            "already quantized",
+            "dequantize it first",
+        )
 
 
 def test_refuses_an_unknown_scheme(tiny_model, tmp_path, capsys):
-    _refused(capsys, ["quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"), "--scheme", "int3"],
-             tmp_path / "q", "unknown quantization scheme 'int3'", "int8", "nf4")
+    _refused(
+        capsys,
+        ["quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"), "--scheme", "int3"],
+        tmp_path / "q",
+        "unknown quantization scheme 'int3'",
+        "int8",
+        "nf4",
+    )
 
 
 def test_refuses_a_group_size_that_does_not_divide_the_width(tiny_model, tmp_path, capsys):
     # hidden 64 and intermediate 96: 48 divides 96 but not 64
-    _refused(capsys, ["quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"), "--group-size", "48"],
-             tmp_path / "q", "width 64 is not a multiple of group size 48", "more")
+    _refused(
+        capsys,
+        ["quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"), "--group-size", "48"],
+        tmp_path / "q",
+        "width 64 is not a multiple of group size 48",
+        "more",
+    )
 
 
-@pytest.mark.parametrize("argv,needles", [
-    (["--scheme", "nf4", "--group-size", "48"], ["nf4: group_size 48"]),
-    (["--scheme", "nf4", "--weight-only"], ["nf4: option(s) weight_only do not apply"]),
-    (["--double-quant"], ["int8: option(s) double_quant do not apply"]),
-    (["--ignore", "lm_head,mpl"], ["'mpl' match no 2-D weight"]),
-    (["--scheme", "nf4", "--compute-dtype", "int4"], ["compute_dtype 'int4'"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["--scheme", "nf4", "--group-size", "48"], ["nf4: group_size 48"]),
+        (["--scheme", "nf4", "--weight-only"], ["nf4: option(s) weight_only do not apply"]),
+        (["--double-quant"], ["int8: option(s) double_quant do not apply"]),
+        (["--ignore", "lm_head,mpl"], ["'mpl' match no 2-D weight"]),
+        (["--scheme", "nf4", "--compute-dtype", "int4"], ["compute_dtype 'int4'"]),
+    ],
+)
 def test_refuses_bad_options(tiny_model, tmp_path, capsys, argv, needles):
-    _refused(capsys, ["quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"), *argv], tmp_path / "q",
-             *needles)
+    _refused(capsys, ["quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"), *argv], tmp_path / "q", *needles)
 
 
 def test_refuses_a_model_without_linear_weights(tiny_model, tmp_path, capsys):
-    _refused(capsys, ["quantize", str(tiny_model("gpt2")), "-o", str(tmp_path / "q")], tmp_path / "q",
-             "no 2-D Linear weights", "Conv1D")
+    _refused(
+        capsys,
+        ["quantize", str(tiny_model("gpt2")), "-o", str(tmp_path / "q")],
+        tmp_path / "q",
+        "no 2-D Linear weights",
+        "Conv1D",
+    )
 
 
 def test_dequantize_refuses_a_float_checkpoint(tiny_model, tmp_path, capsys):
-    _refused(capsys, ["dequantize", str(tiny_model("llama")), "-o", str(tmp_path / "d")], tmp_path / "d",
-             "not quantized")
+    _refused(
+        capsys, ["dequantize", str(tiny_model("llama")), "-o", str(tmp_path / "d")], tmp_path / "d", "not quantized"
+    )
 
 
 def test_quantize_and_dequantize_json_reports(tiny_model, tmp_path, capsys):

@@ -20,8 +20,7 @@ def parts(tiny_model, tmp_path_factory):
     from conftest import build_model
 
     root = tmp_path_factory.mktemp("recipe")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
-                          init_lora_weights=False)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False)
     peft.get_peft_model(build_model("llama"), cfg).save_pretrained(root / "adapter")
     return {"base": tiny_model("llama"), "other": tiny_model("llama", seed=1), "adapter": root / "adapter"}
 
@@ -29,9 +28,15 @@ def parts(tiny_model, tmp_path_factory):
 def _steps(parts, *, export: bool) -> list:
     steps = [
         {"lora_merge": {"adapters": [f"{parts['adapter']}@0.8"]}},
-        {"merge": {"merge_method": "linear",
-                   "models": [{"model": "@previous", "parameters": {"weight": 0.6}},
-                              {"model": str(parts["other"]), "parameters": {"weight": 0.4}}]}},
+        {
+            "merge": {
+                "merge_method": "linear",
+                "models": [
+                    {"model": "@previous", "parameters": {"weight": 0.6}},
+                    {"model": str(parts["other"]), "parameters": {"weight": 0.4}},
+                ],
+            }
+        },
         {"prune": {"sparsity": 0.5}},
         {"quantize": {"scheme": "int8"}},
     ]
@@ -48,9 +53,16 @@ def _write_recipe(path, parts, out, steps) -> str:
 def _one_by_one(parts, tmp_path):
     a, b, c, d = (tmp_path / n for n in ("folded", "merged", "pruned", "quantized"))
     ws.lora.merge(parts["base"], [(parts["adapter"], 0.8)], a)
-    ws.merge.run({"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.6}},
-                                                       {"model": str(parts["other"]), "parameters": {"weight": 0.4}}]},
-                 b)
+    ws.merge.run(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(a), "parameters": {"weight": 0.6}},
+                {"model": str(parts["other"]), "parameters": {"weight": 0.4}},
+            ],
+        },
+        b,
+    )
     ws.prune(b, c, sparsity=0.5)
     ws.quantize(c, d, scheme="int8")
     return d
@@ -83,8 +95,10 @@ def test_recipe_with_export_matches_exporting_the_manual_result(parts, tmp_path)
     ws.run(recipe)
     ids = np.array([[5, 9, 17, 33, 2, 70, 11]], dtype=np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-            for p in (tmp_path / "out" / "model.onnx", tmp_path / "manual-onnx" / "model.onnx")]
+    outs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for p in (tmp_path / "out" / "model.onnx", tmp_path / "manual-onnx" / "model.onnx")
+    ]
     np.testing.assert_array_equal(outs[0], outs[1])
     import onnx
 
@@ -94,8 +108,11 @@ def test_recipe_with_export_matches_exporting_the_manual_result(parts, tmp_path)
 
 
 def test_a_fold_streams_into_the_next_step(parts, tmp_path):
-    recipe = {"input": str(parts["base"]), "output": str(tmp_path / "out"),
-              "steps": [{"lora_merge": {"adapters": [str(parts["adapter"])]}}, {"convert": {"dtype": "bf16"}}]}
+    recipe = {
+        "input": str(parts["base"]),
+        "output": str(tmp_path / "out"),
+        "steps": [{"lora_merge": {"adapters": [str(parts["adapter"])]}}, {"convert": {"dtype": "bf16"}}],
+    }
     report = ws.run(recipe)
     assert report.details["plan"]["step 0"]["mode"] == "lazy view"
     assert report.details["step 0 lora_merge"] == {"streamed": "lazy view, nothing written"}
@@ -146,8 +163,11 @@ def test_bad_recipes_are_refused_with_the_step_named(parts, tmp_path, capsys, re
 
 
 def test_a_failing_late_step_leaves_nothing(parts, tmp_path, capsys):
-    steps = [{"lora_merge": {"adapters": [str(parts["adapter"])]}}, {"prune": {"sparsity": 0.5}},
-             {"export": {"task": "masked-lm"}}]  # a Llama has no masked-LM head: refused after two steps ran
+    steps = [
+        {"lora_merge": {"adapters": [str(parts["adapter"])]}},
+        {"prune": {"sparsity": 0.5}},
+        {"export": {"task": "masked-lm"}},
+    ]  # a Llama has no masked-LM head: refused after two steps ran
     recipe = _write_recipe(tmp_path / "r.yaml", parts, tmp_path / "out", steps)
     capsys.readouterr()
     code = main(["run", recipe])

@@ -44,15 +44,22 @@ def _assert_identical(ours: dict, reference: dict) -> None:
 @pytest.fixture
 def adapter(tmp_path):
     # init_lora_weights=False: B is not zero, so the fold changes the targeted weights
-    return make_adapter(build_model("llama"), tmp_path / "adapter", r=4,
-                        target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    return make_adapter(
+        build_model("llama"),
+        tmp_path / "adapter",
+        r=4,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        init_lora_weights=False,
+    )
 
 
-@pytest.mark.parametrize("prune_options,scheme,options", [({"sparsity": 0.5}, "int8", {}),
-                                                          ({"sparsity": 0.4, "scope": "global"}, "nf4",
-                                                           {"double_quant": True})])
-def test_fold_prune_quantize_views_match_the_verbs_on_disk(tiny_model, tmp_path, adapter, prune_options, scheme,
-                                                           options):
+@pytest.mark.parametrize(
+    "prune_options,scheme,options",
+    [({"sparsity": 0.5}, "int8", {}), ({"sparsity": 0.4, "scope": "global"}, "nf4", {"double_quant": True})],
+)
+def test_fold_prune_quantize_views_match_the_verbs_on_disk(
+    tiny_model, tmp_path, adapter, prune_options, scheme, options
+):
     base = tiny_model("llama")
     ws.lora.merge(base, [adapter], tmp_path / "merged")
     ws.prune(tmp_path / "merged", tmp_path / "pruned", **prune_options)
@@ -67,8 +74,10 @@ def test_fold_prune_quantize_views_match_the_verbs_on_disk(tiny_model, tmp_path,
     _assert_identical(streamed, disk)
     assert steps == ["lora merge", "prune", "quantize"] == disk_steps
     config = json.loads((tmp_path / "streamed" / "config.json").read_text())
-    assert config["quantization_config"] == json.loads((tmp_path / "disk" / "config.json").read_text())[
-        "quantization_config"]
+    assert (
+        config["quantization_config"]
+        == json.loads((tmp_path / "disk" / "config.json").read_text())["quantization_config"]
+    )
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(folded[q_proj], ws.open(base)[q_proj])  # the adapter did change the weights
 
@@ -79,9 +88,16 @@ def test_fold_prune_quantize_views_match_the_verbs_on_disk(tiny_model, tmp_path,
     assert verb_steps == ["lora merge", "prune", "quantize"]
 
 
-@pytest.mark.parametrize("scheme,options", [("int8", {}), ("int8", {"weight_only": True}),
-                                            ("int8", {"group_size": 16}), ("nf4", {}),
-                                            ("nf4", {"group_size": 128, "double_quant": True})])
+@pytest.mark.parametrize(
+    "scheme,options",
+    [
+        ("int8", {}),
+        ("int8", {"weight_only": True}),
+        ("int8", {"group_size": 16}),
+        ("nf4", {}),
+        ("nf4", {"group_size": 128, "double_quant": True}),
+    ],
+)
 def test_quantized_view_describes_every_tensor_before_computing(tiny_model, monkeypatch, scheme, options):
     src = tiny_model("qwen2", dtype="bfloat16")
     view = open_quantized(src, scheme, **options)
@@ -112,8 +128,12 @@ def test_quantized_view_describes_every_tensor_before_computing(tiny_model, monk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_codecs_describe_what_they_store(dtype):
     gen = torch.Generator().manual_seed(0)
-    schemes = [Int8(), Int8(weight_only=True), Int8(group_size=16),
-               *(NF4(group_size=g, double_quant=d) for g in (64, 128, 4096) for d in (False, True))]
+    schemes = [
+        Int8(),
+        Int8(weight_only=True),
+        Int8(group_size=16),
+        *(NF4(group_size=g, double_quant=d) for g in (64, 128, 4096) for d in (False, True)),
+    ]
     for shape in [(64, 48), (33, 10), (7, 300), (96, 64)]:  # partial blocks, widths not a multiple of 4
         w = torch.randn(shape, generator=gen).to(dtype)
         for scheme in schemes:

@@ -18,8 +18,20 @@ EXTRAS = "test,peers,dev"
 
 def resolve(torch_version: str) -> list[tuple[str, str]]:
     """(name, version) of every package pip would install into an empty environment, this project excluded."""
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed", "--report", "-",
-               f"torch=={torch_version}", "-e", f".[{EXTRAS}]"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--dry-run",
+        "--ignore-installed",
+        "--report",
+        "-",
+        f"torch=={torch_version}",
+        "-e",
+        f".[{EXTRAS}]",
+    ]
     report = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     pins = []
     for item in report["install"]:

@@ -26,8 +26,14 @@ def as_checkpoint(source: Checkpoint | str | os.PathLike) -> Checkpoint:
     return source if isinstance(source, Checkpoint) else Checkpoint(source)
 
 
-def convert(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-            shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+def convert(
+    src: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> Report:
     """Write ``src`` again as safetensors, optionally cast (float tensors only) and resharded.
 
     Peak memory: one tensor plus the write buffer, never the model.
@@ -37,17 +43,32 @@ def convert(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, dtyp
     return copy_through(as_checkpoint(src), out, operation="convert", dtype=dtype, shard_size=shard_size, force=force)
 
 
-def copy_through(ckpt: Checkpoint, out: str | os.PathLike, *, operation: str, plan: TensorPlan | None = None,
-                 params: Mapping | None = None, dtype: str | torch.dtype | None = None,
-                 shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+def copy_through(
+    ckpt: Checkpoint,
+    out: str | os.PathLike,
+    *,
+    operation: str,
+    plan: TensorPlan | None = None,
+    params: Mapping | None = None,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> Report:
     """Stream ``plan`` (default: every tensor of ``ckpt`` as it is) into ``out``; config and carried files follow."""
     plan = plan if plan is not None else dict.fromkeys(ckpt)
     target = parse_dtype(dtype)
     report = Report(operation, output=str(out))
     params = {"dtype": str(target) if target else None, "shard_size": shard_size, **(params or {})}
     with report.timed("total"):
-        writer = CheckpointWriter(out, steps=[provenance_step(operation, params, [ckpt])], config=ckpt.config,
-                                  carry=ckpt.carry_files, dtype=target, shard_size=shard_size, force=force)
+        writer = CheckpointWriter(
+            out,
+            steps=[provenance_step(operation, params, [ckpt])],
+            config=ckpt.config,
+            carry=ckpt.carry_files,
+            dtype=target,
+            shard_size=shard_size,
+            force=force,
+        )
         with writer:
             for name in progress(plan, total=len(plan), desc=operation):
                 produce = plan[name]
@@ -55,6 +76,11 @@ def copy_through(ckpt: Checkpoint, out: str | os.PathLike, *, operation: str, pl
                     writer.write_from(ckpt, name)
                 else:
                     writer.write(name, produce())
-    report.summary.update(source=str(ckpt.path), tensors=len(plan), bytes_in=format_size(ckpt.nbytes),
-                          bytes_out=format_size(writer.total_size), shards=writer.num_shards)
+    report.summary.update(
+        source=str(ckpt.path),
+        tensors=len(plan),
+        bytes_in=format_size(ckpt.nbytes),
+        bytes_out=format_size(writer.total_size),
+        shards=writer.num_shards,
+    )
     return report

@@ -63,9 +63,13 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
     if not pending:
         return
     try:
-        helper = subprocess.Popen([sys.executable, "-m", "weightsmith.digests", *(key[0] for key in pending)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                  text=True)
+        helper = subprocess.Popen(
+            [sys.executable, "-m", "weightsmith.digests", *(key[0] for key in pending)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
     except OSError:
         _settle(pending)
         return

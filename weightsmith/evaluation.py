@@ -63,8 +63,9 @@ def load_model(model_dir: str | os.PathLike, *, dtype: Any = "float32"):
 def require_tokenizer(model_dir: str | os.PathLike) -> None:
     """Refuse, with one line and without importing anything, a directory without tokenizer files."""
     path = Path(model_dir)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                                                 "tokenizer.model")):
+    if not any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    ):
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json, vocab.txt…): text cannot be encoded")
 
 
@@ -90,8 +91,9 @@ def encode(tokenizer, texts: list[str], max_length: int) -> list[Any]:
     return out
 
 
-def perplexity(model_dir: str | os.PathLike, texts: list[str], *, max_length: int = 256, model=None,
-               tokenizer=None) -> float:
+def perplexity(
+    model_dir: str | os.PathLike, texts: list[str], *, max_length: int = 256, model=None, tokenizer=None
+) -> float:
     """exp(mean next-token negative log-likelihood over every predicted token of every text).
 
     Texts are scored one at a time (no padding); a text of T tokens contributes T−1 predictions.
@@ -113,8 +115,7 @@ def perplexity(model_dir: str | os.PathLike, texts: list[str], *, max_length: in
     return math.exp(total / count)
 
 
-def embeddings(model_dir: str | os.PathLike, texts: list[str], *, max_length: int = 128, model=None,
-               tokenizer=None):
+def embeddings(model_dir: str | os.PathLike, texts: list[str], *, max_length: int = 128, model=None, tokenizer=None):
     """Mean-pooled, L2-normalised last hidden states, one row per text: [len(texts), hidden]."""
     import torch
 
@@ -128,8 +129,9 @@ def embeddings(model_dir: str | os.PathLike, texts: list[str], *, max_length: in
     return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
 
-def embedding_cosine(model_dir: str | os.PathLike, ref_dir: str | os.PathLike, texts: list[str], *,
-                     max_length: int = 128) -> float:
+def embedding_cosine(
+    model_dir: str | os.PathLike, ref_dir: str | os.PathLike, texts: list[str], *, max_length: int = 128
+) -> float:
     """Mean over texts of cos(e_model(text), e_ref(text)) with mean-pooled embeddings (1.0 = identical).
 
     Both models read the texts through the reference's tokenizer, so a tokenizer-less output can be compared too.
@@ -187,8 +189,9 @@ class _Runner:
         return (out.logits if self.causal else out.last_hidden_state)[0].float()
 
 
-def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, ref: str | os.PathLike | None = None,
-             max_length: int = 128):
+def evaluate(
+    model: str | os.PathLike, data: str | os.PathLike, *, ref: str | os.PathLike | None = None, max_length: int = 128
+):
     """Quality of a checkpoint directory or an ONNX file on the texts of ``data`` (one per line), alone or against
     a reference checkpoint.
 
@@ -244,8 +247,12 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, ref: str | os
                 else:
                     a, b = out.mean(0), other.mean(0)
                     cosines.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
-    report.summary.update(model=str(path), kind="causal LM" if runner.causal else "encoder",
-                          runtime="onnxruntime" if runner.onnx else "transformers", texts=len(texts))
+    report.summary.update(
+        model=str(path),
+        kind="causal LM" if runner.causal else "encoder",
+        runtime="onnxruntime" if runner.onnx else "transformers",
+        texts=len(texts),
+    )
     if runner.causal:
         if tokens == 0:
             raise ConfigError(f"{data}: the texts encode to fewer than two tokens each")

@@ -13,8 +13,17 @@ from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size
 
-_ARCH_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
-              "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+_ARCH_KEYS = (
+    "model_type",
+    "architectures",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 
 
 def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stats: bool = False) -> Report:
@@ -30,10 +39,17 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
     infos = ckpt.infos()
     dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in infos)
     report.summary.update(
-        path=str(ckpt.path), kind="adapter" if ckpt.is_adapter else "model", format=ckpt.format,
-        files=[str(p.relative_to(ckpt.root)) for p in ckpt.weight_files], tensors=len(infos),
-        parameters=sum(i.numel for i in infos), bytes=ckpt.nbytes, size=format_size(ckpt.nbytes),
-        dtypes=dict(dtypes), tied_weights=ckpt.tied_weights or None)
+        path=str(ckpt.path),
+        kind="adapter" if ckpt.is_adapter else "model",
+        format=ckpt.format,
+        files=[str(p.relative_to(ckpt.root)) for p in ckpt.weight_files],
+        tensors=len(infos),
+        parameters=sum(i.numel for i in infos),
+        bytes=ckpt.nbytes,
+        size=format_size(ckpt.nbytes),
+        dtypes=dict(dtypes),
+        tied_weights=ckpt.tied_weights or None,
+    )
     if ckpt.config:
         report.details["architecture"] = {k: ckpt.config[k] for k in _ARCH_KEYS if k in ckpt.config}
     if ckpt.is_adapter:
@@ -45,8 +61,12 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
         report.details["provenance"] = {"weightsmith": ckpt.metadata["weightsmith"]}
     if tensors or stats:
         for info in progress(infos, desc="inspect"):
-            row = {"name": info.name, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
-                   "bytes": info.nbytes}
+            row = {
+                "name": info.name,
+                "shape": list(info.shape),
+                "dtype": str(info.dtype).removeprefix("torch."),
+                "bytes": info.nbytes,
+            }
             if stats:
                 row.update(tensor_stats(ckpt[info.name]))
             report.tensors.append(row)
@@ -56,13 +76,28 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
 def adapter_summary(ckpt: Checkpoint) -> dict:
     """The facts of a PEFT adapter: type, rank, alpha, targets and variants (rsLoRA, DoRA, patterns…)."""
     cfg = ckpt.adapter_config or {}
-    variants = [name for name, on in (("rslora", cfg.get("use_rslora")), ("dora", cfg.get("use_dora")),
-                                       ("lora_bias", cfg.get("lora_bias")), ("rank_pattern", cfg.get("rank_pattern")),
-                                       ("alpha_pattern", cfg.get("alpha_pattern"))) if on]
+    variants = [
+        name
+        for name, on in (
+            ("rslora", cfg.get("use_rslora")),
+            ("dora", cfg.get("use_dora")),
+            ("lora_bias", cfg.get("lora_bias")),
+            ("rank_pattern", cfg.get("rank_pattern")),
+            ("alpha_pattern", cfg.get("alpha_pattern")),
+        )
+        if on
+    ]
     modules = sorted({n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in ckpt if ".lora_" in n})
-    return {"peft_type": cfg.get("peft_type"), "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
-            "target_modules": cfg.get("target_modules"), "modules_to_save": cfg.get("modules_to_save"),
-            "base_model": cfg.get("base_model_name_or_path"), "variants": variants, "adapted_modules": len(modules)}
+    return {
+        "peft_type": cfg.get("peft_type"),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "target_modules": cfg.get("target_modules"),
+        "modules_to_save": cfg.get("modules_to_save"),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "variants": variants,
+        "adapted_modules": len(modules),
+    }
 
 
 def _quantization_facts(ckpt: Checkpoint) -> dict | None:
@@ -82,11 +117,18 @@ def tensor_stats(t: torch.Tensor) -> dict:
     x = t.double() if t.dtype == torch.float64 else t.float()
     finite = x[torch.isfinite(x)]
     n = x.numel()
-    stats = {"zeros": round(float((x == 0).sum()) / n, 6) if n else 0.0,
-             "nan": int(torch.isnan(x).sum()), "inf": int(torch.isinf(x).sum())}
+    stats = {
+        "zeros": round(float((x == 0).sum()) / n, 6) if n else 0.0,
+        "nan": int(torch.isnan(x).sum()),
+        "inf": int(torch.isinf(x).sum()),
+    }
     if finite.numel():
-        stats.update(min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()),
-                     std=float(finite.std()) if finite.numel() > 1 else 0.0)
+        stats.update(
+            min=float(finite.min()),
+            max=float(finite.max()),
+            mean=float(finite.mean()),
+            std=float(finite.std()) if finite.numel() > 1 else 0.0,
+        )
     return stats
 
 
@@ -113,9 +155,17 @@ def diff(a: Checkpoint | str | os.PathLike, b: Checkpoint | str | os.PathLike) -
     changed = [r for r in rows if r["max_abs"] != 0 or r.get("nan_mismatch")]
     worst = max(rows, key=lambda r: r["max_abs"], default=None)
     report.summary.update(
-        a=str(ca.path), b=str(cb.path), compared=len(rows), identical=len(rows) - len(changed), differ=len(changed),
-        missing_in_b=len(only_a), extra_in_b=len(only_b), shape_mismatches=len(mismatched),
-        max_abs=worst["max_abs"] if worst else 0.0, worst=worst["name"] if worst and worst["max_abs"] else None)
+        a=str(ca.path),
+        b=str(cb.path),
+        compared=len(rows),
+        identical=len(rows) - len(changed),
+        differ=len(changed),
+        missing_in_b=len(only_a),
+        extra_in_b=len(only_b),
+        shape_mismatches=len(mismatched),
+        max_abs=worst["max_abs"] if worst else 0.0,
+        worst=worst["name"] if worst and worst["max_abs"] else None,
+    )
     listed = {"names_missing_in_b": only_a, "names_extra_in_b": only_b, "shape_mismatch_names": mismatched}
     report.details.update({k: v for k, v in listed.items() if v})
     report.tensors = sorted(rows, key=lambda r: -r["max_abs"])

@@ -10,8 +10,9 @@ same parameters as its command, the output of each feeding the next.
 
 A step that offers a lazy view (``lora_merge``, data-free ``prune``, ``quantize``: tensors computed on read) streams
 into a following step that streams too, without an intermediate checkpoint; other steps write their output, into a
-temporary work directory unless they are last. Relative paths are relative to the working directory. Steps that need the network (Wanda or structured pruning, distillation, ONNX export) build the
-model once from their input. In a ``merge`` step, ``"@previous"`` names the output of the step before it.
+temporary work directory unless they are last. Relative paths are relative to the working directory. Steps that
+need the network (Wanda or structured pruning, distillation, ONNX export) build the model once from their input.
+In a ``merge`` step, ``"@previous"`` names the output of the step before it.
 Everything is checked before the first step runs; one Report covers the run, and every step's provenance ends up in
 the output's metadata (safetensors, or the ONNX graph's).
 """
@@ -55,8 +56,9 @@ STEPS: dict[str, StepKind] = {
     "lora_merge": StepKind("weightsmith.merge.lora:merge", "base", True, view="weightsmith.merge.lora:open_folded"),
     "merge": StepKind("weightsmith.merge:run", None, True),
     "prune": StepKind("weightsmith.compress.prune:prune", "src", True, view="weightsmith.compress.prune:open_pruned"),
-    "quantize": StepKind("weightsmith.compress.quantize:quantize", "src", True,
-                         view="weightsmith.compress.quantize:open_quantized"),
+    "quantize": StepKind(
+        "weightsmith.compress.quantize:quantize", "src", True, view="weightsmith.compress.quantize:open_quantized"
+    ),
     "distill": StepKind("weightsmith.compress.distill:distill", "teacher", False),
     "export": StepKind("weightsmith.export:onnx", "src", False),
     "export_safetensors": StepKind("weightsmith.export:safetensors", "src", True),
@@ -118,7 +120,7 @@ def load_recipe(source: str | os.PathLike | Mapping) -> Recipe:
 def _parse_step(where: str, index: int, entry: Any) -> Step:
     if not (isinstance(entry, dict) and len(entry) == 1):
         raise ConfigError(f"{where}: recipe step {index}: expected one mapping such as {{prune: {{sparsity: 0.5}}}}")
-    (kind, params), = entry.items()
+    ((kind, params),) = entry.items()
     if kind not in STEPS:
         raise ConfigError(f"{where}: recipe step {index}: unknown step {kind!r} (expected one of {', '.join(STEPS)})")
     params = {} if params is None else params
@@ -156,26 +158,46 @@ def _check_params(where: str, step: Step) -> None:
             raise ConfigError(f"{where}: {step.label()}: unknown parameter {name!r} (accepted: {', '.join(accepted)})")
         expected = _accepts(param.annotation, value)
         if expected is not None:
-            raise ConfigError(f"{where}: {step.label()}: parameter {name!r} must be {expected}, "
-                              f"got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{where}: {step.label()}: parameter {name!r} must be {expected}, got {type(value).__name__} {value!r}"
+            )
     if step.kind == "lora_merge" and "adapters" in params:
         try:
             _adapters(params["adapters"])
         except (KeyError, TypeError, ValueError, ConfigError):
-            raise ConfigError(f"{where}: {step.label()}: adapters must be a list of paths, 'path@weight' or "
-                              f"{{path, weight}} entries, got {params['adapters']!r}") from None
-    missing = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind is p.KEYWORD_ONLY
-               and p.name not in params]
-    missing += [p.name for p in list(sig.parameters.values())[1:] if p.default is p.empty and p.name not in params
-                and p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in reserved and p.name != "config"]
+            raise ConfigError(
+                f"{where}: {step.label()}: adapters must be a list of paths, 'path@weight' or "
+                f"{{path, weight}} entries, got {params['adapters']!r}"
+            ) from None
+    missing = [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.kind is p.KEYWORD_ONLY and p.name not in params
+    ]
+    missing += [
+        p.name
+        for p in list(sig.parameters.values())[1:]
+        if p.default is p.empty
+        and p.name not in params
+        and p.kind is p.POSITIONAL_OR_KEYWORD
+        and p.name not in reserved
+        and p.name != "config"
+    ]
     if missing:
         raise ConfigError(f"{where}: {step.label()}: missing parameter(s) {', '.join(missing)}")
 
 
 # annotation token -> the YAML value types it admits
 _TOKENS: dict[str, tuple[type, ...]] = {
-    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
-    "os.PathLike": (str,), "torch.dtype": (str,), "Checkpoint": (str,), "Scheme": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "os.PathLike": (str,),
+    "torch.dtype": (str,),
+    "Checkpoint": (str,),
+    "Scheme": (str,),
 }
 
 
@@ -227,7 +249,7 @@ def _mentions_previous(value: Any) -> bool:
 
 def _replace_previous(value: Any, path: str) -> Any:
     if isinstance(value, str) and (value == PREVIOUS or value.startswith(PREVIOUS + "+")):
-        return path + value[len(PREVIOUS):]
+        return path + value[len(PREVIOUS) :]
     if isinstance(value, dict):
         return {k: _replace_previous(v, path) for k, v in value.items()}
     if isinstance(value, list):
@@ -256,9 +278,17 @@ def plan(recipe: Recipe) -> list[dict]:
             peak = largest * (inputs + 2) + 300 * 10**6
         model_bytes = _output_bytes(step, model_bytes)
         last = i == len(recipe.steps) - 1
-        rows.append({"step": i, "kind": step.kind, "input": source, "mode": mode,
-                     "output": recipe.output if last else "none (view)" if _hands_view(recipe, i) else "temporary",
-                     "est_peak_memory": format_size(peak), "est_output_size": format_size(model_bytes)})
+        rows.append(
+            {
+                "step": i,
+                "kind": step.kind,
+                "input": source,
+                "mode": mode,
+                "output": recipe.output if last else "none (view)" if _hands_view(recipe, i) else "temporary",
+                "est_peak_memory": format_size(peak),
+                "est_output_size": format_size(model_bytes),
+            }
+        )
     return rows
 
 
@@ -341,8 +371,9 @@ def run(recipe: str | os.PathLike | Mapping | Recipe, *, dry_run: bool = False, 
     return report
 
 
-def _run_step(r: Recipe, step: Step, current: Any, work: Path, output: Path, last: bool, force: bool,
-              report: Report) -> Any:
+def _run_step(
+    r: Recipe, step: Step, current: Any, work: Path, output: Path, last: bool, force: bool, report: Report
+) -> Any:
     params = dict(step.params)
     if step.kind == "lora_merge":
         params["adapters"] = _adapters(params.get("adapters", []))
@@ -377,8 +408,7 @@ def _adapters(value: Any) -> list[tuple[str, float]]:
     from weightsmith.cli.common import parse_adapter
 
     entries = [value] if isinstance(value, (str, dict)) else list(value)
-    return [parse_adapter(a) if isinstance(a, str) else (str(a["path"]), float(a.get("weight", 1.0)))
-            for a in entries]
+    return [parse_adapter(a) if isinstance(a, str) else (str(a["path"]), float(a.get("weight", 1.0))) for a in entries]
 
 
 def _size_of(path: Path) -> str:

@@ -11,5 +11,16 @@ from weightsmith.checkpoint.reader import Checkpoint, CheckpointView, open
 from weightsmith.checkpoint.writer import CheckpointWriter, check_destination, provenance_step, save, set_config_dtype
 from weightsmith.digests import file_sha256
 
-__all__ = ["Checkpoint", "CheckpointView", "CheckpointWriter", "DEFAULT_SHARD_SIZE", "TensorInfo", "check_destination",
-           "file_sha256", "open", "provenance_step", "save", "set_config_dtype"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointView",
+    "CheckpointWriter",
+    "DEFAULT_SHARD_SIZE",
+    "TensorInfo",
+    "check_destination",
+    "file_sha256",
+    "open",
+    "provenance_step",
+    "save",
+    "set_config_dtype",
+]

@@ -20,16 +20,38 @@ DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the Hub's and transformers' default
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".gguf", ".h5",
-                    ".msgpack", ".index.json")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".onnx",
+    ".onnx_data",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".index.json",
+)
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 # safetensors dtype codes ↔ torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 ST_CODES = {dtype: code for code, dtype in ST_DTYPES.items()}
 
@@ -92,10 +114,13 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: tensor {name!r} has a malformed or unsupported entry {spec}") from None
             info = TensorInfo(name, shape, dtype, label)
             if end - begin != info.nbytes or begin < 0:
-                raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {info.nbytes}")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {info.nbytes}"
+                )
             if end > data_size:
                 raise CheckpointError(
-                    f"{path}: truncated: tensor {name!r} ends at byte {self.data_start + end}, the file has {size}")
+                    f"{path}: truncated: tensor {name!r} ends at byte {self.data_start + end}, the file has {size}"
+                )
             self.entries[name] = (info, begin, end)
 
     def names(self) -> list[str]:
@@ -135,15 +160,18 @@ class TorchFile:
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"{path}: refused: it holds objects other than tensors ({_unpickler_reason(exc)}); weightsmith "
-                f"loads .bin files with weights_only=True only and never unpickles arbitrary objects") from None
+                f"loads .bin files with weights_only=True only and never unpickles arbitrary objects"
+            ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict of tensors")
         odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if odd:
-            raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, odd[:5]))}"
-                                  f"{' …' if len(odd) > 5 else ''} (a training checkpoint? save the state_dict)")
+            raise CheckpointError(
+                f"{path}: entries that are not tensors: {', '.join(map(str, odd[:5]))}"
+                f"{' …' if len(odd) > 5 else ''} (a training checkpoint? save the state_dict)"
+            )
         self.tensors: dict[str, torch.Tensor] = dict(state)
         self.entries = {k: (TensorInfo(k, tuple(v.shape), v.dtype, label), 0, 0) for k, v in self.tensors.items()}
 

@@ -13,8 +13,15 @@ from typing import Any
 
 import torch
 
-from weightsmith.checkpoint.files import (ADAPTER_CONFIG, SAFETENSORS_INDEX, TORCH_INDEX, WEIGHT_SUFFIXES,
-                                          SafetensorsFile, TensorInfo, open_weight_file)
+from weightsmith.checkpoint.files import (
+    ADAPTER_CONFIG,
+    SAFETENSORS_INDEX,
+    TORCH_INDEX,
+    WEIGHT_SUFFIXES,
+    SafetensorsFile,
+    TensorInfo,
+    open_weight_file,
+)
 from weightsmith.digests import file_sha256
 from weightsmith.errors import CheckpointError
 
@@ -74,7 +81,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             for name in wf.names():
                 if name in self._where:
                     raise CheckpointError(
-                        f"{self.path}: tensor {name!r} appears in both {self._where[name].label} and {wf.label}")
+                        f"{self.path}: tensor {name!r} appears in both {self._where[name].label} and {wf.label}"
+                    )
                 self._where[name] = wf
         if self.index_file is not None:
             self._check_index_agrees()
@@ -108,8 +116,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             return found
         if not any(p.iterdir()):
             raise CheckpointError(f"{p}: empty directory")
-        raise CheckpointError(f"{p}: no weights found (expected model.safetensors, a sharded index, "
-                              f"pytorch_model.bin or adapter_model.safetensors)")
+        raise CheckpointError(
+            f"{p}: no weights found (expected model.safetensors, a sharded index, "
+            f"pytorch_model.bin or adapter_model.safetensors)"
+        )
 
     def _check_index_agrees(self) -> None:
         for shard, names in self._index_shards:
@@ -117,11 +127,14 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             stored = {n for n, wf in self._where.items() if wf.label == label}
             if names - stored:
                 missing = sorted(names - stored)
-                raise CheckpointError(f"{self.index_file}: {len(missing)} tensor(s) listed for {label} are not in it, "
-                                      f"e.g. {missing[0]!r}")
+                raise CheckpointError(
+                    f"{self.index_file}: {len(missing)} tensor(s) listed for {label} are not in it, e.g. {missing[0]!r}"
+                )
             if stored - names:
                 extra = sorted(stored - names)
-                raise CheckpointError(f"{shard}: holds {len(extra)} tensor(s) the index does not list, e.g. {extra[0]!r}")
+                raise CheckpointError(
+                    f"{shard}: holds {len(extra)} tensor(s) the index does not list, e.g. {extra[0]!r}"
+                )
 
     # -- Mapping --------------------------------------------------------------------------------------------------
 
@@ -202,8 +215,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         head = next((h for key, h in heads.items() if key in archs), None)
         if head is None or head in self:
             return {}
-        embed = next((n for n in self._order if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n)),
-                     None)
+        embed = next(
+            (n for n in self._order if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n)), None
+        )
         return {head: embed} if embed else {}
 
     def digest(self) -> str:

@@ -40,7 +40,7 @@ def resolve_steps(steps: Sequence[dict], submit: Callable[..., Future] | None = 
             ckpt = item if isinstance(item, Checkpoint) else None
             entry = {"path": str(ckpt.path if ckpt else item), "sha256": submit(ckpt.digest) if ckpt else None}
             if isinstance(ckpt, CheckpointView):  # read through lazily applied steps
-                entry["via"] = [h["operation"] for h in ckpt.history[len(ckpt.source.history):]]
+                entry["via"] = [h["operation"] for h in ckpt.history[len(ckpt.source.history) :]]
             inputs.append(entry)
         resolved.append({**step, "inputs": inputs})
     return resolved
@@ -95,8 +95,11 @@ class _Shard:
         At most one write is in flight, so memory holds at most one tensor beyond the caller's."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         offset = 8 + self.RESERVED + self.size
-        self.entries[name] = {"dtype": ST_CODES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.size, self.size + data.nbytes]}
+        self.entries[name] = {
+            "dtype": ST_CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.size, self.size + data.nbytes],
+        }
         self.size += data.nbytes
         self.wait()
         self._pending = self.io.submit(_pwrite_all, self.file.fileno(), memoryview(data), offset)
@@ -113,8 +116,13 @@ class _Shard:
             done = 0
             try:
                 while done < count:
-                    n = os.copy_file_range(src.fileno(), self.file.fileno(), count - done, offset + done,
-                                           8 + self.RESERVED + self.size + done)
+                    n = os.copy_file_range(
+                        src.fileno(),
+                        self.file.fileno(),
+                        count - done,
+                        offset + done,
+                        8 + self.RESERVED + self.size + done,
+                    )
                     if n == 0:
                         raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}")
                     done += n
@@ -126,8 +134,11 @@ class _Shard:
                         raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}") from None
                     _pwrite_all(self.file.fileno(), chunk, 8 + self.RESERVED + self.size + done)
                     done += len(chunk)
-        self.entries[name] = {"dtype": ST_CODES[info.dtype], "shape": list(info.shape),
-                              "data_offsets": [self.size, self.size + count]}
+        self.entries[name] = {
+            "dtype": ST_CODES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [self.size, self.size + count],
+        }
         self.size += count
 
     def finish(self, metadata: dict[str, str], final_path: Path) -> None:
@@ -154,15 +165,25 @@ class CheckpointWriter:
     headers, the index, config.json and the carried files, then renames the temporary sibling directory into place.
     Used as a context manager it commits on success and removes everything on any exception or Ctrl-C.
 
-    >>> with CheckpointWriter("out", steps=[provenance_step("convert", {}, [src])], config=src.config) as w:  # doctest: +SKIP
+    >>> steps = [provenance_step("convert", {}, [src])]
+    >>> with CheckpointWriter("out", steps=steps, config=src.config) as w:  # doctest: +SKIP
     ...     for name in src:
     ...         w.write(name, src[name])
     """
 
-    def __init__(self, out: str | os.PathLike, *, steps: Sequence[dict], config: dict | None = None,
-                 carry: Sequence[Path] = (), dtype: torch.dtype | None = None,
-                 shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False, prefix: str = "model",
-                 index_name: str | None = SAFETENSORS_INDEX):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        steps: Sequence[dict],
+        config: dict | None = None,
+        carry: Sequence[Path] = (),
+        dtype: torch.dtype | None = None,
+        shard_size: int | str = DEFAULT_SHARD_SIZE,
+        force: bool = False,
+        prefix: str = "model",
+        index_name: str | None = SAFETENSORS_INDEX,
+    ):
         self.out = Path(out)
         self.force, self.dtype, self.prefix, self.index_name = force, dtype, prefix, index_name
         self.shard_size = parse_size(shard_size)
@@ -334,9 +355,16 @@ def _version() -> str:
     return __version__
 
 
-def save(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike, *, config: dict | None = None,
-         operation: str = "save", parameters: Mapping[str, Any] | None = None,
-         inputs: Sequence[Checkpoint | str | Path] = (), **writer_options: Any) -> Path:
+def save(
+    tensors: Mapping[str, torch.Tensor],
+    out: str | os.PathLike,
+    *,
+    config: dict | None = None,
+    operation: str = "save",
+    parameters: Mapping[str, Any] | None = None,
+    inputs: Sequence[Checkpoint | str | Path] = (),
+    **writer_options: Any,
+) -> Path:
     """Write a tensor dict (any Mapping, lazy ones included) as a transformers-style directory, atomically.
 
     >>> weightsmith.save({"w": torch.zeros(2, 2)}, "out_dir")  # doctest: +SKIP

@@ -31,9 +31,11 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="weightsmith", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="weightsmith",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Streaming checkpoint surgery: fold LoRA, merge, quantize, prune, distill, export.",
-        epilog="Run 'weightsmith COMMAND --help' for a command's options and examples.")
+        epilog="Run 'weightsmith COMMAND --help' for a command's options and examples.",
+    )
     parser.add_argument("--version", action="version", version=f"weightsmith {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Idle OpenMP threads sleep instead of spinning: the streamed work runs many short parallel ops beside the I/O
     # thread and the digest helper, and a spinning thread takes their core (on two cores a LoRA fold ran 1.5-1.7×
-    # slower, and merges 10-20× slower on a machine busy with other work). Set before torch is imported; the user's own setting wins.
+    # slower, and merges 10-20× slower on a machine busy with other work). Set before torch is imported; the user's
+    # own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if callable(getattr(args, "inputs", None)):  # a command that writes a checkpoint from the ones it names
         _start_input_digests(args)
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             traceback.print_exc()
         else:
-            print(f"weightsmith: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                  file=sys.stderr)
+            print(
+                f"weightsmith: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return 1
     if report is not None:
         print(report.to_json() if getattr(args, "json", False) else report.to_text())
@@ -83,8 +88,8 @@ def _start_input_digests(args: argparse.Namespace) -> None:
 def _reuse_freed_memory() -> None:
     """Let glibc keep freed memory for reuse instead of unmapping every large block: a streamed pass allocates
     and frees tensors of the same few sizes thousands of times, and by default each one is a fresh mmap that
-    page-faults its way in (420k faults, a tenth of the time, folding a LoRA into a 1 GB base). Peak RSS stays that of the largest working set. A
-    no-op where the C library is not glibc."""
+    page-faults its way in (420k faults, a tenth of the time, folding a LoRA into a 1 GB base). Peak RSS stays that
+    of the largest working set. A no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap

@@ -8,16 +8,21 @@ from pathlib import Path
 
 def add_command(sub, name: str, *, help: str, examples: list[str], description: str | None = None):
     """A subparser with --json/--debug and an examples epilog (the examples are parsed in the tests)."""
-    parser = sub.add_parser(name, help=help, description=description or help,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     return parser
 
 
-def add_output_options(parser: argparse.ArgumentParser, *, inputs: tuple[str, ...] = ("src",), dtype: bool = True,
-                       shards: bool = True) -> None:
+def add_output_options(
+    parser: argparse.ArgumentParser, *, inputs: tuple[str, ...] = ("src",), dtype: bool = True, shards: bool = True
+) -> None:
     """-o/--force (and --dtype, --shard-size); ``inputs`` names the arguments holding the checkpoints the command
     reads, which the CLI starts hashing for the output's provenance before torch is imported."""
     declare_inputs(parser, *inputs)
@@ -34,8 +39,12 @@ def declare_inputs(parser: argparse.ArgumentParser, *dests: str) -> None:
 
     def inputs(args: argparse.Namespace) -> list[str]:
         values = [getattr(args, d, None) for d in dests]
-        return [parse_adapter(v)[0] for value in values for v in (value if isinstance(value, list) else [value])
-                if isinstance(v, str)]
+        return [
+            parse_adapter(v)[0]
+            for value in values
+            for v in (value if isinstance(value, list) else [value])
+            if isinstance(v, str)
+        ]
 
     parser.set_defaults(inputs=inputs)
 

@@ -6,23 +6,40 @@ from weightsmith.cli.common import add_command, add_output_options
 
 
 def register(sub) -> None:
-    p = add_command(sub, "inspect", help="describe a checkpoint or adapter without loading it",
-                    examples=["weightsmith inspect ./llama-7b", "weightsmith inspect ./adapter --json",
-                              "weightsmith inspect model.safetensors --tensors --stats"])
+    p = add_command(
+        sub,
+        "inspect",
+        help="describe a checkpoint or adapter without loading it",
+        examples=[
+            "weightsmith inspect ./llama-7b",
+            "weightsmith inspect ./adapter --json",
+            "weightsmith inspect model.safetensors --tensors --stats",
+        ],
+    )
     p.add_argument("path", help="model directory, .safetensors/.bin file, or PEFT adapter directory")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--stats", action="store_true", help="read every tensor: min/max/mean/std/zeros/NaN/Inf")
     p.set_defaults(handler=_inspect)
 
-    p = add_command(sub, "diff", help="compare two checkpoints tensor by tensor",
-                    examples=["weightsmith diff ./base ./merged", "weightsmith diff a.safetensors b.safetensors --json"])
+    p = add_command(
+        sub,
+        "diff",
+        help="compare two checkpoints tensor by tensor",
+        examples=["weightsmith diff ./base ./merged", "weightsmith diff a.safetensors b.safetensors --json"],
+    )
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(handler=_diff)
 
-    p = add_command(sub, "convert", help="reshard, recast, or turn .bin into safetensors",
-                    examples=["weightsmith convert ./gpt2-bin -o ./gpt2-st",
-                              "weightsmith convert ./llama -o ./llama-bf16 --dtype bf16 --shard-size 2GiB"])
+    p = add_command(
+        sub,
+        "convert",
+        help="reshard, recast, or turn .bin into safetensors",
+        examples=[
+            "weightsmith convert ./gpt2-bin -o ./gpt2-st",
+            "weightsmith convert ./llama -o ./llama-bf16 --dtype bf16 --shard-size 2GiB",
+        ],
+    )
     p.add_argument("src")
     add_output_options(p)
     p.set_defaults(handler=_convert)

@@ -19,18 +19,25 @@ _SAFETENSORS_EXAMPLES = [
 
 
 def register(sub) -> None:
-    group = sub.add_parser("export", help="export to ONNX (validated with onnxruntime) or to clean safetensors",
-                           description="Export a checkpoint: an ONNX graph checked against PyTorch, or a safetensors "
-                                       "directory without optimizer state and pruning leftovers.",
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="examples:\n" + "\n".join(f"  {e}" for e in _ONNX_EXAMPLES[:1] + _SAFETENSORS_EXAMPLES[:1]))
+    group = sub.add_parser(
+        "export",
+        help="export to ONNX (validated with onnxruntime) or to clean safetensors",
+        description="Export a checkpoint: an ONNX graph checked against PyTorch, or a safetensors "
+        "directory without optimizer state and pruning leftovers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in _ONNX_EXAMPLES[:1] + _SAFETENSORS_EXAMPLES[:1]),
+    )
     export = group.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
 
-    p = add_command(export, "onnx", help="export to ONNX and validate it against PyTorch with onnxruntime",
-                    description="Build the transformers model once, export it with torch.onnx (dynamic batch and "
-                                "sequence), write the tokenizer beside the .onnx, and keep the file only if "
-                                "onnxruntime matches PyTorch within --atol at batch 1 and 8, sequence 8 and 128.",
-                    examples=_ONNX_EXAMPLES)
+    p = add_command(
+        export,
+        "onnx",
+        help="export to ONNX and validate it against PyTorch with onnxruntime",
+        description="Build the transformers model once, export it with torch.onnx (dynamic batch and "
+        "sequence), write the tokenizer beside the .onnx, and keep the file only if "
+        "onnxruntime matches PyTorch within --atol at batch 1 and 8, sequence 8 and 128.",
+        examples=_ONNX_EXAMPLES,
+    )
     p.add_argument("src", help="model directory (config.json and weights)")
     p.add_argument("-o", "--out", required=True, help="the .onnx file to write (tokenizer and config go beside it)")
     p.add_argument("--task", required=True, choices=_TASKS, help="which head and output to export")
@@ -42,11 +49,15 @@ def register(sub) -> None:
     declare_inputs(p, "src")
     p.set_defaults(handler=_onnx)
 
-    p = add_command(export, "safetensors", help="convert to safetensors, dropping optimizer state and prune leftovers",
-                    description="Like convert, plus: optimizer/scheduler tensors are dropped, and torch pruning's "
-                                "<p>_orig/<p>_mask pairs are folded into <p> (or dropped when <p> is stored); every "
-                                "such tensor is listed in the report.",
-                    examples=_SAFETENSORS_EXAMPLES)
+    p = add_command(
+        export,
+        "safetensors",
+        help="convert to safetensors, dropping optimizer state and prune leftovers",
+        description="Like convert, plus: optimizer/scheduler tensors are dropped, and torch pruning's "
+        "<p>_orig/<p>_mask pairs are folded into <p> (or dropped when <p> is stored); every "
+        "such tensor is listed in the report.",
+        examples=_SAFETENSORS_EXAMPLES,
+    )
     p.add_argument("src", help="model directory or weight file")
     add_output_options(p)
     p.add_argument("--single-file", action="store_true", help="one model.safetensors whatever its size")
@@ -56,12 +67,21 @@ def register(sub) -> None:
 def _onnx(args):
     from weightsmith.export import onnx
 
-    return onnx(args.src, args.out, task=args.task, opset=args.opset, quantize=args.quantize, optimize=args.optimize,
-                atol=args.atol, force=args.force)
+    return onnx(
+        args.src,
+        args.out,
+        task=args.task,
+        opset=args.opset,
+        quantize=args.quantize,
+        optimize=args.optimize,
+        atol=args.atol,
+        force=args.force,
+    )
 
 
 def _safetensors(args):
     from weightsmith.export import safetensors
 
-    return safetensors(args.src, args.out, dtype=args.dtype, shard_size=args.shard_size, single_file=args.single_file,
-                       force=args.force)
+    return safetensors(
+        args.src, args.out, dtype=args.dtype, shard_size=args.shard_size, single_file=args.single_file, force=args.force
+    )

@@ -7,29 +7,46 @@ from weightsmith.cli.common import add_command, add_output_options
 
 def register(sub) -> None:
     p = add_command(
-        sub, "quantize", help="quantize Linear weights to int8 (compressed-tensors) or NF4 (bitsandbytes)",
+        sub,
+        "quantize",
+        help="quantize Linear weights to int8 (compressed-tensors) or NF4 (bitsandbytes)",
         description="Quantize the 2-D Linear weights of a checkpoint in one streamed pass. The output loads with "
-                    "transformers' from_pretrained (int8 needs compressed-tensors installed, NF4 bitsandbytes). "
-                    "Embeddings, norms, biases and output heads stay float.",
-        examples=["weightsmith quantize ./llama -o ./llama-int8 --scheme int8",
-                  "weightsmith quantize ./llama -o ./llama-w8a16 --scheme int8 --weight-only --group-size 128",
-                  "weightsmith quantize ./llama -o ./llama-nf4 --scheme nf4 --double-quant --compute-dtype bf16",
-                  "weightsmith quantize ./bert -o ./bert-int8 --ignore pooler,classifier --json"])
+        "transformers' from_pretrained (int8 needs compressed-tensors installed, NF4 bitsandbytes). "
+        "Embeddings, norms, biases and output heads stay float.",
+        examples=[
+            "weightsmith quantize ./llama -o ./llama-int8 --scheme int8",
+            "weightsmith quantize ./llama -o ./llama-w8a16 --scheme int8 --weight-only --group-size 128",
+            "weightsmith quantize ./llama -o ./llama-nf4 --scheme nf4 --double-quant --compute-dtype bf16",
+            "weightsmith quantize ./bert -o ./bert-int8 --ignore pooler,classifier --json",
+        ],
+    )
     p.add_argument("src", help="model directory or weight file")
     add_output_options(p, dtype=False)
     p.add_argument("--scheme", default="int8", help="int8 (W8A8 dynamic, default) or nf4")
-    p.add_argument("--ignore", help="comma-separated module patterns to keep float (a name, a suffix or a regex; "
-                                    "default: lm_head,score,classifier,qa_outputs)")
-    p.add_argument("--group-size", type=int, help="int8: one scale per group of N input columns (default: per "
-                                                  "output channel); nf4: block size (default 64)")
+    p.add_argument(
+        "--ignore",
+        help="comma-separated module patterns to keep float (a name, a suffix or a regex; "
+        "default: lm_head,score,classifier,qa_outputs)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="int8: one scale per group of N input columns (default: per output channel); nf4: block size (default 64)",
+    )
     p.add_argument("--weight-only", action="store_true", help="int8: W8A16 (activations stay float)")
     p.add_argument("--double-quant", action="store_true", help="nf4: quantize the block absmax too (QLoRA)")
     p.add_argument("--compute-dtype", help="nf4: dtype Linear4bit computes in at run time (default float32)")
     p.set_defaults(handler=_quantize)
 
-    p = add_command(sub, "dequantize", help="turn an int8 or NF4 checkpoint back into float",
-                    examples=["weightsmith dequantize ./llama-nf4 -o ./llama-float",
-                              "weightsmith dequantize ./llama-int8 -o ./llama-bf16 --dtype bf16"])
+    p = add_command(
+        sub,
+        "dequantize",
+        help="turn an int8 or NF4 checkpoint back into float",
+        examples=[
+            "weightsmith dequantize ./llama-nf4 -o ./llama-float",
+            "weightsmith dequantize ./llama-int8 -o ./llama-bf16 --dtype bf16",
+        ],
+    )
     p.add_argument("src", help="quantized model directory")
     add_output_options(p)
     p.set_defaults(handler=_dequantize)
@@ -39,9 +56,18 @@ def _quantize(args):
     from weightsmith.compress.quantize import quantize
 
     ignore = None if args.ignore is None else [s.strip() for s in args.ignore.split(",") if s.strip()]
-    return quantize(args.src, args.out, scheme=args.scheme, ignore=ignore, shard_size=args.shard_size,
-                    force=args.force, group_size=args.group_size, weight_only=args.weight_only,
-                    double_quant=args.double_quant, compute_dtype=args.compute_dtype)
+    return quantize(
+        args.src,
+        args.out,
+        scheme=args.scheme,
+        ignore=ignore,
+        shard_size=args.shard_size,
+        force=args.force,
+        group_size=args.group_size,
+        weight_only=args.weight_only,
+        double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype,
+    )
 
 
 def _dequantize(args):

@@ -6,20 +6,33 @@ from weightsmith.cli.common import add_command, yaml_mapping
 
 
 def register(sub) -> None:
-    p = add_command(sub, "run", help="run a recipe: a YAML list of steps, streamed where it can be",
-                    examples=["weightsmith run recipe.yaml", "weightsmith run recipe.yaml --dry-run",
-                              "weightsmith run recipe.yaml --json --force"],
-                    description="Run a recipe (steps: lora_merge, merge, prune, quantize, distill, export, convert; "
-                                "each takes its command's parameters; '@previous' in a merge names the step before).")
+    p = add_command(
+        sub,
+        "run",
+        help="run a recipe: a YAML list of steps, streamed where it can be",
+        examples=[
+            "weightsmith run recipe.yaml",
+            "weightsmith run recipe.yaml --dry-run",
+            "weightsmith run recipe.yaml --json --force",
+        ],
+        description="Run a recipe (steps: lora_merge, merge, prune, quantize, distill, export, convert; "
+        "each takes its command's parameters; '@previous' in a merge names the step before).",
+    )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; write nothing")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(handler=_run, inputs=_inputs)
 
-    p = add_command(sub, "eval", help="perplexity, embedding cosine, logits |Δ| and KL, on checkpoints or ONNX files",
-                    examples=["weightsmith eval ./llama-pruned --data held_out.txt",
-                              "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --json",
-                              "weightsmith eval ./onnx/model.onnx --ref ./minilm --data sentences.txt"])
+    p = add_command(
+        sub,
+        "eval",
+        help="perplexity, embedding cosine, logits |Δ| and KL, on checkpoints or ONNX files",
+        examples=[
+            "weightsmith eval ./llama-pruned --data held_out.txt",
+            "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --json",
+            "weightsmith eval ./onnx/model.onnx --ref ./minilm --data sentences.txt",
+        ],
+    )
     p.add_argument("model", help="model directory or .onnx file")
     p.add_argument("--data", required=True, help="text file, one sample per line")
     p.add_argument("--ref", help="reference checkpoint to compare against")

@@ -69,8 +69,17 @@ LATENCY_REPEATS = 3  # after one warm-up run; the median of three
 _TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def onnx(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, task: str, opset: int | None = None,
-         quantize: str | None = None, optimize: bool = False, atol: float = 1e-4, force: bool = False) -> Report:
+def onnx(
+    src: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    task: str,
+    opset: int | None = None,
+    quantize: str | None = None,
+    optimize: bool = False,
+    atol: float = 1e-4,
+    force: bool = False,
+) -> Report:
     """Export ``src`` to the ONNX file ``out`` for ``task`` and validate it; the tokenizer and config go beside it.
 
     Validation: onnxruntime vs PyTorch (float32) on batch {1, 8} × sequence {8, 128} (clipped to the model's
@@ -82,7 +91,8 @@ def onnx(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, task: s
     (constant folding, fusions of LayerNorm, GELU, attention) saved into the file. The report gives opset, nodes,
     size, parity and median latency of ORT vs PyTorch eager at 8×128 with one thread each.
 
-    >>> ws.export.onnx("all-MiniLM-L6-v2/", "minilm/model.onnx", task="feature-extraction", quantize="int8")  # doctest: +SKIP
+    >>> ws.export.onnx(  # doctest: +SKIP
+    ...     "all-MiniLM-L6-v2/", "minilm/model.onnx", task="feature-extraction", quantize="int8")
     """
     out = Path(out)
     _check_options(out, task, opset, quantize, atol)
@@ -124,8 +134,10 @@ def onnx(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, task: s
                 parity[f"{b}x{s}"] = _max_abs(got, expected, feeds["attention_mask"])
         worst_shape, worst = max(parity.items(), key=lambda kv: kv[1])
         if not worst <= atol:  # also catches NaN
-            raise NumericalError(f"{out}: ONNX output {output_name!r} differs from PyTorch by max |Δ| {worst:.3g} "
-                                 f"> atol {atol:g} at batch×sequence {worst_shape}; nothing written")
+            raise NumericalError(
+                f"{out}: ONNX output {output_name!r} differs from PyTorch by max |Δ| {worst:.3g} "
+                f"> atol {atol:g} at batch×sequence {worst_shape}; nothing written"
+            )
         final_path = float_path
         float_size = _onnx_size(float_path)
         if quantize == "int8":
@@ -134,11 +146,16 @@ def onnx(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, task: s
                 text = _text_inputs(tokenizer, model.config, input_names)
                 quality = _int8_quality(float_sess, _session(final_path), [text] if text else inputs.values())
                 quality["inputs"] = f"{len(QUALITY_TEXT)} sentences" if text else "random token ids"
-            report.details["int8"] = {**quality, "float_size": format_size(float_size),
-                                      "size_ratio": round(_onnx_size(final_path) / float_size, 4)}
+            report.details["int8"] = {
+                **quality,
+                "float_size": format_size(float_size),
+                "size_ratio": round(_onnx_size(final_path) / float_size, 4),
+            }
             if not quality["cosine_mean"] >= INT8_MIN_COSINE:
-                raise NumericalError(f"{out}: int8 graph's outputs have mean cosine {quality['cosine_mean']:.4f} to "
-                                     f"the float graph, below {INT8_MIN_COSINE}; nothing written")
+                raise NumericalError(
+                    f"{out}: int8 graph's outputs have mean cosine {quality['cosine_mean']:.4f} to "
+                    f"the float graph, below {INT8_MIN_COSINE}; nothing written"
+                )
         with report.timed("latency"):
             latency = _latency(wrapper, final_path, float_path if quantize else None, model.config, input_names)
         graph = _graph_facts(final_path)
@@ -151,9 +168,19 @@ def onnx(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, task: s
         for folder in created if not done else ():
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
-    report.summary.update(source=str(ckpt.path), task=task, exporter="torch.onnx.export (dynamo)", **graph,
-                          inputs=list(input_names), output=output_name, size=format_size(_onnx_size(out)),
-                          quantize=quantize, optimized=optimize, parity_max_abs=worst, atol=atol)
+    report.summary.update(
+        source=str(ckpt.path),
+        task=task,
+        exporter="torch.onnx.export (dynamo)",
+        **graph,
+        inputs=list(input_names),
+        output=output_name,
+        size=format_size(_onnx_size(out)),
+        quantize=quantize,
+        optimized=optimize,
+        parity_max_abs=worst,
+        atol=atol,
+    )
     report.details["parity (max |Δ| by batch×sequence)"] = parity
     report.details["latency (median ms)"] = latency
     report.details["files"] = written
@@ -195,8 +222,10 @@ def _dequantized(ckpt: Checkpoint, folder: Path, report: Report) -> Checkpoint:
 
     method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
     dequantize(ckpt, folder, dtype="float32")
-    report.notes.append(f"{method} checkpoint dequantized to float32 for export (W = q·s / NF4 codes × absmax); "
-                        f"--quantize int8 makes the graph itself int8")
+    report.notes.append(
+        f"{method} checkpoint dequantized to float32 for export (W = q·s / NF4 codes × absmax); "
+        f"--quantize int8 makes the graph itself int8"
+    )
     return Checkpoint(folder)
 
 
@@ -224,11 +253,14 @@ def _build(ckpt: Checkpoint, task: str):
     transformers.utils.logging.disable_progress_bar()  # our refusal below is the one line; no load report around it
     transformers.logging.set_verbosity_error()
     try:
-        model, info = auto.from_pretrained(ckpt.root, dtype=torch.float32, attn_implementation="eager",
-                                           output_loading_info=True)
+        model, info = auto.from_pretrained(
+            ckpt.root, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
-            raise IncompatibleError(f"{ckpt.path}: task {task} is not supported for model_type {model_type!r}") from None
+            raise IncompatibleError(
+                f"{ckpt.path}: task {task} is not supported for model_type {model_type!r}"
+            ) from None
         raise
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -236,8 +268,10 @@ def _build(ckpt: Checkpoint, task: str):
             transformers.utils.logging.enable_progress_bar()
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise IncompatibleError(f"{ckpt.path}: task {task} needs {len(missing)} tensor(s) this {model_type} checkpoint "
-                                f"lacks, e.g. {missing[0]!r} (is it the right task for this model?)")
+        raise IncompatibleError(
+            f"{ckpt.path}: task {task} needs {len(missing)} tensor(s) this {model_type} checkpoint "
+            f"lacks, e.g. {missing[0]!r} (is it the right task for this model?)"
+        )
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache: one forward over the whole sequence
@@ -246,11 +280,16 @@ def _build(ckpt: Checkpoint, task: str):
     if tokenizer is not None:
         names = [n for n in tokenizer.model_input_names if n in params]
     else:  # no tokenizer: token types only where the architecture has them (BERT-likes)
-        names = [n for n in _TOKENIZER_INPUTS if n in params
-                 and (n != "token_type_ids" or getattr(model.config, "type_vocab_size", 0))]
+        names = [
+            n
+            for n in _TOKENIZER_INPUTS
+            if n in params and (n != "token_type_ids" or getattr(model.config, "type_vocab_size", 0))
+        ]
     if "input_ids" not in names or "attention_mask" not in names:
-        raise IncompatibleError(f"{ckpt.path}: model {type(model).__name__} does not take input_ids and "
-                                f"attention_mask; only text models are exported")
+        raise IncompatibleError(
+            f"{ckpt.path}: model {type(model).__name__} does not take input_ids and "
+            f"attention_mask; only text models are exported"
+        )
     return model, tokenizer, tuple(names), output_name
 
 
@@ -285,8 +324,9 @@ def _write_beside(ckpt: Checkpoint, tokenizer, folder: Path) -> Path:
 # -- export, optimize, quantize ---------------------------------------------------------------------------------
 
 
-def _export(wrapper: _Wrapper, config, input_names: Sequence[str], output_name: str, path: Path,
-            opset: int | None, big: bool) -> Path:
+def _export(
+    wrapper: _Wrapper, config, input_names: Sequence[str], output_name: str, path: Path, opset: int | None, big: bool
+) -> Path:
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     example = _inputs(config, input_names, 2, min(16, _max_positions(config)))  # no size-1 dims: they specialise
     path.parent.mkdir(parents=True)
@@ -296,9 +336,17 @@ def _export(wrapper: _Wrapper, config, input_names: Sequence[str], output_name: 
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter prints progress and warns about axis renames
-            torch.onnx.export(wrapper, tuple(example.values()), str(path), input_names=list(input_names),
-                              output_names=[output_name], opset_version=opset, dynamo=True, external_data=big,
-                              dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in input_names),))
+            torch.onnx.export(
+                wrapper,
+                tuple(example.values()),
+                str(path),
+                input_names=list(input_names),
+                output_names=[output_name],
+                opset_version=opset,
+                dynamo=True,
+                external_data=big,
+                dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in input_names),),
+            )
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; each is one unexportable model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsmithError(f"torch.onnx.export failed for {type(wrapper.model).__name__}: {first}") from None
@@ -316,8 +364,7 @@ def _ort_optimize(src: Path, path: Path, big: bool) -> Path:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(path)
     if big:
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         path.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", path.name + ".data")
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
     return path
 
@@ -336,8 +383,9 @@ def _quantize_int8(src: Path, path: Path, big: bool) -> Path:
     return path
 
 
-def _place(model_path: Path, beside: Path, out: Path, data_file: Path, big: bool, force: bool,
-           provenance: str) -> list[str]:
+def _place(
+    model_path: Path, beside: Path, out: Path, data_file: Path, big: bool, force: bool, provenance: str
+) -> list[str]:
     """Move the finished files into place: beside-files first, the .onnx last (its presence means complete).
     The graph's metadata gets the provenance record (key ``weightsmith``), as safetensors outputs do."""
     import onnx as onnx_lib
@@ -345,11 +393,13 @@ def _place(model_path: Path, beside: Path, out: Path, data_file: Path, big: bool
     staged = model_path.parent.parent / "final" / out.name
     staged.parent.mkdir()
     proto = onnx_lib.load(str(model_path), load_external_data=big)
-    onnx_lib.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
-                                            "weightsmith": provenance})
+    onnx_lib.helper.set_model_props(
+        proto, {**{p.key: p.value for p in proto.metadata_props}, "weightsmith": provenance}
+    )
     if big:  # one data file named after the output, whatever the exporter or quantizer called theirs
-        onnx_lib.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_file.name)
+        onnx_lib.save_model(
+            proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file.name
+        )
     else:
         onnx_lib.save_model(proto, str(staged))
     check_destination(out, force)  # again: something may have appeared while we worked
@@ -393,8 +443,13 @@ def _inputs(config, input_names: Sequence[str], batch: int, seq: int, seed: int 
 def _text_inputs(tokenizer, config, input_names: Sequence[str]) -> dict[str, torch.Tensor] | None:
     if tokenizer is None or tokenizer.pad_token is None:
         return None
-    batch = tokenizer(list(QUALITY_TEXT), padding=True, truncation=True, max_length=min(128, _max_positions(config)),
-                      return_tensors="pt")
+    batch = tokenizer(
+        list(QUALITY_TEXT),
+        padding=True,
+        truncation=True,
+        max_length=min(128, _max_positions(config)),
+        return_tensors="pt",
+    )
     return {n: batch[n] for n in input_names} if all(n in batch for n in input_names) else None
 
 
@@ -446,8 +501,11 @@ def _int8_quality(float_sess, int8_sess, inputs) -> dict[str, float]:
         err += (q - f).pow(2).sum().item()
         norm += f.pow(2).sum().item()
     cos = torch.cat(cosines)
-    quality = {"cosine_mean": round(cos.mean().item(), 6), "cosine_min": round(cos.min().item(), 6),
-               "relative_error": round((err / norm) ** 0.5, 6)}
+    quality = {
+        "cosine_mean": round(cos.mean().item(), 6),
+        "cosine_min": round(cos.min().item(), 6),
+        "relative_error": round((err / norm) ** 0.5, 6),
+    }
     if pooled:
         quality["pooled_cosine_mean"] = round(torch.cat(pooled).mean().item(), 6)
     return quality
@@ -470,8 +528,11 @@ def _latency(wrapper: _Wrapper, final_path: Path, float_path: Path | None, confi
     previous = torch.get_num_threads()
     torch.set_num_threads(LATENCY_THREADS)
     try:
-        result = {"shape": f"8x{seq}", "threads": LATENCY_THREADS,
-                  "torch_eager": _median_ms(lambda: _torch_run(wrapper, feeds))}
+        result = {
+            "shape": f"8x{seq}",
+            "threads": LATENCY_THREADS,
+            "torch_eager": _median_ms(lambda: _torch_run(wrapper, feeds)),
+        }
     finally:
         torch.set_num_threads(previous)
     graphs = {"ort_float": float_path, "ort_int8": final_path} if float_path else {"ort_float": final_path}

@@ -19,8 +19,10 @@ from weightsmith.errors import ConfigError, IncompatibleError
 from weightsmith.report import Report
 
 # A flattened optimizer / scheduler / AMP-scaler sub-dict, or a per-parameter optimizer buffer.
-_TRAINING_STATE = re.compile(r"^(optimizer|optimizer_state|optim|lr_scheduler|scheduler|scaler|grad_scaler)\.|"
-                             r"(^|\.)(exp_avg|exp_avg_sq|max_exp_avg_sq|momentum_buffer)$")
+_TRAINING_STATE = re.compile(
+    r"^(optimizer|optimizer_state|optim|lr_scheduler|scheduler|scaler|grad_scaler)\.|"
+    r"(^|\.)(exp_avg|exp_avg_sq|max_exp_avg_sq|momentum_buffer)$"
+)
 _SINGLE_FILE = 2**62  # a shard size no checkpoint reaches
 
 
@@ -54,8 +56,10 @@ def plan_model_tensors(ckpt: Checkpoint) -> tuple[dict, list[dict]]:
         if name.endswith("_orig"):
             orig, mask = ckpt.info(name), ckpt.info(base + "_mask")
             if orig.shape != mask.shape:
-                raise IncompatibleError(f"{ckpt.path}: pruning mask {mask.name!r} has shape {list(mask.shape)}, "
-                                        f"{orig.name!r} has {list(orig.shape)}")
+                raise IncompatibleError(
+                    f"{ckpt.path}: pruning mask {mask.name!r} has shape {list(mask.shape)}, "
+                    f"{orig.name!r} has {list(orig.shape)}"
+                )
             plan[base] = lambda b=base: prune_fold(ckpt[b + "_orig"], ckpt[b + "_mask"])
     return plan, rows
 
@@ -69,8 +73,15 @@ def _pruned_base(name: str, present: set[str]) -> str | None:
     return None
 
 
-def safetensors(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                shard_size: int | str = DEFAULT_SHARD_SIZE, single_file: bool = False, force: bool = False) -> Report:
+def safetensors(
+    src: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    single_file: bool = False,
+    force: bool = False,
+) -> Report:
     """Write the model tensors of ``src`` as a clean safetensors directory (``convert`` + training leftovers removed).
 
     Dropped: optimizer/scheduler state and pruning leftovers whose parameter is stored; folded: ``<p>_orig`` ⊙
@@ -85,9 +96,18 @@ def safetensors(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, 
     plan, rows = plan_model_tensors(ckpt)
     if not plan:
         raise ConfigError(f"{ckpt.path}: no model tensors left after dropping {len(rows)} training-state tensor(s)")
-    report = copy_through(ckpt, out, operation="export safetensors", plan=plan, params={"single_file": single_file},
-                          dtype=dtype, shard_size=_SINGLE_FILE if single_file else shard_size, force=force)
-    report.summary.update(dropped=sum(r["action"] == "dropped" for r in rows),
-                          folded=sum(r["action"] == "folded" for r in rows) // 2)
+    report = copy_through(
+        ckpt,
+        out,
+        operation="export safetensors",
+        plan=plan,
+        params={"single_file": single_file},
+        dtype=dtype,
+        shard_size=_SINGLE_FILE if single_file else shard_size,
+        force=force,
+    )
+    report.summary.update(
+        dropped=sum(r["action"] == "dropped" for r in rows), folded=sum(r["action"] == "folded" for r in rows) // 2
+    )
     report.tensors = rows
     return report

@@ -18,17 +18,35 @@ if TYPE_CHECKING:
     from weightsmith.report import Report
 
 
-def run(config: str | os.PathLike | Mapping, out: str | os.PathLike, *, seed: int = 0, workers: int = 1,
-        dtype: str | None = None, shard_size: int | str = 5 * 10**9, force: bool = False) -> Report:
+def run(
+    config: str | os.PathLike | Mapping,
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    dtype: str | None = None,
+    shard_size: int | str = 5 * 10**9,
+    force: bool = False,
+) -> Report:
     """Merge as a mergekit-style config (YAML file, YAML text or dict) says; see ``engine.run``."""
     from weightsmith.merge.engine import run as _run
 
     return _run(config, out, seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
 
 
-def quick(method: str, models: Sequence[str | tuple[str, float]], out: str | os.PathLike, *,
-          base: str | None = None, seed: int = 0, workers: int = 1, dtype: str | None = None,
-          shard_size: int | str = 5 * 10**9, force: bool = False, **parameters: Any) -> Report:
+def quick(
+    method: str,
+    models: Sequence[str | tuple[str, float]],
+    out: str | os.PathLike,
+    *,
+    base: str | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    dtype: str | None = None,
+    shard_size: int | str = 5 * 10**9,
+    force: bool = False,
+    **parameters: Any,
+) -> Report:
     """The short form: ``models`` are paths or (path, weight) pairs; other keyword arguments become the config's
     top-level ``parameters`` (``lam`` is accepted for mergekit's ``lambda``). Weights default to 1.
 

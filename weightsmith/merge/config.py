@@ -41,8 +41,12 @@ class MethodSpec:
 
 def _family_spec(name: str) -> MethodSpec:
     row = FAMILY[name]
-    shared: dict[str, Any] = {"normalize": row.normalize, "rescale": row.rescale, "lambda": 1.0,
-                              "int8_mask": False}  # int8_mask: a mergekit memory option; no numerical effect
+    shared: dict[str, Any] = {
+        "normalize": row.normalize,
+        "rescale": row.rescale,
+        "lambda": 1.0,
+        "int8_mask": False,
+    }  # int8_mask: a mergekit memory option; no numerical effect
     per_model: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
     if row.consensus is not None:
         shared["consensus"] = row.consensus  # weightsmith: "sum" (TIES) or "count"
@@ -59,8 +63,7 @@ def _family_spec(name: str) -> MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec("input", 1, None, {"normalize": True}, {"weight": REQUIRED}),
     "slerp": MethodSpec("required", 1, 1, {"t": REQUIRED}),
-    "nuslerp": MethodSpec("optional", 2, 2, {"nuslerp_row_wise": False, "nuslerp_flatten": True},
-                          {"weight": REQUIRED}),
+    "nuslerp": MethodSpec("optional", 2, 2, {"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": REQUIRED}),
     "model_stock": MethodSpec("required", 2, None, {"filter_wise": False}),
     "passthrough": MethodSpec("input", 1, 1, {}, {"scale": None}),
     **{name: _family_spec(name) for name in FAMILY},
@@ -91,10 +94,15 @@ class MergeConfig:
     tokenizer_source: str | None = None
 
     def to_dict(self) -> dict:
-        return {"merge_method": self.method, "base_model": self.base.path if self.base else None,
-                "models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.inputs],
-                "parameters": dict(self.parameters), "dtype": self.dtype, "out_dtype": self.out_dtype,
-                "tokenizer_source": self.tokenizer_source}
+        return {
+            "merge_method": self.method,
+            "base_model": self.base.path if self.base else None,
+            "models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.inputs],
+            "parameters": dict(self.parameters),
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "tokenizer_source": self.tokenizer_source,
+        }
 
 
 def load_config(source: str | os.PathLike | Mapping) -> MergeConfig:
@@ -129,16 +137,22 @@ def _validate(raw: dict, where: str) -> MergeConfig:
     allowed = set(spec.shared) | set(spec.per_model)
     for key in top:
         if key not in allowed:
-            raise ConfigError(f"{where}: parameter {key!r} is not a parameter of {method} "
-                              f"(it takes {', '.join(sorted(allowed)) or 'none'})")
+            raise ConfigError(
+                f"{where}: parameter {key!r} is not a parameter of {method} "
+                f"(it takes {', '.join(sorted(allowed)) or 'none'})"
+            )
     for ref in refs:
         for key in ref.parameters:
             if key in spec.shared:
-                raise ConfigError(f"{where}: parameter {key!r} of {method} is global: set it under the top-level "
-                                  f"'parameters', not under model {ref.path}")
+                raise ConfigError(
+                    f"{where}: parameter {key!r} of {method} is global: set it under the top-level "
+                    f"'parameters', not under model {ref.path}"
+                )
             if key not in spec.per_model:
-                raise ConfigError(f"{where}: model {ref.path}: parameter {key!r} is not a parameter of {method} "
-                                  f"(per-model: {', '.join(sorted(spec.per_model)) or 'none'})")
+                raise ConfigError(
+                    f"{where}: model {ref.path}: parameter {key!r} is not a parameter of {method} "
+                    f"(per-model: {', '.join(sorted(spec.per_model)) or 'none'})"
+                )
 
     base = None
     if base_path is not None:
@@ -155,10 +169,14 @@ def _validate(raw: dict, where: str) -> MergeConfig:
         used_base = base
         count, what = len(inputs), "models besides the base"
     if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
-        want = (str(spec.min_models) if spec.max_models == spec.min_models else
-                f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models}–{spec.max_models}")
-        raise ConfigError(f"{where}: {method} takes {want} {what}, got {count}: "
-                          f"{', '.join(r.path for r in inputs)}")
+        want = (
+            str(spec.min_models)
+            if spec.max_models == spec.min_models
+            else f"at least {spec.min_models}"
+            if spec.max_models is None
+            else f"{spec.min_models}–{spec.max_models}"
+        )
+        raise ConfigError(f"{where}: {method} takes {want} {what}, got {count}: {', '.join(r.path for r in inputs)}")
     for name in (raw.get("dtype"), raw.get("out_dtype")):
         if name is not None:
             from weightsmith.units import parse_dtype
@@ -166,8 +184,9 @@ def _validate(raw: dict, where: str) -> MergeConfig:
             parse_dtype(name)
     tok = raw.get("tokenizer_source")
     if tok is not None and tok not in ("base", "first") and not any(_same(r.path, tok) for r in refs + [base] if r):
-        raise ConfigError(f"{where}: tokenizer_source {tok!r} is not supported "
-                          f"(use base, first, or the path of one of the models)")
+        raise ConfigError(
+            f"{where}: tokenizer_source {tok!r} is not supported (use base, first, or the path of one of the models)"
+        )
     return MergeConfig(method, tuple(inputs), used_base, top, raw.get("dtype"), raw.get("out_dtype"), tok)
 
 
@@ -280,6 +299,8 @@ def resolve(config: MergeConfig, name: str, t: float) -> tuple[dict[str, Any], l
         return default
 
     shared = {k: pick(k, d, [config.parameters], config.method) for k, d in spec.shared.items()}
-    per_model = [{k: pick(k, d, [ref.parameters, config.parameters], f"model {ref.path}")
-                  for k, d in spec.per_model.items()} for ref in config.inputs]
+    per_model = [
+        {k: pick(k, d, [ref.parameters, config.parameters], f"model {ref.path}") for k, d in spec.per_model.items()}
+        for ref in config.inputs
+    ]
     return shared, per_model

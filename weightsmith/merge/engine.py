@@ -76,8 +76,9 @@ def _check_compatible(labels: Sequence[str], inputs: Sequence[Mapping[str, torch
             problems.append(f"{label} has {len(extra)} tensor(s) {labels[0]} lacks, e.g. {extra[0]!r}")
         for n in names:
             if n in ckpt and ckpt.info(n).shape != first.info(n).shape:
-                problems.append(f"{n!r} is {list(ckpt.info(n).shape)} in {label} but "
-                                f"{list(first.info(n).shape)} in {labels[0]}")
+                problems.append(
+                    f"{n!r} is {list(ckpt.info(n).shape)} in {label} but {list(first.info(n).shape)} in {labels[0]}"
+                )
         vocab_a = (getattr(first, "config", None) or {}).get("vocab_size")
         vocab_b = (getattr(ckpt, "config", None) or {}).get("vocab_size")
         if vocab_a is not None and vocab_b is not None and vocab_a != vocab_b:
@@ -116,8 +117,9 @@ def _check_task(config: MergeConfig, task: _Task) -> None:
             raise ConfigError(f"{where}: the linear weights sum to 0 and normalize is on (weights: {weights})")
 
 
-def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor],
-                  seed: int) -> tuple[torch.Tensor, M.FamilyStats | None]:
+def _merge_tensor(
+    config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor], seed: int
+) -> tuple[torch.Tensor, M.FamilyStats | None]:
     """Dispatch one tensor to its method: float32 in and out, except linear, slerp and the task-vector family, which
     take the stored dtype and round once to ``task.dtype`` themselves."""
     method, s, pm = config.method, task.shared, task.per_model
@@ -126,23 +128,46 @@ def _merge_tensor(config: MergeConfig, task: _Task, base: torch.Tensor | None, t
     if method == "slerp":
         return M.slerp(base, tensors[0], s["t"], out_dtype=task.dtype), None
     if method == "nuslerp":
-        return M.nuslerp(tensors[0], tensors[1], [p["weight"] for p in pm], base=base,
-                         row_wise=s["nuslerp_row_wise"], flatten=s["nuslerp_flatten"]), None
+        return M.nuslerp(
+            tensors[0],
+            tensors[1],
+            [p["weight"] for p in pm],
+            base=base,
+            row_wise=s["nuslerp_row_wise"],
+            flatten=s["nuslerp_flatten"],
+        ), None
     if method == "model_stock":
         return M.model_stock(base, tensors, filter_wise=s["filter_wise"]), None
     if method == "passthrough":
         return M.passthrough(tensors[0], pm[0]["scale"]), None
     return M.merge_task_vectors(
-        M.FAMILY[method], base, tensors, [p["weight"] for p in pm], densities=[p["density"] for p in pm],
-        lam=s["lambda"], normalize=s["normalize"], rescale=s["rescale"], rescale_mode=s.get("rescale_mode", "1/p"),
-        consensus=s.get("consensus"), gammas=[p.get("gamma", 0.01) for p in pm],
+        M.FAMILY[method],
+        base,
+        tensors,
+        [p["weight"] for p in pm],
+        densities=[p["density"] for p in pm],
+        lam=s["lambda"],
+        normalize=s["normalize"],
+        rescale=s["rescale"],
+        rescale_mode=s.get("rescale_mode", "1/p"),
+        consensus=s.get("consensus"),
+        gammas=[p.get("gamma", 0.01) for p in pm],
         epsilons=[p.get("epsilon", 0.15) for p in pm],
-        seeds=[tensor_seed(seed, task.name, i) for i in range(len(tensors))], out_dtype=task.dtype)
+        seeds=[tensor_seed(seed, task.name, i) for i in range(len(tensors))],
+        out_dtype=task.dtype,
+    )
 
 
-def run(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.PathLike, *, seed: int = 0,
-        workers: int = 1, dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
-        force: bool = False) -> Report:
+def run(
+    config: str | os.PathLike | Mapping | MergeConfig,
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> Report:
     """Merge the models a mergekit-style config names into ``out`` (written atomically); returns the report.
 
     ``config`` is a YAML file, YAML text, a dict or a ``MergeConfig``. ``dtype`` overrides the config's
@@ -202,23 +227,37 @@ def run(config: str | os.PathLike | Mapping | MergeConfig, out: str | os.PathLik
         sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
     steps = [provenance_step("merge", params, sources)]
     tok_src = opened[tok_ref.path]
-    writer = CheckpointWriter(out, steps=steps, config=getattr(primary, "config", None),
-                              carry=getattr(tok_src, "carry_files", []), dtype=out_dtype, shard_size=shard_size,
-                              force=force)
+    writer = CheckpointWriter(
+        out,
+        steps=steps,
+        config=getattr(primary, "config", None),
+        carry=getattr(tok_src, "carry_files", []),
+        dtype=out_dtype,
+        shard_size=shard_size,
+        force=force,
+    )
     rows: list[dict[str, Any]] = []
     with report.timed("merge"), writer:
-        for task, (tensor, stats) in zip(tasks, _ordered(work, progress(tasks, total=len(tasks), desc="merge"),
-                                                         workers)):
+        for task, (tensor, stats) in zip(
+            tasks, _ordered(work, progress(tasks, total=len(tasks), desc="merge"), workers)
+        ):
             writer.write(task.name, tensor)
             if stats is not None:
-                rows.append({"tensor": task.name, "numel": tensor.numel(), "kept": round(stats.kept, 4),
-                             "sign_conflict": round(stats.conflict, 4)})
+                rows.append(
+                    {
+                        "tensor": task.name,
+                        "numel": tensor.numel(),
+                        "kept": round(stats.kept, 4),
+                        "sign_conflict": round(stats.conflict, 4),
+                    }
+                )
     _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
     return report
 
 
-def _load(ckpt: Mapping[str, torch.Tensor], name: str, in_dtype: torch.dtype | None,
-          native: bool = False) -> torch.Tensor:
+def _load(
+    ckpt: Mapping[str, torch.Tensor], name: str, in_dtype: torch.dtype | None, native: bool = False
+) -> torch.Tensor:
     t = ckpt[name]
     if in_dtype is not None and t.dtype != in_dtype:
         t = t.to(in_dtype)  # mergekit's `dtype`: inputs are rounded to it before merging
@@ -245,14 +284,29 @@ def _ordered(fn, items, workers: int):
                 f.cancel()
 
 
-def _fill_report(report: Report, cfg: MergeConfig, count: int, writer: CheckpointWriter,
-                 rows: list[dict[str, Any]], seed: int, workers: int) -> None:
-    report.summary.update(method=cfg.method, base=cfg.base.path if cfg.base else None,
-                          models=[r.path for r in cfg.inputs], tensors=count,
-                          bytes_out=format_size(writer.total_size), shards=writer.num_shards, seed=seed,
-                          workers=workers)
-    report.details["parameters"] = {"top-level": dict(cfg.parameters),
-                                    **{r.path: dict(r.parameters) for r in cfg.inputs if r.parameters}}
+def _fill_report(
+    report: Report,
+    cfg: MergeConfig,
+    count: int,
+    writer: CheckpointWriter,
+    rows: list[dict[str, Any]],
+    seed: int,
+    workers: int,
+) -> None:
+    report.summary.update(
+        method=cfg.method,
+        base=cfg.base.path if cfg.base else None,
+        models=[r.path for r in cfg.inputs],
+        tensors=count,
+        bytes_out=format_size(writer.total_size),
+        shards=writer.num_shards,
+        seed=seed,
+        workers=workers,
+    )
+    report.details["parameters"] = {
+        "top-level": dict(cfg.parameters),
+        **{r.path: dict(r.parameters) for r in cfg.inputs if r.parameters},
+    }
     if rows:
         total = sum(r["numel"] for r in rows)
         report.summary["kept_fraction"] = round(sum(r["kept"] * r["numel"] for r in rows) / total, 4)

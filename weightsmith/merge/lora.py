@@ -26,12 +26,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, CheckpointView, CheckpointWriter, TensorInfo,
-                                    provenance_step)
+from weightsmith.checkpoint import (
+    DEFAULT_SHARD_SIZE,
+    Checkpoint,
+    CheckpointView,
+    CheckpointWriter,
+    TensorInfo,
+    provenance_step,
+)
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge.lora_math import (CONV, CONV1D, EMBEDDING, LINEAR, add_lora_, dora_rows, from_rows,
-                                         lora_delta_rows, stored_factors, to_rows)
+from weightsmith.merge.lora_math import (
+    CONV,
+    CONV1D,
+    EMBEDDING,
+    LINEAR,
+    add_lora_,
+    dora_rows,
+    from_rows,
+    lora_delta_rows,
+    stored_factors,
+    to_rows,
+)
 from weightsmith.merge.lora_read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.progress import progress
 from weightsmith.report import Report
@@ -63,16 +79,27 @@ class FoldedCheckpoint(CheckpointView):
     happen when it is opened; reading a tensor can only fail on NaN/Inf in a result.
     """
 
-    def __init__(self, base: Checkpoint, adapters: Sequence[tuple[Adapter, float]], *,
-                 dtype: torch.dtype | None = None, invert: bool = False):
+    def __init__(
+        self,
+        base: Checkpoint,
+        adapters: Sequence[tuple[Adapter, float]],
+        *,
+        dtype: torch.dtype | None = None,
+        invert: bool = False,
+    ):
         params = {"adapters": [[str(a.path), w] for a, w in adapters], "dtype": str(dtype or "")}
-        super().__init__(base, provenance_step("lora unmerge" if invert else "lora merge", params,
-                                               [base, *(a.ckpt for a, _ in adapters)]))
+        super().__init__(
+            base,
+            provenance_step("lora unmerge" if invert else "lora merge", params, [base, *(a.ckpt for a, _ in adapters)]),
+        )
         self.base, self.adapters, self.dtype, self.invert = base, list(adapters), dtype, invert
         self._source: dict[str, str] = {n: n for n in base}  # output name -> base tensor it starts from
         self._terms: dict[str, list[_Term]] = {}
-        targets = {n for a, _ in self.adapters for n in (*a.modules, *a.replacements,
-                                                          *(f"{m.module}.bias" for m in a.modules.values() if m.bias))}
+        targets = {
+            n
+            for a, _ in self.adapters
+            for n in (*a.modules, *a.replacements, *(f"{m.module}.bias" for m in a.modules.values() if m.bias))
+        }
         self.untied: list[str] = []
         self._tied: dict[str, str] = {}
         for head, embed in base.tied_weights.items():
@@ -104,10 +131,13 @@ class FoldedCheckpoint(CheckpointView):
             if replaced:
                 raise IncompatibleError(
                     f"{adapter.path}: replaces {len(replaced)} base tensor(s) (modules_to_save or trained biases, "
-                    f"e.g. {replaced[0]!r}) whose original values are not in the adapter; cannot unmerge")
+                    f"e.g. {replaced[0]!r}) whose original values are not in the adapter; cannot unmerge"
+                )
             if adapter.dora:
-                raise IncompatibleError(f"{adapter.path}: DoRA cannot be unmerged (the fold rescales rows by a norm "
-                                        f"of the original weight, which the merged checkpoint no longer holds)")
+                raise IncompatibleError(
+                    f"{adapter.path}: DoRA cannot be unmerged (the fold rescales rows by a norm "
+                    f"of the original weight, which the merged checkpoint no longer holds)"
+                )
         for name, mod in adapter.modules.items():
             if name not in self._source:
                 missing.append(name)
@@ -136,12 +166,15 @@ class FoldedCheckpoint(CheckpointView):
         for problems, what in ((missing, "target(s) missing from the base"), (misfit, "shape(s) that do not fit")):
             if problems:
                 more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-                raise IncompatibleError(f"{adapter.path}: {len(problems)} {what} {self.base.path}: "
-                                        f"{', '.join(problems[:3])}{more}")
+                raise IncompatibleError(
+                    f"{adapter.path}: {len(problems)} {what} {self.base.path}: {', '.join(problems[:3])}{more}"
+                )
         for name, terms in self._terms.items():
             if not self._info(name).dtype.is_floating_point and any(t.adapter is adapter for t in terms):
-                raise IncompatibleError(f"{self.base.path}: tensor {name!r} is {self._info(name).dtype}, not a "
-                                        f"floating-point weight; an adapter cannot be folded into it")
+                raise IncompatibleError(
+                    f"{self.base.path}: tensor {name!r} is {self._info(name).dtype}, not a "
+                    f"floating-point weight; an adapter cannot be folded into it"
+                )
 
     def _kind(self, adapter: Adapter, mod: LoraModule, shape: tuple[int, ...]) -> str | None:
         """Orientation from the base weight's shape (PEFT's saved ``fan_in_fan_out`` is not reliable)."""
@@ -182,8 +215,10 @@ class FoldedCheckpoint(CheckpointView):
         # checked as stored (an overflow of the output dtype counts); one pass: NaN/Inf make the sum non-finite,
         # and a finite tensor whose sum overflows is re-checked element-wise
         if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
-            raise NumericalError(f"{self.base.path}: folding {', '.join(sorted({str(t.adapter.path) for t in terms}))} "
-                                 f"into tensor {name!r} gives NaN or Inf")
+            raise NumericalError(
+                f"{self.base.path}: folding {', '.join(sorted({str(t.adapter.path) for t in terms}))} "
+                f"into tensor {name!r} gives NaN or Inf"
+            )
         return value
 
     def _fold(self, w: Tensor, terms: list[_Term], target: torch.dtype) -> Tensor:
@@ -216,8 +251,13 @@ class FoldedCheckpoint(CheckpointView):
     @staticmethod
     def _add_lora(src: Tensor, dst: Tensor, terms: list[_Term]) -> None:
         acc = torch.float64 if src.dtype == torch.float64 else torch.float32
-        factors = [(*stored_factors(t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b], t.kind, acc),
-                    t.module.scaling * t.weight) for t in terms]
+        factors = [
+            (
+                *stored_factors(t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b], t.kind, acc),
+                t.module.scaling * t.weight,
+            )
+            for t in terms
+        ]
         add_lora_(src.reshape(src.shape[0], -1), dst.reshape(dst.shape[0], -1), factors)
 
     @staticmethod
@@ -266,7 +306,8 @@ def _untied_config(config: dict) -> dict:
 
 def _adapter_specs(adapters: Sequence[AdapterSpec] | AdapterSpec) -> list[tuple[Checkpoint | str | os.PathLike, float]]:
     if isinstance(adapters, (str, os.PathLike, Checkpoint)) or (
-            isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[1], (int, float))):
+        isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[1], (int, float))
+    ):
         adapters = [adapters]
     specs = []
     for item in adapters:
@@ -283,9 +324,12 @@ def _adapter_specs(adapters: Sequence[AdapterSpec] | AdapterSpec) -> list[tuple[
     return specs
 
 
-def open_folded(base: Checkpoint | str | os.PathLike,
-                adapters: Sequence[tuple[Checkpoint | str | os.PathLike, float]] | Sequence[AdapterSpec], *,
-                dtype: str | torch.dtype | None = None) -> FoldedCheckpoint:
+def open_folded(
+    base: Checkpoint | str | os.PathLike,
+    adapters: Sequence[tuple[Checkpoint | str | os.PathLike, float]] | Sequence[AdapterSpec],
+    *,
+    dtype: str | torch.dtype | None = None,
+) -> FoldedCheckpoint:
     """``base`` with PEFT LoRA ``adapters`` [(path, weight), …] folded in, as a lazy read-only tensor dict.
 
     Validated now (targets present, shapes fit, adapter type foldable, adapters finite); each tensor is folded when
@@ -313,8 +357,15 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
     report = Report(operation, output=str(out))
     step = provenance_step(operation, params, folded.inputs)
     with report.timed("total"):
-        writer = CheckpointWriter(out, steps=[step], config=folded.config, carry=folded.carry_files,
-                                  dtype=folded.dtype, shard_size=shard_size, force=force)
+        writer = CheckpointWriter(
+            out,
+            steps=[step],
+            config=folded.config,
+            carry=folded.carry_files,
+            dtype=folded.dtype,
+            shard_size=shard_size,
+            force=force,
+        )
         with writer:
             for name in progress(folded, total=len(folded), desc=operation):
                 writer.write_from(folded, name)
@@ -324,20 +375,36 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
         for how in set(hows):
             counts[how] = counts.get(how, 0) + 1
     report.summary.update(
-        base=str(folded.base.path), adapters=[f"{a.path}@{-w if folded.invert else w:g}" for a, w in folded.adapters],
-        tensors=len(folded), changed=len(changed), lora=counts.get("lora", 0), dora=counts.get("dora", 0),
-        replaced=counts.get("replace", 0), lora_bias=counts.get("bias", 0), untied=folded.untied or None,
-        bytes_out=format_size(writer.total_size), shards=writer.num_shards)
+        base=str(folded.base.path),
+        adapters=[f"{a.path}@{-w if folded.invert else w:g}" for a, w in folded.adapters],
+        tensors=len(folded),
+        changed=len(changed),
+        lora=counts.get("lora", 0),
+        dora=counts.get("dora", 0),
+        replaced=counts.get("replace", 0),
+        lora_bias=counts.get("bias", 0),
+        untied=folded.untied or None,
+        bytes_out=format_size(writer.total_size),
+        shards=writer.num_shards,
+    )
     if folded.untied:
-        report.notes.append(f"{', '.join(folded.untied)} now differ from the input embedding: written separately, "
-                            f"tie_word_embeddings set to false")
+        report.notes.append(
+            f"{', '.join(folded.untied)} now differ from the input embedding: written separately, "
+            f"tie_word_embeddings set to false"
+        )
     report.tensors = [{"name": n, "how": "+".join(h)} for n, h in changed.items()]
     return report
 
 
-def merge(base: Checkpoint | str | os.PathLike, adapters: Sequence[AdapterSpec] | AdapterSpec,
-          out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-          shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+def merge(
+    base: Checkpoint | str | os.PathLike,
+    adapters: Sequence[AdapterSpec] | AdapterSpec,
+    out: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> Report:
     """Fold PEFT LoRA adapters into ``base`` and write a plain checkpoint, one tensor at a time.
 
     W' = W + Σᵢ wᵢ·ΔWᵢ (module docstring for ΔW per variant); matches PEFT's ``merge_and_unload``. ``adapters``
@@ -347,14 +414,23 @@ def merge(base: Checkpoint | str | os.PathLike, adapters: Sequence[AdapterSpec] 
     >>> ws.lora.merge("llama", [("math", 0.7), ("code", 0.3)], "merged", dtype="bf16")  # doctest: +SKIP
     """
     folded = open_folded(base, _adapter_specs(adapters), dtype=dtype)
-    params = {"adapters": [[str(a.path), w] for a, w in folded.adapters], "dtype": str(folded.dtype or ""),
-              "shard_size": shard_size}
+    params = {
+        "adapters": [[str(a.path), w] for a, w in folded.adapters],
+        "dtype": str(folded.dtype or ""),
+        "shard_size": shard_size,
+    }
     return _stream(folded, out, "lora merge", params, shard_size=shard_size, force=force)
 
 
-def unmerge(merged: Checkpoint | str | os.PathLike, adapter: Checkpoint | str | os.PathLike | tuple,
-            out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-            shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+def unmerge(
+    merged: Checkpoint | str | os.PathLike,
+    adapter: Checkpoint | str | os.PathLike | tuple,
+    out: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> Report:
     """Undo a plain-LoRA fold: W = W' − w·s·B·A (and b = b' − w·s·bias_B for lora_bias).
 
     Exact up to float rounding for fp32 checkpoints. Refused for DoRA (the row norms of the original weight are
@@ -363,13 +439,23 @@ def unmerge(merged: Checkpoint | str | os.PathLike, adapter: Checkpoint | str | 
     >>> ws.lora.unmerge("merged", "adapter", "base_again")  # doctest: +SKIP
     """
     folded = _open(merged, _adapter_specs(adapter), dtype=dtype, invert=True)
-    params = {"adapters": [[str(a.path), -w] for a, w in folded.adapters], "dtype": str(folded.dtype or ""),
-              "shard_size": shard_size}
+    params = {
+        "adapters": [[str(a.path), -w] for a, w in folded.adapters],
+        "dtype": str(folded.dtype or ""),
+        "shard_size": shard_size,
+    }
     return _stream(folded, out, "lora unmerge", params, shard_size=shard_size, force=force)
 
 
-def extract(base: Checkpoint | str | os.PathLike, tuned: Checkpoint | str | os.PathLike, out: str | os.PathLike, *,
-            rank: int | None = None, energy: float | None = None, force: bool = False) -> Report:
+def extract(
+    base: Checkpoint | str | os.PathLike,
+    tuned: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    force: bool = False,
+) -> Report:
     """Truncated-SVD LoRA of ``tuned − base`` written as a PEFT adapter (see ``lora_extract.extract``)."""
     from weightsmith.merge.lora_extract import extract as _extract
 

@@ -2,8 +2,9 @@
 
 Per module: ΔW = W_tuned − W_base seen as ``[out, in]`` (GPT-2 Conv1D transposed), ΔW ≈ B·A with B = U_k·√S_k and
 A = √S_k·V_kᵀ (Eckart–Young: the best rank-k approximation in Frobenius norm), lora_alpha = r so s = 1. A changed
-bias of an extracted linear is saved whole as ``<module>.base_layer.bias`` (PEFT's ``bias="all"`` layout). Every other changed module — embeddings, norms,
-heads, a linear whose only change is its bias — is saved whole in ``modules_to_save``. The same approach as
+bias of an extracted linear is saved whole as ``<module>.base_layer.bias`` (PEFT's ``bias="all"`` layout). Every
+other changed module — embeddings, norms, heads, a linear whose only change is its bias — is saved whole in
+``modules_to_save``. The same approach as
 PEFT-independent tools such as mergekit's ``mergekit-extract-lora``; the output loads with
 ``PeftModel.from_pretrained``. Only torch and safetensors are imported.
 """
@@ -25,13 +26,16 @@ from weightsmith.progress import progress
 from weightsmith.report import Report
 
 # Modules that are lookups or output heads, never LoRA-extracted: they go to modules_to_save when changed.
-_NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
-                         r"embed_in|embed_out|shared|lm_head|classifier|score|qa_outputs)$")
+_NOT_LINEAR = re.compile(
+    r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
+    r"embed_in|embed_out|shared|lm_head|classifier|score|qa_outputs)$"
+)
 _CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
-def extract(base, tuned, out: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
-            force: bool = False) -> Report:
+def extract(
+    base, tuned, out: str | os.PathLike, *, rank: int | None = None, energy: float | None = None, force: bool = False
+) -> Report:
     """Write ``tuned − base`` as a PEFT LoRA adapter directory (``adapter_config.json`` +
     ``adapter_model.safetensors``): rank ``rank`` everywhere, or per module the smallest rank keeping ``energy`` of
     ΔW's squared singular values. The report lists rank and energy kept per module.
@@ -52,8 +56,9 @@ def extract(base, tuned, out: str | os.PathLike, *, rank: int | None = None, ene
     targets, saved, biases, ranks, rows = [], [], [], {}, []
     step = provenance_step("lora extract", {"rank": rank, "energy": energy}, [b_ck, t_ck])
     with report.timed("total"):
-        writer = CheckpointWriter(out, steps=[step], force=force, prefix="adapter_model", index_name=None,
-                                  shard_size=2**62)
+        writer = CheckpointWriter(
+            out, steps=[step], force=force, prefix="adapter_model", index_name=None, shard_size=2**62
+        )
         with writer:
             for module, names in progress(list(modules.items()), desc="lora extract"):
                 changed = [n for n in names if not torch.equal(b_ck[n], t_ck[n])]
@@ -61,15 +66,21 @@ def extract(base, tuned, out: str | os.PathLike, *, rank: int | None = None, ene
                     continue
                 weight = f"{module}.weight"
                 info = t_ck.info(weight) if weight in t_ck else None
-                linear = (info is not None and len(info.shape) == 2 and info.dtype.is_floating_point
-                          and weight in changed and not _NOT_LINEAR.search(module))
+                linear = (
+                    info is not None
+                    and len(info.shape) == 2
+                    and info.dtype.is_floating_point
+                    and weight in changed
+                    and not _NOT_LINEAR.search(module)
+                )
                 if not linear:  # saved whole, under the base key names
                     saved.append(module)
                     for n in names:
                         writer.write(PREFIX + n, t_ck[n])
                     continue
-                kind = CONV1D if conv1d and module.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc", "q_attn") \
-                    else LINEAR
+                kind = (
+                    CONV1D if conv1d and module.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc", "q_attn") else LINEAR
+                )
                 delta = to_rows(t_ck[weight].float() - b_ck[weight].float(), kind)  # [out, in]
                 a, b, kept = truncated_factors(delta, rank=rank, energy=energy)
                 writer.write(f"{PREFIX}{module}.lora_A.weight", a)
@@ -81,16 +92,28 @@ def extract(base, tuned, out: str | os.PathLike, *, rank: int | None = None, ene
                 targets.append(module)
                 ranks[module] = a.shape[0]
                 residual = delta - b @ a
-                rows.append({"module": module, "rank": a.shape[0], "energy_kept": round(kept, 6),
-                             "rel_error": round(float(residual.norm() / delta.norm()), 6)})
+                rows.append(
+                    {
+                        "module": module,
+                        "rank": a.shape[0],
+                        "energy_kept": round(kept, 6),
+                        "rel_error": round(float(residual.norm() / delta.norm()), 6),
+                    }
+                )
             if not targets and not saved:
                 raise IncompatibleError(f"{t_ck.path}: identical to {b_ck.path}; there is nothing to extract")
             r = max(ranks.values(), default=rank or 1)
             config = _adapter_config(b_ck, targets, saved, ranks, r, bool(biases), conv1d)
             writer.add_file("adapter_config.json", json.dumps(config, indent=2) + "\n")
-    report.summary.update(base=str(b_ck.path), tuned=str(t_ck.path), lora_modules=len(targets),
-                          modules_to_save=len(saved), r=r, trained_biases=len(biases),
-                          mean_energy_kept=round(sum(x["energy_kept"] for x in rows) / len(rows), 6) if rows else None)
+    report.summary.update(
+        base=str(b_ck.path),
+        tuned=str(t_ck.path),
+        lora_modules=len(targets),
+        modules_to_save=len(saved),
+        r=r,
+        trained_biases=len(biases),
+        mean_energy_kept=round(sum(x["energy_kept"] for x in rows) / len(rows), 6) if rows else None,
+    )
     if saved:
         report.details["modules_to_save"] = {"modules": saved}
     report.tensors = rows
@@ -105,13 +128,16 @@ def _check_compatible(b_ck, t_ck) -> None:
     only_t = [n for n in t_ck if n not in b_ck]
     if only_b or only_t:
         first = (only_b or only_t)[0]
-        raise IncompatibleError(f"{t_ck.path}: tensor names differ from {b_ck.path} ({len(only_b)} only in the base, "
-                                f"{len(only_t)} only in the fine-tune, e.g. {first!r})")
+        raise IncompatibleError(
+            f"{t_ck.path}: tensor names differ from {b_ck.path} ({len(only_b)} only in the base, "
+            f"{len(only_t)} only in the fine-tune, e.g. {first!r})"
+        )
     misfit = [n for n in b_ck if b_ck.info(n).shape != t_ck.info(n).shape]
     if misfit:
         n = misfit[0]
-        raise IncompatibleError(f"{t_ck.path}: tensor {n!r} is {list(t_ck.info(n).shape)}, the base's is "
-                                f"{list(b_ck.info(n).shape)}")
+        raise IncompatibleError(
+            f"{t_ck.path}: tensor {n!r} is {list(t_ck.info(n).shape)}, the base's is {list(b_ck.info(n).shape)}"
+        )
 
 
 def _group(ckpt) -> dict[str, list[str]]:
@@ -121,16 +147,32 @@ def _group(ckpt) -> dict[str, list[str]]:
     return modules
 
 
-def _adapter_config(base, targets: list[str], saved: list[str], ranks: dict[str, int], r: int, biases: bool,
-                    conv1d: bool) -> dict:
+def _adapter_config(
+    base, targets: list[str], saved: list[str], ranks: dict[str, int], r: int, biases: bool, conv1d: bool
+) -> dict:
     """A LORA adapter_config.json: full module names as targets (PEFT matches them exactly), a per-module
     rank_pattern/alpha_pattern where ranks differ, and α = r everywhere so that s = 1 (B·A is ΔW itself)."""
     pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
     return {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base.path), "inference_mode": True,
-        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
-        "use_dora": False, "lora_bias": False, "lora_dropout": 0.0, "fan_in_fan_out": conv1d,
-        "bias": "all" if biases else "none", "init_lora_weights": True, "target_modules": sorted(targets) or None,
-        "modules_to_save": sorted(saved) or None, "layers_to_transform": None, "layers_pattern": None,
-        "revision": None, "layer_replication": None,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": str(base.path),
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": conv1d,
+        "bias": "all" if biases else "none",
+        "init_lora_weights": True,
+        "target_modules": sorted(targets) or None,
+        "modules_to_save": sorted(saved) or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+        "layer_replication": None,
     }

@@ -79,10 +79,10 @@ def add_lora_(src: Tensor, dst: Tensor, terms: list[tuple[Tensor, Tensor, float]
     step = max(1, _BLOCK_ELEMENTS // max(1, src.shape[1]))
     acc = torch.float64 if src.dtype == torch.float64 else torch.float32
     for start in range(0, src.shape[0], step):
-        block = src[start:start + step].to(acc)  # a view when src is already float32: accumulated in place
+        block = src[start : start + step].to(acc)  # a view when src is already float32: accumulated in place
         for left, right, scale in terms:
-            block.addmm_(left[start:start + step], right, alpha=scale)
-        out = dst[start:start + step]
+            block.addmm_(left[start : start + step], right, alpha=scale)
+        out = dst[start : start + step]
         if block.data_ptr() != out.data_ptr():
             out.copy_(block)
 
@@ -98,8 +98,9 @@ def dora_rows(weight_rows: Tensor, delta_rows: Tensor, magnitude: Tensor) -> Ten
     return (_acc(magnitude) / norm).unsqueeze(1) * v
 
 
-def truncated_factors(delta_rows: Tensor, *, rank: int | None = None, energy: float | None = None
-                      ) -> tuple[Tensor, Tensor, float]:
+def truncated_factors(
+    delta_rows: Tensor, *, rank: int | None = None, energy: float | None = None
+) -> tuple[Tensor, Tensor, float]:
     """Best rank-k factors of ΔW ``[out, in]`` by SVD (Eckart–Young): B = U_k·√S_k ``[out, k]``, A = √S_k·V_kᵀ
     ``[k, in]``, and the energy kept Σ_{i≤k} σᵢ² / Σ σᵢ².
 

@@ -22,7 +22,8 @@ from weightsmith.merge.lora_math import lora_scaling
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector)$")
+    r"|lora_magnitude_vector)$"
+)
 # init_lora_weights values that change the base weights at initialisation: the adapter alone is not ΔW.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # Config fields that, when set, make an adapter something other than a foldable W + s·B·A (or DoRA).
@@ -31,8 +32,12 @@ _UNFOLDABLE_FIELDS = {
     "alora_invocation_tokens": "aLoRA (activated only after invocation tokens)",
     "target_parameters": "target_parameters (LoRA on raw nn.Parameters)",
     "trainable_token_indices": "trainable_token_indices (trainable tokens)",
-    "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing",
-    "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
 }
 
 
@@ -91,11 +96,12 @@ def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
     adapter = Adapter(ckpt, cfg)
     unprefixed = [n for n in ckpt if not n.startswith(PREFIX)]
     if unprefixed:
-        raise IncompatibleError(f"{ckpt.path}: adapter tensor {unprefixed[0]!r} lacks the {PREFIX!r} prefix "
-                                f"(not a PEFT LoRA adapter?)")
+        raise IncompatibleError(
+            f"{ckpt.path}: adapter tensor {unprefixed[0]!r} lacks the {PREFIX!r} prefix (not a PEFT LoRA adapter?)"
+        )
     duplicates: dict[str, str] = {}
     for name in ckpt:
-        key = name[len(PREFIX):]
+        key = name[len(PREFIX) :]
         match = _LORA_KEY.match(key)
         if match is None:
             if re.search(r"\.lora_|\.token_adapter\.", key):
@@ -125,16 +131,18 @@ def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
         mod.r = ckpt.info(mod.a).shape[0]
         r_cfg = pattern_value(cfg.get("rank_pattern"), mod.module, cfg.get("r"))
         if r_cfg is not None and int(r_cfg) != mod.r:
-            raise IncompatibleError(f"{ckpt.path}: module {mod.module!r} has rank {mod.r} but the config says "
-                                    f"{r_cfg} (rank_pattern/r)")
+            raise IncompatibleError(
+                f"{ckpt.path}: module {mod.module!r} has rank {mod.r} but the config says {r_cfg} (rank_pattern/r)"
+            )
         alpha = pattern_value(cfg.get("alpha_pattern"), mod.module, cfg.get("lora_alpha", 8))
         mod.scaling = lora_scaling(float(alpha), mod.r, bool(cfg.get("use_rslora")))
         if cfg.get("use_dora") and mod.magnitude is None:
             raise IncompatibleError(f"{ckpt.path}: use_dora is set but {mod.module!r} has no lora_magnitude_vector")
     odd = [n for n in ckpt if not ckpt.info(n).dtype.is_floating_point]
     if odd:
-        raise IncompatibleError(f"{ckpt.path}: adapter tensor {odd[0]!r} is {ckpt.info(odd[0]).dtype}, not a "
-                                f"floating-point number")
+        raise IncompatibleError(
+            f"{ckpt.path}: adapter tensor {odd[0]!r} is {ckpt.info(odd[0]).dtype}, not a floating-point number"
+        )
     if not adapter.modules and not adapter.replacements:
         raise IncompatibleError(f"{ckpt.path}: adapter holds no tensors")
     return adapter
@@ -143,13 +151,17 @@ def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
 def _check_config(path, cfg: dict) -> None:
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise IncompatibleError(f"{path}: peft_type {cfg.get('peft_type')!r} cannot be folded into weights "
-                                f"(only LORA adapters; prompt/prefix/p-tuning adapters add tokens, not weights)")
+        raise IncompatibleError(
+            f"{path}: peft_type {cfg.get('peft_type')!r} cannot be folded into weights "
+            f"(only LORA adapters; prompt/prefix/p-tuning adapters add tokens, not weights)"
+        )
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise IncompatibleError(f"{path}: init_lora_weights={init!r} changed the base weights at initialisation; "
-                                f"convert the adapter first (PEFT: save_pretrained(..., "
-                                f"path_initial_model_for_weight_conversion=...))")
+        raise IncompatibleError(
+            f"{path}: init_lora_weights={init!r} changed the base weights at initialisation; "
+            f"convert the adapter first (PEFT: save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=...))"
+        )
     if cfg.get("loftq_config"):
         raise IncompatibleError(f"{path}: a LoftQ-initialised adapter needs its own quantized base; convert it first")
     for key, what in _UNFOLDABLE_FIELDS.items():

@@ -28,8 +28,9 @@ _BLOCK = 1 << 18  # elements per block of rows: N × 1 MB of float32 scratch sta
 # Averaging and interpolation
 
 
-def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True,
-           out_dtype: torch.dtype = torch.float32) -> Tensor:
+def linear(
+    tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True, out_dtype: torch.dtype = torch.float32
+) -> Tensor:
     """θ = Σᵢ wᵢ θᵢ, divided by Σᵢ wᵢ when ``normalize`` — Wortsman et al. 2022, "Model soups".
 
     Inputs in any float dtype, accumulated in float32 a block of rows at a time and rounded once to ``out_dtype``.
@@ -51,8 +52,14 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
     return out
 
 
-def slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8,
-          out_dtype: torch.dtype = torch.float32) -> Tensor:
+def slerp(
+    a: Tensor,
+    b: Tensor,
+    t: float,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Spherical interpolation of the flattened tensors — Shoemake 1985; mergekit's ``slerp`` (t = 0 gives a).
 
     With â = a/‖a‖, b̂ = b/‖b‖, cos Ω = â·b̂ (clamped to [−1, 1]):
@@ -82,8 +89,15 @@ def slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995, eps: fl
     return out
 
 
-def nuslerp(a: Tensor, b: Tensor, weights: Sequence[float], base: Tensor | None = None, row_wise: bool = False,
-            flatten: bool = True, eps: float = 1e-8) -> Tensor:
+def nuslerp(
+    a: Tensor,
+    b: Tensor,
+    weights: Sequence[float],
+    base: Tensor | None = None,
+    row_wise: bool = False,
+    flatten: bool = True,
+    eps: float = 1e-8,
+) -> Tensor:
     """SLERP with t = w_b/(w_a + w_b) (0.5 when the weights sum to 0), of the task vectors when a base is given:
     θ = θ_b + slerp(a − θ_b, b − θ_b, t) — mergekit's ``nuslerp``.
 
@@ -99,8 +113,11 @@ def nuslerp(a: Tensor, b: Tensor, weights: Sequence[float], base: Tensor | None 
         u, v = u.reshape(-1), v.reshape(-1)
     elif row_wise:
         u, v = u.transpose(0, -1), v.transpose(0, -1)
-    cos = ((u / u.norm(dim=-1, keepdim=True).clamp(min=1e-7)) * (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-7))
-           ).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    cos = (
+        ((u / u.norm(dim=-1, keepdim=True).clamp(min=1e-7)) * (v / v.norm(dim=-1, keepdim=True).clamp(min=1e-7)))
+        .sum(dim=-1, keepdim=True)
+        .clamp(-1, 1)
+    )
     colinear = (1 - cos.square()) <= eps**2
     omega = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     mixed = (torch.sin((1 - t) * omega) * u + torch.sin(t * omega) * v) / torch.sin(omega)
@@ -128,7 +145,7 @@ def model_stock(base: Tensor, tuned: Sequence[Tensor], filter_wise: bool = False
     deltas = [w - b for w in ws]
     cosines = []
     for i, da in enumerate(deltas):
-        for db in deltas[i + 1:]:
+        for db in deltas[i + 1 :]:
             norms = (da.norm(dim=-1) * db.norm(dim=-1)).clamp(min=1e-6)
             cosines.append(((da * db).sum(dim=-1) / norms).clamp(-1, 1))
     c = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
@@ -181,12 +198,23 @@ class FamilyStats:
     conflict: float  # fraction of entries whose kept, weighted δᵢ disagree in sign (before the election)
 
 
-def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], *,
-                       densities: Sequence[float] | None = None, lam: float = 1.0, normalize: bool | None = None,
-                       rescale: bool | None = None, rescale_mode: str = "1/p", consensus: str | None = None,
-                       gammas: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
-                       seeds: Sequence[int] | None = None, out_dtype: torch.dtype = torch.float32
-                       ) -> tuple[Tensor, FamilyStats | None]:
+def merge_task_vectors(
+    row: FamilyRow,
+    base: Tensor,
+    tuned: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    densities: Sequence[float] | None = None,
+    lam: float = 1.0,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    rescale_mode: str = "1/p",
+    consensus: str | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, FamilyStats | None]:
     """θ = θ_b + λ · Σᵢ mᵢ ⊙ wᵢ·S(δᵢ) / D, the task-vector family (mergekit's generalized task arithmetic).
 
     S thins δᵢ (``row.sparsifier``; density dᵢ), rescaled by 1/p (the papers) or to δᵢ's L1 norm (mergekit) when
@@ -237,8 +265,10 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
             cuts[i] = [sp.count_cut(chunks, sample, numel, sp.magnitude_count(numel, densities[i]), largest=True)]
         elif thinned[i] and row.sparsifier == "outliers":
             bottom, top = sp.outlier_counts(numel, densities[i], gammas[i])
-            cuts[i] = [sp.count_cut(chunks, sample, numel, bottom, largest=False),
-                       sp.count_cut(chunks, sample, numel, top, largest=True)]
+            cuts[i] = [
+                sp.count_cut(chunks, sample, numel, bottom, largest=False),
+                sp.count_cut(chunks, sample, numel, top, largest=True),
+            ]
 
     def sparsifier(i: int):
         """A fresh pass of S for model i over the blocks in order: δ block → (kept mask, keep probability)."""
@@ -255,6 +285,7 @@ def merge_task_vectors(row: FamilyRow, base: Tensor, tuned: Sequence[Tensor], we
         def magprune(delta):
             p = sp.rank_keep_probability(delta, d, epsilons[i])
             return sp.bernoulli_mask(generator, delta.shape, p), p
+
         return magprune
 
     factors = [float(w) for w in weights]  # what multiplies the kept δᵢ: wᵢ, and the L1 rescale when asked
@@ -357,46 +388,99 @@ def task_arithmetic(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[flo
     return merge_task_vectors(FAMILY["task_arithmetic"], base, tuned, weights, lam=lam)[0]
 
 
-def ties(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], lam: float = 1.0,
-         consensus: str = "sum", normalize: bool = True) -> Tensor:
+def ties(
+    base: Tensor,
+    tuned: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    lam: float = 1.0,
+    consensus: str = "sum",
+    normalize: bool = True,
+) -> Tensor:
     """TIES-merging — Yadav et al. 2023: keep the top-dᵢ fraction of |δᵢ| (k = max(1, ⌊dᵢN⌋)), elect
     γ = sign(Σᵢ wᵢδ̃ᵢ) per entry, and average the agreeing entries: θ = θ_b + λ·Σᵢ[sign(wᵢδ̃ᵢ) = γ]wᵢδ̃ᵢ / Σᵢ[…]wᵢ.
     Weights multiply δ̃ᵢ before the election (as mergekit does; the paper has unit weights)."""
-    return merge_task_vectors(FAMILY["ties"], base, tuned, weights, densities=densities, lam=lam, consensus=consensus,
-                              normalize=normalize)[0]
+    return merge_task_vectors(
+        FAMILY["ties"], base, tuned, weights, densities=densities, lam=lam, consensus=consensus, normalize=normalize
+    )[0]
 
 
-def dare_linear(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
-                seeds: Sequence[int], lam: float = 1.0, rescale_mode: str = "1/p") -> Tensor:
+def dare_linear(
+    base: Tensor,
+    tuned: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    seeds: Sequence[int],
+    lam: float = 1.0,
+    rescale_mode: str = "1/p",
+) -> Tensor:
     """DARE — Yu et al. 2024, "Language models are Super Mario": drop each entry of δᵢ with probability 1 − dᵢ and
     rescale the survivors (by 1/dᵢ, the paper; or ``rescale_mode="l1"`` to δᵢ's L1 norm, mergekit), then
     θ = θ_b + λ·Σᵢ wᵢδ̃ᵢ."""
-    return merge_task_vectors(FAMILY["dare_linear"], base, tuned, weights, densities=densities, lam=lam,
-                              rescale_mode=rescale_mode, seeds=seeds)[0]
+    return merge_task_vectors(
+        FAMILY["dare_linear"],
+        base,
+        tuned,
+        weights,
+        densities=densities,
+        lam=lam,
+        rescale_mode=rescale_mode,
+        seeds=seeds,
+    )[0]
 
 
-def dare_ties(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
-              seeds: Sequence[int], lam: float = 1.0, rescale_mode: str = "1/p") -> Tensor:
+def dare_ties(
+    base: Tensor,
+    tuned: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    seeds: Sequence[int],
+    lam: float = 1.0,
+    rescale_mode: str = "1/p",
+) -> Tensor:
     """DARE's random drop and rescale (Yu et al. 2024) followed by TIES' sign election (Yadav et al. 2023), not
     normalised: θ = θ_b + λ·Σᵢ[sign(wᵢδ̃ᵢ) = γ]wᵢδ̃ᵢ."""
-    return merge_task_vectors(FAMILY["dare_ties"], base, tuned, weights, densities=densities, lam=lam,
-                              rescale_mode=rescale_mode, seeds=seeds)[0]
+    return merge_task_vectors(
+        FAMILY["dare_ties"], base, tuned, weights, densities=densities, lam=lam, rescale_mode=rescale_mode, seeds=seeds
+    )[0]
 
 
-def breadcrumbs(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
-                gamma: float = 0.01, lam: float = 1.0) -> Tensor:
+def breadcrumbs(
+    base: Tensor,
+    tuned: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    gamma: float = 0.01,
+    lam: float = 1.0,
+) -> Tensor:
     """Model Breadcrumbs — Davari & Belilovsky 2023: drop the ⌊γN⌋ largest |δᵢ| (outliers) and the smallest, keeping
     ⌊dᵢN⌋; θ = θ_b + λ·Σᵢ wᵢδ̃ᵢ."""
-    return merge_task_vectors(FAMILY["breadcrumbs"], base, tuned, weights, densities=densities,
-                              gammas=[gamma] * len(tuned), lam=lam)[0]
+    return merge_task_vectors(
+        FAMILY["breadcrumbs"], base, tuned, weights, densities=densities, gammas=[gamma] * len(tuned), lam=lam
+    )[0]
 
 
-def della(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float],
-          seeds: Sequence[int], epsilon: float = 0.15, lam: float = 1.0,
-          rescale_mode: str = "1/p") -> Tensor:
+def della(
+    base: Tensor,
+    tuned: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    seeds: Sequence[int],
+    epsilon: float = 0.15,
+    lam: float = 1.0,
+    rescale_mode: str = "1/p",
+) -> Tensor:
     """DELLA-merging — Deep et al. 2024: MagPrune keeps entry j of δᵢ with probability pⱼ = dᵢ − ε + 2ε·rⱼ (rⱼ its
     magnitude rank within the row, scaled to [0, 1]) and rescales survivors by 1/pⱼ (or to the L1 norm), then TIES'
     election and the normalised mean of agreeing entries, ×λ."""
-    return merge_task_vectors(FAMILY["della"], base, tuned, weights, densities=densities, epsilons=[epsilon] * len(tuned),
-                              lam=lam,
-                              rescale_mode=rescale_mode, seeds=seeds)[0]
+    return merge_task_vectors(
+        FAMILY["della"],
+        base,
+        tuned,
+        weights,
+        densities=densities,
+        epsilons=[epsilon] * len(tuned),
+        lam=lam,
+        rescale_mode=rescale_mode,
+        seeds=seeds,
+    )[0]

@@ -43,8 +43,9 @@ class Cut:
         return beyond | taken
 
 
-def count_cut(chunks: Callable[[], Iterable[Tensor]], strided: Callable[[int], Tensor], n: int, k: int,
-              largest: bool) -> Cut:
+def count_cut(
+    chunks: Callable[[], Iterable[Tensor]], strided: Callable[[int], Tensor], n: int, k: int, largest: bool
+) -> Cut:
     """The ``Cut`` keeping exactly ``k`` of the ``n`` values that ``chunks()`` yields (a fresh pass per call);
     ``strided(step)`` gives every step-th of those values, from the first.
 
@@ -110,7 +111,7 @@ def bernoulli_mask(generator: np.random.Generator, shape: torch.Size | tuple[int
     n = math.prod(shape)
     raw = generator.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
     if isinstance(p, Tensor):
-        u = torch.from_numpy((raw >> 8).astype(np.float32)).mul_(2.0 ** -_UNIFORM_BITS)
+        u = torch.from_numpy((raw >> 8).astype(np.float32)).mul_(2.0**-_UNIFORM_BITS)
         return u.reshape(shape) < p
     threshold = round(min(max(p, 0.0), 1.0) * (1 << _UNIFORM_BITS)) << 8  # ⌊r/2⁸⌋ < t  ⇔  r < t·2⁸
     return torch.from_numpy(np.less(raw, threshold)).reshape(shape)

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter, check_destination, provenance_step
+from weightsmith.compress.distill import data as D
+from weightsmith.compress.distill import student as S
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError
 from weightsmith.report import Report
 from weightsmith.units import parse_dtype
-
-from weightsmith.compress.distill import data as D
-from weightsmith.compress.distill import student as S
 
 __all__ = ["DistillConfig", "distill"]
 
@@ -113,12 +112,16 @@ def _check_student(teacher: Checkpoint, student: Checkpoint, t_arch: str) -> Non
     t_vocab, s_vocab = teacher.config.get("vocab_size"), student.config.get("vocab_size")
     t_rows, s_rows = _embedding_rows(teacher), _embedding_rows(student)
     if t_vocab != s_vocab or t_rows != s_rows:
-        raise IncompatibleError(f"{student.path}: vocabulary of {s_vocab} tokens (embedding rows {s_rows}) differs "
-                                f"from the teacher's {t_vocab} (rows {t_rows}); distillation needs the same tokenizer")
+        raise IncompatibleError(
+            f"{student.path}: vocabulary of {s_vocab} tokens (embedding rows {s_rows}) differs "
+            f"from the teacher's {t_vocab} (rows {t_rows}); distillation needs the same tokenizer"
+        )
     s_arch = (student.config.get("architectures") or [""])[0]
     if _kind(s_arch) != _kind(t_arch):
-        raise IncompatibleError(f"{student.path}: a {s_arch or 'model without architecture'} cannot be distilled "
-                                f"from a {t_arch} (different outputs)")
+        raise IncompatibleError(
+            f"{student.path}: a {s_arch or 'model without architecture'} cannot be distilled "
+            f"from a {t_arch} (different outputs)"
+        )
 
 
 def _load_tokenizer(path: Path, kind: str):
@@ -127,8 +130,9 @@ def _load_tokenizer(path: Path, kind: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:160]}); "
-                              f"pass --tokenizer DIR") from None
+        raise CheckpointError(
+            f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:160]}); pass --tokenizer DIR"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # causal LMs often ship without a pad token; padded positions are masked out
     if kind == "masked" and tok.mask_token_id is None:
@@ -136,15 +140,36 @@ def _load_tokenizer(path: Path, kind: str):
     return tok
 
 
-def distill(teacher: Checkpoint | str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike, *,
-            student: str | os.PathLike | None = None, layers: list[int] | None = None, keep_every: int | None = None,
-            eval_data: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-            temperature: float = 2.0, alpha: float = 0.5, lr: float = 1e-4, steps: int | None = None,
-            epochs: float | None = None, batch_size: int = 8, seq_len: int = 128, seed: int = 0,
-            feature_layers: list[int] | None = None, feature_weight: float = 1.0, eval_every: int | None = None,
-            save_every: int | None = None, state_dir: str | os.PathLike | None = None, resume: bool = False,
-            dtype: str | None = None, group_by_length: bool = True, freeze_embeddings: bool = False,
-            mixed_precision: str = "no", force: bool = False) -> Report:
+def distill(
+    teacher: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    student: str | os.PathLike | None = None,
+    layers: list[int] | None = None,
+    keep_every: int | None = None,
+    eval_data: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    lr: float = 1e-4,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    seed: int = 0,
+    feature_layers: list[int] | None = None,
+    feature_weight: float = 1.0,
+    eval_every: int | None = None,
+    save_every: int | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    dtype: str | None = None,
+    group_by_length: bool = True,
+    freeze_embeddings: bool = False,
+    mixed_precision: str = "no",
+    force: bool = False,
+) -> Report:
     """Distil ``teacher`` into a student trained on the text in ``data`` and write it to ``out``.
 
     Loss by kind: causal LM  α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, next token) (Hinton et al. 2015);
@@ -167,11 +192,23 @@ def distill(teacher: Checkpoint | str | os.PathLike, out: str | os.PathLike, dat
 
     >>> ws.distill("minilm", "minilm-3l", "corpus.txt", layers=[0, 2, 4], steps=300)  # doctest: +SKIP
     """
-    cfg = DistillConfig(temperature=temperature, alpha=alpha, lr=lr, steps=steps, epochs=epochs,
-                        batch_size=batch_size, seq_len=seq_len, seed=seed, feature_layers=tuple(feature_layers or ()),
-                        feature_weight=feature_weight, eval_every=eval_every, save_every=save_every,
-                        group_by_length=group_by_length, freeze_embeddings=freeze_embeddings,
-                        mixed_precision=mixed_precision)
+    cfg = DistillConfig(
+        temperature=temperature,
+        alpha=alpha,
+        lr=lr,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        feature_layers=tuple(feature_layers or ()),
+        feature_weight=feature_weight,
+        eval_every=eval_every,
+        save_every=save_every,
+        group_by_length=group_by_length,
+        freeze_embeddings=freeze_embeddings,
+        mixed_precision=mixed_precision,
+    )
     out = Path(out)
     target_dtype = parse_dtype(dtype)
     report = Report("distill", output=str(out))
@@ -209,14 +246,24 @@ def distill(teacher: Checkpoint | str | os.PathLike, out: str | os.PathLike, dat
             raise ConfigError(f"{data}: no training example survives tokenisation (text too short?)")
         world = _world_size()
         total_steps = cfg.steps or D.Order(len(train_examples), cfg.batch_size, world, cfg.seed).steps_for_epochs(
-            cfg.epochs or 1.0)
+            cfg.epochs or 1.0
+        )
         if total_steps < 1:
-            raise ConfigError(f"{data}: {len(train_examples)} examples give zero steps at a global batch of "
-                              f"{cfg.batch_size * world}; give --steps or more --epochs")
+            raise ConfigError(
+                f"{data}: {len(train_examples)} examples give zero steps at a global batch of "
+                f"{cfg.batch_size * world}; give --steps or more --epochs"
+            )
         state = Path(state_dir) if state_dir is not None else out.parent / f"{out.name}.distill-state"
-        fingerprint = {"teacher": str(t_ckpt.path.resolve()), "student": str(Path(student).resolve()) if student else None,
-                       "layers": kept, "data": str(Path(data).resolve()), "tokenizer": str(tok_dir.resolve()),
-                       "steps": total_steps, "processes": world, **asdict(cfg)}
+        fingerprint = {
+            "teacher": str(t_ckpt.path.resolve()),
+            "student": str(Path(student).resolve()) if student else None,
+            "layers": kept,
+            "data": str(Path(data).resolve()),
+            "tokenizer": str(tok_dir.resolve()),
+            "steps": total_steps,
+            "processes": world,
+            **asdict(cfg),
+        }
         fingerprint = json.loads(json.dumps(fingerprint))  # tuples → lists, as the saved copy reads back
 
     from weightsmith.compress.distill import train as T
@@ -227,29 +274,62 @@ def distill(teacher: Checkpoint | str | os.PathLike, out: str | os.PathLike, dat
                 s_dir = S.write_student(t_ckpt, Path(tmp) / "student", kept)
         else:
             s_dir = s_ckpt.path
-        plan = T.Plan(kind=kind, teacher_dir=t_ckpt.path, student_dir=s_dir, model_class=model_class, tokenizer=tok,
-                      train=train_examples, eval=eval_examples, steps=total_steps, feature_pairs=pairs, config=cfg,
-                      state_dir=state, resume=resume, fingerprint=fingerprint)
+        plan = T.Plan(
+            kind=kind,
+            teacher_dir=t_ckpt.path,
+            student_dir=s_dir,
+            model_class=model_class,
+            tokenizer=tok,
+            train=train_examples,
+            eval=eval_examples,
+            steps=total_steps,
+            feature_pairs=pairs,
+            config=cfg,
+            state_dir=state,
+            resume=resume,
+            fingerprint=fingerprint,
+        )
         T.check_resume(plan)
         with report.timed("train"):
             result = T.run(plan)
         source = Checkpoint(s_dir)
         if result.is_main:
             with report.timed("write"):
-                _write(result.student, tok, source, t_ckpt, out, target_dtype or _float_dtype(source), force,
-                       {"layers": kept, "data": str(data), "steps": total_steps, **asdict(cfg)}, student)
+                _write(
+                    result.student,
+                    tok,
+                    source,
+                    t_ckpt,
+                    out,
+                    target_dtype or _float_dtype(source),
+                    force,
+                    {"layers": kept, "data": str(data), "steps": total_steps, **asdict(cfg)},
+                    student,
+                )
         T.finish(result)
 
-    report.summary.update(kind=kind, teacher=str(t_ckpt.path), teacher_layers=t_layers,
-                          student=str(student) if student else f"teacher layers {kept}", student_layers=s_layers,
-                          steps=total_steps, resumed_from=result.start_step or None, processes=result.world_size,
-                          train_examples=len(train_examples), eval_examples=len(eval_examples),
-                          **T.loss_summary(result.losses), rank_overlap=result.overlap)
+    report.summary.update(
+        kind=kind,
+        teacher=str(t_ckpt.path),
+        teacher_layers=t_layers,
+        student=str(student) if student else f"teacher layers {kept}",
+        student_layers=s_layers,
+        steps=total_steps,
+        resumed_from=result.start_step or None,
+        processes=result.world_size,
+        train_examples=len(train_examples),
+        eval_examples=len(eval_examples),
+        **T.loss_summary(result.losses),
+        rank_overlap=result.overlap,
+    )
     if result.evals:
         report.summary.update({f"eval_{k}": v for k, v in result.evals[-1].items() if k != "step"})
-    report.details.update(evals=result.evals, ranks=result.ranks,
-                          loss_curve=T.loss_curve(result.losses, result.start_step),
-                          process={"main": result.is_main, "processes": result.world_size})
+    report.details.update(
+        evals=result.evals,
+        ranks=result.ranks,
+        loss_curve=T.loss_curve(result.losses, result.start_step),
+        process={"main": result.is_main, "processes": result.world_size},
+    )
     if cfg.save_every:
         report.notes.append(f"training state saved under {state} (delete it once you no longer need --resume)")
     return report
@@ -271,8 +351,9 @@ def _float_dtype(ckpt: Checkpoint):
     return torch.float32
 
 
-def _write(model, tok, source: Checkpoint, teacher: Checkpoint, out: Path, dtype, force: bool, params: dict,
-           student_path) -> None:
+def _write(
+    model, tok, source: Checkpoint, teacher: Checkpoint, out: Path, dtype, force: bool, params: dict, student_path
+) -> None:
     """The trained student as a transformers directory: weights (tied copies once), config, tokenizer, carried files.
 
     Written through CheckpointWriter: a temporary sibling renamed into place, so ``out`` never holds a partial result.
@@ -281,11 +362,14 @@ def _write(model, tok, source: Checkpoint, teacher: Checkpoint, out: Path, dtype
     with tempfile.TemporaryDirectory(prefix="weightsmith-tok-") as tok_tmp:
         tok.save_pretrained(tok_tmp)
         step = provenance_step("distill", params, inputs)
-        with CheckpointWriter(out, steps=[step], config=source.config, carry=source.carry_files, dtype=dtype,
-                              force=force) as writer:
+        with CheckpointWriter(
+            out, steps=[step], config=source.config, carry=source.carry_files, dtype=dtype, force=force
+        ) as writer:
             stored: set[int] = set()
             for name, tensor in model.state_dict().items():
-                if tensor.data_ptr() in stored:  # a tied weight (lm_head = embeddings): stored once, as transformers does
+                if (
+                    tensor.data_ptr() in stored
+                ):  # a tied weight (lm_head = embeddings): stored once, as transformers does
                     continue
                 stored.add(tensor.data_ptr())
                 writer.write(name, tensor.detach().cpu())

@@ -63,7 +63,7 @@ def tokenize(texts: list[str], tokenizer, *, causal: bool, seq_len: int) -> list
         stream: list[int] = []
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             stream += ids + eos
-        blocks = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
+        blocks = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
         return [b for b in blocks if len(b) >= 2]  # a causal example needs one next-token target
     encoded = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
     return [ids for ids in encoded if ids]
@@ -100,8 +100,11 @@ class Order:
         epoch, offset = divmod(position, self.num_examples)
         if epoch not in self._epochs:
             perm = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
-            self._epochs[epoch] = perm if self.lengths is None else grouped_order(perm, self.lengths,
-                                                                                  self.global_batch, self.seed + epoch)
+            self._epochs[epoch] = (
+                perm
+                if self.lengths is None
+                else grouped_order(perm, self.lengths, self.global_batch, self.seed + epoch)
+            )
         return int(self._epochs[epoch][offset])
 
 
@@ -116,12 +119,15 @@ def grouped_order(perm: torch.Tensor, lengths: tuple[int, ...], global_batch: in
     tail batch stays last). Still a permutation, and a pure function of its arguments.
     """
     size = global_batch * GROUP_CHUNK
-    ordered = [i for start in range(0, len(perm), size)
-               for i in sorted(perm[start:start + size].tolist(), key=lambda i: -lengths[i])]
+    ordered = [
+        i
+        for start in range(0, len(perm), size)
+        for i in sorted(perm[start : start + size].tolist(), key=lambda i: -lengths[i])
+    ]
     full = len(ordered) // global_batch
     blocks = torch.randperm(full, generator=torch.Generator().manual_seed(seed + 1)).tolist()
-    out = [i for b in blocks for i in ordered[b * global_batch:(b + 1) * global_batch]]
-    return torch.tensor(out + ordered[full * global_batch:], dtype=torch.long)
+    out = [i for b in blocks for i in ordered[b * global_batch : (b + 1) * global_batch]]
+    return torch.tensor(out + ordered[full * global_batch :], dtype=torch.long)
 
 
 def collate(examples: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,13 +136,21 @@ def collate(examples: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for row, e in enumerate(examples):
-        ids[row, :len(e)] = torch.tensor(e, dtype=torch.long)
-        mask[row, :len(e)] = 1
+        ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[row, : len(e)] = 1
     return ids, mask
 
 
-def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: torch.Tensor, *, mask_id: int, vocab: int,
-                seed: int, probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    special: torch.Tensor,
+    *,
+    mask_id: int,
+    vocab: int,
+    seed: int,
+    probability: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking (Devlin et al. 2019): pick 15% of the real, non-special tokens; of those 80% become [MASK], 10% a
     random token, 10% stay. Returns the corrupted (B, L) ids and the (B, L) mask of picked positions (the loss
     positions). Deterministic in ``seed``; ``ids`` is not modified.

@@ -36,8 +36,9 @@ def token_ce(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     return _masked_mean(ce.view(labels.shape), mask)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor, *, temperature: float,
-            alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor, *, temperature: float, alpha: float
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L = α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y), both averaged per counted token.
 
     Hinton et al. 2015; DistilBERT (Sanh et al. 2019) uses the same soft term at T = 2. For a causal LM the caller
@@ -70,8 +71,9 @@ def hidden_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) ->
     return mse + cos_tok + cos_pool, {"mse": mse.detach(), "cos_tok": cos_tok.detach(), "cos_pool": cos_pool.detach()}
 
 
-def feature_loss(student_feats: list[Tensor], teacher_feats: list[Tensor], projections: list[torch.nn.Module],
-                 mask: Tensor) -> Tensor:
+def feature_loss(
+    student_feats: list[Tensor], teacher_feats: list[Tensor], projections: list[torch.nn.Module], mask: Tensor
+) -> Tensor:
     """L = (1/K) Σₖ MSE(Wₖ hₛ⁽ᵏ⁾, hₜ⁽ᵏ⁾) over K chosen layer pairs, averaged per counted token.
 
     FitNets (Romero et al. 2015) hint loss: Wₖ is a learned linear projection (D_s → D_t) when the widths differ,

@@ -31,8 +31,9 @@ def layer_count(config: dict | None, where: str | os.PathLike) -> int:
     raise CheckpointError(f"{where}: config.json declares no layer count ({' / '.join(_COUNT_KEYS)})")
 
 
-def resolve_layers(num_layers: int, layers: Sequence[int] | None, keep_every: int | None,
-                   where: str | os.PathLike) -> list[int]:
+def resolve_layers(
+    num_layers: int, layers: Sequence[int] | None, keep_every: int | None, where: str | os.PathLike
+) -> list[int]:
     """The teacher layers to keep, checked: in range, strictly increasing, at least one."""
     if layers is not None and keep_every is not None:
         raise ConfigError("give either layers or keep_every, not both")

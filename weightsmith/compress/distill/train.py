@@ -69,8 +69,19 @@ class _Trainee(nn.Module):
 
     def forward(self, ids, attention, targets, loss_mask, t_logits, t_hidden):
         out = self.student(input_ids=ids, attention_mask=attention, output_hidden_states=True)
-        return _loss(self.kind, self.cfg, self.pairs, self.projections, out, ids, attention, targets, loss_mask,
-                     t_logits, t_hidden)
+        return _loss(
+            self.kind,
+            self.cfg,
+            self.pairs,
+            self.projections,
+            out,
+            ids,
+            attention,
+            targets,
+            loss_mask,
+            t_logits,
+            t_hidden,
+        )
 
 
 def _loss(kind, cfg, pairs, projections, out, ids, attention, targets, loss_mask, t_logits, t_hidden):
@@ -80,13 +91,16 @@ def _loss(kind, cfg, pairs, projections, out, ids, attention, targets, loss_mask
         teacher = t_logits[:, :-1] if t_logits is not None else None
         loss, parts = L.kd_loss(logits, teacher, labels, mask, temperature=cfg.temperature, alpha=cfg.alpha)
     elif kind == "masked":
-        loss, parts = L.kd_loss(out.logits, t_logits, targets, loss_mask, temperature=cfg.temperature,
-                                alpha=cfg.alpha)
+        loss, parts = L.kd_loss(out.logits, t_logits, targets, loss_mask, temperature=cfg.temperature, alpha=cfg.alpha)
     else:
         loss, parts = L.hidden_loss(out.hidden_states[-1], t_hidden[-1], attention)
     if pairs:
-        feats = L.feature_loss([out.hidden_states[s + 1] for s, _ in pairs], [t_hidden[t + 1] for _, t in pairs],
-                               list(projections), attention)
+        feats = L.feature_loss(
+            [out.hidden_states[s + 1] for s, _ in pairs],
+            [t_hidden[t + 1] for _, t in pairs],
+            list(projections),
+            attention,
+        )
         loss = loss + cfg.feature_weight * feats
         parts["feature"] = feats.detach()
     return loss, parts
@@ -104,8 +118,9 @@ def _batch(plan: Plan, examples: list[list[int]], indices: list[int], mask_seed:
     if plan.kind != "masked":
         return ids, attention, ids, attention
     special = torch.isin(ids, torch.tensor(tok.all_special_ids, dtype=torch.long))
-    corrupted, picked = D.mask_tokens(ids, attention, special, mask_id=tok.mask_token_id, vocab=len(tok),
-                                      seed=mask_seed)
+    corrupted, picked = D.mask_tokens(
+        ids, attention, special, mask_id=tok.mask_token_id, vocab=len(tok), seed=mask_seed
+    )
     return corrupted, attention, ids, picked
 
 
@@ -141,8 +156,11 @@ def check_resume(plan: Plan) -> None:
         raise ConfigError(f"{plan.state_dir}: no saved training state to resume from")
     saved = json.loads((latest / STATE_FILE).read_text())
     if saved["fingerprint"] != plan.fingerprint:
-        diff = sorted(k for k in {**saved["fingerprint"], **plan.fingerprint}
-                      if saved["fingerprint"].get(k) != plan.fingerprint.get(k))
+        diff = sorted(
+            k
+            for k in {**saved["fingerprint"], **plan.fingerprint}
+            if saved["fingerprint"].get(k) != plan.fingerprint.get(k)
+        )
         raise ConfigError(f"{latest}: saved by a run with different parameters ({', '.join(diff)}); cannot resume")
 
 
@@ -175,14 +193,25 @@ def _evaluate(acc, trainee: _Trainee, teacher, plan: Plan) -> dict[str, float]:
     mine = list(range(acc.process_index, len(plan.eval), acc.num_processes))
     sums = torch.zeros(3, dtype=torch.float64)  # loss·n, metric·n, n
     for start in range(0, len(mine), plan.config.batch_size):
-        chunk = mine[start:start + plan.config.batch_size]
+        chunk = mine[start : start + plan.config.batch_size]
         ids, attention, targets, loss_mask = _batch(plan, plan.eval, chunk, mask_seed=plan.config.seed + 7919 + start)
         ids, attention, targets, loss_mask = (t.to(acc.device) for t in (ids, attention, targets, loss_mask))
         t_logits, t_hidden = _teacher_out(teacher, plan, ids, attention)
         with torch.no_grad():
             out = model.student(input_ids=ids, attention_mask=attention, output_hidden_states=True)
-            loss, parts = _loss(plan.kind, plan.config, plan.feature_pairs, model.projections, out, ids, attention,
-                                targets, loss_mask, t_logits, t_hidden)
+            loss, parts = _loss(
+                plan.kind,
+                plan.config,
+                plan.feature_pairs,
+                model.projections,
+                out,
+                ids,
+                attention,
+                targets,
+                loss_mask,
+                t_logits,
+                t_hidden,
+            )
             if plan.kind == "encoder":
                 s_pool = L.mean_pool(out.hidden_states[-1].float(), attention)
                 t_pool = L.mean_pool(t_hidden[-1].float(), attention)
@@ -208,18 +237,22 @@ def run(plan: Plan) -> Result:
     acc = Accelerator(cpu=cpu_only(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     # bf16 mixed precision: both forwards under torch.autocast, float32 master weights and optimizer state (bf16 keeps
     # float32's exponent range, so no loss scaling); not through accelerate, whose precision is fixed per process
-    autocast = functools.partial(torch.autocast, acc.device.type, dtype=torch.bfloat16,
-                                 enabled=cfg.mixed_precision == "bf16")
+    autocast = functools.partial(
+        torch.autocast, acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"
+    )
     set_seed(cfg.seed)
     teacher = plan.model_class.from_pretrained(plan.teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
     teacher.to(acc.device)
     student = plan.model_class.from_pretrained(plan.student_dir, dtype=torch.float32).train()
     s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
     if plan.kind == "encoder" and s_width != t_width:
-        raise ConfigError(f"{plan.student_dir}: hidden width {s_width} differs from the teacher's {t_width}; "
-                          f"encoder distillation compares hidden states directly")
-    projections = nn.ModuleList(nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
-                                for _ in plan.feature_pairs)
+        raise ConfigError(
+            f"{plan.student_dir}: hidden width {s_width} differs from the teacher's {t_width}; "
+            f"encoder distillation compares hidden states directly"
+        )
+    projections = nn.ModuleList(
+        nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity() for _ in plan.feature_pairs
+    )
     if cfg.freeze_embeddings:  # the teacher's token table: tokens absent from the training text stay consistent
         student.get_input_embeddings().weight.requires_grad_(False)
     trainee = _Trainee(student, projections, plan)
@@ -227,13 +260,17 @@ def run(plan: Plan) -> Result:
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]  # biases and norms, as BERT/GPT do
     # fused: one kernel over all parameters (on CPU the per-tensor loop costs a third of a small model's step)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                  fused=acc.device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        fused=acc.device.type in ("cpu", "cuda"),
+    )
     warmup = int(cfg.warmup * plan.steps)
     # linear warm-up, then linear decay to zero; stepped once per optimizer step whatever the process count
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (plan.steps - s) / (plan.steps - warmup)))
+        optimizer,
+        lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (plan.steps - s) / (plan.steps - warmup)),
+    )
     trainee, optimizer = acc.prepare(trainee, optimizer)
     acc.register_for_checkpointing(scheduler)
 
@@ -259,8 +296,9 @@ def run(plan: Plan) -> Result:
         with autocast():
             loss, parts = trainee(ids, attention, targets, loss_mask, t_logits, t_hidden)
         if not torch.isfinite(loss):
-            raise NumericalError(f"{plan.teacher_dir}: the distillation loss became {float(loss)} at step {step + 1} "
-                                 f"(lower --lr?)")
+            raise NumericalError(
+                f"{plan.teacher_dir}: the distillation loss became {float(loss)} at step {step + 1} (lower --lr?)"
+            )
         acc.backward(loss)
         acc.clip_grad_norm_(trainee.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -316,12 +354,20 @@ def loss_summary(losses: list[float]) -> dict[str, float]:
     if not losses:
         return {}
     k = min(10, len(losses))
-    return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
-            "loss_finite": all(math.isfinite(x) for x in losses)}
+    return {
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "loss_finite": all(math.isfinite(x) for x in losses),
+    }
 
 
 def loss_curve(losses: list[float], start: int, points: int = 20) -> list[dict[str, float]]:
     """The training loss as at most ``points`` (step, mean loss over the window ending there) pairs."""
     width = max(1, -(-len(losses) // points))
-    return [{"step": start + i + len(losses[i:i + width]), "loss": sum(losses[i:i + width]) / len(losses[i:i + width])}
-            for i in range(0, len(losses), width)]
+    return [
+        {
+            "step": start + i + len(losses[i : i + width]),
+            "loss": sum(losses[i : i + width]) / len(losses[i : i + width]),
+        }
+        for i in range(0, len(losses), width)
+    ]

@@ -21,28 +21,63 @@ from torch import Tensor
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, check_destination, provenance_step
 from weightsmith.compress.prune import masks
-from weightsmith.compress.prune.unstructured import (DEFAULT_SKIP, METHODS, SCOPES, PrunedView, PrunePlan,
-                                                     check_sparsity, global_threshold, mask_of, open_pruned,
-                                                     parse_pattern, plan_unstructured, skip_patterns)
+from weightsmith.compress.prune.unstructured import (
+    DEFAULT_SKIP,
+    METHODS,
+    SCOPES,
+    PrunedView,
+    PrunePlan,
+    check_sparsity,
+    global_threshold,
+    mask_of,
+    open_pruned,
+    parse_pattern,
+    plan_unstructured,
+    skip_patterns,
+)
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
 
-__all__ = ["DEFAULT_SKIP", "METHODS", "SCOPES", "STRUCTURED", "PrunedView", "check_sparsity", "masks", "open_pruned",
-           "parse_pattern", "prune"]
+__all__ = [
+    "DEFAULT_SKIP",
+    "METHODS",
+    "SCOPES",
+    "STRUCTURED",
+    "PrunedView",
+    "check_sparsity",
+    "masks",
+    "open_pruned",
+    "parse_pattern",
+    "prune",
+]
 
 STRUCTURED = ("ffn", "heads")
 
 
-def prune(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, method: str = "magnitude",
-          sparsity: float | None = None, scope: str = "layer", pattern: str | None = None,
-          calibration: str | os.PathLike | None = None, samples: int = 64, seq_len: int = 128,
-          structured: str | None = None, ratio: float | None = None, keep_heads: int | None = None,
-          skip: Sequence[str] = (), default_skip: bool = True, eval_data: str | os.PathLike | None = None,
-          dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
-          force: bool = False) -> Report:
+def prune(
+    src: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "magnitude",
+    sparsity: float | None = None,
+    scope: str = "layer",
+    pattern: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    samples: int = 64,
+    seq_len: int = 128,
+    structured: str | None = None,
+    ratio: float | None = None,
+    keep_heads: int | None = None,
+    skip: Sequence[str] = (),
+    default_skip: bool = True,
+    eval_data: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> Report:
     """Prune ``src`` into ``out``; returns a Report with achieved sparsity, sizes and (with ``eval_data``) quality.
 
     Unstructured: ``method`` "magnitude" (|W|, ``scope`` "layer" = each tensor exactly at ``sparsity``, "global" =
@@ -62,19 +97,41 @@ def prune(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, method
     options = dict(dtype=target_dtype, shard_size=shard_size, force=force)
     if structured is not None:
         if sparsity is not None or pattern is not None:
-            raise ConfigError("structured pruning removes whole units: give --ratio/--keep-heads, not "
-                              "--sparsity/--pattern")
+            raise ConfigError(
+                "structured pruning removes whole units: give --ratio/--keep-heads, not --sparsity/--pattern"
+            )
         if method != "magnitude" or scope != "layer":
-            raise ConfigError("structured pruning is scored by weight norms, or by activations with --calibration: "
-                              "--method/--scope do not apply")
+            raise ConfigError(
+                "structured pruning is scored by weight norms, or by activations with --calibration: "
+                "--method/--scope do not apply"
+            )
         from weightsmith.compress.prune.structured import prune_structured
 
-        report = prune_structured(ckpt, out, kind=structured, ratio=ratio, keep_heads=keep_heads,
-                                  calibration=calibration, samples=samples, seq_len=seq_len, **options)
+        report = prune_structured(
+            ckpt,
+            out,
+            kind=structured,
+            ratio=ratio,
+            keep_heads=keep_heads,
+            calibration=calibration,
+            samples=samples,
+            seq_len=seq_len,
+            **options,
+        )
     else:
-        report = _prune_unstructured(ckpt, out, method=method, sparsity=sparsity, scope=scope, pattern=pattern,
-                                     calibration=calibration, samples=samples, seq_len=seq_len,
-                                     skip=skip_patterns(skip, default_skip), **options)
+        report = _prune_unstructured(
+            ckpt,
+            out,
+            method=method,
+            sparsity=sparsity,
+            scope=scope,
+            pattern=pattern,
+            calibration=calibration,
+            samples=samples,
+            seq_len=seq_len,
+            skip=skip_patterns(skip, default_skip),
+            **options,
+        )
     if eval_texts is not None:
         with report.timed("eval"):
             report.details["quality"] = _quality(ckpt, out, eval_texts)
@@ -97,9 +154,22 @@ def _eval_texts(ckpt: Checkpoint, eval_data) -> list[str] | None:
 # -- unstructured: a PrunedView written tensor by tensor ---------------------------------------------------------
 
 
-def _prune_unstructured(ckpt: Checkpoint, out, *, method: str, sparsity: float | None, scope: str,
-                        pattern: str | None, calibration, samples: int, seq_len: int, skip: list[re.Pattern],
-                        dtype, shard_size, force: bool) -> Report:
+def _prune_unstructured(
+    ckpt: Checkpoint,
+    out,
+    *,
+    method: str,
+    sparsity: float | None,
+    scope: str,
+    pattern: str | None,
+    calibration,
+    samples: int,
+    seq_len: int,
+    skip: list[re.Pattern],
+    dtype,
+    shard_size,
+    force: bool,
+) -> Report:
     plan = plan_unstructured(ckpt, method=method, sparsity=sparsity, scope=scope, pattern=pattern, skip=skip)
     if method == "wanda" and calibration is None:
         raise ConfigError("wanda needs --calibration FILE.txt (text run through the model to measure activations)")
@@ -126,8 +196,15 @@ def _write(view: PrunedView, out, report: Report, *, shard_size, force: bool) ->
     ckpt, plan = view.source, view.plan
     rows, kept_total, pruned_total = [], 0, 0
     nonzero_before = nonzero_after = 0
-    writer = CheckpointWriter(out, steps=[provenance_step("prune", plan.params, [ckpt])], config=ckpt.config,
-                              carry=ckpt.carry_files, dtype=view.dtype, shard_size=shard_size, force=force)
+    writer = CheckpointWriter(
+        out,
+        steps=[provenance_step("prune", plan.params, [ckpt])],
+        config=ckpt.config,
+        carry=ckpt.carry_files,
+        dtype=view.dtype,
+        shard_size=shard_size,
+        force=force,
+    )
     with writer:
         for name in progress(view, total=len(view), desc="prune"):
             original = ckpt[name]
@@ -136,22 +213,37 @@ def _write(view: PrunedView, out, report: Report, *, shard_size, force: bool) ->
             nonzero_after += int(torch.count_nonzero(tensor)) if tensor.is_floating_point() else 0
             if tensor is not original:
                 zeros = tensor.numel() - int(torch.count_nonzero(tensor))
-                rows.append({"tensor": name, "shape": "×".join(map(str, tensor.shape)),
-                             "sparsity": round(zeros / tensor.numel(), 6)})
+                rows.append(
+                    {
+                        "tensor": name,
+                        "shape": "×".join(map(str, tensor.shape)),
+                        "sparsity": round(zeros / tensor.numel(), 6),
+                    }
+                )
                 pruned_total += zeros
                 kept_total += tensor.numel()
             writer.write(name, tensor)
     if plan.nm is not None:
-        report.notes.append(f"{plan.pattern}: every group of {plan.nm[1]} consecutive inputs keeps {plan.nm[0]} "
-                            f"weights (stored as dense zeros; semi-structured kernels are CUDA-only)")
+        report.notes.append(
+            f"{plan.pattern}: every group of {plan.nm[1]} consecutive inputs keeps {plan.nm[0]} "
+            f"weights (stored as dense zeros; semi-structured kernels are CUDA-only)"
+        )
     total = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)  # parameters, not integer buffers
-    report.summary.update(source=str(ckpt.path), method=plan.method,
-                          scope=plan.scope if plan.nm is None else f"pattern {plan.pattern}",
-                          sparsity_target=plan.sparsity, sparsity_pruned_tensors=round(pruned_total / kept_total, 6),
-                          sparsity_model=round(1 - nonzero_after / total, 6), pruned_tensors=len(plan.targets),
-                          params_before=total, params_after=total, nonzero_before=nonzero_before,
-                          nonzero_after=nonzero_after, bytes_before=format_size(ckpt.nbytes),
-                          bytes_after=format_size(writer.total_size))
+    report.summary.update(
+        source=str(ckpt.path),
+        method=plan.method,
+        scope=plan.scope if plan.nm is None else f"pattern {plan.pattern}",
+        sparsity_target=plan.sparsity,
+        sparsity_pruned_tensors=round(pruned_total / kept_total, 6),
+        sparsity_model=round(1 - nonzero_after / total, 6),
+        pruned_tensors=len(plan.targets),
+        params_before=total,
+        params_after=total,
+        nonzero_before=nonzero_before,
+        nonzero_after=nonzero_after,
+        bytes_before=format_size(ckpt.nbytes),
+        bytes_after=format_size(writer.total_size),
+    )
     report.tensors = rows
     report.notes.append("zeros are stored densely: the file size is unchanged")
 
@@ -173,8 +265,7 @@ def _wanda_norms(ckpt: Checkpoint, calibration, samples: int, seq_len: int, plan
             if name in targets:
                 norm = block_norms.get(module_name)
                 if norm is None:
-                    raise ConfigError(f"{ckpt.path}: no calibration activations reached {name!r} "
-                                      f"(not a Linear layer?)")
+                    raise ConfigError(f"{ckpt.path}: no calibration activations reached {name!r} (not a Linear layer?)")
                 weight = module.weight.data  # our own model copy: pruned in place so later blocks see it
                 weight.mul_(mask_of(ckpt, name, weight, plan, norm))
 
@@ -187,8 +278,15 @@ def _quality(ckpt: Checkpoint, out, texts: list[str]) -> dict:
 
     if evaluate.is_causal_lm(ckpt.config):
         tokenizer = evaluate.load_tokenizer(ckpt.path)
-        return {"metric": "perplexity", "texts": len(texts),
-                "before": evaluate.perplexity(ckpt.path, texts, tokenizer=tokenizer),
-                "after": evaluate.perplexity(out, texts, tokenizer=tokenizer)}
-    return {"metric": "embedding cosine to the original", "texts": len(texts), "before": 1.0,
-            "after": evaluate.embedding_cosine(out, ckpt.path, texts)}
+        return {
+            "metric": "perplexity",
+            "texts": len(texts),
+            "before": evaluate.perplexity(ckpt.path, texts, tokenizer=tokenizer),
+            "after": evaluate.perplexity(out, texts, tokenizer=tokenizer),
+        }
+    return {
+        "metric": "embedding cosine to the original",
+        "texts": len(texts),
+        "before": 1.0,
+        "after": evaluate.embedding_cosine(out, ckpt.path, texts),
+    }

@@ -74,7 +74,7 @@ def global_bin_histogram(weight: Tensor, *, level: int, prefix: int | None = Non
     if level == 0:
         keys = bits >> 16
     else:
-        keys = (bits[(bits >> 16) == prefix] & 0xFFFF)
+        keys = bits[(bits >> 16) == prefix] & 0xFFFF
     return torch.bincount(keys.long(), minlength=65536)
 
 

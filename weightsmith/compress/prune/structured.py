@@ -41,10 +41,24 @@ class Arch:
     heads: bool  # whether a model with fewer heads still loads in transformers
 
 
-LLAMA = Arch(("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "self_attn.q_proj", "self_attn.k_proj",
-             "self_attn.v_proj", "self_attn.o_proj", heads=True)
-BERT = Arch(("intermediate.dense",), ("output.dense",), "attention.self.query", "attention.self.key",
-            "attention.self.value", "attention.output.dense", heads=False)
+LLAMA = Arch(
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    heads=True,
+)
+BERT = Arch(
+    ("intermediate.dense",),
+    ("output.dense",),
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    heads=False,
+)
 ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "bert": BERT}
 # transformers' LlamaConfig refuses a hidden_size that is not a multiple of num_attention_heads, head_dim or not
 HEADS_DIVIDE_HIDDEN = {"llama"}
@@ -63,17 +77,22 @@ class Geometry:
     @classmethod
     def of(cls, config: dict) -> Geometry:
         heads = config["num_attention_heads"]
-        return cls(layers=config["num_hidden_layers"], heads=heads,
-                   kv_heads=config.get("num_key_value_heads") or heads,
-                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                   intermediate=config["intermediate_size"])
+        return cls(
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate=config["intermediate_size"],
+        )
 
 
 def arch_of(config: dict | None, path) -> Arch:
     model_type = (config or {}).get("model_type")
     if model_type not in ARCHS:
-        raise ConfigError(f"{path}: structured pruning supports {', '.join(ARCHS)} models; this one is "
-                          f"{model_type or 'without a config.json model_type'}")
+        raise ConfigError(
+            f"{path}: structured pruning supports {', '.join(ARCHS)} models; this one is "
+            f"{model_type or 'without a config.json model_type'}"
+        )
     return ARCHS[model_type]
 
 
@@ -132,8 +151,10 @@ def keep_heads_gqa(scores: Tensor, kv_heads: int, keep: int) -> tuple[Tensor, Te
         kv = keep_lowest_removed(scores.reshape(kv_heads, group).sum(1), kv_heads - keep // group)
         q = (kv.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
         return q, kv
-    raise ConfigError(f"keeping {keep} of {heads} query heads with {kv_heads} KV heads: the count must be a "
-                      f"multiple of {kv_heads} (same heads per group) or of {group} (whole groups)")
+    raise ConfigError(
+        f"keeping {keep} of {heads} query heads with {kv_heads} KV heads: the count must be a "
+        f"multiple of {kv_heads} (same heads per group) or of {group} (whole groups)"
+    )
 
 
 def head_rows(heads: Tensor, head_dim: int) -> Tensor:
@@ -151,8 +172,7 @@ class BlockPlan:
     kv_heads: Tensor | None = None  # kept KV heads
 
 
-def slice_tensor(name: str, tensor: Tensor, prefix: str, arch: Arch, plans: list[BlockPlan], head_dim: int
-                 ) -> Tensor:
+def slice_tensor(name: str, tensor: Tensor, prefix: str, arch: Arch, plans: list[BlockPlan], head_dim: int) -> Tensor:
     """The tensor with the plan's removed units cut out (unchanged if the plan does not touch it)."""
     m = re.match(rf"^{re.escape(prefix)}(\d+)\.(.+)\.(weight|bias)$", name)
     if not m:
@@ -188,8 +208,20 @@ def rewrite_config(config: dict, geometry: Geometry, plans: list[BlockPlan]) -> 
 # -- the verb's structured branch -------------------------------------------------------------------------------
 
 
-def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: int | None, calibration,
-                     samples: int, seq_len: int, dtype, shard_size, force: bool):
+def prune_structured(
+    ckpt,
+    out,
+    *,
+    kind: str,
+    ratio: float | None,
+    keep_heads: int | None,
+    calibration,
+    samples: int,
+    seq_len: int,
+    dtype,
+    shard_size,
+    force: bool,
+):
     """Remove FFN neurons (``kind="ffn"``) or attention heads (``kind="heads"``) from every block; see the module
     docstring for the scores. Returns the Report (kept units per block as index ranges in ``details["kept"]``)."""
     from weightsmith.checkpoint import CheckpointWriter, provenance_step
@@ -202,8 +234,10 @@ def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: i
     arch = arch_of(ckpt.config, ckpt.path)
     geo = Geometry.of(ckpt.config)
     if kind == "heads" and not arch.heads:
-        raise ConfigError(f"{ckpt.path}: head pruning of {ckpt.config['model_type']} is not supported (transformers "
-                          f"derives its head size from hidden_size / num_attention_heads); prune its FFN instead")
+        raise ConfigError(
+            f"{ckpt.path}: head pruning of {ckpt.config['model_type']} is not supported (transformers "
+            f"derives its head size from hidden_size / num_attention_heads); prune its FFN instead"
+        )
     if kind == "ffn" and keep_heads is not None:
         raise ConfigError("--keep-heads is for --structured heads")
     if ratio is not None and keep_heads is not None:
@@ -215,15 +249,23 @@ def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: i
     units = geo.intermediate if kind == "ffn" else geo.heads
     keep = keep_heads if keep_heads is not None else units - round(ratio * units)
     if not 0 < keep <= units:
-        raise ConfigError(f"keeping {keep} of {units} {'neurons' if kind == 'ffn' else 'heads'} per block: "
-                          f"must be between 1 and {units}")
+        raise ConfigError(
+            f"keeping {keep} of {units} {'neurons' if kind == 'ffn' else 'heads'} per block: "
+            f"must be between 1 and {units}"
+        )
     model_type, hidden = ckpt.config["model_type"], ckpt.config.get("hidden_size")
     if kind == "heads" and model_type in HEADS_DIVIDE_HIDDEN and hidden % keep:
-        raise ConfigError(f"{ckpt.path}: {model_type} with {keep} heads would not load in transformers (hidden_size "
-                          f"{hidden} must be a multiple of num_attention_heads)")
+        raise ConfigError(
+            f"{ckpt.path}: {model_type} with {keep} heads would not load in transformers (hidden_size "
+            f"{hidden} must be a multiple of num_attention_heads)"
+        )
     prefix = block_prefix(ckpt, arch, ckpt.path)
-    params = {"structured": kind, "ratio": ratio, "keep": keep, "calibration": str(calibration) if calibration
-              else None}
+    params = {
+        "structured": kind,
+        "ratio": ratio,
+        "keep": keep,
+        "calibration": str(calibration) if calibration else None,
+    }
     report = Report("prune", output=str(out))
 
     norms = {}
@@ -243,15 +285,21 @@ def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: i
                 plans.append(BlockPlan(ffn=keep_lowest_removed(scores, units - keep)))
             else:
                 act = _norm_of(norms, f"{base}{arch.o}", calibration, ckpt)
-                scores = head_scores(ckpt[f"{base}{arch.q}.weight"], ckpt[f"{base}{arch.o}.weight"], geo.head_dim,
-                                     act)
+                scores = head_scores(ckpt[f"{base}{arch.q}.weight"], ckpt[f"{base}{arch.o}.weight"], geo.head_dim, act)
                 q, kv = keep_heads_gqa(scores, geo.kv_heads, keep)
                 plans.append(BlockPlan(q_heads=q, kv_heads=kv))
 
     config = rewrite_config(ckpt.config, geo, plans)
     with report.timed("write"):
-        writer = CheckpointWriter(out, steps=[provenance_step("prune", params, [ckpt])], config=config,
-                                  carry=ckpt.carry_files, dtype=dtype, shard_size=shard_size, force=force)
+        writer = CheckpointWriter(
+            out,
+            steps=[provenance_step("prune", params, [ckpt])],
+            config=config,
+            carry=ckpt.carry_files,
+            dtype=dtype,
+            shard_size=shard_size,
+            force=force,
+        )
         params_after = 0
         with writer:
             for name in progress(ckpt, total=len(ckpt), desc="prune"):
@@ -259,14 +307,24 @@ def prune_structured(ckpt, out, *, kind: str, ratio: float | None, keep_heads: i
                 params_after += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
                 writer.write(name, tensor)
     params_before = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)
-    report.summary.update(source=str(ckpt.path), structured=kind, scored_by="activations" if norms else "weights",
-                          units_before=units, units_after=keep, params_before=params_before,
-                          params_after=params_after, params_ratio=round(params_after / params_before, 6),
-                          bytes_before=format_size(ckpt.nbytes), bytes_after=format_size(writer.total_size))
-    report.details["config"] = {k: config[k] for k in ("intermediate_size", "num_attention_heads",
-                                                       "num_key_value_heads", "head_dim") if k in config}
-    report.details["kept"] = {f"layer {i}": _ranges(p.ffn if kind == "ffn" else p.q_heads)
-                              for i, p in enumerate(plans)}
+    report.summary.update(
+        source=str(ckpt.path),
+        structured=kind,
+        scored_by="activations" if norms else "weights",
+        units_before=units,
+        units_after=keep,
+        params_before=params_before,
+        params_after=params_after,
+        params_ratio=round(params_after / params_before, 6),
+        bytes_before=format_size(ckpt.nbytes),
+        bytes_after=format_size(writer.total_size),
+    )
+    report.details["config"] = {
+        k: config[k]
+        for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+        if k in config
+    }
+    report.details["kept"] = {f"layer {i}": _ranges(p.ffn if kind == "ffn" else p.q_heads) for i, p in enumerate(plans)}
     return report
 
 

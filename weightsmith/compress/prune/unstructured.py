@@ -91,8 +91,9 @@ class PrunePlan:
     params: dict = field(default_factory=dict)  # the provenance parameters
 
 
-def plan_unstructured(ckpt: Checkpoint, *, method: str, sparsity: float | None, scope: str, pattern: str | None,
-                      skip: list[re.Pattern]) -> PrunePlan:
+def plan_unstructured(
+    ckpt: Checkpoint, *, method: str, sparsity: float | None, scope: str, pattern: str | None, skip: list[re.Pattern]
+) -> PrunePlan:
     """Check the options against ``ckpt`` (names and shapes only) and pick the tensors to prune."""
     if method not in METHODS:
         raise ConfigError(f"method {method!r}: expected one of {', '.join(METHODS)}")
@@ -108,18 +109,31 @@ def plan_unstructured(ckpt: Checkpoint, *, method: str, sparsity: float | None, 
     sparsity = check_sparsity(sparsity)
     if method == "wanda" and scope == "global":
         raise ConfigError("wanda compares scores within each output row: it has no global scope")
-    targets = [n for n in ckpt if n.endswith(".weight") and len(ckpt.info(n).shape) == 2
-               and ckpt.info(n).dtype.is_floating_point and not any(p.search(n) for p in skip)]
+    targets = [
+        n
+        for n in ckpt
+        if n.endswith(".weight")
+        and len(ckpt.info(n).shape) == 2
+        and ckpt.info(n).dtype.is_floating_point
+        and not any(p.search(n) for p in skip)
+    ]
     if not targets:
         raise ConfigError(f"{ckpt.path}: nothing to prune: every 2-D weight matches a skip pattern")
     if nm is not None:
         bad = [n for n in targets if in_features(ckpt, n) % nm[1]]
         if bad:
-            raise ConfigError(f"{ckpt.path}: pattern {pattern} needs input widths divisible by {nm[1]}; "
-                              f"{len(bad)} tensor(s) are not, e.g. {bad[0]!r} with {in_features(ckpt, bad[0])} "
-                              f"inputs (--skip them)")
-    params = {"method": method, "sparsity": sparsity, "scope": scope, "pattern": pattern,
-              "skip": [p.pattern for p in skip]}
+            raise ConfigError(
+                f"{ckpt.path}: pattern {pattern} needs input widths divisible by {nm[1]}; "
+                f"{len(bad)} tensor(s) are not, e.g. {bad[0]!r} with {in_features(ckpt, bad[0])} "
+                f"inputs (--skip them)"
+            )
+    params = {
+        "method": method,
+        "sparsity": sparsity,
+        "scope": scope,
+        "pattern": pattern,
+        "skip": [p.pattern for p in skip],
+    }
     return PrunePlan(method, sparsity, scope, pattern, nm, targets, params)
 
 
@@ -166,16 +180,24 @@ class PrunedView(CheckpointView):
     in (reading a tensor out of order first counts the ties of the targets before it).
     """
 
-    def __init__(self, source: Checkpoint, plan: PrunePlan, *, threshold: tuple[int, int] | None = None,
-                 norms: dict[str, Tensor] | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        source: Checkpoint,
+        plan: PrunePlan,
+        *,
+        threshold: tuple[int, int] | None = None,
+        norms: dict[str, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(source, provenance_step("prune", plan.params, [source]))
         self.plan, self.dtype, self._norms = plan, dtype, norms or {}
         self._targets = set(plan.targets)
         if plan.method == "wanda":
             missing = [n for n in plan.targets if n.removesuffix(".weight") not in self._norms]
             if missing:
-                raise ConfigError(f"{source.path}: no calibration activations reached {missing[0]!r} "
-                                  f"(not a Linear layer?)")
+                raise ConfigError(
+                    f"{source.path}: no calibration activations reached {missing[0]!r} (not a Linear layer?)"
+                )
         self._threshold = threshold[0] if threshold else None
         self._ties = threshold[1] if threshold else 0  # entries equal to the threshold still to drop, overall
         self._ties_used: dict[str, int] = {}  # target → how many of those ties it dropped
@@ -227,9 +249,17 @@ class PrunedView(CheckpointView):
         return name in self._targets
 
 
-def open_pruned(src: Checkpoint | str | os.PathLike, *, method: str = "magnitude", sparsity: float | None = None,
-                scope: str = "layer", pattern: str | None = None, skip: Sequence[str] = (),
-                default_skip: bool = True, dtype: str | torch.dtype | None = None) -> PrunedView:
+def open_pruned(
+    src: Checkpoint | str | os.PathLike,
+    *,
+    method: str = "magnitude",
+    sparsity: float | None = None,
+    scope: str = "layer",
+    pattern: str | None = None,
+    skip: Sequence[str] = (),
+    default_skip: bool = True,
+    dtype: str | torch.dtype | None = None,
+) -> PrunedView:
     """``src`` pruned without data, as a lazy read-only tensor dict: magnitude (``scope`` "layer": each tensor at
     exactly ``sparsity``; "global": one threshold over all pruned tensors, exact overall) or ``pattern`` "N:M".
 
@@ -243,7 +273,8 @@ def open_pruned(src: Checkpoint | str | os.PathLike, *, method: str = "magnitude
     if method == "wanda":
         raise ConfigError("wanda measures activations through the model: it has no lazy view (use prune)")
     ckpt = as_checkpoint(src)
-    plan = plan_unstructured(ckpt, method=method, sparsity=sparsity, scope=scope, pattern=pattern,
-                             skip=skip_patterns(skip, default_skip))
+    plan = plan_unstructured(
+        ckpt, method=method, sparsity=sparsity, scope=scope, pattern=pattern, skip=skip_patterns(skip, default_skip)
+    )
     threshold = global_threshold(ckpt, plan.targets, plan.sparsity) if scope == "global" else None
     return PrunedView(ckpt, plan, threshold=threshold, dtype=parse_dtype(dtype))

@@ -31,8 +31,11 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _linears(module: nn.Module, prefix: str) -> dict[str, nn.Module]:
     """Linear-like submodules (nn.Linear, GPT-2's Conv1D) by full name."""
-    return {f"{prefix}{name}": m for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    return {
+        f"{prefix}{name}": m
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    }
 
 
 class _NormHooks:
@@ -48,6 +51,7 @@ class _NormHooks:
             x = x.reshape(-1, x.shape[-1])  # (tokens, in)
             acc = self.sumsq.get(name)
             self.sumsq[name] = (x * x).sum(0) if acc is None else acc + (x * x).sum(0)
+
         return hook
 
     def close(self) -> dict[str, Tensor]:
@@ -56,9 +60,11 @@ class _NormHooks:
         return {name: s.sqrt() for name, s in self.sumsq.items()}
 
 
-def input_norms(model: nn.Module, samples: list[Tensor],
-                prune_block: Callable[[dict[str, nn.Module], dict[str, Tensor]], None] | None = None
-                ) -> dict[str, Tensor]:
+def input_norms(
+    model: nn.Module,
+    samples: list[Tensor],
+    prune_block: Callable[[dict[str, nn.Module], dict[str, Tensor]], None] | None = None,
+) -> dict[str, Tensor]:
     """‖X_j‖₂ per input feature for every Linear of ``model``: {module name: [in]}.
 
     ``samples`` are ``input_ids`` tensors [1, T]. ``prune_block(modules, norms)``, if given, is called after each

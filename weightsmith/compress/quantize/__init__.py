@@ -27,8 +27,19 @@ from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size
 
-__all__ = ["DEFAULT_IGNORE", "NF4", "REGISTRY", "SCHEMES", "Int8", "QuantizedView", "dequantize", "make_scheme",
-           "open_quantized", "quantize", "relative_error"]
+__all__ = [
+    "DEFAULT_IGNORE",
+    "NF4",
+    "REGISTRY",
+    "SCHEMES",
+    "Int8",
+    "QuantizedView",
+    "dequantize",
+    "make_scheme",
+    "open_quantized",
+    "quantize",
+    "relative_error",
+]
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -39,9 +50,16 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return err / norm if norm else (0.0 if err == 0 else float("inf"))
 
 
-def quantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, scheme: str | Scheme = "int8", *,
-             ignore: Sequence[str] | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False,
-             **options: Any) -> Report:
+def quantize(
+    src: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    scheme: str | Scheme = "int8",
+    *,
+    ignore: Sequence[str] | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    **options: Any,
+) -> Report:
     """Quantize the 2-D Linear weights of ``src`` and write a checkpoint that ``from_pretrained`` loads as is.
 
     ``scheme``: "int8" / ``Int8(group_size=None, weight_only=False)`` (compressed-tensors W8A8 dynamic or W8A16) or
@@ -60,8 +78,14 @@ def quantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, scheme
     targets = set(selection.targets)
     rows, linear_in, linear_out = [], 0, 0
     with report.timed("total"):
-        writer = CheckpointWriter(out, steps=[provenance_step("quantize", view.params, [ckpt])], config=view.config,
-                                  carry=ckpt.carry_files, shard_size=shard_size, force=force)
+        writer = CheckpointWriter(
+            out,
+            steps=[provenance_step("quantize", view.params, [ckpt])],
+            config=view.config,
+            carry=ckpt.carry_files,
+            shard_size=shard_size,
+            force=force,
+        )
         with writer:
             for name in progress(ckpt, total=len(ckpt), desc=f"quantize {config.name}"):
                 if name not in targets:
@@ -75,25 +99,42 @@ def quantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, scheme
                 stored = sum(v.numel() * v.element_size() for v in parts.values())
                 linear_in += tensor.numel() * tensor.element_size()
                 linear_out += stored
-                rows.append({"name": name, "shape": list(tensor.shape),
-                             "rel_error": relative_error(tensor, codec.dequantize_module(parts)),
-                             "bytes_in": tensor.numel() * tensor.element_size(), "bytes_out": stored})
+                rows.append(
+                    {
+                        "name": name,
+                        "shape": list(tensor.shape),
+                        "rel_error": relative_error(tensor, codec.dequantize_module(parts)),
+                        "bytes_in": tensor.numel() * tensor.element_size(),
+                        "bytes_out": stored,
+                    }
+                )
     errors = [r["rel_error"] for r in rows]
     worst = max(rows, key=lambda r: r["rel_error"])
     report.summary.update(
-        source=str(ckpt.path), scheme=config.label, format=_format_label(config),
-        quantized_tensors=len(rows), kept_float_modules=len(selection.kept),
-        bytes_in=ckpt.nbytes, bytes_out=writer.total_size, size_in=format_size(ckpt.nbytes),
-        size_out=format_size(writer.total_size), compression_ratio=round(ckpt.nbytes / writer.total_size, 3),
+        source=str(ckpt.path),
+        scheme=config.label,
+        format=_format_label(config),
+        quantized_tensors=len(rows),
+        kept_float_modules=len(selection.kept),
+        bytes_in=ckpt.nbytes,
+        bytes_out=writer.total_size,
+        size_in=format_size(ckpt.nbytes),
+        size_out=format_size(writer.total_size),
+        compression_ratio=round(ckpt.nbytes / writer.total_size, 3),
         linear_bytes_ratio=round(linear_out / linear_in, 4),
-        rel_error_mean=sum(errors) / len(errors), rel_error_max=worst["rel_error"], worst_tensor=worst["name"],
-        shards=writer.num_shards)
+        rel_error_mean=sum(errors) / len(errors),
+        rel_error_max=worst["rel_error"],
+        worst_tensor=worst["name"],
+        shards=writer.num_shards,
+    )
     report.details["ignored_modules"] = selection.kept
     report.tensors = sorted(rows, key=lambda r: -r["rel_error"])  # worst first: the text report shows the top rows
     report.notes += selection.notes
     if view.config is None:
-        report.notes.append("no config.json in the input: the output has no quantization_config and "
-                            "from_pretrained will not load it as a quantized model")
+        report.notes.append(
+            "no config.json in the input: the output has no quantization_config and "
+            "from_pretrained will not load it as a quantized model"
+        )
     return report
 
 

@@ -15,8 +15,14 @@ from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
 
 
-def dequantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-               shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False) -> Report:
+def dequantize(
+    src: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> Report:
     """Write the float checkpoint a quantized one stands for: W = q·s (int8) or bitsandbytes' ``dequantize_4bit``
     (NF4), in the original dtype recorded by the format (or ``dtype``); ``quantization_config`` is dropped.
 
@@ -33,13 +39,27 @@ def dequantize(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, *, d
     report = Report("dequantize", output=str(out))
     params = {"dtype": str(target) if target else None, "scheme": layout.scheme.to_dict()}
     with report.timed("total"):
-        writer = CheckpointWriter(out, steps=[provenance_step("dequantize", params, [ckpt])], config=view.config,
-                                  carry=ckpt.carry_files, dtype=target, shard_size=shard_size, force=force)
+        writer = CheckpointWriter(
+            out,
+            steps=[provenance_step("dequantize", params, [ckpt])],
+            config=view.config,
+            carry=ckpt.carry_files,
+            dtype=target,
+            shard_size=shard_size,
+            force=force,
+        )
         with writer:
             for name in progress(view, total=len(view), desc="dequantize"):
                 writer.write(name, view[name])
-    report.summary.update(source=str(ckpt.path), scheme=layout.scheme.label, method=layout.method,
-                          dequantized_tensors=len(layout.modules), bytes_in=ckpt.nbytes,
-                          bytes_out=writer.total_size, size_in=format_size(ckpt.nbytes),
-                          size_out=format_size(writer.total_size), shards=writer.num_shards)
+    report.summary.update(
+        source=str(ckpt.path),
+        scheme=layout.scheme.label,
+        method=layout.method,
+        dequantized_tensors=len(layout.modules),
+        bytes_in=ckpt.nbytes,
+        bytes_out=writer.total_size,
+        size_in=format_size(ckpt.nbytes),
+        size_out=format_size(writer.total_size),
+        shards=writer.num_shards,
+    )
     return report

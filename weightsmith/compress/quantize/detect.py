@@ -56,9 +56,19 @@ def detect(ckpt: Checkpoint) -> QuantizedLayout | None:
         scheme = None
         if modules:
             first = nf4.read_quant_state(ckpt[next(iter(modules.values()))[nf4.QUANT_STATE]])
-            scheme = nf4.scheme_from_config(qc or {"load_in_4bit": True, "bnb_4bit_quant_type": first["quant_type"],
-                                                   "bnb_4bit_use_double_quant": "nested_offset" in first},
-                                            blocksize=first["blocksize"]) if first["quant_type"] == "nf4" else None
+            scheme = (
+                nf4.scheme_from_config(
+                    qc
+                    or {
+                        "load_in_4bit": True,
+                        "bnb_4bit_quant_type": first["quant_type"],
+                        "bnb_4bit_use_double_quant": "nested_offset" in first,
+                    },
+                    blocksize=first["blocksize"],
+                )
+                if first["quant_type"] == "nf4"
+                else None
+            )
         ignore = list((qc or {}).get("llm_int8_skip_modules") or [])
         return QuantizedLayout(scheme, method, modules, ignore)
     if method == "compressed-tensors":
@@ -76,7 +86,7 @@ def _int8_from_tensors(ckpt: Checkpoint, modules: dict[str, dict[str, str]]):
     if not weight_only and ("weight" not in parts or ckpt.info(parts["weight"]).dtype != torch.int8):
         return None
     scale = ckpt.info(parts["weight_scale"]).shape
-    width = (int(ckpt[parts["weight_shape"]][1]) if weight_only else ckpt.info(parts["weight"]).shape[1])
+    width = int(ckpt[parts["weight_shape"]][1]) if weight_only else ckpt.info(parts["weight"]).shape[1]
     return int8.Int8(weight_only=weight_only, group_size=None if scale[1] == 1 else width // scale[1])
 
 
@@ -85,11 +95,16 @@ class FloatView(Mapping[str, torch.Tensor]):
 
     def __init__(self, ckpt: Checkpoint, layout: QuantizedLayout):
         if layout.scheme is None:
-            raise CheckpointError(f"{ckpt.path}: quantized with {layout.method} in a form weightsmith does not read "
-                                  f"(supported: compressed-tensors int8, bitsandbytes NF4)")
+            raise CheckpointError(
+                f"{ckpt.path}: quantized with {layout.method} in a form weightsmith does not read "
+                f"(supported: compressed-tensors int8, bitsandbytes NF4)"
+            )
         self.ckpt, self.layout, self.path = ckpt, layout, ckpt.path
-        self.config = {k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"} \
-            if ckpt.config is not None else None
+        self.config = (
+            {k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}
+            if ckpt.config is not None
+            else None
+        )
         owner = {name: module for module, parts in layout.modules.items() for name in parts.values()}
         self._infos: dict[str, TensorInfo] = {}
         self._module_of: dict[str, str] = {}
@@ -161,15 +176,23 @@ def describe(ckpt: Checkpoint) -> dict | None:
     layout = detect(ckpt)
     if layout is None:
         return None
-    facts = {"method": layout.method, "scheme": layout.scheme.label if layout.scheme else None,
-             "quantized_modules": len(layout.modules), "ignored_modules": layout.ignore}
+    facts = {
+        "method": layout.method,
+        "scheme": layout.scheme.label if layout.scheme else None,
+        "quantized_modules": len(layout.modules),
+        "ignored_modules": layout.ignore,
+    }
     if layout.scheme is None:
         return facts
     view = FloatView(ckpt, layout)
-    facts.update(bits=4 if layout.method == "bitsandbytes" else 8, group_size=layout.scheme.group_size,
-                 format=layout.codec.format_name(layout.scheme) if layout.method != "bitsandbytes" else "nf4",
-                 float_bytes=view.nbytes, stored_bytes=ckpt.nbytes,
-                 compression_ratio=round(view.nbytes / ckpt.nbytes, 3) if ckpt.nbytes else None)
+    facts.update(
+        bits=4 if layout.method == "bitsandbytes" else 8,
+        group_size=layout.scheme.group_size,
+        format=layout.codec.format_name(layout.scheme) if layout.method != "bitsandbytes" else "nf4",
+        float_bytes=view.nbytes,
+        stored_bytes=ckpt.nbytes,
+        compression_ratio=round(view.nbytes / ckpt.nbytes, 3) if ckpt.nbytes else None,
+    )
     if layout.method == "bitsandbytes":
         facts["double_quant"] = layout.scheme.double_quant
     return facts

@@ -68,6 +68,7 @@ def unpack_int8(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 # -- the format: what one module's tensors are, and the config that describes them ----------------------------------
 
+
 def check(scheme: Int8, name: str, shape: tuple[int, ...]) -> str | None:
     """Why ``name`` cannot be quantized with ``scheme``, or None."""
     if scheme.group_size and shape[1] % scheme.group_size:
@@ -79,20 +80,27 @@ def quantize_module(scheme: Int8, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """One Linear weight [out, in] → its stored tensors, keyed by the suffix after the module name."""
     q, scale = quantize_int8(w, scheme.group_size)
     if scheme.weight_only:
-        return {"weight_packed": pack_int8(q), "weight_scale": scale,
-                "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+        return {
+            "weight_packed": pack_int8(q),
+            "weight_scale": scale,
+            "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
+        }
     return {"weight": q, "weight_scale": scale}
 
 
-def describe(scheme: Int8, shape: tuple[int, ...], dtype: torch.dtype
-             ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def describe(
+    scheme: Int8, shape: tuple[int, ...], dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) of each tensor ``quantize_module`` stores for a weight of ``shape`` and ``dtype``, in the
     same order, without computing anything."""
     out_features, in_features = shape
     scale = ((out_features, in_features // (scheme.group_size or in_features)), dtype)
     if scheme.weight_only:
-        return {"weight_packed": ((out_features, -(-in_features // 4)), torch.int32), "weight_scale": scale,
-                "weight_shape": ((2,), torch.int64)}
+        return {
+            "weight_packed": ((out_features, -(-in_features // 4)), torch.int32),
+            "weight_scale": scale,
+            "weight_shape": ((2,), torch.int64),
+        }
     return {"weight": ((out_features, in_features), torch.int8), "weight_scale": scale}
 
 
@@ -110,8 +118,14 @@ STORED_SUFFIXES = ("weight", "weight_scale", "weight_packed", "weight_shape", "w
 
 
 def _args(strategy: str | None, group_size: int | None, dynamic: bool) -> dict:
-    return {"dynamic": dynamic, "group_size": group_size, "num_bits": 8, "strategy": strategy, "symmetric": True,
-            "type": "int"}
+    return {
+        "dynamic": dynamic,
+        "group_size": group_size,
+        "num_bits": 8,
+        "strategy": strategy,
+        "symmetric": True,
+        "type": "int",
+    }
 
 
 def format_name(scheme: Int8) -> str:
@@ -123,12 +137,26 @@ def quantization_config(scheme: Int8, ignore: list[str]) -> dict:
     writes for the same scheme (``ignore`` lists exact module names; "Linear" targets every other nn.Linear)."""
     fmt = format_name(scheme)
     weights = _args("group" if scheme.group_size else "channel", scheme.group_size, False)
-    group = {"format": fmt, "input_activations": None if scheme.weight_only else _args("token", None, True),
-             "output_activations": None, "targets": ["Linear"], "weights": weights}
-    return {"config_groups": {"group_0": group}, "format": fmt, "global_compression_ratio": None,
-            "ignore": list(ignore), "kv_cache_scheme": None, "moe_sparsity_config": None,
-            "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
-            "transform_config": {}, **_schema_version()}
+    group = {
+        "format": fmt,
+        "input_activations": None if scheme.weight_only else _args("token", None, True),
+        "output_activations": None,
+        "targets": ["Linear"],
+        "weights": weights,
+    }
+    return {
+        "config_groups": {"group_0": group},
+        "format": fmt,
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        **_schema_version(),
+    }
 
 
 def _schema_version() -> dict[str, str]:

@@ -43,16 +43,26 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     ``QuantState.as_dict(packed=True)`` (the serialiser transformers uses).
     """
     F = _bnb()
-    packed, state = F.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
-                                    quant_type="nf4", quant_storage=torch.uint8)
+    packed, state = F.quantize_4bit(
+        w.contiguous(),
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+    )
     out = {"weight": packed}
     out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
     return out
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, state: dict,
-                   nested_absmax: torch.Tensor | None = None, nested_quant_map: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    state: dict,
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+) -> torch.Tensor:
     """W = quant_map[code] · absmax[block], codes read two a byte (high nibble first) and blocks of ``blocksize``
     taken over the flattened tensor, as quantize_4bit forms them. With double quant the absmax is first
     nested_quant_map[absmax] · nested_absmax[block of nested_blocksize] + nested_offset.
@@ -84,9 +94,14 @@ def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> to
 
 def dequantize_module(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """A module's stored tensors (suffix → tensor) → its float weight, in the dtype its quant state records."""
-    return dequantize_nf4(parts["weight"], parts["weight.absmax"], parts["weight.quant_map"],
-                          read_quant_state(parts[QUANT_STATE]), parts.get("weight.nested_absmax"),
-                          parts.get("weight.nested_quant_map"))
+    return dequantize_nf4(
+        parts["weight"],
+        parts["weight.absmax"],
+        parts["weight.quant_map"],
+        read_quant_state(parts[QUANT_STATE]),
+        parts.get("weight.nested_absmax"),
+        parts.get("weight.nested_quant_map"),
+    )
 
 
 def read_quant_state(raw: torch.Tensor) -> dict:
@@ -111,8 +126,9 @@ _QUANT_MAP_SIZE, _NESTED_MAP_SIZE = 16, 256
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax in blocks of 256 with double quant
 
 
-def describe(scheme: NF4, shape: tuple[int, ...], dtype: torch.dtype
-             ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
+def describe(
+    scheme: NF4, shape: tuple[int, ...], dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
     """The (shape, dtype) of each tensor ``quantize_module`` stores for a weight of ``shape`` and ``dtype``, in the
     same order, without computing anything.
 
@@ -134,30 +150,53 @@ def describe(scheme: NF4, shape: tuple[int, ...], dtype: torch.dtype
         out[QUANT_STATE] = (None, torch.uint8)
     else:
         # bitsandbytes' QuantState.as_dict(packed=True) serialises exactly this with json.dumps
-        state = {"quant_type": "nf4", "blocksize": scheme.group_size, "dtype": str(dtype).removeprefix("torch."),
-                 "shape": list(shape)}
+        state = {
+            "quant_type": "nf4",
+            "blocksize": scheme.group_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "shape": list(shape),
+        }
         out[QUANT_STATE] = ((len(json.dumps(state).encode()),), torch.uint8)
     return out
 
 
-STORED_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-                   QUANT_STATE)
+STORED_SUFFIXES = (
+    "weight",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    QUANT_STATE,
+)
 
 
 def quantization_config(scheme: NF4, ignore: list[str]) -> dict:
     """config.json's ``quantization_config`` as transformers' ``BitsAndBytesConfig.to_dict()`` writes it for a 4-bit
     NF4 model. ``llm_int8_skip_modules`` lists every module left in float: given a list, transformers converts all
     other nn.Linear modules to Linear4bit on load (and adds no default skips of its own)."""
-    return {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": scheme.compute_dtype,
-            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_use_double_quant": scheme.double_quant, "llm_int8_enable_fp32_cpu_offload": False,
-            "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": list(ignore), "llm_int8_threshold": 6.0,
-            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes"}
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": scheme.compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": scheme.double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": list(ignore),
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
 
 
 def scheme_from_config(qc: dict, blocksize: int = 64) -> NF4 | None:
     """The NF4 scheme a bitsandbytes ``quantization_config`` describes, or None (8-bit or FP4 are not read)."""
     if not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
         return None
-    return NF4(group_size=blocksize, double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
-               compute_dtype=qc.get("bnb_4bit_compute_dtype") or "float32")
+    return NF4(
+        group_size=blocksize,
+        double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
+        compute_dtype=qc.get("bnb_4bit_compute_dtype") or "float32",
+    )

@@ -34,8 +34,9 @@ class Int8:
     weight_only: bool = False
 
     def __post_init__(self) -> None:
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                                            or self.group_size < 1):
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
             raise ConfigError(f"int8: group_size {self.group_size!r} must be a positive integer")
         if not isinstance(self.weight_only, bool):
             raise ConfigError(f"int8: weight_only {self.weight_only!r} must be true or false")
@@ -64,8 +65,10 @@ class NF4:
 
     def __post_init__(self) -> None:
         if self.group_size not in _BNB_BLOCKSIZES or isinstance(self.group_size, bool):
-            raise ConfigError(f"nf4: group_size {self.group_size!r} must be one of "
-                              f"{', '.join(map(str, _BNB_BLOCKSIZES))} (bitsandbytes block sizes)")
+            raise ConfigError(
+                f"nf4: group_size {self.group_size!r} must be one of "
+                f"{', '.join(map(str, _BNB_BLOCKSIZES))} (bitsandbytes block sizes)"
+            )
         if not isinstance(self.double_quant, bool):
             raise ConfigError(f"nf4: double_quant {self.double_quant!r} must be true or false")
         dtype = str(self.compute_dtype).removeprefix("torch.")

@@ -61,8 +61,10 @@ class QuantizedView(CheckpointView):
                 self._described[out] = described
         self._names = set(self._order)
         if source.config is not None:
-            self.config = {**source.config,
-                           "quantization_config": self.codec.quantization_config(scheme, selection.kept)}
+            self.config = {
+                **source.config,
+                "quantization_config": self.codec.quantization_config(scheme, selection.kept),
+            }
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None  # (source weight, its stored tensors)
 
     @property
@@ -113,8 +115,13 @@ class QuantizedView(CheckpointView):
         return name
 
 
-def open_quantized(src: Checkpoint | str | os.PathLike, scheme: str | Scheme = "int8", *,
-                   ignore: Sequence[str] | None = None, **options: Any) -> QuantizedView:
+def open_quantized(
+    src: Checkpoint | str | os.PathLike,
+    scheme: str | Scheme = "int8",
+    *,
+    ignore: Sequence[str] | None = None,
+    **options: Any,
+) -> QuantizedView:
     """``src`` with its 2-D Linear weights quantized, as a lazy read-only tensor dict in the output format.
 
     ``scheme``, ``ignore`` and ``options`` as for ``quantize``. Every refusal happens now (a PEFT adapter, an already
@@ -130,8 +137,10 @@ def open_quantized(src: Checkpoint | str | os.PathLike, scheme: str | Scheme = "
         raise IncompatibleError(f"{ckpt.path}: a PEFT adapter; quantize the merged model instead")
     layout = detect(ckpt)
     if layout is not None:
-        raise IncompatibleError(f"{ckpt.path}: already quantized ({layout.method}"
-                                f"{', ' + layout.scheme.label if layout.scheme else ''}); dequantize it first")
+        raise IncompatibleError(
+            f"{ckpt.path}: already quantized ({layout.method}"
+            f"{', ' + layout.scheme.label if layout.scheme else ''}); dequantize it first"
+        )
     selection = plan(ckpt, ignore)
     if not selection.targets:
         why = "; ".join(selection.notes) or "all ignored or none present"
