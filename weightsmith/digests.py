@@ -28,10 +28,10 @@ def file_sha256(path: Path) -> str:
     """sha256 of a file (as ``sha256sum`` prints it), remembered per (path, size, mtime) for this process."""
     key = _key(Path(path))
     with _LOCK:
-        future = _DIGESTS.get(key)
-        mine = future is None
-        if mine:
-            future = _DIGESTS[key] = Future()
+        known = _DIGESTS.get(key)
+        mine = known is None
+        future: Future = Future() if known is None else known
+        _DIGESTS[key] = future
     if mine:
         try:
             future.set_result(_sha256(Path(path)))
@@ -79,6 +79,7 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
 
 def _collect(helper: subprocess.Popen, pending: dict[tuple[str, int, int], Future]) -> None:
     by_path = {key[0]: future for key, future in pending.items()}
+    assert helper.stdout is not None  # started with stdout=PIPE
     with helper.stdout:
         for line in helper.stdout:
             digest, _, path = line.rstrip("\n").partition("  ")

@@ -378,7 +378,7 @@ def _run_step(
     if step.kind == "lora_merge":
         params["adapters"] = _adapters(params.get("adapters", []))
     try:
-        if _hands_view(r, step.index):
+        if _hands_view(r, step.index) and step.row.view is not None:
             module, name = step.row.view.split(":")
             view_params = {k: v for k, v in params.items() if k not in _WRITER_ONLY}
             view = getattr(importlib.import_module(module), name)(current, **view_params)
@@ -395,6 +395,7 @@ def _run_step(
             options = {k: v for k, v in params.items() if k in _MERGE_RUN_OPTIONS}
             sub = fn(config, out, force=force and last, **options)
         else:
+            assert step.row.source is not None  # only merge steps have none
             sub = fn(**{step.row.source: current}, out=out, force=force and last, **params)
     except WeightsmithError as exc:
         raise type(exc)(f"{step.label()}: {exc}") from None

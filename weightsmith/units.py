@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from weightsmith.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _SIZE_UNITS = {
     "": 1,
@@ -63,7 +67,7 @@ def format_size(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
-def parse_dtype(name: str | None):
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """A torch float dtype from ``bf16``/``bfloat16``/``torch.bfloat16``…; None passes through."""
     if name is None:
         return None

@@ -134,7 +134,7 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         info, begin, end = self.entries[name]
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
@@ -152,7 +152,8 @@ class TorchFile:
     """One ``pytorch_model*.bin`` file, loaded with ``weights_only=True`` (never arbitrary unpickling)."""
 
     def __init__(self, path: Path, label: str):
-        self.path, self.label, self.metadata = path, label, {}
+        self.path, self.label = path, label
+        self.metadata: dict[str, str] = {}
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols; the refusal below says it all
                 warnings.simplefilter("ignore")

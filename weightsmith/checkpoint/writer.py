@@ -32,13 +32,16 @@ def resolve_steps(steps: Sequence[dict], submit: Callable[..., Future] | None = 
     submit = submit or _run_now
     resolved = []
     for step in _with_history(steps):
-        inputs = []
+        inputs: list[dict] = []
         for item in step.get("inputs", []):
             if isinstance(item, dict):  # already resolved (a step recorded in an input's metadata)
                 inputs.append(item)
                 continue
             ckpt = item if isinstance(item, Checkpoint) else None
-            entry = {"path": str(ckpt.path if ckpt else item), "sha256": submit(ckpt.digest) if ckpt else None}
+            entry: dict[str, Any] = {
+                "path": str(ckpt.path if ckpt else item),
+                "sha256": submit(ckpt.digest) if ckpt else None,
+            }
             if isinstance(ckpt, CheckpointView):  # read through lazily applied steps
                 entry["via"] = [h["operation"] for h in ckpt.history[len(ckpt.source.history) :]]
             inputs.append(entry)
@@ -102,7 +105,7 @@ class _Shard:
         }
         self.size += data.nbytes
         self.wait()
-        self._pending = self.io.submit(_pwrite_all, self.file.fileno(), memoryview(data), offset)
+        self._pending = self.io.submit(_pwrite_all, self.file.fileno(), memoryview(data), offset)  # type: ignore[arg-type]
 
     def wait(self) -> None:
         if self._pending is not None:

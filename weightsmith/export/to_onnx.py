@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import functools
 import inspect
 import io
 import logging
@@ -23,6 +24,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,8 +146,10 @@ def onnx(
             with report.timed("quantize"):
                 final_path = _quantize_int8(float_path, tmp / "int8" / out.name, big)
                 text = _text_inputs(tokenizer, model.config, input_names)
-                quality = _int8_quality(float_sess, _session(final_path), [text] if text else inputs.values())
-                quality["inputs"] = f"{len(QUALITY_TEXT)} sentences" if text else "random token ids"
+                quality: dict[str, Any] = {
+                    **_int8_quality(float_sess, _session(final_path), [text] if text else inputs.values()),
+                    "inputs": f"{len(QUALITY_TEXT)} sentences" if text else "random token ids",
+                }
             report.details["int8"] = {
                 **quality,
                 "float_size": format_size(float_size),
@@ -184,6 +188,7 @@ def onnx(
     report.details["parity (max |Δ| by batch×sequence)"] = parity
     report.details["latency (median ms)"] = latency
     report.details["files"] = written
+    assert ckpt.config is not None  # _check_source refused a checkpoint without one
     stored = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32"
     report.notes.append(f"{stored} checkpoint exported in float32; dynamic axes: batch, sequence; no KV cache")
     return report
@@ -215,6 +220,7 @@ def _check_source(ckpt: Checkpoint) -> None:
 def _dequantized(ckpt: Checkpoint, folder: Path, report: Report) -> Checkpoint:
     """A compressed-tensors int8 / bitsandbytes NF4 checkpoint written out as float32 (W = q·s, or bnb's
     dequantize_4bit) with weightsmith's own ``dequantize``; float checkpoints pass through."""
+    assert ckpt.config is not None  # _check_source refused a checkpoint without one
     quant = ckpt.config.get("quantization_config")
     if not quant:
         return ckpt
@@ -248,6 +254,7 @@ def _build(ckpt: Checkpoint, task: str):
 
     auto_name, output_name = TASKS[task]
     auto = getattr(transformers, auto_name)
+    assert ckpt.config is not None  # _check_source refused a checkpoint without one
     model_type = ckpt.config.get("model_type", "?")
     bars, verbosity = transformers.utils.logging.is_progress_bar_enabled(), transformers.logging.get_verbosity()
     transformers.utils.logging.disable_progress_bar()  # our refusal below is the one line; no load report around it
@@ -283,7 +290,7 @@ def _build(ckpt: Checkpoint, task: str):
         names = [
             n
             for n in _TOKENIZER_INPUTS
-            if n in params and (n != "token_type_ids" or getattr(model.config, "type_vocab_size", 0))
+            if n in params and (n != "token_type_ids" or bool(getattr(model.config, "type_vocab_size", 0)))
         ]
     if "input_ids" not in names or "attention_mask" not in names:
         raise IncompatibleError(
@@ -497,7 +504,7 @@ def _int8_quality(float_sess, int8_sess, inputs) -> dict[str, float]:
         if f.shape[0] == int(mask.sum()):  # per-position rows: pool each sequence's rows
             owner = torch.arange(mask.shape[0]).repeat_interleave(mask.sum(1))  # (n,) row → sequence
             sums = [torch.zeros(mask.shape[0], f.shape[1], dtype=f.dtype).index_add_(0, owner, x) for x in (q, f)]
-            pooled.append(torch.nn.functional.cosine_similarity(*sums, dim=-1))
+            pooled.append(torch.nn.functional.cosine_similarity(sums[0], sums[1], dim=-1))
         err += (q - f).pow(2).sum().item()
         norm += f.pow(2).sum().item()
     cos = torch.cat(cosines)
@@ -528,7 +535,7 @@ def _latency(wrapper: _Wrapper, final_path: Path, float_path: Path | None, confi
     previous = torch.get_num_threads()
     torch.set_num_threads(LATENCY_THREADS)
     try:
-        result = {
+        result: dict[str, Any] = {
             "shape": f"8x{seq}",
             "threads": LATENCY_THREADS,
             "torch_eager": _median_ms(lambda: _torch_run(wrapper, feeds)),
@@ -538,7 +545,7 @@ def _latency(wrapper: _Wrapper, final_path: Path, float_path: Path | None, confi
     graphs = {"ort_float": float_path, "ort_int8": final_path} if float_path else {"ort_float": final_path}
     for key, path in graphs.items():
         session = _session(path, LATENCY_THREADS)
-        result[key] = _median_ms(lambda s=session: _ort_run(s, feeds))
+        result[key] = _median_ms(functools.partial(_ort_run, session, feeds))
     result["ort_speedup_vs_torch"] = round(result["torch_eager"] / result[list(graphs)[-1]], 3)
     return result
 

@@ -109,6 +109,7 @@ def _check_student(teacher: Checkpoint, student: Checkpoint, t_arch: str) -> Non
     """Refuse a student that cannot learn from this teacher: another vocabulary, another kind of model."""
     if student.config is None:
         raise CheckpointError(f"{student.path}: no config.json; the student must be a transformers model directory")
+    assert teacher.config is not None  # its architecture was read from it
     t_vocab, s_vocab = teacher.config.get("vocab_size"), student.config.get("vocab_size")
     t_rows, s_rows = _embedding_rows(teacher), _embedding_rows(student)
     if t_vocab != s_vocab or t_rows != s_rows:
@@ -273,6 +274,7 @@ def distill(
             with report.timed("init_student"):
                 s_dir = S.write_student(t_ckpt, Path(tmp) / "student", kept)
         else:
+            assert s_ckpt is not None  # a student is given when no layers are kept from the teacher
             s_dir = s_ckpt.path
         plan = T.Plan(
             kind=kind,

@@ -224,8 +224,8 @@ def _evaluate(acc, trainee: _Trainee, teacher, plan: Plan) -> dict[str, float]:
         sums += torch.tensor([float(loss) * n, float(metric) * n, n], dtype=torch.float64)
     model.train()
     sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
-    n = max(float(sums[2]), 1.0)
-    return {"loss": float(sums[0]) / n, "cosine" if plan.kind == "encoder" else "ce": float(sums[1]) / n}
+    count = max(float(sums[2]), 1.0)
+    return {"loss": float(sums[0]) / count, "cosine" if plan.kind == "encoder" else "ce": float(sums[1]) / count}
 
 
 def run(plan: Plan) -> Result:
@@ -277,6 +277,7 @@ def run(plan: Plan) -> Result:
     start = 0
     if plan.resume:
         latest = _latest_state(plan.state_dir)
+        assert latest is not None  # checked before the model was built
         acc.load_state(str(latest))
         start = json.loads((latest / STATE_FILE).read_text())["step"]
 
