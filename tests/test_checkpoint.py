@@ -178,7 +178,7 @@ def test_failure_midway_leaves_nothing(tmp_path, exc):
 def test_force_replaces_and_refusal_keeps_old(tmp_path):
     out = tmp_path / "out"
     ws.save({"a": torch.ones(3)}, out)
-    with pytest.raises(WeightsmithError, match="--force"):
+    with pytest.raises(WeightsmithError, match="`force`"):
         ws.save({"b": torch.zeros(3)}, out)
     assert set(ws.open(out)) == {"a"}
     ws.save({"b": torch.zeros(3)}, out, force=True)

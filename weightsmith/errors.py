@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class WeightsmithError(Exception):
-    """Bad input or a refused operation: one line naming the file, the tensor and the problem."""
+    """Bad input or a refused operation: one line naming the file, the tensor and the problem.
+
+    A message names the parameters it is about in backticks (`sparsity`), as a library caller spells them; the CLI
+    writes each one that is an option of the command as its flag (--sparsity)."""
 
 
 class CheckpointError(WeightsmithError):

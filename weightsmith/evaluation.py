@@ -216,7 +216,7 @@ def evaluate(
     if reference is not None and reference.causal != runner.causal:
         raise ConfigError(f"{path}: cannot compare a causal LM with an encoder ({ref})")
     if reference is None and not runner.causal:
-        raise ConfigError(f"{path}: an encoder has no perplexity; pass --ref REFERENCE to compare embeddings")
+        raise ConfigError(f"{path}: an encoder has no perplexity; pass `ref`, a reference model, to compare embeddings")
     tok_dir = runner.tokenizer_dir
     try:
         require_tokenizer(tok_dir)

@@ -49,7 +49,7 @@ class Report:
         if self.tensors:
             lines += ["", *_table(self.tensors[:max_rows])]
             if len(self.tensors) > max_rows:
-                lines.append(f"… {len(self.tensors) - max_rows} more rows (use --json for all)")
+                lines.append(f"… {len(self.tensors) - max_rows} more rows (the JSON report has all)")
         if self.notes:
             lines += ["", *[f"note: {n}" for n in self.notes]]
         if self.timings:

@@ -310,7 +310,7 @@ def check_destination(out: Path, force: bool) -> None:
     out = Path(out)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         if not force:
-            raise DestinationError(f"{out}: already exists and is not empty (use --force to replace it)")
+            raise DestinationError(f"{out}: already exists and is not empty (set `force` to replace it)")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():

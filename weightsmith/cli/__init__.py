@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import importlib
 import os
+import re
 import sys
 import traceback
 
@@ -43,8 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_spellings(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Parameter name → the long flag that sets it, over every subcommand (a parameter has one flag everywhere)."""
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                for dest, flag in flag_spellings(subparser).items():
+                    flags.setdefault(dest, flag)
+        elif action.option_strings and action.option_strings[-1].startswith("--"):
+            flags.setdefault(action.dest, action.option_strings[-1])
+    return flags
+
+
+def spell_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message with each backticked parameter that is a flag written as the flag (`force` → --force)."""
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # Idle OpenMP threads sleep instead of spinning: the streamed work runs many short parallel ops beside the I/O
     # thread and the digest helper, and a spinning thread takes their core (on two cores a LoRA fold ran 1.5-1.7×
     # slower, and merges 10-20× slower on a machine busy with other work). Set before torch is imported; the user's
@@ -58,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = args.handler(args)
     except WeightsmithError as exc:
-        print(f"weightsmith: error: {exc}", file=sys.stderr)
+        print(f"weightsmith: error: {spell_flags(str(exc), flag_spellings(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("weightsmith: interrupted; nothing was written", file=sys.stderr)

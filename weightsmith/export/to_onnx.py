@@ -230,7 +230,7 @@ def _dequantized(ckpt: Checkpoint, folder: Path, report: Report) -> Checkpoint:
     dequantize(ckpt, folder, dtype="float32")
     report.notes.append(
         f"{method} checkpoint dequantized to float32 for export (W = q·s / NF4 codes × absmax); "
-        f"--quantize int8 makes the graph itself int8"
+        f"`quantize` int8 makes the graph itself int8"
     )
     return Checkpoint(folder)
 
@@ -242,7 +242,7 @@ def _check_beside(folder: Path, beside: Path, force: bool) -> None:
     for f in sorted(beside.iterdir()):
         target = folder / f.name
         if target.exists() and not (target.is_file() and filecmp.cmp(f, target, shallow=False)):
-            raise DestinationError(f"{target}: already exists with other content (use --force to replace it)")
+            raise DestinationError(f"{target}: already exists with other content (set `force` to replace it)")
 
 
 # -- the model --------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def _load_tokenizer(path: Path, kind: str):
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(
-            f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:160]}); pass --tokenizer DIR"
+            f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:160]}); pass `tokenizer`"
         ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # causal LMs often ship without a pad token; padded positions are masked out
@@ -252,7 +252,7 @@ def distill(
         if total_steps < 1:
             raise ConfigError(
                 f"{data}: {len(train_examples)} examples give zero steps at a global batch of "
-                f"{cfg.batch_size * world}; give --steps or more --epochs"
+                f"{cfg.batch_size * world}; give `steps` or more `epochs`"
             )
         state = Path(state_dir) if state_dir is not None else out.parent / f"{out.name}.distill-state"
         fingerprint = {
@@ -333,7 +333,7 @@ def distill(
         process={"main": result.is_main, "processes": result.world_size},
     )
     if cfg.save_every:
-        report.notes.append(f"training state saved under {state} (delete it once you no longer need --resume)")
+        report.notes.append(f"training state saved under {state} (delete it once you no longer need `resume`)")
     return report
 
 

@@ -298,7 +298,7 @@ def run(plan: Plan) -> Result:
             loss, parts = trainee(ids, attention, targets, loss_mask, t_logits, t_hidden)
         if not torch.isfinite(loss):
             raise NumericalError(
-                f"{plan.teacher_dir}: the distillation loss became {float(loss)} at step {step + 1} (lower --lr?)"
+                f"{plan.teacher_dir}: the distillation loss became {float(loss)} at step {step + 1} (lower `lr`?)"
             )
         acc.backward(loss)
         acc.clip_grad_norm_(trainee.parameters(), cfg.max_grad_norm)

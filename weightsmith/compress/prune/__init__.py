@@ -98,12 +98,12 @@ def prune(
     if structured is not None:
         if sparsity is not None or pattern is not None:
             raise ConfigError(
-                "structured pruning removes whole units: give --ratio/--keep-heads, not --sparsity/--pattern"
+                "structured pruning removes whole units: give `ratio`/`keep_heads`, not `sparsity`/`pattern`"
             )
         if method != "magnitude" or scope != "layer":
             raise ConfigError(
-                "structured pruning is scored by weight norms, or by activations with --calibration: "
-                "--method/--scope do not apply"
+                "structured pruning is scored by weight norms, or by activations with `calibration`: "
+                "`method`/`scope` do not apply"
             )
         from weightsmith.compress.prune.structured import prune_structured
 
@@ -172,9 +172,9 @@ def _prune_unstructured(
 ) -> Report:
     plan = plan_unstructured(ckpt, method=method, sparsity=sparsity, scope=scope, pattern=pattern, skip=skip)
     if method == "wanda" and calibration is None:
-        raise ConfigError("wanda needs --calibration FILE.txt (text run through the model to measure activations)")
+        raise ConfigError("wanda needs `calibration`: a text file run through the model to measure activations")
     if method == "magnitude" and calibration is not None:
-        raise ConfigError("magnitude pruning is data-free: --calibration is only for wanda or structured pruning")
+        raise ConfigError("magnitude pruning is data-free: `calibration` is only for wanda or structured pruning")
     report = Report("prune", output=str(out))
     norms: dict[str, Tensor] | None = None
     if method == "wanda":

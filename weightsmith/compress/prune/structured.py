@@ -239,11 +239,11 @@ def prune_structured(
             f"derives its head size from hidden_size / num_attention_heads); prune its FFN instead"
         )
     if kind == "ffn" and keep_heads is not None:
-        raise ConfigError("--keep-heads is for --structured heads")
+        raise ConfigError("`keep_heads` is for `structured` heads")
     if ratio is not None and keep_heads is not None:
-        raise ConfigError("give --ratio or --keep-heads, not both")
+        raise ConfigError("give `ratio` or `keep_heads`, not both")
     if ratio is None and keep_heads is None:
-        raise ConfigError(f"--structured {kind} needs --ratio" + (" or --keep-heads" if kind == "heads" else ""))
+        raise ConfigError(f"`structured` {kind} needs `ratio`" + (" or `keep_heads`" if kind == "heads" else ""))
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio {ratio}: must be in [0, 1)")
     units = geo.intermediate if kind == "ffn" else geo.heads

@@ -42,7 +42,7 @@ def skip_patterns(skip: Sequence[str], default_skip: bool) -> list[re.Pattern]:
         try:
             compiled.append(re.compile(text))
         except re.error as exc:
-            raise ConfigError(f"--skip {text!r}: not a valid regular expression ({exc})") from None
+            raise ConfigError(f"`skip` {text!r}: not a valid regular expression ({exc})") from None
     return compiled
 
 
@@ -56,7 +56,7 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 
 def check_sparsity(sparsity: float | None) -> float:
     if sparsity is None:
-        raise ConfigError("unstructured pruning needs --sparsity (or --pattern N:M)")
+        raise ConfigError("unstructured pruning needs `sparsity` (or `pattern` N:M)")
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity {sparsity}: must be in [0, 1)")
     return float(sparsity)
@@ -125,7 +125,7 @@ def plan_unstructured(
             raise ConfigError(
                 f"{ckpt.path}: pattern {pattern} needs input widths divisible by {nm[1]}; "
                 f"{len(bad)} tensor(s) are not, e.g. {bad[0]!r} with {in_features(ckpt, bad[0])} "
-                f"inputs (--skip them)"
+                f"inputs (`skip` them)"
             )
     params = {
         "method": method,

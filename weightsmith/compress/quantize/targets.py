@@ -60,7 +60,7 @@ def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
     if ignore is not None:
         unused = [p for p in patterns if p not in used]
         if unused:
-            raise ConfigError(f"{ckpt.path}: --ignore pattern(s) {', '.join(map(repr, unused))} match no 2-D weight")
+            raise ConfigError(f"{ckpt.path}: `ignore` pattern(s) {', '.join(map(repr, unused))} match no 2-D weight")
     notes = []
     if conv1d:
         notes.append("Conv1D weights ([in, out], GPT-2 style) are not nn.Linear and stay float")
