@@ -32,7 +32,7 @@ def register(sub) -> None:
         examples=[
             "weightsmith lora merge ./llama ./adapter -o ./llama-merged",
             "weightsmith lora merge ./llama ./math@0.7 ./code@0.3 -o ./merged --dtype bf16",
-            "weightsmith lora merge ./gpt2 ./adapter -o ./merged --shard-size 500MB --json",
+            "weightsmith lora merge ./gpt2 ./gpt2-adapter -o ./gpt2-merged --shard-size 500MB --json",
         ],
     )
     p.add_argument("base", help="base model directory or weight file")
