@@ -248,3 +248,16 @@ def test_merge_two_gguf_files(tiny_model, tmp_path):
     merged, ca, cb = ws.open(out), ws.open(tiny_model("llama")), ws.open(tiny_model("llama", seed=1))
     name = "model.layers.1.self_attn.k_proj.weight"
     torch.testing.assert_close(merged[name], (ca[name] + cb[name]) / 2)
+
+
+def test_recipe_can_end_in_gguf(tiny_model, tmp_path):
+    out = tmp_path / "shipped.gguf"
+    recipe = {
+        "input": str(tiny_model("llama")),
+        "output": str(out),
+        "steps": [{"prune": {"sparsity": 0.5}}, {"export_gguf": {"type": "q8_0"}}],
+    }
+    ws.run(recipe)
+    back = ws.open(out)
+    w = back["model.layers.0.mlp.up_proj.weight"]
+    assert back.format == "gguf" and 0.45 < float((w == 0).float().mean()) < 0.55  # the pruned zeros survive Q8_0
