@@ -173,6 +173,46 @@ def test_tokenizer_round_trips(tmp_path):
     assert back.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
 
 
+def _sentencepiece_style_tokenizer(directory: Path):
+    """A BPE tokenizer with byte fallback and ▁ word marks (the Llama 2 / Mistral / Gemma kind)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
+    tok.train_from_iterator(SENTENCES, trainer)
+    fast = tf.LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def test_sentencepiece_style_vocabulary_round_trips(tmp_path):
+    src = tmp_path / "spm"
+    tok = _sentencepiece_style_tokenizer(src)
+    config = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96
+    )
+    tf.LlamaForCausalLM(config).save_pretrained(src)
+    out = tmp_path / "spm.gguf"
+    assert ws.export.gguf(src, out, type="f16").summary["tokenizer"] == "llama (400 tokens)"
+    reader = gguf.GGUFReader(out)
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    assert types[tok.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+    assert types[tok.unk_token_id] == gguf.TokenType.UNKNOWN
+    assert scores[300] > scores[301]  # earlier pieces merge first
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out, alone / out.name)
+    back = tf.AutoTokenizer.from_pretrained(alone, gguf_file=out.name)
+    for text in [*SENTENCES[:8], "Unseen wörds ✓"]:  # ö and ✓ are not in the vocabulary: byte fallback
+        assert back(text)["input_ids"] == tok(text)["input_ids"]
+
+
 def test_refuses_architectures_llama_cpp_does_not_know(tiny_model, tmp_path):
     with pytest.raises(IncompatibleError, match=r"architecture 'bert' .* no GGUF mapping"):
         ws.export.gguf(tiny_model("bert"), tmp_path / "b.gguf")

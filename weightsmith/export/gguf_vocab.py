@@ -75,12 +75,12 @@ def read_vocab(directory: Path, model_type: str, vocab_size: int) -> Vocab | Non
             types.append(UNUSED)
         else:
             tokens.append(text)
-            if i in added:
+            if spm and _BYTE_TOKEN.match(text):  # byte-fallback pieces, wherever the tokenizer lists them
+                types.append(BYTE)
+            elif i in added:
                 types.append(CONTROL if added[i].get("special") else USER_DEFINED)
             elif text == unk:
                 types.append(UNKNOWN)
-            elif spm and _BYTE_TOKEN.match(text):
-                types.append(BYTE)
             else:
                 types.append(NORMAL)
         scores.append(0.0 if i in added or text is None else -float(i))
@@ -101,6 +101,11 @@ def read_vocab(directory: Path, model_type: str, vocab_size: int) -> Vocab | Non
     merges = None
     if not spm:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    add_bos, add_eos = tc.get("add_bos_token"), tc.get("add_eos_token")
+    if add_bos is None:  # not in tokenizer_config.json: what tokenizer.json's post-processor does
+        add_bos = _template_adds(tj.get("post_processor"), _content(tc.get("bos_token")), first=True)
+    if add_eos is None:
+        add_eos = _template_adds(tj.get("post_processor"), _content(tc.get("eos_token")), first=False)
     return Vocab(
         model="llama" if spm else "gpt2",
         pre=None if spm else _PRE.get(model_type, "default"),
@@ -109,10 +114,25 @@ def read_vocab(directory: Path, model_type: str, vocab_size: int) -> Vocab | Non
         scores=scores if spm else None,
         merges=merges,
         special=special,
-        add_bos=tc.get("add_bos_token"),
-        add_eos=tc.get("add_eos_token"),
+        add_bos=add_bos,
+        add_eos=add_eos,
         chat_template=template,
     )
+
+
+def _template_adds(processor: Any, token: str | None, first: bool) -> bool:
+    """Whether a tokenizers post-processor puts ``token`` first (bos) or last (eos) of a single sequence."""
+    if not isinstance(processor, dict) or token is None:
+        return False
+    if processor.get("type") == "Sequence":
+        return any(_template_adds(p, token, first) for p in processor.get("processors") or [])
+    if processor.get("type") != "TemplateProcessing":
+        return False
+    single = processor.get("single") or []
+    if not single:
+        return False
+    edge = single[0] if first else single[-1]
+    return isinstance(edge, dict) and (edge.get("SpecialToken") or {}).get("id") == token
 
 
 def write_vocab(writer: Any, vocab: Vocab) -> None:
