@@ -171,6 +171,11 @@ def test_tokenizer_round_trips(tmp_path):
         assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
     messages = [{"role": "user", "content": "hi"}]
     assert back.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
+    # GGUF in: convert rebuilds the tokenizer files beside the weights
+    ws.convert(out, tmp_path / "back")
+    rebuilt = tf.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert rebuilt(SENTENCES[3])["input_ids"] == tok(SENTENCES[3])["input_ids"]
+    assert rebuilt.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
 
 
 def _sentencepiece_style_tokenizer(directory: Path):

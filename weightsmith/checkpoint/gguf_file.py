@@ -254,6 +254,7 @@ class GGUFFile:
                 f"(supported: {', '.join(sorted(FROM_GGUF))})"
             )
         self.model_type, self.arch = model_type, ARCHS[model_type]
+        self._tokenizer_dir: Path | None = None
         tensors = list(reader.tensors)
         self.config = config_from_metadata(meta, model_type, any(t.name == "output.weight" for t in tensors))
         self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
@@ -279,6 +280,32 @@ class GGUFFile:
 
     def names(self) -> list[str]:
         return list(self.entries)
+
+    def tokenizer_files(self) -> list[Path]:
+        """The file's vocabulary as transformers tokenizer files (tokenizer.json, tokenizer_config.json, chat
+        template), rebuilt once by transformers' GGUF tokenizer converter into a temporary directory removed at exit;
+        [] when the file has no vocabulary or transformers cannot rebuild it. Imports transformers (seconds)."""
+        if self._tokenizer_dir is None:
+            self._tokenizer_dir = self._rebuild_tokenizer()
+        return sorted(self._tokenizer_dir.iterdir()) if self._tokenizer_dir else []
+
+    def _rebuild_tokenizer(self) -> Path | None:
+        if "tokenizer.ggml.tokens" not in self.tokenizer_metadata:
+            return None
+        import atexit
+        import shutil
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="weightsmith-gguf-tokenizer-"))
+        atexit.register(shutil.rmtree, out, True)
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name).save_pretrained(out)
+        except (ImportError, ValueError, KeyError, OSError, TypeError):  # a vocabulary transformers cannot convert
+            shutil.rmtree(out, ignore_errors=True)
+            return None
+        return out
 
     def gguf_name(self, name: str) -> str:
         return self._stored[name][0]

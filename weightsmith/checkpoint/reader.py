@@ -197,9 +197,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Non-weight files to copy into an output (tokenizer, generation config, sub-folders such as 1_Pooling).
 
         config.json and adapter_config.json are excluded: the writer writes the (possibly rewritten) config itself.
+        A GGUF file's vocabulary is rebuilt as tokenizer files (see ``GGUFFile.tokenizer_files``).
         """
         if not self.path.is_dir():
-            return []
+            wf = self._files[0]
+            return wf.tokenizer_files() if isinstance(wf, GGUFFile) else []
         out = []
         for entry in sorted(self.path.iterdir()):
             if entry.name.startswith(".") or entry.name in ("config.json", ADAPTER_CONFIG):
