@@ -261,17 +261,31 @@ def _to_llama_cpp(name: str, w: torch.Tensor, arch: Any, config: dict) -> torch.
     return w.contiguous()
 
 
+_CHUNK = 4 * 2**20  # elements per quantisation chunk (16 MB of float32): gguf-py's temporaries stay this size
+
+
 def _encode(gg: Any, w: torch.Tensor, t: Any) -> tuple[np.ndarray, float | None]:
-    """The bytes (or float array) gguf-py writes for ``w`` as type ``t``, and the relative error of a block type."""
+    """The bytes (or float array) gguf-py writes for ``w`` as type ``t``, and the relative error of a block type.
+
+    Block types are quantised a chunk of rows at a time (blocks never straddle rows, so the bytes are those of one
+    ``gguf.quantize`` call on the whole tensor) to keep gguf-py's float temporaries small next to a large embedding.
+    """
     x = w.numpy()
     if t == gg.GGMLQuantizationType.F32:
         return x, None
     if t == gg.GGMLQuantizationType.F16:
         return x.astype(np.float16), None
-    q = gg.quantize(x, t)
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, _CHUNK // rows.shape[1])
+    parts, err2, norm2 = [], 0.0, 0.0
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step]
+        q = gg.quantize(chunk, t)
+        parts.append(q)
+        if t != gg.GGMLQuantizationType.BF16:
+            err2 += float(np.square(chunk - gg.dequantize(q, t), dtype=np.float64).sum())
+            norm2 += float(np.square(chunk, dtype=np.float64).sum())
+    data = np.concatenate(parts).reshape(*x.shape[:-1], -1)
     if t == gg.GGMLQuantizationType.BF16:
-        return q, None
-    back = gg.dequantize(q, t)
-    norm = float(np.linalg.norm(x))
-    err = float(np.linalg.norm(x - back))
-    return q, (err / norm if norm else (0.0 if err == 0 else float("inf")))
+        return data, None
+    return data, (float(np.sqrt(err2 / norm2)) if norm2 else (0.0 if err2 == 0 else float("inf")))
