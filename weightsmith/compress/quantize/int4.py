@@ -97,7 +97,7 @@ def check(scheme: Int4, name: str, shape: tuple[int, ...]) -> str | None:
     if scheme.group_size and shape[1] % scheme.group_size:
         return (
             f"{name}: width {shape[1]} is not a multiple of group size {scheme.group_size} "
-            f"(choose a group size that divides it, or --group-size 0 for per-channel scales)"
+            f"(choose a group size that divides it, or group_size 0 for per-channel scales)"
         )
     return None
 
