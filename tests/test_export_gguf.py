@@ -306,3 +306,20 @@ def test_recipe_can_end_in_gguf(tiny_model, tmp_path):
     back = ws.open(out)
     w = back["model.layers.0.mlp.up_proj.weight"]
     assert back.format == "gguf" and 0.45 < float((w == 0).float().mean()) < 0.55  # the pruned zeros survive Q8_0
+
+
+def test_cli_exports_and_refuses_with_one_line(capsys, tiny_model, tmp_path):
+    from weightsmith.cli import main
+
+    out = tmp_path / "m.gguf"
+    qwen2, gpt2 = tiny_model("qwen2"), tiny_model("gpt2")
+    capsys.readouterr()  # drop what the fixtures printed
+    assert main(["export", "gguf", str(qwen2), "-o", str(out), "--type", "q4_0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"]["type"] == "q4_0" and report["summary"]["architecture"] == "qwen2"
+    assert main(["export", "gguf", str(gpt2), "-o", str(tmp_path / "g.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "architecture 'gpt2'" in err[0] and "no GGUF mapping" in err[0]
+    assert not (tmp_path / "g.gguf").exists()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["details"]["gguf"]["types"] == {"Q4_0": 16, "F32": 11}
