@@ -39,6 +39,24 @@ def _config(kind: str):
         return tf.MistralConfig(**small, num_key_value_heads=2, sliding_window=None), tf.MistralForCausalLM
     if kind == "qwen2":  # q/k/v carry biases
         return tf.Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=False), tf.Qwen2ForCausalLM
+    if kind == "qwen3":  # q_norm/k_norm; head_dim 128 ≠ hidden/heads (transformers' GGUF loader assumes 128)
+        return (
+            tf.Qwen3Config(**small, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False),
+            tf.Qwen3ForCausalLM,
+        )
+    if kind == "gemma":  # norms scale by (1 + w); embeddings tied
+        return tf.GemmaConfig(**small, num_key_value_heads=2, head_dim=16), tf.GemmaForCausalLM
+    if kind == "gemma2":  # four norms per layer, logit soft-capping
+        return tf.Gemma2Config(**small, num_key_value_heads=2, head_dim=16, sliding_window=32), tf.Gemma2ForCausalLM
+    if kind == "gemma3":
+        return (
+            tf.Gemma3TextConfig(**small, num_key_value_heads=2, head_dim=16, sliding_window=32),
+            tf.Gemma3ForCausalLM,
+        )
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(
+            **small, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False
+        ), tf.Phi3ForCausalLM
     if kind == "gpt2":  # Conv1D weights stored [in, out]; lm_head tied to wte and not stored
         return (
             tf.GPT2Config(

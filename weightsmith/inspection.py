@@ -54,6 +54,8 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
         report.details["architecture"] = {k: ckpt.config[k] for k in _ARCH_KEYS if k in ckpt.config}
     if ckpt.is_adapter:
         report.details["adapter"] = adapter_summary(ckpt)
+    if ckpt.format == "gguf":
+        report.details["gguf"] = gguf_facts(ckpt)
     quantization = _quantization_facts(ckpt)
     if quantization:
         report.details["quantization"] = quantization
@@ -97,6 +99,27 @@ def adapter_summary(ckpt: Checkpoint) -> dict:
         "base_model": cfg.get("base_model_name_or_path"),
         "variants": variants,
         "adapted_modules": len(modules),
+    }
+
+
+def gguf_facts(ckpt: Checkpoint) -> dict:
+    """A GGUF file's own facts: its llama.cpp architecture, tensor types, tokenizer and selected metadata."""
+    from weightsmith.checkpoint.gguf_file import GGUFFile
+
+    wf = ckpt._files[0]
+    if not isinstance(wf, GGUFFile):
+        return {}
+    meta = wf.gguf_metadata
+    tok = wf.tokenizer_metadata
+    return {
+        "architecture": meta.get("general.architecture"),
+        "name": meta.get("general.name"),
+        "file_type": meta.get("general.file_type"),
+        "types": dict(Counter(wf.ggml_types.values())),
+        "stored_bytes": wf.path.stat().st_size,
+        "tokenizer": tok.get("tokenizer.ggml.model"),
+        "vocabulary": len(tok.get("tokenizer.ggml.tokens") or []),
+        "chat_template": "tokenizer.chat_template" in tok,
     }
 
 

@@ -1,5 +1,5 @@
-"""Recipes: a YAML list of steps (lora_merge, merge, prune, quantize, distill, export, convert), each taking the
-same parameters as its command, the output of each feeding the next.
+"""Recipes: a YAML list of steps (lora_merge, merge, prune, quantize, distill, export, export_gguf, convert), each
+taking the same parameters as its command, the output of each feeding the next.
 
     input: ./base
     output: ./shipped
@@ -62,6 +62,7 @@ STEPS: dict[str, StepKind] = {
     "distill": StepKind("weightsmith.compress.distill:distill", "teacher", False),
     "export": StepKind("weightsmith.export:onnx", "src", False),
     "export_safetensors": StepKind("weightsmith.export:safetensors", "src", True),
+    "export_gguf": StepKind("weightsmith.export:gguf", "src", True),
     "convert": StepKind("weightsmith.conversion:convert", "src", True),
 }
 _MERGE_RUN_OPTIONS = ("seed", "workers", "shard_size")  # other keys of a merge step form the mergekit config
@@ -314,7 +315,7 @@ def _merge_models(step: Step) -> list[str]:
 def _output_bytes(step: Step, size: int) -> int:
     """A rough size after the step (linear weights are most of a transformer's bytes)."""
     if step.kind == "quantize":
-        return int(size * (0.3 if str(step.params.get("scheme", "int8")) == "int8" else 0.18))
+        return int(size * (0.3 if str(step.params.get("scheme", "int8")) in ("int8", "fp8") else 0.18))
     if step.kind == "prune" and step.params.get("structured"):
         return int(size * (1 - 0.6 * float(step.params.get("ratio") or 0.25)))
     if step.kind == "export" and step.params.get("quantize") == "int8":

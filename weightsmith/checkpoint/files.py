@@ -11,10 +11,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightsmith.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from weightsmith.checkpoint.gguf_file import GGUFFile
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the Hub's and transformers' default
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -198,14 +202,18 @@ def _unpickler_reason(exc: Exception) -> str:
     return match.group(1).strip() if match else "not a weights-only pickle"
 
 
-def open_weight_file(path: Path, label: str) -> SafetensorsFile | TorchFile:
+def open_weight_file(path: Path, label: str) -> SafetensorsFile | TorchFile | GGUFFile:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         return SafetensorsFile(path, label)
     if path.suffix in (".bin", ".pt", ".pth"):
         return TorchFile(path, label)
-    raise CheckpointError(f"{path}: unsupported weight file (expected .safetensors or .bin)")
+    if path.suffix == ".gguf":
+        from weightsmith.checkpoint.gguf_file import GGUFFile  # not at the top: gguf_file imports this module
+
+        return GGUFFile(path, label)
+    raise CheckpointError(f"{path}: unsupported weight file (expected .safetensors, .bin or .gguf)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from weightsmith.checkpoint.files import (
     TensorInfo,
     open_weight_file,
 )
+from weightsmith.checkpoint.gguf_file import GGUFFile
 from weightsmith.digests import file_sha256
 from weightsmith.errors import CheckpointError
 
@@ -76,6 +77,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.index_file: Path | None = None
         files = self._locate_files()
         self._files = [open_weight_file(p, str(p.relative_to(self.root))) for p in files]
+        if self.config is None and isinstance(self._files[0], GGUFFile):
+            self.config = self._files[0].config  # a GGUF file carries its architecture in its metadata
         self._where: dict[str, Any] = {}
         for wf in self._files:
             for name in wf.names():
@@ -172,7 +175,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     @property
     def format(self) -> str:
-        return "safetensors" if isinstance(self._files[0], SafetensorsFile) else "pytorch"
+        if isinstance(self._files[0], SafetensorsFile):
+            return "safetensors"
+        return "gguf" if self._files[0].path.suffix == ".gguf" else "pytorch"
 
     @property
     def weight_files(self) -> list[Path]:
@@ -192,9 +197,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Non-weight files to copy into an output (tokenizer, generation config, sub-folders such as 1_Pooling).
 
         config.json and adapter_config.json are excluded: the writer writes the (possibly rewritten) config itself.
+        A GGUF file's vocabulary is rebuilt as tokenizer files (see ``GGUFFile.tokenizer_files``).
         """
         if not self.path.is_dir():
-            return []
+            wf = self._files[0]
+            return wf.tokenizer_files() if isinstance(wf, GGUFFile) else []
         out = []
         for entry in sorted(self.path.iterdir()):
             if entry.name.startswith(".") or entry.name in ("config.json", ADAPTER_CONFIG):
@@ -238,7 +245,8 @@ def _recorded_steps(metadata: Mapping[str, str]) -> list[dict]:
 
 
 def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - the public verb, as in safetensors.safe_open
-    """Open a checkpoint lazily: a model directory, a ``.safetensors``/``.bin`` file, or a PEFT adapter directory."""
+    """Open a checkpoint lazily: a model directory, a ``.safetensors``/``.bin``/``.gguf`` file, or a PEFT adapter
+    directory. A GGUF file reads as the transformers checkpoint it stands for (names, config, float tensors)."""
     return Checkpoint(path)
 
 

@@ -1,4 +1,4 @@
-"""export onnx, export safetensors."""
+"""export onnx, export safetensors, export gguf."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ _ONNX_EXAMPLES = [
     "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx-int8/model.onnx --task feature-extraction --quantize int8",
     "weightsmith export onnx ./llama -o ./llama-onnx/model.onnx --task causal-lm --optimize --json",
 ]
+_GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = export.to_gguf.TYPES
+_GGUF_EXAMPLES = [
+    "weightsmith export gguf ./llama -o ./llama-q8_0.gguf --type q8_0",
+    "weightsmith export gguf ./qwen2 -o ./qwen2-f16.gguf",
+]
 _SAFETENSORS_EXAMPLES = [
     "weightsmith export safetensors ./run/checkpoint-500 -o ./clean",
     "weightsmith export safetensors ./pruned-bin -o ./pruned --dtype bf16 --single-file",
@@ -21,11 +26,12 @@ _SAFETENSORS_EXAMPLES = [
 def register(sub) -> None:
     group = sub.add_parser(
         "export",
-        help="export to ONNX (validated with onnxruntime) or to clean safetensors",
-        description="Export a checkpoint: an ONNX graph checked against PyTorch, or a safetensors "
-        "directory without optimizer state and pruning leftovers.",
+        help="export to ONNX (validated with onnxruntime), GGUF (llama.cpp) or clean safetensors",
+        description="Export a checkpoint: an ONNX graph checked against PyTorch, a GGUF file for llama.cpp, "
+        "or a safetensors directory without optimizer state and pruning leftovers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join(f"  {e}" for e in _ONNX_EXAMPLES[:1] + _SAFETENSORS_EXAMPLES[:1]),
+        epilog="examples:\n"
+        + "\n".join(f"  {e}" for e in _ONNX_EXAMPLES[:1] + _GGUF_EXAMPLES[:1] + _SAFETENSORS_EXAMPLES[:1]),
     )
     export = group.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
 
@@ -48,6 +54,22 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace existing output files")
     declare_inputs(p, "src")
     p.set_defaults(handler=_onnx)
+
+    p = add_command(
+        export,
+        "gguf",
+        help="export a Llama/Mistral/Qwen/Gemma/Phi-3 model to one GGUF file for llama.cpp",
+        description="Write the model, its hyper-parameters and its tokenizer (vocabulary, merges or scores, "
+        "special tokens, chat template) as llama.cpp expects them, through gguf-py's writer, one tensor at a "
+        "time. --type is llama.cpp's --outtype: norms and biases stay f32.",
+        examples=_GGUF_EXAMPLES,
+    )
+    p.add_argument("src", help="model directory (config.json, weights, tokenizer)")
+    p.add_argument("-o", "--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=_GGUF_TYPES, help="tensor type of 2-D weights (default f16)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    declare_inputs(p, "src")
+    p.set_defaults(handler=_gguf)
 
     p = add_command(
         export,
@@ -77,6 +99,12 @@ def _onnx(args):
         atol=args.atol,
         force=args.force,
     )
+
+
+def _gguf(args):
+    from weightsmith.export import gguf
+
+    return gguf(args.src, args.out, type=args.type, force=args.force)
 
 
 def _safetensors(args):

@@ -9,20 +9,26 @@ def register(sub) -> None:
     p = add_command(
         sub,
         "quantize",
-        help="quantize Linear weights to int8 (compressed-tensors) or NF4 (bitsandbytes)",
+        help="quantize Linear weights to int8, int4 or FP8 (compressed-tensors) or NF4 (bitsandbytes)",
         description="Quantize the 2-D Linear weights of a checkpoint in one streamed pass. The output loads with "
-        "transformers' from_pretrained (int8 needs compressed-tensors installed, NF4 bitsandbytes). "
+        "transformers' from_pretrained (int8, int4 and FP8 need compressed-tensors installed, NF4 bitsandbytes). "
         "Embeddings, norms, biases and output heads stay float.",
         examples=[
             "weightsmith quantize ./llama -o ./llama-int8 --scheme int8",
             "weightsmith quantize ./llama -o ./llama-w8a16 --scheme int8 --weight-only --group-size 128",
+            "weightsmith quantize ./llama -o ./llama-w4a16 --scheme int4 --group-size 128",
+            "weightsmith quantize ./llama -o ./llama-fp8 --scheme fp8",
             "weightsmith quantize ./llama -o ./llama-nf4 --scheme nf4 --double-quant --compute-dtype bf16",
             "weightsmith quantize ./bert -o ./bert-int8 --ignore pooler,classifier --json",
         ],
     )
     p.add_argument("src", help="model directory or weight file")
     add_output_options(p, dtype=False)
-    p.add_argument("--scheme", default="int8", help="int8 (W8A8 dynamic, default) or nf4")
+    p.add_argument(
+        "--scheme",
+        default="int8",
+        help="int8 (W8A8 dynamic, default), int4 (W4A16, round-to-nearest), fp8 (e4m3 W8A8 dynamic) or nf4",
+    )
     p.add_argument(
         "--ignore",
         help="comma-separated module patterns to keep float (a name, a suffix or a regex; "
@@ -31,9 +37,11 @@ def register(sub) -> None:
     p.add_argument(
         "--group-size",
         type=int,
-        help="int8: one scale per group of N input columns (default: per output channel); nf4: block size (default 64)",
+        help="int8: one scale per group of N input columns (default: per output channel); int4: the same "
+        "(default 128; 0 = per channel); nf4: block size (default 64)",
     )
     p.add_argument("--weight-only", action="store_true", help="int8: W8A16 (activations stay float)")
+    p.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group (default symmetric)")
     p.add_argument("--double-quant", action="store_true", help="nf4: quantize the block absmax too (QLoRA)")
     p.add_argument("--compute-dtype", help="nf4: dtype Linear4bit computes in at run time (default float32)")
     p.set_defaults(handler=_quantize)
@@ -65,6 +73,7 @@ def _quantize(args):
         force=args.force,
         group_size=args.group_size,
         weight_only=args.weight_only,
+        asymmetric=args.asymmetric,
         double_quant=args.double_quant,
         compute_dtype=args.compute_dtype,
     )

@@ -1,8 +1,10 @@
-"""``quantize``: int8 (compressed-tensors) or NF4 (bitsandbytes) in one streamed pass; ``dequantize``: back to float;
+"""``quantize``: int8, int4 (W4A16) or FP8 (compressed-tensors), or NF4 (bitsandbytes) in one streamed pass;
+``dequantize``: back to float;
 ``open_quantized``: the quantized checkpoint as a lazy view (what ``quantize`` writes), to stream into another step.
 
     ws.quantize("llama", "llama-int8", scheme="int8")
     ws.quantize("llama", "llama-nf4", scheme=NF4(double_quant=True))
+    ws.quantize("llama", "llama-w4a16", scheme=Int4(group_size=128))
     ws.dequantize("llama-nf4", "llama-float")
 
 The scheme is a value: ``REGISTRY`` maps its config type to the codec module that quantizes a module's weight,
@@ -18,20 +20,22 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
-from weightsmith.compress.quantize import int8
+from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.dequantize import dequantize
-from weightsmith.compress.quantize.schemes import NF4, SCHEMES, Int8, Scheme, make_scheme
+from weightsmith.compress.quantize.schemes import FP8, NF4, SCHEMES, Int4, Int8, Scheme, make_scheme
 from weightsmith.compress.quantize.targets import DEFAULT_IGNORE
-from weightsmith.compress.quantize.view import REGISTRY, QuantizedView, open_quantized
+from weightsmith.compress.quantize.view import QuantizedView, open_quantized
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size
 
 __all__ = [
     "DEFAULT_IGNORE",
+    "FP8",
     "NF4",
     "REGISTRY",
     "SCHEMES",
+    "Int4",
     "Int8",
     "QuantizedView",
     "dequantize",
@@ -62,8 +66,10 @@ def quantize(
 ) -> Report:
     """Quantize the 2-D Linear weights of ``src`` and write a checkpoint that ``from_pretrained`` loads as is.
 
-    ``scheme``: "int8" / ``Int8(group_size=None, weight_only=False)`` (compressed-tensors W8A8 dynamic or W8A16) or
-    "nf4" / ``NF4(group_size=64, double_quant=False, compute_dtype="float32")`` (bitsandbytes 4-bit); with a name,
+    ``scheme``: "int8" / ``Int8(group_size=None, weight_only=False)`` (compressed-tensors W8A8 dynamic or W8A16),
+    "int4" / ``Int4(group_size=128, asymmetric=False)`` (compressed-tensors W4A16, round-to-nearest), "fp8" /
+    ``FP8()`` (compressed-tensors e4m3 W8A8, dynamic per-token activations) or "nf4" / ``NF4(group_size=64,
+    double_quant=False, compute_dtype="float32")`` (bitsandbytes 4-bit); with a name,
     ``options`` are the config's fields. ``ignore``: module patterns kept float (default: output heads, see
     ``DEFAULT_IGNORE``); embeddings, norms and biases always stay float. Streams one tensor at a time.
 
@@ -141,4 +147,4 @@ def quantize(
 def _format_label(config: Scheme) -> str:
     if isinstance(config, NF4):
         return "bitsandbytes 4-bit (transformers layout)"
-    return f"compressed-tensors {int8.format_name(config)}"
+    return f"compressed-tensors {REGISTRY[type(config)].format_name(config)}"

@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from weightsmith.checkpoint import Checkpoint, TensorInfo
 from weightsmith.compress.quantize import int8, nf4
-from weightsmith.compress.quantize.schemes import Scheme
+from weightsmith.compress.quantize.codecs import COMPRESSED_TENSORS, REGISTRY
+from weightsmith.compress.quantize.schemes import NF4, Int4, Scheme
 from weightsmith.errors import CheckpointError
 
 
@@ -29,6 +31,8 @@ class QuantizedLayout:
 
     @property
     def codec(self) -> ModuleType:
+        if self.scheme is not None:
+            return REGISTRY[type(self.scheme)]
         return nf4 if self.method == "bitsandbytes" else int8
 
 
@@ -51,9 +55,9 @@ def detect(ckpt: Checkpoint) -> QuantizedLayout | None:
     if qc is None and not (has_nf4 or has_ct):
         return None
     method = (qc or {}).get("quant_method") or ("bitsandbytes" if has_nf4 else "compressed-tensors")
+    scheme: Scheme | None = None
     if method == "bitsandbytes":
         modules = _group(ckpt, nf4.QUANT_STATE, nf4.STORED_SUFFIXES)
-        scheme = None
         if modules:
             first = nf4.read_quant_state(ckpt[next(iter(modules.values()))[nf4.QUANT_STATE]])
             scheme = (
@@ -73,9 +77,18 @@ def detect(ckpt: Checkpoint) -> QuantizedLayout | None:
         return QuantizedLayout(scheme, method, modules, ignore)
     if method == "compressed-tensors":
         modules = _group(ckpt, "weight_scale", int8.STORED_SUFFIXES)
-        scheme = int8.scheme_from_config(qc) if qc else _int8_from_tensors(ckpt, modules)
+        scheme = _ct_scheme(qc) if qc else _int8_from_tensors(ckpt, modules)
         return QuantizedLayout(scheme, method, modules, list((qc or {}).get("ignore") or []))
     return QuantizedLayout(None, method)
+
+
+def _ct_scheme(qc: dict) -> Scheme | None:
+    """The scheme of a compressed-tensors quantization_config, from the first codec that reads it."""
+    for codec in COMPRESSED_TENSORS:
+        scheme = codec.scheme_from_config(qc)
+        if scheme is not None:
+            return scheme
+    return None
 
 
 def _int8_from_tensors(ckpt: Checkpoint, modules: dict[str, dict[str, str]]):
@@ -97,7 +110,7 @@ class FloatView(Mapping[str, torch.Tensor]):
         if layout.scheme is None:
             raise CheckpointError(
                 f"{ckpt.path}: quantized with {layout.method} in a form weightsmith does not read "
-                f"(supported: compressed-tensors int8, bitsandbytes NF4)"
+                f"(supported: compressed-tensors int8/int4/fp8, bitsandbytes NF4)"
             )
         self.ckpt, self.layout, self.path = ckpt, layout, ckpt.path
         self.config = (
@@ -176,7 +189,7 @@ def describe(ckpt: Checkpoint) -> dict | None:
     layout = detect(ckpt)
     if layout is None:
         return None
-    facts = {
+    facts: dict[str, Any] = {
         "method": layout.method,
         "scheme": layout.scheme.label if layout.scheme else None,
         "quantized_modules": len(layout.modules),
@@ -186,13 +199,15 @@ def describe(ckpt: Checkpoint) -> dict | None:
         return facts
     view = FloatView(ckpt, layout)
     facts.update(
-        bits=4 if layout.method == "bitsandbytes" else 8,
+        bits=layout.scheme.bits,
         group_size=layout.scheme.group_size,
         format=layout.codec.format_name(layout.scheme) if layout.method != "bitsandbytes" else "nf4",
         float_bytes=view.nbytes,
         stored_bytes=ckpt.nbytes,
         compression_ratio=round(view.nbytes / ckpt.nbytes, 3) if ckpt.nbytes else None,
     )
-    if layout.method == "bitsandbytes":
+    if isinstance(layout.scheme, NF4):
         facts["double_quant"] = layout.scheme.double_quant
+    if isinstance(layout.scheme, Int4):
+        facts["symmetric"] = not layout.scheme.asymmetric
     return facts

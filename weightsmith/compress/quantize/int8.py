@@ -117,14 +117,23 @@ def dequantize_module(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 STORED_SUFFIXES = ("weight", "weight_scale", "weight_packed", "weight_shape", "weight_zero_point")
 
 
-def _args(strategy: str | None, group_size: int | None, dynamic: bool) -> dict:
+def ct_args(
+    strategy: str | None,
+    group_size: int | None,
+    dynamic: bool,
+    *,
+    num_bits: int = 8,
+    kind: str = "int",
+    symmetric: bool = True,
+) -> dict:
+    """One compressed-tensors ``QuantizationArgs`` as ``update_config`` serialises it."""
     return {
         "dynamic": dynamic,
         "group_size": group_size,
-        "num_bits": 8,
+        "num_bits": num_bits,
         "strategy": strategy,
-        "symmetric": True,
-        "type": "int",
+        "symmetric": symmetric,
+        "type": kind,
     }
 
 
@@ -132,14 +141,12 @@ def format_name(scheme: Int8) -> str:
     return "pack-quantized" if scheme.weight_only else "int-quantized"
 
 
-def quantization_config(scheme: Int8, ignore: list[str]) -> dict:
-    """config.json's ``quantization_config``, with the fields compressed-tensors' ``ModelCompressor.update_config``
-    writes for the same scheme (``ignore`` lists exact module names; "Linear" targets every other nn.Linear)."""
-    fmt = format_name(scheme)
-    weights = _args("group" if scheme.group_size else "channel", scheme.group_size, False)
+def ct_quantization_config(fmt: str, weights: dict, input_activations: dict | None, ignore: list[str]) -> dict:
+    """config.json's ``quantization_config`` for one compressed-tensors group targeting every nn.Linear, with the
+    fields compressed-tensors' ``ModelCompressor.update_config`` writes (``ignore`` lists exact module names)."""
     group = {
         "format": fmt,
-        "input_activations": None if scheme.weight_only else _args("token", None, True),
+        "input_activations": input_activations,
         "output_activations": None,
         "targets": ["Linear"],
         "weights": weights,
@@ -157,6 +164,13 @@ def quantization_config(scheme: Int8, ignore: list[str]) -> dict:
         "transform_config": {},
         **_schema_version(),
     }
+
+
+def quantization_config(scheme: Int8, ignore: list[str]) -> dict:
+    """config.json's ``quantization_config`` for ``scheme``, as compressed-tensors writes it."""
+    weights = ct_args("group" if scheme.group_size else "channel", scheme.group_size, False)
+    acts = None if scheme.weight_only else ct_args("token", None, True)
+    return ct_quantization_config(format_name(scheme), weights, acts, ignore)
 
 
 def _schema_version() -> dict[str, str]:

@@ -27,6 +27,7 @@ class Int8:
     """
 
     name: ClassVar[str] = "int8"
+    bits: ClassVar[int] = 8
     # None = one scale per output channel: the scheme vLLM's int8 kernels are tuned for, and accurate enough for
     # int8 (per-group scales matter at 4 bits, rarely at 8).
     group_size: int | None = None
@@ -56,6 +57,7 @@ class NF4:
     stored as transformers stores a bitsandbytes 4-bit model."""
 
     name: ClassVar[str] = "nf4"
+    bits: ClassVar[int] = 4
     # 64: QLoRA's block size and transformers' default; bitsandbytes' "blocksize".
     group_size: int = 64
     # False: transformers' default; True saves another ~0.4 bit per weight (QLoRA's double quantization).
@@ -86,8 +88,60 @@ class NF4:
         return {"scheme": self.name, **asdict(self)}
 
 
-Scheme = Int8 | NF4
-SCHEMES: dict[str, type] = {cls.name: cls for cls in (Int8, NF4)}
+@dataclass(frozen=True, kw_only=True)
+class Int4:
+    """int4 weights, activations float (W4A16), round-to-nearest per group, in compressed-tensors' "pack-quantized"
+    layout: eight 4-bit codes per int32. The format GPTQ checkpoints use and vLLM's Marlin/Machete kernels run."""
+
+    name: ClassVar[str] = "int4"
+    bits: ClassVar[int] = 4
+    # 128: the group size of llm-compressor's W4A16 preset and most GPTQ checkpoints (one scale per 128 inputs).
+    # None = one scale per output channel.
+    group_size: int | None = 128
+    # False = symmetric codes in [-8, 7], no zero point (the preset's choice; kernels are fastest without one).
+    # True adds a per-group zero point, which fits skewed groups better.
+    asymmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_size == 0 and not isinstance(self.group_size, bool):  # 0 = per channel (a CLI can say it)
+            object.__setattr__(self, "group_size", None)
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ConfigError(f"int4: group_size {self.group_size!r} must be a positive integer")
+        if not isinstance(self.asymmetric, bool):
+            raise ConfigError(f"int4: asymmetric {self.asymmetric!r} must be true or false")
+
+    @property
+    def label(self) -> str:
+        kind = "asymmetric" if self.asymmetric else "symmetric"
+        return f"int4 W4A16 {kind} " + (f"group {self.group_size}" if self.group_size else "per-channel")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP8:
+    """FP8 (e4m3) weights with one scale per output channel, activations quantized to FP8 per token at run time
+    (W8A8 dynamic), in compressed-tensors' "float-quantized" layout: llm-compressor's FP8_DYNAMIC preset, which vLLM
+    runs on Hopper/Ada GPUs. Data-free: no calibration."""
+
+    name: ClassVar[str] = "fp8"
+    bits: ClassVar[int] = 8
+    # no options: per-channel weight scales and per-token dynamic activations are what the FP8 kernels expect
+    group_size: ClassVar[None] = None
+
+    @property
+    def label(self) -> str:
+        return "fp8 e4m3 W8A8 per-channel, dynamic per-token activations"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.name}
+
+
+Scheme = Int8 | NF4 | Int4 | FP8
+SCHEMES: dict[str, type] = {cls.name: cls for cls in (Int8, NF4, Int4, FP8)}
 
 
 def make_scheme(scheme: str | Scheme | dict, **options: Any) -> Scheme:

@@ -13,22 +13,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step
-from weightsmith.compress.quantize import int8, nf4
+from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.detect import detect
-from weightsmith.compress.quantize.schemes import NF4, Int8, Scheme, make_scheme
+from weightsmith.compress.quantize.schemes import Scheme, make_scheme
 from weightsmith.compress.quantize.targets import DEFAULT_IGNORE, Plan, plan
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 
-# A scheme's config type → the codec module that quantizes a weight, describes its stored tensors and writes the
-# format's quantization_config.
-REGISTRY: dict[type, ModuleType] = {Int8: int8, NF4: nf4}
+__all__ = ["REGISTRY", "QuantizedView", "open_quantized"]
 
 
 class QuantizedView(CheckpointView):

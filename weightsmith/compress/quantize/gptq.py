@@ -1,0 +1,70 @@
+"""GPTQ's weight update for one Linear layer, as a pure function on tensors (no model, no files).
+
+Not yet wired into ``quantize``: the layer-by-layer driver (calibration text → each decoder layer's inputs → the
+Hessian of every Linear in it) is still to be written. What this module gives is the per-layer core that driver
+will call, in the int4 layout of ``int4.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightsmith.compress.quantize.int4 import QMAX, QMIN, quantize_int4
+
+
+def gptq_int4(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    group_size: int | None = 128,
+    asymmetric: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ (Frantar et al. 2023, "GPTQ: accurate post-training quantization for generative pre-trained
+    transformers"): quantize W [out, in] column by column, each column's rounding error e_j = (w_j − q_j) / [H⁻¹]_jj
+    fed back into the columns not yet quantized, w_k −= e_j · [H⁻¹]_jk, with U = chol(H⁻¹) upper (the paper's
+    Cholesky form) and lazy block updates of ``block_size`` columns.
+
+    H = 2 XᵀX over the layer's calibration inputs X [tokens, in] (any positive multiple gives the same result);
+    dampened by ``damp`` · mean(diag H) on the diagonal. Columns no input ever reached (H_jj = 0) are zeroed. Each
+    group's scale (and zero point) comes from its columns as updated when the group starts, with int4's min-max
+    ranges. Returns the int4 codes int8 [out, in], scales [out, in/g] in ``w``'s dtype and zero points (or None),
+    exactly as ``int4.quantize_int4`` does for round-to-nearest; with H = I the two agree.
+    """
+    out_features, in_features = w.shape
+    g = group_size or in_features
+    if in_features % g or (block_size % g and g % block_size):
+        raise ValueError(f"gptq: width {in_features}, group size {g} and block size {block_size} do not align")
+    W = w.float().clone()  # (out, in), updated in place as errors are fed forward
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # chol(H⁻¹), upper
+    groups = in_features // g
+    scale = torch.empty(out_features, groups, dtype=w.dtype)
+    zero = torch.empty(out_features, groups, dtype=torch.int8) if asymmetric else None
+    codes = torch.empty(out_features, in_features, dtype=torch.int8)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % g == 0:  # a new group: its range from the columns as they stand now
+                cols = W1[:, i : i + g] if i + g <= i2 - i1 else torch.cat([W1[:, i:], W[:, i2 : j + g]], dim=1)
+                _, s, z = quantize_int4(cols.to(w.dtype), None, asymmetric)
+                scale[:, j // g] = s[:, 0]
+                if zero is not None and z is not None:
+                    zero[:, j // g] = z[:, 0]
+            s_col = scale[:, j // g].float()
+            z_col = zero[:, j // g].float() if zero is not None else 0.0
+            q = torch.round((W1[:, i] / s_col + z_col).clamp(QMIN, QMAX))
+            codes[:, j] = q.to(torch.int8)
+            err = (W1[:, i] - (q - z_col) * s_col) / U[j, j]
+            W1[:, i:] -= err.unsqueeze(1) * U[j, j:i2].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return codes, scale, zero
