@@ -57,10 +57,10 @@ def quick(
         path, weight = (m, None) if isinstance(m, str) else m
         entries.append({"model": str(path), "parameters": {"weight": float(weight)} if weight is not None else {}})
     params = {("lambda" if k == "lam" else k): v for k, v in parameters.items() if v is not None}
-    from weightsmith.merge.config import METHODS
+    from weightsmith.merge.table import METHODS
 
-    spec = METHODS.get(method)
-    if spec is not None and "weight" in spec.per_model:
+    row = METHODS.get(method)
+    if row is not None and "weight" in row.per_model:
         params.setdefault("weight", 1.0)  # top-level: models without their own weight (the base too) get 1
     config = {"merge_method": method, "models": entries, "parameters": params}
     if base is not None:

@@ -19,58 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith.errors import ConfigError
-from weightsmith.merge.methods import FAMILY
+from weightsmith.merge.table import METHODS, REQUIRED, Param
 from weightsmith.yamltext import load_mapping, parse_mapping
-
-REQUIRED = object()  # marks a parameter without default
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 _MERGEKIT_ONLY = {"slices", "modules", "tokenizer", "chat_template"}  # mergekit keys weightsmith does not implement
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method takes: how it uses the base, how many models, and its parameters with defaults."""
-
-    base: str  # "required" | "optional" (used as θ_b when given) | "input" (an ordinary input when given)
-    min_models: int  # counted without the base, except for base="input" (counted with it)
-    max_models: int | None
-    shared: dict[str, Any] = field(default_factory=dict)  # one value per tensor (top-level parameters only)
-    per_model: dict[str, Any] = field(default_factory=dict)  # one value per model per tensor
-
-
-def _family_spec(name: str) -> MethodSpec:
-    row = FAMILY[name]
-    shared: dict[str, Any] = {
-        "normalize": row.normalize,
-        "rescale": row.rescale,
-        "lambda": 1.0,
-        "int8_mask": False,
-    }  # int8_mask: a mergekit memory option; no numerical effect
-    per_model: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
-    if row.consensus is not None:
-        shared["consensus"] = row.consensus  # weightsmith: "sum" (TIES) or "count"
-    if row.sparsifier in ("random", "rank_random"):
-        # The papers rescale survivors by 1/p (unbiased per entry); mergekit matches the L1 norm instead ("l1").
-        shared["rescale_mode"] = "1/p"
-    if row.sparsifier == "outliers":
-        per_model["gamma"] = 0.01  # mergekit's default: drop the top 1% as outliers
-    if row.sparsifier == "rank_random":
-        per_model["epsilon"] = 0.15  # mergekit's default spread of keep probabilities
-    return MethodSpec("required", 1, None, shared, per_model)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec("input", 1, None, {"normalize": True}, {"weight": REQUIRED}),
-    "slerp": MethodSpec("required", 1, 1, {"t": REQUIRED}),
-    "nuslerp": MethodSpec("optional", 2, 2, {"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": REQUIRED}),
-    "model_stock": MethodSpec("required", 2, None, {"filter_wise": False}),
-    "passthrough": MethodSpec("input", 1, 1, {}, {"scale": None}),
-    **{name: _family_spec(name) for name in FAMILY},
-}
-
-_BOOL = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise"}
-_STR = {"consensus": ("sum", "count"), "rescale_mode": ("1/p", "l1")}
 
 
 @dataclass(frozen=True)
@@ -265,15 +218,16 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _typed(key: str, value: Any, where: str) -> Any:
-    if key in _BOOL:
+def _typed(param: Param, value: Any, where: str) -> Any:
+    key = param.name
+    if param.kind == "bool":
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: parameter {key!r} must be true or false, got {value!r}")
-    if key in _STR:
-        if value in _STR[key]:
+    if param.kind == "choice":
+        if value in param.choices:
             return value
-        raise ConfigError(f"{where}: parameter {key!r} must be one of {', '.join(_STR[key])}, got {value!r}")
+        raise ConfigError(f"{where}: parameter {key!r} must be one of {', '.join(param.choices)}, got {value!r}")
     value = _number(value)
     if value is None:
         return None
@@ -288,19 +242,21 @@ def resolve(config: MergeConfig, name: str, t: float) -> tuple[dict[str, Any], l
     spec = METHODS[config.method]
     where = f"tensor {name!r}"
 
-    def pick(key: str, default: Any, scopes: list[Mapping[str, Any]], who: str) -> Any:
+    def pick(param: Param, scopes: list[Mapping[str, Any]], who: str) -> Any:
         for scope in scopes:
-            if key in scope:
-                value = evaluate(scope[key], name, t)
+            if param.name in scope:
+                value = evaluate(scope[param.name], name, t)
                 if value is not None:
-                    return _typed(key, value, where)
-        if default is REQUIRED:
-            raise ConfigError(f"{where}: no value for parameter {key!r} of {who} (set it per model or top-level)")
-        return default
+                    return _typed(param, value, where)
+        if param.default is REQUIRED:
+            raise ConfigError(
+                f"{where}: no value for parameter {param.name!r} of {who} (set it per model or top-level)"
+            )
+        return param.default
 
-    shared = {k: pick(k, d, [config.parameters], config.method) for k, d in spec.shared.items()}
+    shared = {p.name: pick(p, [config.parameters], config.method) for p in spec.params if not p.per_model}
     per_model = [
-        {k: pick(k, d, [ref.parameters, config.parameters], f"model {ref.path}") for k, d in spec.per_model.items()}
+        {p.name: pick(p, [ref.parameters, config.parameters], f"model {ref.path}") for p in spec.params if p.per_model}
         for ref in config.inputs
     ]
     return shared, per_model

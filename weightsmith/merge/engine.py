@@ -1,11 +1,10 @@
 """The merge engine: check the inputs, plan every tensor, then stream: read one tensor from each input, merge, write.
 
-The engine knows nothing about any method's math (``methods``) and the methods know nothing about files. Peak
-memory per worker is about the largest tensor of every input as stored plus its output (the task-vector family,
-linear and slerp work block by block from the stored dtype; nuslerp and model_stock hold (inputs + 2) float32
-copies), plus the writer's buffer. With ``workers > 1`` several tensors are merged at once and written in order; a
-tensor's random stream derives from the seed and its name, so the output is byte-identical for any number of
-workers.
+The engine knows no method by name: it calls the method's row of ``table.METHODS``; the methods know nothing
+about files. Peak memory per worker is about the largest tensor of every input as stored plus its output (native
+methods work block by block from the stored dtype; the others hold (inputs + 2) float32 copies), plus the
+writer's buffer. With ``workers > 1`` several tensors are merged at once and written in order; a tensor's random
+stream derives from the seed and its name, so the output is byte-identical for any number of workers.
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
 from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge import methods as M
 from weightsmith.merge.config import MergeConfig, ModelRef, gradient_position, layer_index, load_config, resolve
+from weightsmith.merge.table import METHODS
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
@@ -99,63 +98,18 @@ def _num_layers(config: dict | None, names: Sequence[str]) -> int:
 
 def _check_task(config: MergeConfig, task: _Task) -> None:
     """Parameter values that cannot work, named with their tensor (checked for every tensor before writing)."""
-    where = f"tensor {task.name!r}"
-    for ref, p in zip(config.inputs, task.per_model):
-        d = p.get("density")
-        if d is not None and not 0 <= d <= 1:
-            raise ConfigError(f"{where}: density {d} of model {ref.path} is outside [0, 1]")
-        eps = p.get("epsilon")
-        if eps is not None and d is not None and d < 1 and not (0 < d - eps and d + eps < 1):
-            raise ConfigError(f"{where}: model {ref.path}: density ± epsilon ({d} ± {eps}) must lie inside (0, 1)")
-        g = p.get("gamma")
-        if g is not None and not 0 <= g <= 1:
-            raise ConfigError(f"{where}: gamma {g} of model {ref.path} is outside [0, 1]")
-    if config.method == "linear" and task.shared["normalize"]:
-        total = sum(p["weight"] for p in task.per_model)
-        if abs(total) < 1e-12:
-            weights = ", ".join(f"{p['weight']:g}" for p in task.per_model)
-            raise ConfigError(f"{where}: the linear weights sum to 0 and normalize is on (weights: {weights})")
+    labels = [ref.path for ref in config.inputs]
+    METHODS[config.method].check(f"tensor {task.name!r}", labels, task.shared, task.per_model)
 
 
 def _merge_tensor(
     config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor], seed: int
-) -> tuple[torch.Tensor, M.FamilyStats | None]:
-    """Dispatch one tensor to its method: float32 in and out, except linear, slerp and the task-vector family, which
-    take the stored dtype and round once to ``task.dtype`` themselves."""
-    method, s, pm = config.method, task.shared, task.per_model
-    if method == "linear":
-        return M.linear(tensors, [p["weight"] for p in pm], normalize=s["normalize"], out_dtype=task.dtype), None
-    if method == "slerp":
-        return M.slerp(base, tensors[0], s["t"], out_dtype=task.dtype), None
-    if method == "nuslerp":
-        return M.nuslerp(
-            tensors[0],
-            tensors[1],
-            [p["weight"] for p in pm],
-            base=base,
-            row_wise=s["nuslerp_row_wise"],
-            flatten=s["nuslerp_flatten"],
-        ), None
-    if method == "model_stock":
-        return M.model_stock(base, tensors, filter_wise=s["filter_wise"]), None
-    if method == "passthrough":
-        return M.passthrough(tensors[0], pm[0]["scale"]), None
-    return M.merge_task_vectors(
-        M.FAMILY[method],
-        base,
-        tensors,
-        [p["weight"] for p in pm],
-        densities=[p["density"] for p in pm],
-        lam=s["lambda"],
-        normalize=s["normalize"],
-        rescale=s["rescale"],
-        rescale_mode=s.get("rescale_mode", "1/p"),
-        consensus=s.get("consensus"),
-        gammas=[p.get("gamma", 0.01) for p in pm],
-        epsilons=[p.get("epsilon", 0.15) for p in pm],
-        seeds=[tensor_seed(seed, task.name, i) for i in range(len(tensors))],
-        out_dtype=task.dtype,
-    )
+) -> tuple[torch.Tensor, Any]:
+    """One tensor through its method's row: float32 in and out, except for native methods, which take the stored
+    dtype and round once to ``task.dtype`` themselves."""
+    row = METHODS[config.method]
+    seeds = [tensor_seed(seed, task.name, i) for i in range(len(tensors))] if row.seeded else []
+    return row.apply(base, tensors, task.shared, task.per_model, seeds=seeds, out_dtype=task.dtype)
 
 
 def run(
@@ -207,10 +161,9 @@ def run(
     base_ckpt = opened[cfg.base.path] if cfg.base else None
     model_ckpts = [opened[r.path] for r in cfg.inputs]
 
-    # linear, slerp and the task-vector family take the stored dtype and work in fp32 themselves: no up-cast copy
-    native = cfg.method in ("linear", "slerp") or cfg.method in M.FAMILY
+    native = METHODS[cfg.method].native  # takes the stored dtype and works in fp32 itself: no up-cast copy
 
-    def work(task: _Task) -> tuple[torch.Tensor, M.FamilyStats | None]:
+    def work(task: _Task) -> tuple[torch.Tensor, Any]:
         info = primary.info(task.name)
         if not info.dtype.is_floating_point:  # integer buffers (position ids…): the primary input's, unchanged
             return primary[task.name], None
