@@ -58,7 +58,8 @@ def _add_parameter_flags(p) -> None:
         elif param.kind == "choice":
             p.add_argument(flag, dest=dest, choices=param.choices, help=text)
         else:
-            p.add_argument(flag, dest=dest, type=float, metavar=name.upper(), help=text)
+            kind = int if param.kind == "int" else float
+            p.add_argument(flag, dest=dest, type=kind, metavar=name.upper(), help=text)
 
 
 def _inputs(args) -> list[str]:

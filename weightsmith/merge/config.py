@@ -233,6 +233,10 @@ def _typed(param: Param, value: Any, where: str) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{where}: parameter {key!r} must be a finite number, got {value!r}")
+    if param.kind == "int":
+        if value != int(value):
+            raise ConfigError(f"{where}: parameter {key!r} must be a whole number, got {value!r}")
+        return int(value)
     return float(value)
 
 

@@ -42,7 +42,7 @@ class Param:
 
     name: str
     default: Any = REQUIRED
-    kind: str = "number"  # "number" | "bool" | "choice"
+    kind: str = "number"  # "number" | "int" | "bool" | "choice"
     choices: tuple[str, ...] = ()
     per_model: bool = False  # one value per model per tensor (else one per tensor, top-level only)
     arg: str | None = None  # the function's keyword (a list for per-model values); None: accepted, no effect
@@ -179,10 +179,19 @@ def _check_weight_sum(where: str, labels: Sequence[str], shared: Mapping, per_mo
             raise ConfigError(f"{where}: the linear weights sum to 0 and normalize is on (weights: {weights})")
 
 
+def _check_fraction(key: str) -> Check:
+    def check(where: str, labels: Sequence[str], shared: Mapping, per_model: Sequence[Mapping]) -> None:
+        if not 0 <= shared[key] <= 1:
+            raise ConfigError(f"{where}: {key} {shared[key]} is outside [0, 1]")
+
+    return check
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The rows
 
 _M = "weightsmith.merge.methods"
+_RAM_EPSILON = Param(name="epsilon", default=1e-5, arg="epsilon", help="|δ| above which a model changed an entry")
 # Defaults follow mergekit 0.1.5's registry so that its YAML files mean the same here.
 _TA = "Ilharco et al. 2023, arXiv:2212.04089"
 _TIES = "Yadav et al. 2023, arXiv:2306.01708"
@@ -318,6 +327,94 @@ _ROWS += [
         ("della", FamilyRow(sparsifier="rank_random", consensus="sum", normalize=True, rescale=True), _DELLA),
         ("della_linear", FamilyRow(sparsifier="rank_random", consensus=None, normalize=False, rescale=True), _DELLA),
     )
+]
+
+_ROWS += [
+    Method(
+        name="sce",
+        function="weightsmith.merge.selective:sce",
+        shape="base_models",
+        base="required",
+        min_models=1,
+        max_models=None,
+        params=(
+            Param(name="select_topk", default=1.0, arg="select_topk", help="fraction of entries kept by variance"),
+            Param(name="int8_mask", default=False, kind="bool", help="a mergekit memory option; no numerical effect"),
+        ),
+        checks=(_check_fraction("select_topk"),),
+        paper="Wan et al. 2024, arXiv:2408.07990",
+    ),
+    Method(
+        name="karcher",
+        function="weightsmith.merge.spherical:karcher",
+        shape="models",
+        base="input",
+        min_models=1,
+        max_models=None,
+        params=(
+            Param(name="max_iter", default=10, kind="int", arg="max_iter", help="Karcher iterations at most"),
+            Param(name="tol", default=1e-5, arg="tol", help="convergence tolerance"),
+        ),
+        paper="Karcher 1977; mergekit's karcher",
+    ),
+    Method(
+        name="multislerp",
+        function="weightsmith.merge.spherical:multislerp",
+        shape="models",
+        base="optional",
+        base_keyword=True,
+        min_models=1,
+        max_models=None,
+        params=(
+            _WEIGHT,
+            Param(name="normalize_weights", default=True, kind="bool", arg="normalize_weights", help="Σw = 1"),
+            Param(name="eps", default=1e-8, arg="eps", help="numerical floor"),
+        ),
+        paper="Goddard 2025, Multi-SLERP",
+    ),
+    Method(
+        name="nearswap",
+        function="weightsmith.merge.selective:nearswap",
+        shape="base_other",
+        base="required",
+        min_models=1,
+        max_models=1,
+        params=(Param(name="t", arg="t", help="distance below which the other model's value is taken"),),
+        paper="alchemonaut 2024, QuartetAnemoi; mergekit's nearswap",
+    ),
+    Method(
+        name="arcee_fusion",
+        function="weightsmith.merge.selective:arcee_fusion",
+        shape="base_other",
+        base="required",
+        min_models=1,
+        max_models=1,
+        paper="Arcee AI 2025; mergekit's arcee_fusion",
+    ),
+    Method(
+        name="ram",
+        function="weightsmith.merge.selective:ram",
+        shape="base_models",
+        base="required",
+        min_models=1,
+        max_models=None,
+        params=(_RAM_EPSILON,),
+        paper="arXiv:2601.13572",
+    ),
+    Method(
+        name="ramplus_tl",
+        function="weightsmith.merge.selective:ramplus_tl",
+        shape="base_models",
+        base="required",
+        min_models=1,
+        max_models=None,
+        params=(
+            Param(name="r", default=0.1, arg="r", help="amplification of unique changes"),
+            Param(name="alpha", default=0.2, arg="alpha", help="cap of the shared/unique ratio"),
+            _RAM_EPSILON,
+        ),
+        paper="arXiv:2601.13572",
+    ),
 ]
 
 # The table, by name, in the order of the rows.
