@@ -280,7 +280,7 @@ def _bad_configs(m, odd):
             },
             "inputs do not match",
         ),
-        "slices": ({**ta, "slices": []}, "mergekit key 'slices' is not supported"),
+        "slices": ({**ta, "slices": []}, "give exactly one of 'models' and 'slices'"),
         "unknown parameter": ({**ta, "parameters": {"densty": 0.5}}, "parameter 'densty' is not a parameter of ties"),
         "missing weight": (
             {"merge_method": "ties", "base_model": base, "models": [{"model": a}]},

@@ -19,19 +19,50 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith.errors import ConfigError
-from weightsmith.merge.table import METHODS, REQUIRED, Param
+from weightsmith.merge.table import METHODS, REQUIRED, Method, Param
 from weightsmith.yamltext import load_mapping, parse_mapping
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-_MERGEKIT_ONLY = {"slices", "modules", "tokenizer", "chat_template"}  # mergekit keys weightsmith does not implement
+_TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+}
+_MERGEKIT_ONLY = {"modules", "tokenizer", "chat_template"}  # mergekit keys weightsmith does not implement
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One input: a checkpoint path (``path+adapter`` folds a LoRA adapter on the fly) and its own parameters."""
+    """One input: a checkpoint path or Hub id (``path+adapter`` folds a LoRA adapter on the fly), its own
+    parameters, and in a slice the [start, end) range of its layers."""
 
     path: str
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """One output slice: its sources (the method's inputs, each with a layer range of the same length), the base
+    among them where the method uses one, and the slice's own parameters (between the sources' and the top-level
+    ones in precedence)."""
+
+    inputs: tuple[ModelRef, ...]
+    base: ModelRef | None
+    parameters: Mapping[str, Any]
+
+    @property
+    def length(self) -> int:
+        first = (self.base or self.inputs[0]).layer_range
+        return first[1] - first[0] if first else 0
+
+    def sources(self) -> list[ModelRef]:
+        """The base (if any) then the inputs."""
+        return ([self.base] if self.base else []) + list(self.inputs)
 
 
 @dataclass(frozen=True)
@@ -45,12 +76,32 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    slices: tuple[SliceConfig, ...] = ()  # when given, ``inputs`` and ``base`` are those of the first slice
 
     def to_dict(self) -> dict:
+        if self.slices:
+            layout: dict[str, Any] = {
+                "slices": [
+                    {
+                        "sources": [
+                            {
+                                "model": m.path,
+                                "layer_range": list(m.layer_range or ()),
+                                "parameters": dict(m.parameters),
+                            }
+                            for m in sl.sources()
+                        ],
+                        "parameters": dict(sl.parameters),
+                    }
+                    for sl in self.slices
+                ]
+            }
+        else:
+            layout = {"models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.inputs]}
         return {
             "merge_method": self.method,
             "base_model": self.base.path if self.base else None,
-            "models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.inputs],
+            **layout,
             "parameters": dict(self.parameters),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
@@ -77,18 +128,48 @@ def _validate(raw: dict, where: str) -> MergeConfig:
     if method not in METHODS:
         raise ConfigError(f"{where}: unknown merge_method {method!r} (supported: {', '.join(METHODS)})")
     spec = METHODS[method]
-    models = raw.get("models")
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    refs = [_model_ref(m, where) for m in models]
     base_path = raw.get("base_model")
     if base_path is not None and not isinstance(base_path, str):
-        raise ConfigError(f"{where}: base_model must be a path, got {base_path!r}")
+        raise ConfigError(f"{where}: base_model must be a model path or Hub id, got {base_path!r}")
     top = raw.get("parameters") or {}
     if not isinstance(top, dict):
         raise ConfigError(f"{where}: top-level 'parameters' must be a mapping")
+    _check_keys(spec, method, top, [], where, "top-level")
+    models, slices_raw = raw.get("models"), raw.get("slices")
+    if (models is None) == (slices_raw is None):
+        raise ConfigError(f"{where}: give exactly one of 'models' and 'slices'")
+    slices: tuple[SliceConfig, ...] = ()
+    if slices_raw is not None:
+        slices = _slices(slices_raw, spec, method, base_path, where)
+        refs = [r for sl in slices for r in sl.sources()]
+        inputs, used_base = list(slices[0].inputs), slices[0].base
+    else:
+        if not isinstance(models, list) or not models:
+            raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+        refs = [_model_ref(m, where) for m in models]
+        _check_keys(spec, method, {}, refs, where, "top-level")
+        inputs, used_base = _arrange(spec, method, refs, base_path, where)
+        base = used_base or next((r for r in inputs if base_path is not None and _same(r.path, base_path)), None)
+        refs = refs + ([base] if base is not None and base not in refs else [])
+    for name in (raw.get("dtype"), raw.get("out_dtype")):
+        if name is not None:
+            from weightsmith.units import parse_dtype
+
+            parse_dtype(name)
+    tok = raw.get("tokenizer_source")
+    if tok is not None and tok not in ("base", "first") and not any(_same(r.path, tok) for r in refs):
+        raise ConfigError(
+            f"{where}: tokenizer_source {tok!r} is not supported (use base, first, or the path of one of the models)"
+        )
+    return MergeConfig(
+        method, tuple(inputs), used_base, top, raw.get("dtype"), raw.get("out_dtype"), tok, slices=slices
+    )
+
+
+def _check_keys(spec: Method, method: str, scope: Mapping, refs: list[ModelRef], where: str, what: str) -> None:
+    """Parameters a scope (top-level or a slice) and its models may set."""
     allowed = set(spec.shared) | set(spec.per_model)
-    for key in top:
+    for key in scope:
         if key not in allowed:
             raise ConfigError(
                 f"{where}: parameter {key!r} is not a parameter of {method} "
@@ -98,7 +179,7 @@ def _validate(raw: dict, where: str) -> MergeConfig:
         for key in ref.parameters:
             if key in spec.shared:
                 raise ConfigError(
-                    f"{where}: parameter {key!r} of {method} is global: set it under the top-level "
+                    f"{where}: parameter {key!r} of {method} is global: set it under the {what} "
                     f"'parameters', not under model {ref.path}"
                 )
             if key not in spec.per_model:
@@ -107,12 +188,23 @@ def _validate(raw: dict, where: str) -> MergeConfig:
                     f"(per-model: {', '.join(sorted(spec.per_model)) or 'none'})"
                 )
 
+
+def _arrange(
+    spec: Method, method: str, refs: list[ModelRef], base_path: str | None, where: str, in_slice: bool = False
+) -> tuple[list[ModelRef], ModelRef | None]:
+    """The method's inputs in order and the base it uses, checked against the row's base policy and counts."""
     base = None
     if base_path is not None:
-        base = next((r for r in refs if _same(r.path, base_path)), ModelRef(base_path, {}))
+        base = next((r for r in refs if _same(r.path, base_path)), None)
+        if base is None and in_slice and spec.base != "input":
+            raise ConfigError(f"{where}: base_model {base_path} is not among the slice's sources")
+        if base is None:
+            base = ModelRef(base_path, {})
     if spec.base == "required" and base is None:
         raise ConfigError(f"{where}: {method} needs a base_model")
     if spec.base == "input":
+        if in_slice:
+            base = next((r for r in refs if base_path is not None and _same(r.path, base_path)), None)
         inputs = list(refs) + ([base] if base is not None and base not in refs else [])
         inputs.sort(key=lambda r: 0 if base is not None and r is base else 1)  # base first, order kept otherwise
         used_base = None
@@ -130,31 +222,65 @@ def _validate(raw: dict, where: str) -> MergeConfig:
             else f"{spec.min_models}–{spec.max_models}"
         )
         raise ConfigError(f"{where}: {method} takes {want} {what}, got {count}: {', '.join(r.path for r in inputs)}")
-    for name in (raw.get("dtype"), raw.get("out_dtype")):
-        if name is not None:
-            from weightsmith.units import parse_dtype
-
-            parse_dtype(name)
-    tok = raw.get("tokenizer_source")
-    if tok is not None and tok not in ("base", "first") and not any(_same(r.path, tok) for r in refs + [base] if r):
-        raise ConfigError(
-            f"{where}: tokenizer_source {tok!r} is not supported (use base, first, or the path of one of the models)"
-        )
-    return MergeConfig(method, tuple(inputs), used_base, top, raw.get("dtype"), raw.get("out_dtype"), tok)
+    return inputs, used_base
 
 
-def _model_ref(entry: Any, where: str) -> ModelRef:
-    if isinstance(entry, str):
+def _slices(raw: Any, spec: Method, method: str, base_path: str | None, where: str) -> tuple[SliceConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: 'slices' must be a non-empty list of {{sources: [{{model, layer_range}}]}}")
+    out = []
+    for i, entry in enumerate(raw):
+        at = f"{where}: slices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise ConfigError(f"{at}: each slice needs 'sources', a non-empty list of {{model, layer_range}}")
+        extra = set(entry) - {"sources", "base_model", "parameters"}
+        if extra:
+            raise ConfigError(
+                f"{at}: unsupported key {sorted(extra)[0]!r} (a slice takes sources, base_model, parameters)"
+            )
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{at}: 'parameters' must be a mapping")
+        refs = [_model_ref(src, at, sliced=True) for src in entry["sources"]]
+        lengths = {r.path: r.layer_range[1] - r.layer_range[0] for r in refs if r.layer_range}
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{p} {list(r.layer_range or ())}" for r in refs for p in [r.path])
+            raise ConfigError(
+                f"{at}: the sources' layer_range lengths differ ({shown}): give every source of a slice as many layers"
+            )
+        _check_keys(spec, method, params, refs, at, "slice's")
+        inputs, base = _arrange(spec, method, refs, entry.get("base_model", base_path), at, in_slice=True)
+        out.append(SliceConfig(tuple(inputs), base, params))
+    return tuple(out)
+
+
+def _model_ref(entry: Any, where: str, sliced: bool = False) -> ModelRef:
+    if isinstance(entry, str) and not sliced:
         return ModelRef(entry, {})
+    what = "'sources'" if sliced else "'models'"
     if not isinstance(entry, dict) or "model" not in entry:
-        raise ConfigError(f"{where}: each entry of 'models' needs a 'model' path, got {entry!r}")
-    extra = set(entry) - {"model", "parameters"}
+        raise ConfigError(f"{where}: each entry of {what} needs a 'model' path or Hub id, got {entry!r}")
+    keys = {"model", "parameters", "layer_range"} if sliced else {"model", "parameters"}
+    extra = set(entry) - keys
     if extra:
         raise ConfigError(f"{where}: model {entry['model']}: unsupported key {sorted(extra)[0]!r}")
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: model {entry['model']}: 'parameters' must be a mapping")
-    return ModelRef(str(entry["model"]), params)
+    span = None
+    if sliced:
+        span = entry.get("layer_range")
+        if (
+            not isinstance(span, list)
+            or len(span) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+            or not 0 <= span[0] < span[1]
+        ):
+            raise ConfigError(
+                f"{where}: model {entry['model']}: layer_range must be [start, end) with 0 <= start < end, got {span!r}"
+            )
+        span = (span[0], span[1])
+    return ModelRef(str(entry["model"]), params, span)
 
 
 def _same(a: str, b: str) -> bool:
@@ -240,9 +366,12 @@ def _typed(param: Param, value: Any, where: str) -> Any:
     return float(value)
 
 
-def resolve(config: MergeConfig, name: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(shared parameters, one dict per input) for tensor ``name``: per-model settings first, then top-level, then
-    the method's defaults. Raises ConfigError naming the tensor when a required parameter has no value."""
+def resolve(
+    config: MergeConfig, name: str, t: float, part: SliceConfig | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(shared parameters, one dict per input) for tensor ``name``: per-model settings first, then the slice's
+    (``part``), then top-level, then the method's defaults. Raises ConfigError naming the tensor when a required
+    parameter has no value."""
     spec = METHODS[config.method]
     where = f"tensor {name!r}"
 
@@ -258,9 +387,11 @@ def resolve(config: MergeConfig, name: str, t: float) -> tuple[dict[str, Any], l
             )
         return param.default
 
-    shared = {p.name: pick(p, [config.parameters], config.method) for p in spec.params if not p.per_model}
+    scopes = [part.parameters, config.parameters] if part is not None else [config.parameters]
+    inputs = part.inputs if part is not None else config.inputs
+    shared = {p.name: pick(p, scopes, config.method) for p in spec.params if not p.per_model}
     per_model = [
-        {p.name: pick(p, [ref.parameters, config.parameters], f"model {ref.path}") for p in spec.params if p.per_model}
-        for ref in config.inputs
+        {p.name: pick(p, [ref.parameters, *scopes], f"model {ref.path}") for p in spec.params if p.per_model}
+        for ref in inputs
     ]
     return shared, per_model

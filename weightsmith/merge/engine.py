@@ -13,17 +13,17 @@ import hashlib
 import math
 import os
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
-from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge.config import MergeConfig, ModelRef, gradient_position, layer_index, load_config, resolve
+from weightsmith.errors import CheckpointError, ConfigError, NumericalError
+from weightsmith.merge.config import MergeConfig, ModelRef, load_config
+from weightsmith.merge.plan import Task, plan
 from weightsmith.merge.table import METHODS
 from weightsmith.progress import progress
 from weightsmith.report import Report
@@ -45,65 +45,14 @@ def open_input(spec: str) -> Mapping[str, torch.Tensor]:
     return ckpt
 
 
-@dataclass(frozen=True)
-class _Task:
-    """Everything needed to merge one tensor, fixed before anything is written."""
-
-    name: str
-    shared: dict[str, Any]
-    per_model: list[dict[str, Any]]
-    dtype: torch.dtype  # output dtype of this tensor
-
-
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A 63-bit seed for input ``index``'s random stream on tensor ``name``: independent of order and workers."""
     digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _check_compatible(labels: Sequence[str], inputs: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
-    """The tensor names of the first input, after checking every input holds the same names and shapes."""
-    first = inputs[0]
-    problems = []
-    names = list(first)
-    for label, ckpt in zip(labels[1:], inputs[1:]):
-        missing = [n for n in names if n not in ckpt]
-        extra = [n for n in ckpt if n not in first]
-        if missing:
-            problems.append(f"{label} lacks {len(missing)} tensor(s) of {labels[0]}, e.g. {missing[0]!r}")
-        if extra:
-            problems.append(f"{label} has {len(extra)} tensor(s) {labels[0]} lacks, e.g. {extra[0]!r}")
-        for n in names:
-            if n in ckpt and ckpt.info(n).shape != first.info(n).shape:
-                problems.append(
-                    f"{n!r} is {list(ckpt.info(n).shape)} in {label} but {list(first.info(n).shape)} in {labels[0]}"
-                )
-        vocab_a = (getattr(first, "config", None) or {}).get("vocab_size")
-        vocab_b = (getattr(ckpt, "config", None) or {}).get("vocab_size")
-        if vocab_a is not None and vocab_b is not None and vocab_a != vocab_b:
-            problems.append(f"vocab_size {vocab_b} in {label} but {vocab_a} in {labels[0]}")
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise IncompatibleError(f"inputs do not match: {shown}")
-    return names
-
-
-def _num_layers(config: dict | None, names: Sequence[str]) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if config and isinstance(config.get(key), int):
-            return config[key]
-    found = [i for i in map(layer_index, names) if i is not None]
-    return max(found) + 1 if found else 1
-
-
-def _check_task(config: MergeConfig, task: _Task) -> None:
-    """Parameter values that cannot work, named with their tensor (checked for every tensor before writing)."""
-    labels = [ref.path for ref in config.inputs]
-    METHODS[config.method].check(f"tensor {task.name!r}", labels, task.shared, task.per_model)
-
-
 def _merge_tensor(
-    config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor], seed: int
+    config: MergeConfig, task: Task, base: torch.Tensor | None, tensors: list[torch.Tensor], seed: int
 ) -> tuple[torch.Tensor, Any]:
     """One tensor through its method's row: float32 in and out, except for native methods, which take the stored
     dtype and round once to ``task.dtype`` themselves."""
@@ -134,41 +83,30 @@ def run(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     report = Report("merge", output=str(out))
     with report.timed("open"):
-        refs: list[ModelRef] = ([cfg.base] if cfg.base else []) + list(cfg.inputs)
+        refs: list[ModelRef] = _references(cfg)
         opened = {ref.path: open_input(ref.path) for ref in refs}
-        inputs = [opened[r.path] for r in refs]
-        names = _check_compatible([r.path for r in refs], inputs)
-    primary = inputs[0]  # the base, or the first input
+        inputs = list(opened.values())
+    out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
+    in_dtype = parse_dtype(cfg.dtype)
+    with report.timed("plan"):
+        tasks, out_config = plan(cfg, opened, out_dtype)
     tok_ref = refs[0]
     if cfg.tokenizer_source == "first":
         tok_ref = cfg.inputs[0]
     elif cfg.tokenizer_source not in (None, "base"):
         tok_ref = next(r for r in refs if os.path.normpath(r.path) == os.path.normpath(cfg.tokenizer_source))
-    out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
-    in_dtype = parse_dtype(cfg.dtype)
-    num_layers = _num_layers(getattr(primary, "config", None), names)
 
-    tasks: list[_Task] = []
-    with report.timed("plan"):
-        for name in names:
-            info = primary.info(name)
-            target = out_dtype if out_dtype is not None and info.dtype.is_floating_point else info.dtype
-            shared, per_model = resolve(cfg, name, gradient_position(name, num_layers))
-            task = _Task(name, shared, per_model, target)
-            _check_task(cfg, task)
-            tasks.append(task)
+    row = METHODS[cfg.method]
+    native = row.native  # takes the stored dtype and works in fp32 itself: no up-cast copy
 
-    base_ckpt = opened[cfg.base.path] if cfg.base else None
-    model_ckpts = [opened[r.path] for r in cfg.inputs]
-
-    native = METHODS[cfg.method].native  # takes the stored dtype and works in fp32 itself: no up-cast copy
-
-    def work(task: _Task) -> tuple[torch.Tensor, Any]:
-        info = primary.info(task.name)
-        if not info.dtype.is_floating_point:  # integer buffers (position ids…): the primary input's, unchanged
-            return primary[task.name], None
-        base = _load(base_ckpt, task.name, in_dtype, native) if base_ckpt is not None else None
-        tensors = [_load(c, task.name, in_dtype, native) for c in model_ckpts]
+    def work(task: Task) -> tuple[torch.Tensor, Any]:
+        first = opened[task.primary[0]]
+        if not first.info(task.primary[1]).dtype.is_floating_point:  # integer buffers: the primary's, unchanged
+            return first[task.primary[1]], None
+        if row.identity is not None and row.identity(task.shared, task.per_model):  # a copy: bytes as stored
+            return _load(opened[task.inputs[0][0]], task.inputs[0][1], in_dtype, True).to(task.dtype), None
+        base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
+        tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
         if not math.isfinite(float(merged.sum())):  # one reduction: NaN or Inf anywhere shows (so would overflow)
             raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
@@ -183,7 +121,7 @@ def run(
     writer = CheckpointWriter(
         out,
         steps=steps,
-        config=getattr(primary, "config", None),
+        config=out_config,
         carry=getattr(tok_src, "carry_files", []),
         dtype=out_dtype,
         shard_size=shard_size,
@@ -206,6 +144,15 @@ def run(
                 )
     _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
     return report
+
+
+def _references(cfg: MergeConfig) -> list[ModelRef]:
+    """Every model a config reads, once each, the primary (the base, or the first input) first."""
+    if cfg.slices:
+        refs = [r for sl in cfg.slices for r in sl.sources()]
+    else:
+        refs = ([cfg.base] if cfg.base else []) + list(cfg.inputs)
+    return list({r.path: r for r in refs}.values())
 
 
 def _load(

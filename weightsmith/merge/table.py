@@ -92,6 +92,9 @@ class Method:
     checks: tuple[Check, ...] = ()
     paper: str = ""
     base_keyword: bool = False  # also passes ``base=`` (shape "two")
+    # True when, for these resolved values, the method returns its single input unchanged: the engine then copies
+    # the stored tensor (no float32 round trip)
+    identity: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], bool] | None = None
 
     @cached_property
     def shared(self) -> dict[str, Any]:
@@ -308,6 +311,7 @@ _ROWS: list[Method] = [
         min_models=1,
         max_models=1,
         params=(Param(name="scale", default=None, per_model=True, arg="scale", help="multiply the tensor"),),
+        identity=lambda shared, per_model: per_model[0]["scale"] is None,
         paper="mergekit's passthrough",
     ),
 ]
