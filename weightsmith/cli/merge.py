@@ -33,7 +33,8 @@ def register(sub) -> None:
         action="append",
         default=[],
         metavar="PATH[@WEIGHT]",
-        help="a model to merge, optionally with its weight (repeat; short form)",
+        help="a model to merge (a path, or a Hub id ORG/NAME[#REVISION]), optionally with its weight "
+        "(repeat; short form)",
     )
     _add_parameter_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random methods (default 0)")
@@ -69,6 +70,9 @@ def _inputs(args) -> list[str]:
         raw = yaml_mapping(args.config)
         models = raw.get("models") if isinstance(raw.get("models"), list) else []
         specs += [raw.get("base_model")] + [m.get("model") for m in models if isinstance(m, dict)]
+        slices = raw.get("slices") if isinstance(raw.get("slices"), list) else []
+        for sl in (s for s in slices if isinstance(s, dict) and isinstance(s.get("sources"), list)):
+            specs += [src.get("model") for src in sl["sources"] if isinstance(src, dict)]
     return [parse_adapter(part)[0] for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]
 
 
@@ -89,14 +93,28 @@ def _merge(args):
         return merge.run(args.config, args.out, **common)
     if not args.method or not args.model:
         raise ConfigError("merge: give a config file, or --method and at least one --model")
-    models = []
+    models: list = []
     for spec in args.model:
         path, sep, weight = spec.rpartition("@")
         if not sep:
-            models.append(spec)
+            models.append(_revision(spec))
             continue
         try:
-            models.append((path, float(weight)))
+            models.append((_revision(path), float(weight)))
         except ValueError:
-            raise ConfigError(f"--model {spec}: the weight after @ must be a number") from None
-    return merge.quick(args.method, models, args.out, base=args.base, **common, **flags)
+            raise ConfigError(
+                f"--model {spec}: the weight after @ must be a number (a Hub revision is written ORG/NAME#REVISION)"
+            ) from None
+    base = _revision(args.base) if args.base else None
+    return merge.quick(args.method, models, args.out, base=base, **common, **flags)
+
+
+def _revision(spec: str) -> str:
+    """The command line's ``ORG/NAME#REVISION`` as mergekit's ``ORG/NAME@REVISION`` (on the command line ``@``
+    always introduces a weight); a path that exists is left as it is."""
+    from pathlib import Path
+
+    if "#" not in spec or Path(spec).exists():
+        return spec
+    repo, _, revision = spec.partition("#")
+    return f"{repo}@{revision}"

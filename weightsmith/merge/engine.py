@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.checkpoint.hub import locate
 from weightsmith.errors import CheckpointError, ConfigError, NumericalError
 from weightsmith.merge.config import MergeConfig, ModelRef, load_config
 from weightsmith.merge.plan import Task, plan
@@ -33,13 +34,14 @@ _WORST = 10  # tensors listed in the report for TIES/DARE-like methods
 
 
 def open_input(spec: str) -> Mapping[str, torch.Tensor]:
-    """A checkpoint, or ``base+adapter``: the base with a PEFT LoRA adapter folded in lazily (no cache on disk)."""
+    """A checkpoint (a path or a Hub id, ``org/name[@revision]``), or ``base+adapter``: the base with a PEFT LoRA
+    adapter folded in lazily (no cache on disk)."""
     if "+" in spec and not Path(spec).exists():
         base, adapter = spec.rsplit("+", 1)
         from weightsmith.merge.lora import open_folded
 
-        return open_folded(base, [(adapter, 1.0)])
-    ckpt = Checkpoint(spec)
+        return open_folded(locate(base), [(locate(adapter), 1.0)])
+    ckpt = Checkpoint(locate(spec))
     if ckpt.is_adapter:
         raise CheckpointError(f"{spec}: a LoRA adapter, not a model; write BASE+{spec} to fold it into a base")
     return ckpt
