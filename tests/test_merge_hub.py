@@ -236,3 +236,20 @@ def test_layer_range_past_a_hub_models_depth(offline, tmp_path, capsys):
     assert main(["merge", str(write_yaml(cfg, tmp_path / "c.yml")), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "slices[0]: layer_range [0, 3] of model_a is past its depth (2 layers)" in err, err
+
+
+def test_model_card_names_method_models_revisions_and_config(offline, tmp_path):
+    import yaml
+
+    cfg = {"merge_method": "arcee_fusion", "base_model": "model_a", "models": [{"model": "model_b@v2"}]}
+    assert main(["merge", str(write_yaml(cfg, tmp_path / "c.yml")), "-o", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["base_model"] == ["model_a", "model_b"] and meta["library_name"] == "transformers"
+    assert "merge" in meta["tags"] and "arcee_fusion" in meta["tags"]
+    commit = Path(offline["paths"]["model_b@v2"]).name
+    assert f"- `model_b@v2` (revision `{commit}`)" in body
+    assert "weightsmith 0." in body and "`arcee_fusion`" in body
+    config = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert config["merge_method"] == "arcee_fusion" and config["base_model"] == "model_a"

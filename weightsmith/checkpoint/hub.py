@@ -19,7 +19,7 @@ from pathlib import Path
 from weightsmith.errors import CheckpointError
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # the Hub's repo-id shape
-_META = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]  # configs, tokenizers, README-less
+_META = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]  # configs, tokenizers, chat templates
 
 
 def split_revision(ref: str) -> tuple[str, str | None]:

@@ -15,6 +15,7 @@ import os
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
 from weightsmith.checkpoint.hub import locate
 from weightsmith.errors import CheckpointError, ConfigError, NumericalError
+from weightsmith.merge.card import model_card
 from weightsmith.merge.config import MergeConfig, ModelRef, load_config
 from weightsmith.merge.plan import Task, plan
 from weightsmith.merge.table import METHODS
@@ -45,6 +47,14 @@ def open_input(spec: str) -> Mapping[str, torch.Tensor]:
     if ckpt.is_adapter:
         raise CheckpointError(f"{spec}: a LoRA adapter, not a model; write BASE+{spec} to fold it into a base")
     return ckpt
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A tensor to copy byte for byte from its checkpoint rather than decode."""
+
+    source: Checkpoint
+    name: str
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
@@ -101,12 +111,16 @@ def run(
     row = METHODS[cfg.method]
     native = row.native  # takes the stored dtype and works in fp32 itself: no up-cast copy
 
-    def work(task: Task) -> tuple[torch.Tensor, Any]:
+    def work(task: Task) -> tuple[torch.Tensor | _Copy, Any]:
         first = opened[task.primary[0]]
         if not first.info(task.primary[1]).dtype.is_floating_point:  # integer buffers: the primary's, unchanged
             return first[task.primary[1]], None
         if row.identity is not None and row.identity(task.shared, task.per_model):  # a copy: bytes as stored
-            return _load(opened[task.inputs[0][0]], task.inputs[0][1], in_dtype, True).to(task.dtype), None
+            source, name = opened[task.inputs[0][0]], task.inputs[0][1]
+            stored = source.info(name).dtype
+            if isinstance(source, Checkpoint) and in_dtype in (None, stored) and task.dtype == stored:
+                return _Copy(source, name), None  # file to file, never decoded
+            return _load(source, name, in_dtype, True).to(task.dtype), None
         base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
         tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
@@ -129,12 +143,17 @@ def run(
         shard_size=shard_size,
         force=force,
     )
+    located = {path: str(getattr(ckpt, "path", path)) for path, ckpt in opened.items()}
+    writer.add_file("README.md", model_card(cfg, list(opened), located, writer_version(), Path(out).name))
     rows: list[dict[str, Any]] = []
     with report.timed("merge"), writer:
         for task, (tensor, stats) in zip(
             tasks, _ordered(work, progress(tasks, total=len(tasks), desc="merge"), workers)
         ):
-            writer.write(task.name, tensor)
+            if isinstance(tensor, _Copy):
+                writer.write_from(tensor.source, tensor.name, as_name=task.name)
+            else:
+                writer.write(task.name, tensor)
             if stats is not None:
                 rows.append(
                     {
@@ -146,6 +165,12 @@ def run(
                 )
     _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
     return report
+
+
+def writer_version() -> str:
+    from weightsmith import __version__
+
+    return __version__
 
 
 def _references(cfg: MergeConfig) -> list[ModelRef]:
