@@ -287,7 +287,10 @@ def _bad_configs(m, odd):
             "no value for parameter 'weight'",
         ),
         "bad density": ({**ta, "parameters": {"density": 1.5}}, "density 1.5"),
-        "union tokenizer": ({**ta, "tokenizer_source": "union"}, "tokenizer_source 'union'"),
+        "unknown tokenizer source": (
+            {**ta, "tokenizer_source": "nowhere"},
+            "tokenizer_source 'nowhere' is not a known tokenizer source",
+        ),
     }
 
 
@@ -303,7 +306,7 @@ def _bad_configs(m, odd):
         "unknown parameter",
         "missing weight",
         "bad density",
-        "union tokenizer",
+        "unknown tokenizer source",
     ],
 )
 def test_bad_config_refused_through_cli(models, odd_vocab, case, tmp_path, capsys):

@@ -20,6 +20,7 @@ from typing import Any
 
 from weightsmith.errors import ConfigError
 from weightsmith.merge.table import METHODS, REQUIRED, Method, Param
+from weightsmith.merge.vocab import TokenizerSpec, check_source, parse_tokenizer
 from weightsmith.yamltext import load_mapping, parse_mapping
 
 _TOP_KEYS = {
@@ -31,8 +32,9 @@ _TOP_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
 }
-_MERGEKIT_ONLY = {"modules", "tokenizer", "chat_template"}  # mergekit keys weightsmith does not implement
+_MERGEKIT_ONLY = {"modules", "chat_template"}  # mergekit keys weightsmith does not implement
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class MergeConfig:
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     slices: tuple[SliceConfig, ...] = ()  # when given, ``inputs`` and ``base`` are those of the first slice
+    tokenizer: TokenizerSpec | None = None  # an output vocabulary to re-index embeddings and heads into
 
     def to_dict(self) -> dict:
         if self.slices:
@@ -157,12 +160,24 @@ def _validate(raw: dict, where: str) -> MergeConfig:
 
             parse_dtype(name)
     tok = raw.get("tokenizer_source")
-    if tok is not None and tok not in ("base", "first") and not any(_same(r.path, tok) for r in refs):
-        raise ConfigError(
-            f"{where}: tokenizer_source {tok!r} is not supported (use base, first, or the path of one of the models)"
-        )
+    names = list(dict.fromkeys(r.path for r in refs))
+    tokenizer = None
+    if tok is not None and raw.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: give tokenizer_source or a tokenizer section, not both")
+    if tok is not None and tok != "first":  # "first": carry the first model's tokenizer files (weightsmith's own)
+        tokenizer = TokenizerSpec(check_source(tok, names, where, "tokenizer_source"))
+    elif raw.get("tokenizer") is not None:
+        tokenizer = parse_tokenizer(raw["tokenizer"], names, where)
     return MergeConfig(
-        method, tuple(inputs), used_base, top, raw.get("dtype"), raw.get("out_dtype"), tok, slices=slices
+        method,
+        tuple(inputs),
+        used_base,
+        top,
+        raw.get("dtype"),
+        raw.get("out_dtype"),
+        tok,
+        slices=slices,
+        tokenizer=tokenizer,
     )
 
 

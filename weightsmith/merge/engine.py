@@ -28,6 +28,8 @@ from weightsmith.merge.card import model_card
 from weightsmith.merge.config import MergeConfig, ModelRef, load_config
 from weightsmith.merge.plan import Task, plan
 from weightsmith.merge.table import METHODS
+from weightsmith.merge.vocab import TOKENIZER_FILES, Vocabulary, vocab_size_of
+from weightsmith.merge.vocab import build as build_vocabulary
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
@@ -96,17 +98,18 @@ def run(
     report = Report("merge", output=str(out))
     with report.timed("open"):
         refs: list[ModelRef] = _references(cfg)
-        opened = {ref.path: open_input(ref.path) for ref in refs}
+        opened: dict[str, Any] = {ref.path: open_input(ref.path) for ref in refs}
         inputs = list(opened.values())
     out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
     in_dtype = parse_dtype(cfg.dtype)
     with report.timed("plan"):
         tasks, out_config = plan(cfg, opened, out_dtype)
-    tok_ref = refs[0]
-    if cfg.tokenizer_source == "first":
-        tok_ref = cfg.inputs[0]
-    elif cfg.tokenizer_source not in (None, "base"):
-        tok_ref = next(r for r in refs if os.path.normpath(r.path) == os.path.normpath(cfg.tokenizer_source))
+    tok_ref = cfg.inputs[0] if cfg.tokenizer_source == "first" else refs[0]
+    vocabulary = None
+    if cfg.tokenizer is not None:  # an output vocabulary: token-indexed tensors are re-indexed into it
+        with report.timed("tokenizer"):
+            vocabulary = _vocabulary(cfg, refs, opened)
+        out_config = {**(out_config or {}), "vocab_size": vocabulary.size}
 
     row = METHODS[cfg.method]
     native = row.native  # takes the stored dtype and works in fp32 itself: no up-cast copy
@@ -115,14 +118,18 @@ def run(
         first = opened[task.primary[0]]
         if not first.info(task.primary[1]).dtype.is_floating_point:  # integer buffers: the primary's, unchanged
             return first[task.primary[1]], None
-        if row.identity is not None and row.identity(task.shared, task.per_model):  # a copy: bytes as stored
+        vocab = task.vocab and vocabulary is not None
+        if not vocab and row.identity is not None and row.identity(task.shared, task.per_model):  # bytes as stored
             source, name = opened[task.inputs[0][0]], task.inputs[0][1]
             stored = source.info(name).dtype
             if isinstance(source, Checkpoint) and in_dtype in (None, stored) and task.dtype == stored:
                 return _Copy(source, name), None  # file to file, never decoded
             return _load(source, name, in_dtype, True).to(task.dtype), None
-        base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
-        tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
+        if vocab:  # token rows re-indexed into the output vocabulary (float32)
+            base, tensors = _permuted(task, vocabulary, opened, in_dtype)
+        else:
+            base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
+            tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
         if not math.isfinite(float(merged.sum())):  # one reduction: NaN or Inf anywhere shows (so would overflow)
             raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
@@ -134,16 +141,21 @@ def run(
         sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
     steps = [provenance_step("merge", params, sources)]
     tok_src = opened[tok_ref.path]
+    carry = list(getattr(tok_src, "carry_files", []))
+    if vocabulary is not None:  # the merge writes its own tokenizer
+        carry = [f for f in carry if not f.name.startswith(TOKENIZER_FILES)]
     writer = CheckpointWriter(
         out,
         steps=steps,
         config=out_config,
-        carry=getattr(tok_src, "carry_files", []),
+        carry=carry,
         dtype=out_dtype,
         shard_size=shard_size,
         force=force,
     )
     located = {path: str(getattr(ckpt, "path", path)) for path, ckpt in opened.items()}
+    for name, content in (vocabulary.files() if vocabulary is not None else {}).items():
+        writer.add_file(name, content)
     writer.add_file("README.md", model_card(cfg, list(opened), located, writer_version(), Path(out).name))
     rows: list[dict[str, Any]] = []
     with report.timed("merge"), writer:
@@ -165,6 +177,26 @@ def run(
                 )
     _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
     return report
+
+
+def _vocabulary(cfg: MergeConfig, refs: list[ModelRef], opened: Mapping[str, Any]) -> Vocabulary:
+    """The output tokenizer and row maps of ``cfg.tokenizer`` over every model the config reads."""
+    assert cfg.tokenizer is not None
+    models = [r.path for r in refs]
+    base = cfg.base.path if cfg.base is not None else models[0]
+    dirs = {m: str(getattr(opened[m], "path", m)) for m in models}
+    sizes = {m: vocab_size_of(getattr(opened[m], "config", None)) for m in models}
+    return build_vocabulary(cfg.tokenizer, base, models, dirs, sizes)
+
+
+def _permuted(
+    task: Task, vocabulary: Any, opened: Mapping[str, Any], in_dtype: torch.dtype | None
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A token-indexed tensor's base and inputs, re-indexed into the output vocabulary (float32)."""
+    pairs = ([task.base] if task.base is not None else []) + list(task.inputs)
+    permuted = vocabulary.permute([(path, _load(opened[path], name, in_dtype)) for path, name in pairs])
+    base = permuted.pop(0) if task.base is not None else None
+    return base, permuted
 
 
 def writer_version() -> str:

@@ -21,6 +21,7 @@ import torch
 from weightsmith.errors import ConfigError, IncompatibleError
 from weightsmith.merge.config import MergeConfig, SliceConfig, gradient_position, layer_index, resolve
 from weightsmith.merge.table import METHODS
+from weightsmith.merge.vocab import is_vocab_tensor
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # where configs keep their layer count
 _INDEX = re.compile(r"(\.(?:layers|h|layer|blocks|block)\.)(\d+)(\.)")
@@ -38,6 +39,7 @@ class Task:
     shared: dict[str, Any]
     per_model: list[dict[str, Any]]
     dtype: torch.dtype
+    vocab: bool = False  # token-indexed (dim 0): re-indexed into the output vocabulary before merging
 
     @property
     def primary(self) -> tuple[str, str]:
@@ -50,7 +52,7 @@ def plan(cfg: MergeConfig, opened: Mapping[str, Any], out_dtype: torch.dtype | N
         return _plan_slices(cfg, opened, out_dtype)
     refs = ([cfg.base] if cfg.base else []) + list(cfg.inputs)
     labels = [r.path for r in refs]
-    names = check_compatible(labels, [opened[p] for p in labels])
+    names = check_compatible(labels, [opened[p] for p in labels], vocab=cfg.tokenizer is not None)
     primary = opened[labels[0]]
     num_layers = num_layers_of(getattr(primary, "config", None), names)
     tasks = []
@@ -82,13 +84,18 @@ def _task(
     out_dtype: torch.dtype | None,
 ) -> Task:
     target = out_dtype if out_dtype is not None and stored.is_floating_point else stored
-    task = Task(name, base, tuple(inputs), shared, per_model, target)
+    task = Task(
+        name, base, tuple(inputs), shared, per_model, target, cfg.tokenizer is not None and is_vocab_tensor(name)
+    )
     METHODS[cfg.method].check(f"tensor {name!r}", [p for p, _ in inputs], shared, per_model)
     return task
 
 
-def check_compatible(labels: Sequence[str], inputs: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
-    """The tensor names of the first input, after checking every input holds the same names and shapes."""
+def check_compatible(
+    labels: Sequence[str], inputs: Sequence[Mapping[str, torch.Tensor]], vocab: bool = False
+) -> list[str]:
+    """The tensor names of the first input, after checking every input holds the same names and shapes (with
+    ``vocab``, token-indexed tensors need only agree beyond dim 0, and vocabulary sizes may differ)."""
     first = inputs[0]
     problems = []
     names = list(first)
@@ -100,13 +107,18 @@ def check_compatible(labels: Sequence[str], inputs: Sequence[Mapping[str, torch.
         if extra:
             problems.append(f"{label} has {len(extra)} tensor(s) {labels[0]} lacks, e.g. {extra[0]!r}")
         for n in names:
-            if n in ckpt and ckpt.info(n).shape != first.info(n).shape:  # type: ignore[attr-defined]
+            if n in ckpt and not _same_shape(first.info(n).shape, ckpt.info(n).shape, vocab and is_vocab_tensor(n)):  # type: ignore[attr-defined]
                 problems.append(
                     f"{n!r} is {list(ckpt.info(n).shape)} in {label} but {list(first.info(n).shape)} in {labels[0]}"  # type: ignore[attr-defined]
                 )
-        problems += _vocab_problems(labels[0], first, label, ckpt)
+        if not vocab:
+            problems += _vocab_problems(labels[0], first, label, ckpt)
     _raise(problems)
     return names
+
+
+def _same_shape(a: Sequence[int], b: Sequence[int], token_indexed: bool) -> bool:
+    return tuple(a[1:]) == tuple(b[1:]) if token_indexed else tuple(a) == tuple(b)
 
 
 def _vocab_problems(label_a: str, a: Any, label_b: str, b: Any) -> list[str]:
@@ -168,7 +180,7 @@ def _plan_slices(
     primary = opened[primary_path]
     problems: list[str] = []
     paths = list(dict.fromkeys(r.path for sl in cfg.slices for r in sl.sources()))
-    for p in paths[1:]:
+    for p in paths[1:] if cfg.tokenizer is None else []:
         problems += _vocab_problems(paths[0], opened[paths[0]], p, opened[p])
 
     def make(name: str, part: SliceConfig, source_names: list[str], t: float) -> Task | None:
@@ -180,7 +192,7 @@ def _plan_slices(
                 return None
             infos.append(opened[ref.path].info(src))
         for ref, info in zip(refs[1:], infos[1:]):
-            if info.shape != infos[0].shape:
+            if not _same_shape(info.shape, infos[0].shape, cfg.tokenizer is not None and is_vocab_tensor(name)):
                 problems.append(f"{info.name!r} is {list(info.shape)} in {ref.path} but {list(infos[0].shape)}")
         shared, per_model = resolve(cfg, name, t, part)
         pairs = list(zip((r.path for r in refs), source_names))
