@@ -165,3 +165,15 @@ def test_bad_configs_refused(models, patch, expected, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_docs_method_table_is_the_table():
+    """docs/merge.md embeds the method table as rendered from the table itself (no second copy to drift)."""
+    from pathlib import Path
+
+    from weightsmith.merge import table
+
+    doc = (Path(__file__).parent.parent / "docs" / "merge.md").read_text()
+    embedded = doc.split("<!-- method-table:start -->\n", 1)[1].split("\n<!-- method-table:end -->", 1)[0]
+    assert embedded == table.markdown()
+    assert set(table.names()) >= {"sce", "karcher", "multislerp", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}

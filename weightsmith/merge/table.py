@@ -440,3 +440,20 @@ def cli_params() -> dict[str, tuple[Param, tuple[str, ...]]]:
             first, users = found.get(p.name, (p, ()))
             found[p.name] = (first, (*users, row.name))
     return found
+
+
+def markdown() -> str:
+    """The table as Markdown (docs/merge.md embeds it; a test keeps the two equal)."""
+    lines = ["| method | base | models | parameters (default) | source |", "|---|---|---|---|---|"]
+    for row in _ROWS:
+        count = (
+            f"{row.min_models}+"
+            if row.max_models is None
+            else (str(row.min_models) if row.min_models == row.max_models else f"{row.min_models}–{row.max_models}")
+        )
+        params = ", ".join(
+            f"`{p.name}`" + ("" if p.default is REQUIRED else f" ({p.default})") + (" per model" if p.per_model else "")
+            for p in row.params
+        )
+        lines.append(f"| `{row.name}` | {row.base} | {count} | {params or '—'} | {row.paper} |")
+    return "\n".join(lines)
