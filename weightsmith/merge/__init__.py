@@ -28,10 +28,17 @@ def run(
     shard_size: int | str = 5 * 10**9,
     force: bool = False,
 ) -> Report:
-    """Merge as a mergekit-style config (YAML file, YAML text or dict) says; see ``engine.run``."""
+    """Merge as a mergekit-style config (YAML file, YAML text or dict) says; see ``engine.run``. A YAML file of
+    several documents is a multi-stage merge (mergekit-multi's format; see ``stages``), run as one job."""
+    from weightsmith.merge.stages import run_stages, stages_in
+
+    options = dict(seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
+    stages = stages_in(config)
+    if stages is not None:
+        return run_stages(stages, out, **options)
     from weightsmith.merge.engine import run as _run
 
-    return _run(config, out, seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
+    return _run(config, out, **options)
 
 
 def quick(
