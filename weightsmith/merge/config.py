@@ -1,12 +1,13 @@
 """mergekit-compatible merge configs: YAML (or a dict) → a validated ``MergeConfig``, and per-tensor parameters.
 
-Accepted as mergekit writes them: ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, top-level
-``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. A parameter value is a scalar, a gradient (a list of
-numbers interpolated piecewise-linearly over the layers, t = layer/(L−1); tensors outside the layers take t = 0), or
-a list of ``{filter, value}`` (the first entry whose filter is a substring of the tensor name wins; an entry without
-a filter, or with ``*``, matches everything). Per-model settings take precedence over top-level ones. A key
-weightsmith does not support (``slices``, ``modules``, ``tokenizer``, ``chat_template``, an unknown parameter…) is
-refused by name, never ignored.
+Accepted as mergekit writes them: ``merge_method``, ``base_model``, ``models: [{model, parameters}]`` or
+``slices: [{sources: [{model, layer_range, parameters}], base_model, parameters}]``, top-level ``parameters``,
+``dtype``, ``out_dtype``, ``tokenizer_source`` and ``tokenizer``; a model is a path or a Hub id. A parameter value is
+a scalar, a gradient (a list of numbers interpolated piecewise-linearly over the layers, t = layer/(L−1); tensors
+outside the layers take t = 0), or a list of ``{filter, value}`` (the first entry whose filter is a substring of the
+tensor name wins; an entry without a filter, or with ``*``, matches everything). Per-model (per-source) settings
+take precedence over a slice's, and those over top-level ones. A key weightsmith does not support (``modules``,
+``chat_template``, an unknown parameter…) is refused by name, never ignored.
 """
 
 from __future__ import annotations
