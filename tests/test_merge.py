@@ -280,14 +280,17 @@ def _bad_configs(m, odd):
             },
             "inputs do not match",
         ),
-        "slices": ({**ta, "slices": []}, "mergekit key 'slices' is not supported"),
+        "slices": ({**ta, "slices": []}, "give exactly one of 'models' and 'slices'"),
         "unknown parameter": ({**ta, "parameters": {"densty": 0.5}}, "parameter 'densty' is not a parameter of ties"),
         "missing weight": (
             {"merge_method": "ties", "base_model": base, "models": [{"model": a}]},
             "no value for parameter 'weight'",
         ),
         "bad density": ({**ta, "parameters": {"density": 1.5}}, "density 1.5"),
-        "union tokenizer": ({**ta, "tokenizer_source": "union"}, "tokenizer_source 'union'"),
+        "unknown tokenizer source": (
+            {**ta, "tokenizer_source": "nowhere"},
+            "tokenizer_source 'nowhere' is not a known tokenizer source",
+        ),
     }
 
 
@@ -303,7 +306,7 @@ def _bad_configs(m, odd):
         "unknown parameter",
         "missing weight",
         "bad density",
-        "union tokenizer",
+        "unknown tokenizer source",
     ],
 )
 def test_bad_config_refused_through_cli(models, odd_vocab, case, tmp_path, capsys):

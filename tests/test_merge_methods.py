@@ -10,6 +10,7 @@ from _merge_utils import load, make_finetune, max_diff
 import weightsmith as ws
 from weightsmith.merge import methods as M
 from weightsmith.merge import sparsify as sp
+from weightsmith.merge.table import METHODS
 
 N = 400_000  # large enough for the sampled-bracket path of the selection (> 4 × 65536)
 
@@ -97,7 +98,8 @@ def test_dare_ties_at_density_one_is_ties_without_trim():
     base = torch.zeros(50, 40)
     tuned = [_delta(s)[:50, :40] for s in (4, 5, 6)]
     out = M.dare_ties(base, tuned, [0.5, 0.3, 0.2], [1.0] * 3, [0, 1, 2])
-    ref = M.merge_task_vectors(M.FAMILY["ties"], base, tuned, [0.5, 0.3, 0.2], densities=[1.0] * 3, normalize=False)[0]
+    ties = METHODS["ties"].family
+    ref = M.merge_task_vectors(ties, base, tuned, [0.5, 0.3, 0.2], densities=[1.0] * 3, normalize=False)[0]
     assert torch.equal(out, ref)
 
 

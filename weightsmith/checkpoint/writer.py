@@ -215,16 +215,17 @@ class CheckpointWriter:
             tensor = tensor.to(self.dtype)
         self._shard_for(name, tensor.numel() * tensor.element_size()).write(name, tensor)
 
-    def write_from(self, source: Checkpoint, name: str) -> None:
+    def write_from(self, source: Checkpoint, name: str, as_name: str | None = None) -> None:
         """Copy one tensor of ``source`` unchanged (except for the writer's cast), without decoding it when the
-        bytes can be copied as they are."""
+        bytes can be copied as they are; ``as_name`` renames it in the output."""
         info = source.info(name)
         location = source.location(name)
+        out_name = as_name or name
         casts = self.dtype is not None and info.dtype.is_floating_point and info.dtype != self.dtype
         if location is None or casts:
-            self.write(name, source[name])
+            self.write(out_name, source[name])
         else:
-            self._shard_for(name, info.nbytes).copy(name, info, location)
+            self._shard_for(out_name, info.nbytes).copy(out_name, info, location)
 
     def _shard_for(self, name: str, nbytes: int) -> _Shard:
         if name in self._names:

@@ -28,10 +28,17 @@ def run(
     shard_size: int | str = 5 * 10**9,
     force: bool = False,
 ) -> Report:
-    """Merge as a mergekit-style config (YAML file, YAML text or dict) says; see ``engine.run``."""
+    """Merge as a mergekit-style config (YAML file, YAML text or dict) says; see ``engine.run``. A YAML file of
+    several documents is a multi-stage merge (mergekit-multi's format; see ``stages``), run as one job."""
+    from weightsmith.merge.stages import run_stages, stages_in
+
+    options = dict(seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
+    stages = stages_in(config)
+    if stages is not None:
+        return run_stages(stages, out, **options)
     from weightsmith.merge.engine import run as _run
 
-    return _run(config, out, seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
+    return _run(config, out, **options)
 
 
 def quick(
@@ -57,10 +64,10 @@ def quick(
         path, weight = (m, None) if isinstance(m, str) else m
         entries.append({"model": str(path), "parameters": {"weight": float(weight)} if weight is not None else {}})
     params = {("lambda" if k == "lam" else k): v for k, v in parameters.items() if v is not None}
-    from weightsmith.merge.config import METHODS
+    from weightsmith.merge.table import METHODS
 
-    spec = METHODS.get(method)
-    if spec is not None and "weight" in spec.per_model:
+    row = METHODS.get(method)
+    if row is not None and "weight" in row.per_model:
         params.setdefault("weight", 1.0)  # top-level: models without their own weight (the base too) get 1
     config = {"merge_method": method, "models": entries, "parameters": params}
     if base is not None:

@@ -1,12 +1,13 @@
 """mergekit-compatible merge configs: YAML (or a dict) → a validated ``MergeConfig``, and per-tensor parameters.
 
-Accepted as mergekit writes them: ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, top-level
-``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. A parameter value is a scalar, a gradient (a list of
-numbers interpolated piecewise-linearly over the layers, t = layer/(L−1); tensors outside the layers take t = 0), or
-a list of ``{filter, value}`` (the first entry whose filter is a substring of the tensor name wins; an entry without
-a filter, or with ``*``, matches everything). Per-model settings take precedence over top-level ones. A key
-weightsmith does not support (``slices``, ``modules``, ``tokenizer``, ``chat_template``, an unknown parameter…) is
-refused by name, never ignored.
+Accepted as mergekit writes them: ``merge_method``, ``base_model``, ``models: [{model, parameters}]`` or
+``slices: [{sources: [{model, layer_range, parameters}], base_model, parameters}]``, top-level ``parameters``,
+``dtype``, ``out_dtype``, ``tokenizer_source`` and ``tokenizer``; a model is a path or a Hub id. A parameter value is
+a scalar, a gradient (a list of numbers interpolated piecewise-linearly over the layers, t = layer/(L−1); tensors
+outside the layers take t = 0), or a list of ``{filter, value}`` (the first entry whose filter is a substring of the
+tensor name wins; an entry without a filter, or with ``*``, matches everything). Per-model (per-source) settings
+take precedence over a slice's, and those over top-level ones. A key weightsmith does not support (``modules``,
+``chat_template``, an unknown parameter…) is refused by name, never ignored.
 """
 
 from __future__ import annotations
@@ -19,66 +20,52 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith.errors import ConfigError
-from weightsmith.merge.methods import FAMILY
+from weightsmith.merge.table import METHODS, REQUIRED, Method, Param
+from weightsmith.merge.vocab import TokenizerSpec, check_source, parse_tokenizer
 from weightsmith.yamltext import load_mapping, parse_mapping
 
-REQUIRED = object()  # marks a parameter without default
-
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-_MERGEKIT_ONLY = {"slices", "modules", "tokenizer", "chat_template"}  # mergekit keys weightsmith does not implement
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method takes: how it uses the base, how many models, and its parameters with defaults."""
-
-    base: str  # "required" | "optional" (used as θ_b when given) | "input" (an ordinary input when given)
-    min_models: int  # counted without the base, except for base="input" (counted with it)
-    max_models: int | None
-    shared: dict[str, Any] = field(default_factory=dict)  # one value per tensor (top-level parameters only)
-    per_model: dict[str, Any] = field(default_factory=dict)  # one value per model per tensor
-
-
-def _family_spec(name: str) -> MethodSpec:
-    row = FAMILY[name]
-    shared: dict[str, Any] = {
-        "normalize": row.normalize,
-        "rescale": row.rescale,
-        "lambda": 1.0,
-        "int8_mask": False,
-    }  # int8_mask: a mergekit memory option; no numerical effect
-    per_model: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
-    if row.consensus is not None:
-        shared["consensus"] = row.consensus  # weightsmith: "sum" (TIES) or "count"
-    if row.sparsifier in ("random", "rank_random"):
-        # The papers rescale survivors by 1/p (unbiased per entry); mergekit matches the L1 norm instead ("l1").
-        shared["rescale_mode"] = "1/p"
-    if row.sparsifier == "outliers":
-        per_model["gamma"] = 0.01  # mergekit's default: drop the top 1% as outliers
-    if row.sparsifier == "rank_random":
-        per_model["epsilon"] = 0.15  # mergekit's default spread of keep probabilities
-    return MethodSpec("required", 1, None, shared, per_model)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec("input", 1, None, {"normalize": True}, {"weight": REQUIRED}),
-    "slerp": MethodSpec("required", 1, 1, {"t": REQUIRED}),
-    "nuslerp": MethodSpec("optional", 2, 2, {"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": REQUIRED}),
-    "model_stock": MethodSpec("required", 2, None, {"filter_wise": False}),
-    "passthrough": MethodSpec("input", 1, 1, {}, {"scale": None}),
-    **{name: _family_spec(name) for name in FAMILY},
+_TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
 }
-
-_BOOL = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise"}
-_STR = {"consensus": ("sum", "count"), "rescale_mode": ("1/p", "l1")}
+_MERGEKIT_ONLY = {"modules", "chat_template"}  # mergekit keys weightsmith does not implement
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One input: a checkpoint path (``path+adapter`` folds a LoRA adapter on the fly) and its own parameters."""
+    """One input: a checkpoint path or Hub id (``path+adapter`` folds a LoRA adapter on the fly), its own
+    parameters, and in a slice the [start, end) range of its layers."""
 
     path: str
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """One output slice: its sources (the method's inputs, each with a layer range of the same length), the base
+    among them where the method uses one, and the slice's own parameters (between the sources' and the top-level
+    ones in precedence)."""
+
+    inputs: tuple[ModelRef, ...]
+    base: ModelRef | None
+    parameters: Mapping[str, Any]
+
+    @property
+    def length(self) -> int:
+        first = (self.base or self.inputs[0]).layer_range
+        return first[1] - first[0] if first else 0
+
+    def sources(self) -> list[ModelRef]:
+        """The base (if any) then the inputs."""
+        return ([self.base] if self.base else []) + list(self.inputs)
 
 
 @dataclass(frozen=True)
@@ -92,12 +79,33 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    slices: tuple[SliceConfig, ...] = ()  # when given, ``inputs`` and ``base`` are those of the first slice
+    tokenizer: TokenizerSpec | None = None  # an output vocabulary to re-index embeddings and heads into
 
     def to_dict(self) -> dict:
+        if self.slices:
+            layout: dict[str, Any] = {
+                "slices": [
+                    {
+                        "sources": [
+                            {
+                                "model": m.path,
+                                "layer_range": list(m.layer_range or ()),
+                                "parameters": dict(m.parameters),
+                            }
+                            for m in sl.sources()
+                        ],
+                        "parameters": dict(sl.parameters),
+                    }
+                    for sl in self.slices
+                ]
+            }
+        else:
+            layout = {"models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.inputs]}
         return {
             "merge_method": self.method,
             "base_model": self.base.path if self.base else None,
-            "models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.inputs],
+            **layout,
             "parameters": dict(self.parameters),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
@@ -124,18 +132,60 @@ def _validate(raw: dict, where: str) -> MergeConfig:
     if method not in METHODS:
         raise ConfigError(f"{where}: unknown merge_method {method!r} (supported: {', '.join(METHODS)})")
     spec = METHODS[method]
-    models = raw.get("models")
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    refs = [_model_ref(m, where) for m in models]
     base_path = raw.get("base_model")
     if base_path is not None and not isinstance(base_path, str):
-        raise ConfigError(f"{where}: base_model must be a path, got {base_path!r}")
+        raise ConfigError(f"{where}: base_model must be a model path or Hub id, got {base_path!r}")
     top = raw.get("parameters") or {}
     if not isinstance(top, dict):
         raise ConfigError(f"{where}: top-level 'parameters' must be a mapping")
+    _check_keys(spec, method, top, [], where, "top-level")
+    models, slices_raw = raw.get("models"), raw.get("slices")
+    if (models is None) == (slices_raw is None):
+        raise ConfigError(f"{where}: give exactly one of 'models' and 'slices'")
+    slices: tuple[SliceConfig, ...] = ()
+    if slices_raw is not None:
+        slices = _slices(slices_raw, spec, method, base_path, where)
+        refs = [r for sl in slices for r in sl.sources()]
+        inputs, used_base = list(slices[0].inputs), slices[0].base
+    else:
+        if not isinstance(models, list) or not models:
+            raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+        refs = [_model_ref(m, where) for m in models]
+        _check_keys(spec, method, {}, refs, where, "top-level")
+        inputs, used_base = _arrange(spec, method, refs, base_path, where)
+        base = used_base or next((r for r in inputs if base_path is not None and _same(r.path, base_path)), None)
+        refs = refs + ([base] if base is not None and base not in refs else [])
+    for name in (raw.get("dtype"), raw.get("out_dtype")):
+        if name is not None:
+            from weightsmith.units import parse_dtype
+
+            parse_dtype(name)
+    tok = raw.get("tokenizer_source")
+    names = list(dict.fromkeys(r.path for r in refs))
+    tokenizer = None
+    if tok is not None and raw.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: give tokenizer_source or a tokenizer section, not both")
+    if tok is not None and tok != "first":  # "first": carry the first model's tokenizer files (weightsmith's own)
+        tokenizer = TokenizerSpec(check_source(tok, names, where, "tokenizer_source"))
+    elif raw.get("tokenizer") is not None:
+        tokenizer = parse_tokenizer(raw["tokenizer"], names, where)
+    return MergeConfig(
+        method,
+        tuple(inputs),
+        used_base,
+        top,
+        raw.get("dtype"),
+        raw.get("out_dtype"),
+        tok,
+        slices=slices,
+        tokenizer=tokenizer,
+    )
+
+
+def _check_keys(spec: Method, method: str, scope: Mapping, refs: list[ModelRef], where: str, what: str) -> None:
+    """Parameters a scope (top-level or a slice) and its models may set."""
     allowed = set(spec.shared) | set(spec.per_model)
-    for key in top:
+    for key in scope:
         if key not in allowed:
             raise ConfigError(
                 f"{where}: parameter {key!r} is not a parameter of {method} "
@@ -145,7 +195,7 @@ def _validate(raw: dict, where: str) -> MergeConfig:
         for key in ref.parameters:
             if key in spec.shared:
                 raise ConfigError(
-                    f"{where}: parameter {key!r} of {method} is global: set it under the top-level "
+                    f"{where}: parameter {key!r} of {method} is global: set it under the {what} "
                     f"'parameters', not under model {ref.path}"
                 )
             if key not in spec.per_model:
@@ -154,12 +204,23 @@ def _validate(raw: dict, where: str) -> MergeConfig:
                     f"(per-model: {', '.join(sorted(spec.per_model)) or 'none'})"
                 )
 
+
+def _arrange(
+    spec: Method, method: str, refs: list[ModelRef], base_path: str | None, where: str, in_slice: bool = False
+) -> tuple[list[ModelRef], ModelRef | None]:
+    """The method's inputs in order and the base it uses, checked against the row's base policy and counts."""
     base = None
     if base_path is not None:
-        base = next((r for r in refs if _same(r.path, base_path)), ModelRef(base_path, {}))
+        base = next((r for r in refs if _same(r.path, base_path)), None)
+        if base is None and in_slice and spec.base != "input":
+            raise ConfigError(f"{where}: base_model {base_path} is not among the slice's sources")
+        if base is None:
+            base = ModelRef(base_path, {})
     if spec.base == "required" and base is None:
         raise ConfigError(f"{where}: {method} needs a base_model")
     if spec.base == "input":
+        if in_slice:
+            base = next((r for r in refs if base_path is not None and _same(r.path, base_path)), None)
         inputs = list(refs) + ([base] if base is not None and base not in refs else [])
         inputs.sort(key=lambda r: 0 if base is not None and r is base else 1)  # base first, order kept otherwise
         used_base = None
@@ -177,31 +238,65 @@ def _validate(raw: dict, where: str) -> MergeConfig:
             else f"{spec.min_models}–{spec.max_models}"
         )
         raise ConfigError(f"{where}: {method} takes {want} {what}, got {count}: {', '.join(r.path for r in inputs)}")
-    for name in (raw.get("dtype"), raw.get("out_dtype")):
-        if name is not None:
-            from weightsmith.units import parse_dtype
-
-            parse_dtype(name)
-    tok = raw.get("tokenizer_source")
-    if tok is not None and tok not in ("base", "first") and not any(_same(r.path, tok) for r in refs + [base] if r):
-        raise ConfigError(
-            f"{where}: tokenizer_source {tok!r} is not supported (use base, first, or the path of one of the models)"
-        )
-    return MergeConfig(method, tuple(inputs), used_base, top, raw.get("dtype"), raw.get("out_dtype"), tok)
+    return inputs, used_base
 
 
-def _model_ref(entry: Any, where: str) -> ModelRef:
-    if isinstance(entry, str):
+def _slices(raw: Any, spec: Method, method: str, base_path: str | None, where: str) -> tuple[SliceConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: 'slices' must be a non-empty list of {{sources: [{{model, layer_range}}]}}")
+    out = []
+    for i, entry in enumerate(raw):
+        at = f"{where}: slices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise ConfigError(f"{at}: each slice needs 'sources', a non-empty list of {{model, layer_range}}")
+        extra = set(entry) - {"sources", "base_model", "parameters"}
+        if extra:
+            raise ConfigError(
+                f"{at}: unsupported key {sorted(extra)[0]!r} (a slice takes sources, base_model, parameters)"
+            )
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{at}: 'parameters' must be a mapping")
+        refs = [_model_ref(src, at, sliced=True) for src in entry["sources"]]
+        lengths = {r.path: r.layer_range[1] - r.layer_range[0] for r in refs if r.layer_range}
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{p} {list(r.layer_range or ())}" for r in refs for p in [r.path])
+            raise ConfigError(
+                f"{at}: the sources' layer_range lengths differ ({shown}): give every source of a slice as many layers"
+            )
+        _check_keys(spec, method, params, refs, at, "slice's")
+        inputs, base = _arrange(spec, method, refs, entry.get("base_model", base_path), at, in_slice=True)
+        out.append(SliceConfig(tuple(inputs), base, params))
+    return tuple(out)
+
+
+def _model_ref(entry: Any, where: str, sliced: bool = False) -> ModelRef:
+    if isinstance(entry, str) and not sliced:
         return ModelRef(entry, {})
+    what = "'sources'" if sliced else "'models'"
     if not isinstance(entry, dict) or "model" not in entry:
-        raise ConfigError(f"{where}: each entry of 'models' needs a 'model' path, got {entry!r}")
-    extra = set(entry) - {"model", "parameters"}
+        raise ConfigError(f"{where}: each entry of {what} needs a 'model' path or Hub id, got {entry!r}")
+    keys = {"model", "parameters", "layer_range"} if sliced else {"model", "parameters"}
+    extra = set(entry) - keys
     if extra:
         raise ConfigError(f"{where}: model {entry['model']}: unsupported key {sorted(extra)[0]!r}")
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: model {entry['model']}: 'parameters' must be a mapping")
-    return ModelRef(str(entry["model"]), params)
+    span = None
+    if sliced:
+        span = entry.get("layer_range")
+        if (
+            not isinstance(span, list)
+            or len(span) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+            or not 0 <= span[0] < span[1]
+        ):
+            raise ConfigError(
+                f"{where}: model {entry['model']}: layer_range must be [start, end) with 0 <= start < end, got {span!r}"
+            )
+        span = (span[0], span[1])
+    return ModelRef(str(entry["model"]), params, span)
 
 
 def _same(a: str, b: str) -> bool:
@@ -265,42 +360,54 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _typed(key: str, value: Any, where: str) -> Any:
-    if key in _BOOL:
+def _typed(param: Param, value: Any, where: str) -> Any:
+    key = param.name
+    if param.kind == "bool":
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: parameter {key!r} must be true or false, got {value!r}")
-    if key in _STR:
-        if value in _STR[key]:
+    if param.kind == "choice":
+        if value in param.choices:
             return value
-        raise ConfigError(f"{where}: parameter {key!r} must be one of {', '.join(_STR[key])}, got {value!r}")
+        raise ConfigError(f"{where}: parameter {key!r} must be one of {', '.join(param.choices)}, got {value!r}")
     value = _number(value)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{where}: parameter {key!r} must be a finite number, got {value!r}")
+    if param.kind == "int":
+        if value != int(value):
+            raise ConfigError(f"{where}: parameter {key!r} must be a whole number, got {value!r}")
+        return int(value)
     return float(value)
 
 
-def resolve(config: MergeConfig, name: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(shared parameters, one dict per input) for tensor ``name``: per-model settings first, then top-level, then
-    the method's defaults. Raises ConfigError naming the tensor when a required parameter has no value."""
+def resolve(
+    config: MergeConfig, name: str, t: float, part: SliceConfig | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(shared parameters, one dict per input) for tensor ``name``: per-model settings first, then the slice's
+    (``part``), then top-level, then the method's defaults. Raises ConfigError naming the tensor when a required
+    parameter has no value."""
     spec = METHODS[config.method]
     where = f"tensor {name!r}"
 
-    def pick(key: str, default: Any, scopes: list[Mapping[str, Any]], who: str) -> Any:
+    def pick(param: Param, scopes: list[Mapping[str, Any]], who: str) -> Any:
         for scope in scopes:
-            if key in scope:
-                value = evaluate(scope[key], name, t)
+            if param.name in scope:
+                value = evaluate(scope[param.name], name, t)
                 if value is not None:
-                    return _typed(key, value, where)
-        if default is REQUIRED:
-            raise ConfigError(f"{where}: no value for parameter {key!r} of {who} (set it per model or top-level)")
-        return default
+                    return _typed(param, value, where)
+        if param.default is REQUIRED:
+            raise ConfigError(
+                f"{where}: no value for parameter {param.name!r} of {who} (set it per model or top-level)"
+            )
+        return param.default
 
-    shared = {k: pick(k, d, [config.parameters], config.method) for k, d in spec.shared.items()}
+    scopes = [part.parameters, config.parameters] if part is not None else [config.parameters]
+    inputs = part.inputs if part is not None else config.inputs
+    shared = {p.name: pick(p, scopes, config.method) for p in spec.params if not p.per_model}
     per_model = [
-        {k: pick(k, d, [ref.parameters, config.parameters], f"model {ref.path}") for k, d in spec.per_model.items()}
-        for ref in config.inputs
+        {p.name: pick(p, [ref.parameters, *scopes], f"model {ref.path}") for p in spec.params if p.per_model}
+        for ref in inputs
     ]
     return shared, per_model

@@ -1,11 +1,10 @@
 """The merge engine: check the inputs, plan every tensor, then stream: read one tensor from each input, merge, write.
 
-The engine knows nothing about any method's math (``methods``) and the methods know nothing about files. Peak
-memory per worker is about the largest tensor of every input as stored plus its output (the task-vector family,
-linear and slerp work block by block from the stored dtype; nuslerp and model_stock hold (inputs + 2) float32
-copies), plus the writer's buffer. With ``workers > 1`` several tensors are merged at once and written in order; a
-tensor's random stream derives from the seed and its name, so the output is byte-identical for any number of
-workers.
+The engine knows no method by name: it calls the method's row of ``table.METHODS``; the methods know nothing
+about files. Peak memory per worker is about the largest tensor of every input as stored plus its output (native
+methods work block by block from the stored dtype; the others hold (inputs + 2) float32 copies), plus the
+writer's buffer. With ``workers > 1`` several tensors are merged at once and written in order; a tensor's random
+stream derives from the seed and its name, so the output is byte-identical for any number of workers.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import hashlib
 import math
 import os
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,14 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
-from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge import methods as M
-from weightsmith.merge.config import MergeConfig, ModelRef, gradient_position, layer_index, load_config, resolve
+from weightsmith.checkpoint.hub import locate
+from weightsmith.errors import CheckpointError, ConfigError, NumericalError
+from weightsmith.merge.card import model_card
+from weightsmith.merge.config import MergeConfig, ModelRef, load_config
+from weightsmith.merge.plan import Task, plan
+from weightsmith.merge.table import METHODS
+from weightsmith.merge.vocab import TOKENIZER_FILES, Vocabulary, vocab_size_of
+from weightsmith.merge.vocab import build as build_vocabulary
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
@@ -34,26 +38,25 @@ _WORST = 10  # tensors listed in the report for TIES/DARE-like methods
 
 
 def open_input(spec: str) -> Mapping[str, torch.Tensor]:
-    """A checkpoint, or ``base+adapter``: the base with a PEFT LoRA adapter folded in lazily (no cache on disk)."""
+    """A checkpoint (a path or a Hub id, ``org/name[@revision]``), or ``base+adapter``: the base with a PEFT LoRA
+    adapter folded in lazily (no cache on disk)."""
     if "+" in spec and not Path(spec).exists():
         base, adapter = spec.rsplit("+", 1)
         from weightsmith.merge.lora import open_folded
 
-        return open_folded(base, [(adapter, 1.0)])
-    ckpt = Checkpoint(spec)
+        return open_folded(locate(base), [(locate(adapter), 1.0)])
+    ckpt = Checkpoint(locate(spec))
     if ckpt.is_adapter:
         raise CheckpointError(f"{spec}: a LoRA adapter, not a model; write BASE+{spec} to fold it into a base")
     return ckpt
 
 
 @dataclass(frozen=True)
-class _Task:
-    """Everything needed to merge one tensor, fixed before anything is written."""
+class _Copy:
+    """A tensor to copy byte for byte from its checkpoint rather than decode."""
 
+    source: Checkpoint
     name: str
-    shared: dict[str, Any]
-    per_model: list[dict[str, Any]]
-    dtype: torch.dtype  # output dtype of this tensor
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
@@ -62,100 +65,14 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _check_compatible(labels: Sequence[str], inputs: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
-    """The tensor names of the first input, after checking every input holds the same names and shapes."""
-    first = inputs[0]
-    problems = []
-    names = list(first)
-    for label, ckpt in zip(labels[1:], inputs[1:]):
-        missing = [n for n in names if n not in ckpt]
-        extra = [n for n in ckpt if n not in first]
-        if missing:
-            problems.append(f"{label} lacks {len(missing)} tensor(s) of {labels[0]}, e.g. {missing[0]!r}")
-        if extra:
-            problems.append(f"{label} has {len(extra)} tensor(s) {labels[0]} lacks, e.g. {extra[0]!r}")
-        for n in names:
-            if n in ckpt and ckpt.info(n).shape != first.info(n).shape:
-                problems.append(
-                    f"{n!r} is {list(ckpt.info(n).shape)} in {label} but {list(first.info(n).shape)} in {labels[0]}"
-                )
-        vocab_a = (getattr(first, "config", None) or {}).get("vocab_size")
-        vocab_b = (getattr(ckpt, "config", None) or {}).get("vocab_size")
-        if vocab_a is not None and vocab_b is not None and vocab_a != vocab_b:
-            problems.append(f"vocab_size {vocab_b} in {label} but {vocab_a} in {labels[0]}")
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise IncompatibleError(f"inputs do not match: {shown}")
-    return names
-
-
-def _num_layers(config: dict | None, names: Sequence[str]) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if config and isinstance(config.get(key), int):
-            return config[key]
-    found = [i for i in map(layer_index, names) if i is not None]
-    return max(found) + 1 if found else 1
-
-
-def _check_task(config: MergeConfig, task: _Task) -> None:
-    """Parameter values that cannot work, named with their tensor (checked for every tensor before writing)."""
-    where = f"tensor {task.name!r}"
-    for ref, p in zip(config.inputs, task.per_model):
-        d = p.get("density")
-        if d is not None and not 0 <= d <= 1:
-            raise ConfigError(f"{where}: density {d} of model {ref.path} is outside [0, 1]")
-        eps = p.get("epsilon")
-        if eps is not None and d is not None and d < 1 and not (0 < d - eps and d + eps < 1):
-            raise ConfigError(f"{where}: model {ref.path}: density ± epsilon ({d} ± {eps}) must lie inside (0, 1)")
-        g = p.get("gamma")
-        if g is not None and not 0 <= g <= 1:
-            raise ConfigError(f"{where}: gamma {g} of model {ref.path} is outside [0, 1]")
-    if config.method == "linear" and task.shared["normalize"]:
-        total = sum(p["weight"] for p in task.per_model)
-        if abs(total) < 1e-12:
-            weights = ", ".join(f"{p['weight']:g}" for p in task.per_model)
-            raise ConfigError(f"{where}: the linear weights sum to 0 and normalize is on (weights: {weights})")
-
-
 def _merge_tensor(
-    config: MergeConfig, task: _Task, base: torch.Tensor | None, tensors: list[torch.Tensor], seed: int
-) -> tuple[torch.Tensor, M.FamilyStats | None]:
-    """Dispatch one tensor to its method: float32 in and out, except linear, slerp and the task-vector family, which
-    take the stored dtype and round once to ``task.dtype`` themselves."""
-    method, s, pm = config.method, task.shared, task.per_model
-    if method == "linear":
-        return M.linear(tensors, [p["weight"] for p in pm], normalize=s["normalize"], out_dtype=task.dtype), None
-    if method == "slerp":
-        return M.slerp(base, tensors[0], s["t"], out_dtype=task.dtype), None
-    if method == "nuslerp":
-        return M.nuslerp(
-            tensors[0],
-            tensors[1],
-            [p["weight"] for p in pm],
-            base=base,
-            row_wise=s["nuslerp_row_wise"],
-            flatten=s["nuslerp_flatten"],
-        ), None
-    if method == "model_stock":
-        return M.model_stock(base, tensors, filter_wise=s["filter_wise"]), None
-    if method == "passthrough":
-        return M.passthrough(tensors[0], pm[0]["scale"]), None
-    return M.merge_task_vectors(
-        M.FAMILY[method],
-        base,
-        tensors,
-        [p["weight"] for p in pm],
-        densities=[p["density"] for p in pm],
-        lam=s["lambda"],
-        normalize=s["normalize"],
-        rescale=s["rescale"],
-        rescale_mode=s.get("rescale_mode", "1/p"),
-        consensus=s.get("consensus"),
-        gammas=[p.get("gamma", 0.01) for p in pm],
-        epsilons=[p.get("epsilon", 0.15) for p in pm],
-        seeds=[tensor_seed(seed, task.name, i) for i in range(len(tensors))],
-        out_dtype=task.dtype,
-    )
+    config: MergeConfig, task: Task, base: torch.Tensor | None, tensors: list[torch.Tensor], seed: int
+) -> tuple[torch.Tensor, Any]:
+    """One tensor through its method's row: float32 in and out, except for native methods, which take the stored
+    dtype and round once to ``task.dtype`` themselves."""
+    row = METHODS[config.method]
+    seeds = [tensor_seed(seed, task.name, i) for i in range(len(tensors))] if row.seeded else []
+    return row.apply(base, tensors, task.shared, task.per_model, seeds=seeds, out_dtype=task.dtype)
 
 
 def run(
@@ -180,42 +97,39 @@ def run(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     report = Report("merge", output=str(out))
     with report.timed("open"):
-        refs: list[ModelRef] = ([cfg.base] if cfg.base else []) + list(cfg.inputs)
-        opened = {ref.path: open_input(ref.path) for ref in refs}
-        inputs = [opened[r.path] for r in refs]
-        names = _check_compatible([r.path for r in refs], inputs)
-    primary = inputs[0]  # the base, or the first input
-    tok_ref = refs[0]
-    if cfg.tokenizer_source == "first":
-        tok_ref = cfg.inputs[0]
-    elif cfg.tokenizer_source not in (None, "base"):
-        tok_ref = next(r for r in refs if os.path.normpath(r.path) == os.path.normpath(cfg.tokenizer_source))
+        refs: list[ModelRef] = _references(cfg)
+        opened: dict[str, Any] = {ref.path: open_input(ref.path) for ref in refs}
+        inputs = list(opened.values())
     out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
     in_dtype = parse_dtype(cfg.dtype)
-    num_layers = _num_layers(getattr(primary, "config", None), names)
-
-    tasks: list[_Task] = []
     with report.timed("plan"):
-        for name in names:
-            info = primary.info(name)
-            target = out_dtype if out_dtype is not None and info.dtype.is_floating_point else info.dtype
-            shared, per_model = resolve(cfg, name, gradient_position(name, num_layers))
-            task = _Task(name, shared, per_model, target)
-            _check_task(cfg, task)
-            tasks.append(task)
+        tasks, out_config = plan(cfg, opened, out_dtype)
+    tok_ref = cfg.inputs[0] if cfg.tokenizer_source == "first" else refs[0]
+    vocabulary = None
+    if cfg.tokenizer is not None:  # an output vocabulary: token-indexed tensors are re-indexed into it
+        with report.timed("tokenizer"):
+            vocabulary = _vocabulary(cfg, refs, opened)
+        out_config = {**(out_config or {}), "vocab_size": vocabulary.size}
 
-    base_ckpt = opened[cfg.base.path] if cfg.base else None
-    model_ckpts = [opened[r.path] for r in cfg.inputs]
+    row = METHODS[cfg.method]
+    native = row.native  # takes the stored dtype and works in fp32 itself: no up-cast copy
 
-    # linear, slerp and the task-vector family take the stored dtype and work in fp32 themselves: no up-cast copy
-    native = cfg.method in ("linear", "slerp") or cfg.method in M.FAMILY
-
-    def work(task: _Task) -> tuple[torch.Tensor, M.FamilyStats | None]:
-        info = primary.info(task.name)
-        if not info.dtype.is_floating_point:  # integer buffers (position ids…): the primary input's, unchanged
-            return primary[task.name], None
-        base = _load(base_ckpt, task.name, in_dtype, native) if base_ckpt is not None else None
-        tensors = [_load(c, task.name, in_dtype, native) for c in model_ckpts]
+    def work(task: Task) -> tuple[torch.Tensor | _Copy, Any]:
+        first = opened[task.primary[0]]
+        if not first.info(task.primary[1]).dtype.is_floating_point:  # integer buffers: the primary's, unchanged
+            return first[task.primary[1]], None
+        vocab = task.vocab and vocabulary is not None
+        if not vocab and row.identity is not None and row.identity(task.shared, task.per_model):  # bytes as stored
+            source, name = opened[task.inputs[0][0]], task.inputs[0][1]
+            stored = source.info(name).dtype
+            if isinstance(source, Checkpoint) and in_dtype in (None, stored) and task.dtype == stored:
+                return _Copy(source, name), None  # file to file, never decoded
+            return _load(source, name, in_dtype, True).to(task.dtype), None
+        if vocab:  # token rows re-indexed into the output vocabulary (float32)
+            base, tensors = _permuted(task, vocabulary, opened, in_dtype)
+        else:
+            base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
+            tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
         if not math.isfinite(float(merged.sum())):  # one reduction: NaN or Inf anywhere shows (so would overflow)
             raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
@@ -227,21 +141,31 @@ def run(
         sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
     steps = [provenance_step("merge", params, sources)]
     tok_src = opened[tok_ref.path]
+    carry = list(getattr(tok_src, "carry_files", []))
+    if vocabulary is not None:  # the merge writes its own tokenizer
+        carry = [f for f in carry if not f.name.startswith(TOKENIZER_FILES)]
     writer = CheckpointWriter(
         out,
         steps=steps,
-        config=getattr(primary, "config", None),
-        carry=getattr(tok_src, "carry_files", []),
+        config=out_config,
+        carry=carry,
         dtype=out_dtype,
         shard_size=shard_size,
         force=force,
     )
+    located = {path: str(getattr(ckpt, "path", path)) for path, ckpt in opened.items()}
+    for name, content in (vocabulary.files() if vocabulary is not None else {}).items():
+        writer.add_file(name, content)
+    writer.add_file("README.md", model_card(cfg, list(opened), located, writer_version(), Path(out).name))
     rows: list[dict[str, Any]] = []
     with report.timed("merge"), writer:
         for task, (tensor, stats) in zip(
             tasks, _ordered(work, progress(tasks, total=len(tasks), desc="merge"), workers)
         ):
-            writer.write(task.name, tensor)
+            if isinstance(tensor, _Copy):
+                writer.write_from(tensor.source, tensor.name, as_name=task.name)
+            else:
+                writer.write(task.name, tensor)
             if stats is not None:
                 rows.append(
                     {
@@ -253,6 +177,41 @@ def run(
                 )
     _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
     return report
+
+
+def _vocabulary(cfg: MergeConfig, refs: list[ModelRef], opened: Mapping[str, Any]) -> Vocabulary:
+    """The output tokenizer and row maps of ``cfg.tokenizer`` over every model the config reads."""
+    assert cfg.tokenizer is not None
+    models = [r.path for r in refs]
+    base = cfg.base.path if cfg.base is not None else models[0]
+    dirs = {m: str(getattr(opened[m], "path", m)) for m in models}
+    sizes = {m: vocab_size_of(getattr(opened[m], "config", None)) for m in models}
+    return build_vocabulary(cfg.tokenizer, base, models, dirs, sizes)
+
+
+def _permuted(
+    task: Task, vocabulary: Any, opened: Mapping[str, Any], in_dtype: torch.dtype | None
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A token-indexed tensor's base and inputs, re-indexed into the output vocabulary (float32)."""
+    pairs = ([task.base] if task.base is not None else []) + list(task.inputs)
+    permuted = vocabulary.permute([(path, _load(opened[path], name, in_dtype)) for path, name in pairs])
+    base = permuted.pop(0) if task.base is not None else None
+    return base, permuted
+
+
+def writer_version() -> str:
+    from weightsmith import __version__
+
+    return __version__
+
+
+def _references(cfg: MergeConfig) -> list[ModelRef]:
+    """Every model a config reads, once each, the primary (the base, or the first input) first."""
+    if cfg.slices:
+        refs = [r for sl in cfg.slices for r in sl.sources()]
+    else:
+        refs = ([cfg.base] if cfg.base else []) + list(cfg.inputs)
+    return list({r.path: r for r in refs}.values())
 
 
 def _load(

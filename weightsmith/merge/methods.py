@@ -3,16 +3,17 @@ task-vector family take inputs in any float dtype and work a block of rows at a 
 once to the dtype asked for.
 
 Notation: θ_b the base tensor, θᵢ the fine-tuned tensors, δᵢ = θᵢ − θ_b their task vectors, wᵢ their weights.
-The task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA) is one computation parameterised by a row of
-``FAMILY``: a sparsifier × a sign consensus × a default normalisation, as mergekit's generalized task arithmetic
-defines it; each named method below is that computation with its row.
+The task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA) is one computation parameterised by a
+``FamilyRow`` of the method table (``table.METHODS[name].family``): a sparsifier × a sign consensus × a default
+normalisation, as mergekit's generalized task arithmetic defines it; each named method below is that computation
+with its row.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from weightsmith.merge import sparsify as sp
+from weightsmith.merge.table import CONSENSUS, EPSILON, GAMMA, METHODS, RESCALE_MODE, RESCALE_MODES, FamilyRow
 
 _BLOCK = 1 << 18  # elements per block of rows: N × 1 MB of float32 scratch stays in the CPU cache
 
@@ -167,30 +169,6 @@ def passthrough(tensor: Tensor, scale: float | None = None) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FamilyRow:
-    """One method of the task-vector family: how δᵢ are thinned, how signs are elected, what is normalised."""
-
-    sparsifier: str | None  # None | "magnitude" | "random" | "outliers" | "rank_random"
-    consensus: str | None  # None | "sum" | "count": elect a sign per entry and keep only agreeing δᵢ
-    normalize: bool  # default: divide by the sum of (agreeing) weights
-    rescale: bool  # default: restore the scale of dropped entries (random sparsifiers)
-    paper: str
-
-
-# Defaults follow mergekit 0.1.5's registry so that its YAML files mean the same here.
-FAMILY: dict[str, FamilyRow] = {
-    "task_arithmetic": FamilyRow(None, None, False, False, "Ilharco et al. 2023, arXiv:2212.04089"),
-    "ties": FamilyRow("magnitude", "sum", True, False, "Yadav et al. 2023, arXiv:2306.01708"),
-    "dare_linear": FamilyRow("random", None, False, True, "Yu et al. 2024, arXiv:2311.03099"),
-    "dare_ties": FamilyRow("random", "sum", False, True, "Yu et al. 2024, arXiv:2311.03099"),
-    "breadcrumbs": FamilyRow("outliers", None, False, False, "Davari & Belilovsky 2023, arXiv:2312.06795"),
-    "breadcrumbs_ties": FamilyRow("outliers", "sum", False, False, "Davari & Belilovsky 2023, arXiv:2312.06795"),
-    "della": FamilyRow("rank_random", "sum", True, True, "Deep et al. 2024, arXiv:2406.11617"),
-    "della_linear": FamilyRow("rank_random", None, False, True, "Deep et al. 2024, arXiv:2406.11617"),
-}
-
-
-@dataclass(frozen=True)
 class FamilyStats:
     """What a task-vector merge did to one tensor (for the report)."""
 
@@ -208,7 +186,7 @@ def merge_task_vectors(
     lam: float = 1.0,
     normalize: bool | None = None,
     rescale: bool | None = None,
-    rescale_mode: str = "1/p",
+    rescale_mode: str = RESCALE_MODE,
     consensus: str | None = None,
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
@@ -234,112 +212,47 @@ def merge_task_vectors(
     rescale = row.rescale if rescale is None else rescale
     consensus = row.consensus if consensus is None else consensus
     mode = rescale_mode if rescale else None
-    if mode not in (None, "1/p", "l1"):
+    if mode not in (None, *RESCALE_MODES):
         raise ValueError(f"unknown rescale mode {mode!r}")
-    if consensus not in (None, "sum", "count"):
+    if consensus not in (None, *CONSENSUS):
         raise ValueError(f"unknown consensus {consensus!r}")
     if row.sparsifier not in (None, "magnitude", "outliers", "random", "rank_random"):
         raise ValueError(f"unknown sparsifier {row.sparsifier!r}")
-    n, numel = len(tuned), base.numel()
+    n = len(tuned)
+    stream = _DeltaStream(base, tuned)
     densities = densities or [1.0] * n
-    gammas = gammas or [0.01] * n
-    epsilons = epsilons or [0.15] * n
-    b2 = _as_rows(base)
-    t2 = [_as_rows(t) for t in tuned]
-    blocks = _row_blocks(b2)
-
-    def deltas(i: int):
-        """δᵢ block by block (float32, fresh tensors)."""
-        for s, e in blocks:
-            yield torch.sub(t2[i][s:e], b2[s:e].float())
-
-    def strided(i: int, step: int) -> Tensor:
-        """Every step-th |δᵢ| of the flattened tensor, read straight from the inputs."""
-        return torch.sub(tuned[i].reshape(-1)[::step], base.reshape(-1)[::step].float()).abs_()
-
     thinned = [row.sparsifier is not None and d < 1 for d in densities]
-    cuts: list[list[sp.Cut]] = [[] for _ in range(n)]
-    for i in range(n):
-        chunks, sample = (lambda i=i: (d.abs_() for d in deltas(i))), (lambda step, i=i: strided(i, step))
-        if thinned[i] and row.sparsifier == "magnitude":
-            cuts[i] = [sp.count_cut(chunks, sample, numel, sp.magnitude_count(numel, densities[i]), largest=True)]
-        elif thinned[i] and row.sparsifier == "outliers":
-            bottom, top = sp.outlier_counts(numel, densities[i], gammas[i])
-            cuts[i] = [
-                sp.count_cut(chunks, sample, numel, bottom, largest=False),
-                sp.count_cut(chunks, sample, numel, top, largest=True),
-            ]
+    cuts = [
+        _magnitude_cuts(row.sparsifier, stream, i, densities[i], (gammas or [GAMMA] * n)[i]) if thinned[i] else []
+        for i in range(n)
+    ]
 
-    def sparsifier(i: int):
-        """A fresh pass of S for model i over the blocks in order: δ block → (kept mask, keep probability)."""
-        d = densities[i]
-        if row.sparsifier in ("magnitude", "outliers"):
-            fresh = [copy.copy(c) for c in cuts[i]]  # a pass counts the ties it takes
-            if len(fresh) == 1:
-                return lambda delta: (fresh[0].mask(delta.abs()), d)
-            return lambda delta: (~(fresh[0].mask(a := delta.abs()) | fresh[1].mask(a)), d)
-        generator = np.random.Generator(np.random.PCG64(seeds[i]))  # a pass replays the same draws
-        if row.sparsifier == "random":
-            return lambda delta: (sp.bernoulli_mask(generator, delta.shape, d), d)
-
-        def magprune(delta):
-            p = sp.rank_keep_probability(delta, d, epsilons[i])
-            return sp.bernoulli_mask(generator, delta.shape, p), p
-
-        return magprune
+    def thinner(i: int) -> _Thin:
+        if seeds is None and row.sparsifier in ("random", "rank_random"):
+            raise ValueError(f"the {row.sparsifier} sparsifier needs one seed per model")
+        seed = seeds[i] if seeds is not None else 0
+        return _thinner(row.sparsifier, cuts[i], densities[i], (epsilons or [EPSILON] * n)[i], seed)
 
     factors = [float(w) for w in weights]  # what multiplies the kept δᵢ: wᵢ, and the L1 rescale when asked
     if mode == "l1":
         for i in (i for i in range(n) if thinned[i]):
-            thin, before, after = sparsifier(i), 0.0, 0.0
-            for delta in deltas(i):
-                before += float(delta.abs().sum())
-                after += float(delta.mul_(thin(delta)[0].view(torch.uint8)).abs().sum())
-            if before >= _L1_EPS and after >= _L1_EPS:
-                factors[i] *= before / after
+            factors[i] *= _l1_rescale(stream, i, thinner(i))
 
     out = torch.empty(base.shape, dtype=out_dtype)
-    o2 = out.view(b2.shape)
-    thins = [sparsifier(i) if thinned[i] else None for i in range(n)]
+    o2 = out.view(stream.base.shape)
+    thins = [thinner(i) if thinned[i] else None for i in range(n)]
     kept, conflicts = [0] * n, 0
     total_w = float(sum(weights))
-    # Each model's block is worked on as its own contiguous tensor: reductions across models (dim 0 of a stack)
-    # are an order of magnitude slower than the same work as elementwise ops, model by model.
-    for s, e in blocks:
-        b = b2[s:e].float()
-        deltas_ = []  # the kept, weighted δᵢ of this block
-        for i in range(n):
-            delta = torch.sub(t2[i][s:e], b)  # float32 (the type promotion of stored − float32), a fresh tensor
-            scale = factors[i]
-            if thins[i] is not None:
-                mask, p = thins[i](delta)
-                kept[i] += int(torch.count_nonzero(mask))
-                delta.mul_(mask.view(torch.uint8))  # (a bool multiplies faster seen as bytes)
-                if mode == "1/p" and isinstance(p, Tensor):
-                    delta.div_(p)
-                elif mode == "1/p":
-                    scale /= p
-            deltas_.append(delta.mul_(scale))
+    for s, e in stream.blocks:
+        b = stream.base[s:e].float()
+        deltas = [_kept_delta(stream.tuned[i][s:e], b, factors[i], thins[i], mode, kept, i) for i in range(n)]
         if consensus is not None:
-            votes = deltas_ if consensus == "sum" else [torch.sign(d) for d in deltas_]
-            sign = (_sum(votes) >= 0).view(torch.uint8).float().mul_(2).sub_(1)  # the elected sign (±1), ties to +
-            total, divisor, opposed = torch.zeros_like(b), torch.zeros_like(b) if normalize else None, None
-            for i, delta in enumerate(deltas_):
-                aligned = delta.mul_(sign)  # > 0 where δᵢ has the elected sign, < 0 where it opposes it
-                against = aligned < 0
-                opposed = against if opposed is None else opposed.logical_or_(against)
-                if divisor is not None:
-                    divisor.add_((aligned > 0).view(torch.uint8), alpha=float(weights[i]))
-                total.add_(aligned.clamp_min_(0))  # the agreeing entries, still multiplied by the sign
-            conflicts += int(torch.count_nonzero(opposed))  # some kept δᵢ opposes the sign (another one has it)
-            total.mul_(sign)
-            if divisor is not None:
-                total.div_(divisor.add_((divisor == 0).view(torch.uint8)))  # D = 1 where nothing agrees
+            total, opposed = _elect(deltas, weights, consensus, normalize, b)
+            conflicts += opposed
         else:
             if row.sparsifier is not None:
-                positive, negative = _any(d > 0 for d in deltas_), _any(d < 0 for d in deltas_)
-                conflicts += int(torch.count_nonzero(positive.logical_and_(negative)))
-            total = _sum(deltas_)
+                conflicts += _disagreements(deltas)
+            total = _sum(deltas)
             if normalize and abs(total_w) >= 1e-8:
                 total /= total_w
         if lam != 1:
@@ -347,8 +260,128 @@ def merge_task_vectors(
         o2[s:e] = total.add_(b)
     if consensus is None and row.sparsifier is None:
         return out, None
+    numel = base.numel()
     kept_fraction = sum(kept[i] / max(numel, 1) if thinned[i] else 1.0 for i in range(n)) / max(n, 1)
     return out, FamilyStats(kept_fraction, conflicts / max(numel, 1))
+
+
+# A sparsifier pass: δ block → (kept mask, keep probability: a number or a tensor of δ's shape)
+_Thin = Callable[[Tensor], tuple[Tensor, "float | Tensor"]]
+
+
+class _DeltaStream:
+    """The inputs as 2-D row views and the row blocks they are worked in; δᵢ block by block, never whole."""
+
+    def __init__(self, base: Tensor, tuned: Sequence[Tensor]):
+        self.base_full, self.tuned_full = base, tuned
+        self.base = _as_rows(base)
+        self.tuned = [_as_rows(t) for t in tuned]
+        self.blocks = _row_blocks(self.base)
+        self.numel = base.numel()
+
+    def deltas(self, i: int) -> Iterator[Tensor]:
+        """δᵢ block by block (float32, fresh tensors)."""
+        for s, e in self.blocks:
+            yield torch.sub(self.tuned[i][s:e], self.base[s:e].float())
+
+    def abs_deltas(self, i: int) -> Iterator[Tensor]:
+        return (d.abs_() for d in self.deltas(i))
+
+    def strided(self, i: int, step: int) -> Tensor:
+        """Every step-th |δᵢ| of the flattened tensor, read straight from the inputs."""
+        flat_b, flat_t = self.base_full.reshape(-1), self.tuned_full[i].reshape(-1)
+        return torch.sub(flat_t[::step], flat_b[::step].float()).abs_()
+
+
+def _magnitude_cuts(sparsifier: str | None, stream: _DeltaStream, i: int, density: float, gamma: float) -> list:
+    """The thresholds of a magnitude sparsifier on |δᵢ|: the top k (TIES), or the band below the outliers
+    (breadcrumbs: drop the smallest and the largest); none for the random sparsifiers."""
+    chunks, sample, numel = (lambda: stream.abs_deltas(i)), (lambda step: stream.strided(i, step)), stream.numel
+    if sparsifier == "magnitude":
+        return [sp.count_cut(chunks, sample, numel, sp.magnitude_count(numel, density), largest=True)]
+    if sparsifier == "outliers":
+        bottom, top = sp.outlier_counts(numel, density, gamma)
+        return [
+            sp.count_cut(chunks, sample, numel, bottom, largest=False),
+            sp.count_cut(chunks, sample, numel, top, largest=True),
+        ]
+    return []
+
+
+def _thinner(sparsifier: str | None, cuts: list, density: float, epsilon: float, seed: int) -> _Thin:
+    """A fresh pass of S for one model over the blocks in order: δ block → (kept mask, keep probability)."""
+    if sparsifier in ("magnitude", "outliers"):
+        fresh = [copy.copy(c) for c in cuts]  # a pass counts the ties it takes
+        if len(fresh) == 1:
+            return lambda delta: (fresh[0].mask(delta.abs()), density)
+        return lambda delta: (~(fresh[0].mask(a := delta.abs()) | fresh[1].mask(a)), density)
+    generator = np.random.Generator(np.random.PCG64(seed))  # a pass replays the same draws
+    if sparsifier == "random":
+        return lambda delta: (sp.bernoulli_mask(generator, delta.shape, density), density)
+
+    def magprune(delta: Tensor) -> tuple[Tensor, Tensor]:
+        p = sp.rank_keep_probability(delta, density, epsilon)
+        return sp.bernoulli_mask(generator, delta.shape, p), p
+
+    return magprune
+
+
+def _l1_rescale(stream: _DeltaStream, i: int, thin: _Thin) -> float:
+    """mergekit's rescale: ‖δᵢ‖₁ / ‖mask ⊙ δᵢ‖₁ (1 when either norm is below ``_L1_EPS``)."""
+    before = after = 0.0
+    for delta in stream.deltas(i):
+        before += float(delta.abs().sum())
+        after += float(delta.mul_(thin(delta)[0].view(torch.uint8)).abs().sum())
+    return before / after if before >= _L1_EPS and after >= _L1_EPS else 1.0
+
+
+def _kept_delta(
+    tuned: Tensor, base: Tensor, factor: float, thin: _Thin | None, mode: str | None, kept: list[int], i: int
+) -> Tensor:
+    """One block of wᵢ·S(δᵢ) as its own contiguous float32 tensor (counting the kept entries into ``kept[i]``).
+
+    Each model's block is its own tensor: reductions across models (dim 0 of a stack) are an order of magnitude
+    slower than the same work as elementwise ops, model by model."""
+    delta = torch.sub(tuned, base)  # float32 (the type promotion of stored − float32), a fresh tensor
+    scale = factor
+    if thin is not None:
+        mask, p = thin(delta)
+        kept[i] += int(torch.count_nonzero(mask))
+        delta.mul_(mask.view(torch.uint8))  # (a bool multiplies faster seen as bytes)
+        if mode == "1/p" and isinstance(p, Tensor):
+            delta.div_(p)
+        elif mode == "1/p":
+            scale /= float(p)
+    return delta.mul_(scale)
+
+
+def _elect(
+    deltas: list[Tensor], weights: Sequence[float], consensus: str, normalize: bool, like: Tensor
+) -> tuple[Tensor, int]:
+    """TIES' sign election on one block: Σ of the δᵢ agreeing with the elected sign (÷ the sum of their weights
+    when ``normalize``), and the count of entries where some kept δᵢ opposes that sign. Consumes ``deltas``."""
+    votes = deltas if consensus == "sum" else [torch.sign(d) for d in deltas]
+    sign = (_sum(votes) >= 0).view(torch.uint8).float().mul_(2).sub_(1)  # the elected sign (±1), ties to +
+    total = torch.zeros_like(like)
+    divisor = torch.zeros_like(like) if normalize else None
+    opposed: Tensor | None = None
+    for i, delta in enumerate(deltas):
+        aligned = delta.mul_(sign)  # > 0 where δᵢ has the elected sign, < 0 where it opposes it
+        against = aligned < 0
+        opposed = against if opposed is None else opposed.logical_or_(against)
+        if divisor is not None:
+            divisor.add_((aligned > 0).view(torch.uint8), alpha=float(weights[i]))
+        total.add_(aligned.clamp_min_(0))  # the agreeing entries, still multiplied by the sign
+    total.mul_(sign)
+    if divisor is not None:
+        total.div_(divisor.add_((divisor == 0).view(torch.uint8)))  # D = 1 where nothing agrees
+    return total, int(torch.count_nonzero(opposed)) if opposed is not None else 0
+
+
+def _disagreements(deltas: Sequence[Tensor]) -> int:
+    """Entries where the kept, weighted δᵢ have both signs."""
+    positive, negative = _any(d > 0 for d in deltas), _any(d < 0 for d in deltas)
+    return int(torch.count_nonzero(positive.logical_and_(negative)))
 
 
 def _sum(tensors: Sequence[Tensor]) -> Tensor:
@@ -382,10 +415,17 @@ def _as_rows(t: Tensor) -> Tensor:
     return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
 
 
+def _family(name: str) -> FamilyRow:
+    row = METHODS[name].family
+    if row is None:
+        raise ValueError(f"{name} is not a task-vector method")
+    return row
+
+
 def task_arithmetic(base: Tensor, tuned: Sequence[Tensor], weights: Sequence[float], lam: float = 1.0) -> Tensor:
     """θ = θ_b + λ · Σᵢ wᵢ δᵢ — Ilharco et al. 2023, "Editing models with task arithmetic". A negative wᵢ removes
     a task."""
-    return merge_task_vectors(FAMILY["task_arithmetic"], base, tuned, weights, lam=lam)[0]
+    return merge_task_vectors(_family("task_arithmetic"), base, tuned, weights, lam=lam)[0]
 
 
 def ties(
@@ -394,14 +434,14 @@ def ties(
     weights: Sequence[float],
     densities: Sequence[float],
     lam: float = 1.0,
-    consensus: str = "sum",
-    normalize: bool = True,
+    consensus: str | None = None,
+    normalize: bool | None = None,
 ) -> Tensor:
     """TIES-merging — Yadav et al. 2023: keep the top-dᵢ fraction of |δᵢ| (k = max(1, ⌊dᵢN⌋)), elect
     γ = sign(Σᵢ wᵢδ̃ᵢ) per entry, and average the agreeing entries: θ = θ_b + λ·Σᵢ[sign(wᵢδ̃ᵢ) = γ]wᵢδ̃ᵢ / Σᵢ[…]wᵢ.
     Weights multiply δ̃ᵢ before the election (as mergekit does; the paper has unit weights)."""
     return merge_task_vectors(
-        FAMILY["ties"], base, tuned, weights, densities=densities, lam=lam, consensus=consensus, normalize=normalize
+        _family("ties"), base, tuned, weights, densities=densities, lam=lam, consensus=consensus, normalize=normalize
     )[0]
 
 
@@ -412,13 +452,13 @@ def dare_linear(
     densities: Sequence[float],
     seeds: Sequence[int],
     lam: float = 1.0,
-    rescale_mode: str = "1/p",
+    rescale_mode: str = RESCALE_MODE,
 ) -> Tensor:
     """DARE — Yu et al. 2024, "Language models are Super Mario": drop each entry of δᵢ with probability 1 − dᵢ and
     rescale the survivors (by 1/dᵢ, the paper; or ``rescale_mode="l1"`` to δᵢ's L1 norm, mergekit), then
     θ = θ_b + λ·Σᵢ wᵢδ̃ᵢ."""
     return merge_task_vectors(
-        FAMILY["dare_linear"],
+        _family("dare_linear"),
         base,
         tuned,
         weights,
@@ -436,12 +476,12 @@ def dare_ties(
     densities: Sequence[float],
     seeds: Sequence[int],
     lam: float = 1.0,
-    rescale_mode: str = "1/p",
+    rescale_mode: str = RESCALE_MODE,
 ) -> Tensor:
     """DARE's random drop and rescale (Yu et al. 2024) followed by TIES' sign election (Yadav et al. 2023), not
     normalised: θ = θ_b + λ·Σᵢ[sign(wᵢδ̃ᵢ) = γ]wᵢδ̃ᵢ."""
     return merge_task_vectors(
-        FAMILY["dare_ties"], base, tuned, weights, densities=densities, lam=lam, rescale_mode=rescale_mode, seeds=seeds
+        _family("dare_ties"), base, tuned, weights, densities=densities, lam=lam, rescale_mode=rescale_mode, seeds=seeds
     )[0]
 
 
@@ -450,13 +490,13 @@ def breadcrumbs(
     tuned: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
-    gamma: float = 0.01,
+    gamma: float = GAMMA,
     lam: float = 1.0,
 ) -> Tensor:
     """Model Breadcrumbs — Davari & Belilovsky 2023: drop the ⌊γN⌋ largest |δᵢ| (outliers) and the smallest, keeping
     ⌊dᵢN⌋; θ = θ_b + λ·Σᵢ wᵢδ̃ᵢ."""
     return merge_task_vectors(
-        FAMILY["breadcrumbs"], base, tuned, weights, densities=densities, gammas=[gamma] * len(tuned), lam=lam
+        _family("breadcrumbs"), base, tuned, weights, densities=densities, gammas=[gamma] * len(tuned), lam=lam
     )[0]
 
 
@@ -466,15 +506,15 @@ def della(
     weights: Sequence[float],
     densities: Sequence[float],
     seeds: Sequence[int],
-    epsilon: float = 0.15,
+    epsilon: float = EPSILON,
     lam: float = 1.0,
-    rescale_mode: str = "1/p",
+    rescale_mode: str = RESCALE_MODE,
 ) -> Tensor:
     """DELLA-merging — Deep et al. 2024: MagPrune keeps entry j of δᵢ with probability pⱼ = dᵢ − ε + 2ε·rⱼ (rⱼ its
     magnitude rank within the row, scaled to [0, 1]) and rescales survivors by 1/pⱼ (or to the L1 norm), then TIES'
     election and the normalised mean of agreeing entries, ×λ."""
     return merge_task_vectors(
-        FAMILY["della"],
+        _family("della"),
         base,
         tuned,
         weights,
