@@ -15,12 +15,14 @@ import torch
 
 from weightsmith.checkpoint.files import (
     ADAPTER_CONFIG,
+    MANIFEST,
     SAFETENSORS_INDEX,
     TORCH_INDEX,
     WEIGHT_SUFFIXES,
     SafetensorsFile,
     TensorInfo,
     open_weight_file,
+    parse_json_object,
 )
 from weightsmith.digests import file_sha256
 from weightsmith.errors import CheckpointError
@@ -28,12 +30,10 @@ from weightsmith.errors import CheckpointError
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return parse_json_object(raw, f"{path}: not valid JSON")
 
 
 def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str]]]:
@@ -43,12 +43,16 @@ def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str
         raise CheckpointError(f"{index_path}: no weight_map")
     by_file: dict[str, set[str]] = {}
     for name, rel in weight_map.items():
+        if not isinstance(rel, str) or not rel or "\0" in rel:
+            raise CheckpointError(f"{index_path}: tensor {name!r} maps to {str(rel)[:60]!r}, not a file name")
         by_file.setdefault(rel, set()).add(name)
     shards = []
     for rel, names in by_file.items():
         target = (root / rel).resolve()
         if Path(rel).is_absolute() or not target.is_relative_to(root.resolve()):
             raise CheckpointError(f"{index_path}: shard {rel!r} lies outside the checkpoint directory")
+        if not target.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            raise CheckpointError(f"{index_path}: shard {rel!r} is not a .safetensors or .bin file")
         if not target.is_file():
             raise CheckpointError(f"{index_path}: names shard {rel!r}, which is missing")
         shards.append((root / rel, names))
@@ -191,13 +195,14 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def carry_files(self) -> list[Path]:
         """Non-weight files to copy into an output (tokenizer, generation config, sub-folders such as 1_Pooling).
 
-        config.json and adapter_config.json are excluded: the writer writes the (possibly rewritten) config itself.
+        config.json and adapter_config.json are excluded: the writer writes the (possibly rewritten) config itself;
+        so is the manifest, which describes the files of this checkpoint only.
         """
         if not self.path.is_dir():
             return []
         out = []
         for entry in sorted(self.path.iterdir()):
-            if entry.name.startswith(".") or entry.name in ("config.json", ADAPTER_CONFIG):
+            if entry.name.startswith(".") or entry.name in ("config.json", ADAPTER_CONFIG, MANIFEST):
                 continue
             if entry.is_file() and not entry.name.endswith(WEIGHT_SUFFIXES):
                 out.append(entry)
@@ -210,7 +215,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Output-embedding names that are not stored because they share the input embedding: {missing: stored}."""
         if self.config is None or not self.config.get("tie_word_embeddings", True):
             return {}
-        archs = " ".join(self.config.get("architectures") or [])
+        listed = self.config.get("architectures")
+        archs = " ".join(a for a in listed if isinstance(a, str)) if isinstance(listed, list) else ""
         heads = {"CausalLM": "lm_head.weight", "LMHead": "lm_head.weight", "MaskedLM": "cls.predictions.decoder.weight"}
         head = next((h for key, h in heads.items() if key in archs), None)
         if head is None or head in self:

@@ -121,7 +121,7 @@ def _validate(raw: dict, where: str) -> MergeConfig:
         if key not in _TOP_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r} (expected one of {', '.join(sorted(_TOP_KEYS))})")
     method = raw.get("merge_method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"{where}: unknown merge_method {method!r} (supported: {', '.join(METHODS)})")
     spec = METHODS[method]
     models = raw.get("models")
@@ -183,6 +183,8 @@ def _validate(raw: dict, where: str) -> MergeConfig:
 
             parse_dtype(name)
     tok = raw.get("tokenizer_source")
+    if tok is not None and not isinstance(tok, str):
+        raise ConfigError(f"{where}: tokenizer_source must be base, first or a path, got {tok!r}")
     if tok is not None and tok not in ("base", "first") and not any(_same(r.path, tok) for r in refs + [base] if r):
         raise ConfigError(
             f"{where}: tokenizer_source {tok!r} is not supported (use base, first, or the path of one of the models)"
@@ -197,7 +199,7 @@ def _model_ref(entry: Any, where: str) -> ModelRef:
         raise ConfigError(f"{where}: each entry of 'models' needs a 'model' path, got {entry!r}")
     extra = set(entry) - {"model", "parameters"}
     if extra:
-        raise ConfigError(f"{where}: model {entry['model']}: unsupported key {sorted(extra)[0]!r}")
+        raise ConfigError(f"{where}: model {entry['model']}: unsupported key {sorted(map(str, extra))[0]!r}")
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: model {entry['model']}: 'parameters' must be a mapping")
