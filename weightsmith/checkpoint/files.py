@@ -209,8 +209,12 @@ class TorchFile:
                 f"{path}: refused: it holds objects other than tensors ({_unpickler_reason(exc)}); weightsmith "
                 f"loads .bin files with weights_only=True only and never unpickles arbitrary objects"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # torch's reader fails on malformed files with many exception types (IndexError,
+            # KeyError, struct.error, MemoryError for sizes it cannot allocate…): all of them mean "not readable"
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {first})"
+            ) from None
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict of tensors")
         odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]

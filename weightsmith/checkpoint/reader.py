@@ -36,6 +36,50 @@ def _read_json(path: Path) -> dict:
     return parse_json_object(raw, f"{path}: not valid JSON")
 
 
+# config.json fields weightsmith computes with, and the JSON types they must have when present (transformers' own
+# loader would refuse the same values, later and with a traceback)
+_CONFIG_STR = ("model_type", "torch_dtype", "dtype", "hidden_act")
+_CONFIG_POSITIVE_INT = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "d_model",
+    "num_layers",
+    "num_heads",
+)
+
+
+def _check_config(path: Path, config: dict) -> dict:
+    """Refuse a config.json whose well-known fields have the wrong JSON type (one line naming the field)."""
+
+    def bad(key: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {key} must be {expected}, not {str(config[key])[:40]!r}")
+
+    for key in _CONFIG_STR:
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise bad(key, "a string")
+    for key in _CONFIG_POSITIVE_INT:
+        if config.get(key) is not None and not (type(config[key]) is int and config[key] > 0):
+            raise bad(key, "a positive integer")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise bad("architectures", "a list of class names")
+    if config.get("tie_word_embeddings") is not None and not isinstance(config["tie_word_embeddings"], bool):
+        raise bad("tie_word_embeddings", "true or false")
+    for key in ("quantization_config", "rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise bad(key, "an object")
+    return config
+
+
 def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str]]]:
     index = _read_json(index_path)
     weight_map = index.get("weight_map")
@@ -106,7 +150,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                     return [p / name]
             raise CheckpointError(f"{p}: adapter directory without adapter_model.safetensors or adapter_model.bin")
         if (p / "config.json").is_file():
-            self.config = _read_json(p / "config.json")
+            self.config = _check_config(p / "config.json", _read_json(p / "config.json"))
         for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
             if (p / index_name).is_file():
                 self.index_file = p / index_name
@@ -237,10 +281,20 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 def _recorded_steps(metadata: Mapping[str, str]) -> list[dict]:
     """The provenance steps a weightsmith output recorded ([] for other files or unreadable metadata)."""
     try:
-        steps = json.loads(metadata.get("weightsmith", "{}")).get("steps", [])
-    except (ValueError, AttributeError):
+        record = json.loads(metadata.get("weightsmith", "{}"))
+    except (ValueError, RecursionError):
         return []
-    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("inputs", []), list)]
+    steps = record.get("steps") if isinstance(record, dict) else None
+    if not isinstance(steps, list):
+        return []
+    return [
+        s
+        for s in steps
+        if isinstance(s, dict)
+        and isinstance(s.get("operation", ""), str)
+        and isinstance(s.get("inputs", []), list)
+        and all(isinstance(i, dict) for i in s.get("inputs", []))
+    ]
 
 
 def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - the public verb, as in safetensors.safe_open

@@ -68,10 +68,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         report = args.handler(args)
     except StorageError as exc:
-        print(f"weightsmith: error: {exc}", file=sys.stderr)
+        print(f"weightsmith: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_STORAGE
     except WeightsmithError as exc:
-        print(f"weightsmith: error: {exc}", file=sys.stderr)
+        print(f"weightsmith: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("weightsmith: interrupted; nothing was written", file=sys.stderr)
@@ -82,13 +82,20 @@ def _run(args: argparse.Namespace) -> int:
         err = storage_error(exc, Path(getattr(args, "out", None) or "output"))
         if err is None:
             return _internal_error(args, exc)
-        print(f"weightsmith: error: {err}", file=sys.stderr)
+        print(f"weightsmith: error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_STORAGE
     except Exception as exc:  # a bug: say so plainly, full traceback on request
         return _internal_error(args, exc)
     if report is not None:
         print(report.to_json() if getattr(args, "json", False) else report.to_text())
     return 0
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: names taken from hostile files may hold newlines or control characters."""
+    if message.isprintable():
+        return message
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
 def _remove_own_leftovers(out: Path) -> None:
