@@ -78,7 +78,7 @@ class Adapter:
         return any(m.magnitude for m in self.modules.values())
 
 
-def pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict | None, module: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key (in dict order) with
     ``re.match(rf"(.*\\.)?({key})$", module)`` gives the value; no match gives ``default``."""
     for key, value in (patterns or {}).items():
