@@ -386,3 +386,31 @@ def test_leftover_warning_is_one_plain_line_in_the_cli(capsys, tiny_model, tmp_p
     assert code == 0
     assert err.strip().splitlines()[-1].startswith("weightsmith: warning: ")
     assert "left by another weightsmith run (no owner recorded); not removed" in err
+
+
+def test_an_input_rewritten_while_it_is_read_is_refused(monkeypatch, tmp_path):
+    """Another process rewrites the input in the middle of a run: the run stops with one line, nothing is left."""
+    import weightsmith.checkpoint.writer as writer_module
+
+    src = tmp_path / "src"
+    ws.save({f"t{i}": torch.full((64,), float(i)) for i in range(4)}, src)
+    shard = src / "model.safetensors"
+    real = writer_module._Shard.copy
+    calls = {"n": 0}
+
+    def copy_then_rewrite(self, name, info, location, check):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the first tensor: the file is replaced by a same-sized one
+            data = shard.read_bytes()
+            time.sleep(0.01)
+            shard.write_bytes(data[:-4] + b"\0\0\0\0")
+        return real(self, name, info, location, check)
+
+    monkeypatch.setattr(writer_module._Shard, "copy", copy_then_rewrite)
+    with pytest.raises(ws.WeightsmithError, match=r"model.safetensors: changed while being read \(at tensor 't1'\)"):
+        ws.convert(src, tmp_path / "out")
+    assert_nothing_left(tmp_path)
+    ckpt = ws.open(src)
+    shard.write_bytes(shard.read_bytes())  # rewritten after opening: reading a tensor is refused too
+    with pytest.raises(ws.WeightsmithError, match="changed while being read"):
+        ckpt["t0"]

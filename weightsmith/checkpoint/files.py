@@ -87,7 +87,9 @@ class SafetensorsFile:
 
     def __init__(self, path: Path, label: str):
         self.path, self.label = path, label
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        self.identity = (st.st_ino, st.st_size, st.st_mtime_ns)  # a later read checks the file is still this one
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -125,6 +127,13 @@ class SafetensorsFile:
         _, begin, end = self.entries[name]
         return self.path, self.data_start + begin, end - begin
 
+    def check_unchanged(self, fd: int, name: str) -> None:
+        """Refuse to go on when the file was replaced or rewritten since its header was read: its tensors' bytes
+        may no longer be where the header said (and the provenance digest no longer describes them)."""
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+            raise CheckpointError(f"{self.path}: changed while being read (at tensor {name!r}); run again")
+
     def read(self, name: str) -> torch.Tensor:
         info, begin, end = self.entries[name]
         buf = torch.empty(end - begin, dtype=torch.uint8)
@@ -137,6 +146,7 @@ class SafetensorsFile:
                 if got == 0:
                     raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
                 done += got
+            self.check_unchanged(fd, name)
         finally:
             os.close(fd)
         return buf.view(info.dtype).reshape(info.shape)

@@ -211,6 +211,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         wf = self._where[name]
         return wf.location(name) if isinstance(wf, SafetensorsFile) else None
 
+    def check_unchanged(self, name: str, fd: int) -> None:
+        """Refuse when the file holding ``name`` (open as ``fd``) changed since this checkpoint was opened."""
+        wf = self._where[name]
+        if isinstance(wf, SafetensorsFile):
+            wf.check_unchanged(fd, name)
+
     def infos(self) -> list[TensorInfo]:
         return [self.info(n) for n in self._order]
 
@@ -346,6 +352,9 @@ class CheckpointView(Checkpoint):
         if self._changed(name) or self.info(name).dtype != self.source.info(source_name).dtype:
             return None
         return self.source.location(source_name)
+
+    def check_unchanged(self, name: str, fd: int) -> None:
+        self.source.check_unchanged(self._source_name(name), fd)
 
     @property
     def carry_files(self) -> list[Path]:

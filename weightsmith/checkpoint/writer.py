@@ -152,8 +152,11 @@ class _Shard:
         for digest in self.digests.values():
             digest.result()
 
-    def copy(self, name: str, info: TensorInfo, location: tuple[Path, int, int]) -> None:
-        """Append a tensor's bytes straight from another file (in the kernel where the OS can)."""
+    def copy(
+        self, name: str, info: TensorInfo, location: tuple[Path, int, int], check: Callable[[str, int], None]
+    ) -> None:
+        """Append a tensor's bytes straight from another file (in the kernel where the OS can); ``check`` then
+        refuses a source file that changed since its header was read."""
         src_path, offset, count = location
         with src_path.open("rb", buffering=0) as src:
             done = 0
@@ -177,6 +180,7 @@ class _Shard:
                         raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}") from None
                     _pwrite_all(self.file.fileno(), chunk, 8 + self.RESERVED + self.size + done)
                     done += len(chunk)
+            check(name, src.fileno())
         self.digests[name] = self.io.submit(_hash_range, self.file.fileno(), 8 + self.RESERVED + self.size, count)
         self.entries[name] = {
             "dtype": ST_CODES[info.dtype],
@@ -286,7 +290,7 @@ class CheckpointWriter:
             self.write(name, source[name])
         else:
             with storage_errors(self.out):
-                self._shard_for(name, info.nbytes).copy(name, info, location)
+                self._shard_for(name, info.nbytes).copy(name, info, location, source.check_unchanged)
 
     def _shard_for(self, name: str, nbytes: int) -> _Shard:
         if name in self._names:
