@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench lock test-latest clean
+.PHONY: setup demo test lint bench fuzz lock test-latest clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ lint: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# The parsers' fuzzing with a longer budget (about 10 minutes here) than `make test` gives it; inputs that fail are
+# saved to tests/fuzz_corpus/ and replayed by every later run. Prints the figures (inputs tried, refusals, …).
+fuzz: setup
+	mkdir -p bench/_work
+	HYPOTHESIS_PROFILE=fuzz WEIGHTSMITH_FUZZ_SAVE=1 WEIGHTSMITH_FUZZ_FIGURES=bench/_work/fuzz.json \
+		$(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider --durations=0
 
 lock: setup
 	$(PY) tools/lock.py $(TORCH_VERSION) > $(LOCK).new && mv $(LOCK).new $(LOCK)

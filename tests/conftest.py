@@ -16,6 +16,17 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Hypothesis profiles. "default" bounds the property tests for `make test` (a few thousand generated inputs in all,
+# derandomized under CI so a run is reproducible); "fuzz" is `make fuzz`'s longer budget with fresh randomness.
+# Deadlines are generous: this machine is shared, and a hang is caught by the harness's own timer anyway.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile(
+    "default", max_examples=120, deadline=5000, derandomize=bool(os.environ.get("CI")), suppress_health_check=_SLOW_OK
+)
+settings.register_profile("fuzz", max_examples=1300, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 VOCAB = 128
 
@@ -162,3 +173,18 @@ def embed(model_dir_or_model, sentences=SENTENCES, tokenizer_dir=None) -> torch.
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzzing figures, when any input was fuzzed in this run (and a JSON copy for bench/RESULTS.md)."""
+    from fuzzing import KINDS, TALLY
+
+    if not TALLY["tried"]:
+        return
+    terminalreporter.section("fuzzing figures")
+    for kind in KINDS:
+        terminalreporter.write_line(f"{kind:>16}: {TALLY[kind]}")
+    if os.environ.get("WEIGHTSMITH_FUZZ_FIGURES"):
+        import json
+
+        Path(os.environ["WEIGHTSMITH_FUZZ_FIGURES"]).write_text(json.dumps({k: TALLY[k] for k in KINDS}) + "\n")

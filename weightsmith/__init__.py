@@ -22,6 +22,7 @@ _EXPORTS = {
     "inspect": ("weightsmith.inspection", "inspect"),
     "diff": ("weightsmith.inspection", "diff"),
     "convert": ("weightsmith.conversion", "convert"),
+    "verify": ("weightsmith.verification", "verify"),
     "lora": ("weightsmith.merge.lora", None),
     "prune": ("weightsmith.compress.prune", "prune"),
     "distill": ("weightsmith.compress.distill", "distill"),

@@ -1,4 +1,5 @@
-"""The errors weightsmith raises for bad input. The CLI prints the message as one line and exits 2."""
+"""The errors weightsmith raises. The CLI prints the message as one line and exits 2 for bad input, 3 when the machine
+refused a write (StorageError)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ class IncompatibleError(WeightsmithError):
 
 class DestinationError(WeightsmithError):
     """An output path that exists (without force) or cannot be written."""
+
+
+class StorageError(DestinationError):
+    """The machine refused a write: disk full, quota exhausted, read-only or forbidden folder, file-size limit.
+    Neither bad input nor a bug: the CLI exits 3 (``EXIT_STORAGE``)."""
+
+
+EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 3
 
 
 class NumericalError(WeightsmithError):

@@ -23,13 +23,13 @@ import importlib
 import inspect
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from weightsmith.checkpoint import check_destination
+from weightsmith.checkpoint.staging import staging_dir, storage_errors
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.report import Report
 from weightsmith.units import format_size
@@ -358,7 +358,9 @@ def run(recipe: str | os.PathLike | Mapping | Recipe, *, dry_run: bool = False, 
     if dry_run:
         report.notes.append("dry run: nothing was read beyond headers and nothing was written")
         return report
-    work = output.parent / f".{output.name}.weightsmith-recipe-{uuid.uuid4().hex[:8]}"
+    with storage_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work = staging_dir(output, "recipe")  # intermediate results; named so a later run can clean up after a kill
     current: Any = r.input
     try:
         with report.timed("total"):

@@ -1,4 +1,9 @@
-"""YAML for configs and recipes: parsed safely, and refused with one line when it is not the mapping expected."""
+"""YAML for configs and recipes: parsed safely, and refused with one line when it is not the mapping expected.
+
+Anchors and aliases are allowed, but a document whose aliases expand to more than ``MAX_NODES`` nodes (the "billion
+laughs" shape: each level repeats the previous one ten times) or refer to themselves is refused before anything is
+built from it: every later step that walks the config (validation, the provenance record) would walk the expansion.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,60 @@ from pathlib import Path
 
 from weightsmith.errors import ConfigError
 
+MAX_NODES = 100_000  # a merge config of 1,000 models with 20 parameters each is about 60,000 nodes
+
 
 def parse_mapping(text: str, where: str, expected: str) -> dict:
     """The mapping a YAML document holds; ``where`` names the file in errors, ``expected`` says what it should hold."""
     import yaml
 
+    loader = yaml.SafeLoader(text)
     try:
-        raw = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, where)
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with {expected}")
     return raw
+
+
+def _check_expansion(root, where: str) -> None:
+    """Refuse a node graph that expands (aliases followed) to more than MAX_NODES nodes, or into itself."""
+    import yaml
+
+    def children(node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
+
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()  # nodes whose subtree is being counted: meeting one again is a cycle
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            entered.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children(node))
+            if sizes[key] > MAX_NODES:
+                raise ConfigError(f"{where}: its anchors and aliases expand to more than {MAX_NODES:,} values; refused")
+            continue
+        if key in sizes:
+            continue
+        if key in entered:
+            raise ConfigError(f"{where}: an alias refers to the value that contains it (a recursive YAML document)")
+        entered.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in sizes)
 
 
 def load_mapping(source: Mapping | str | os.PathLike, what: str, expected: str) -> tuple[dict, str]:
@@ -29,4 +76,14 @@ def load_mapping(source: Mapping | str | os.PathLike, what: str, expected: str) 
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what} file")
-    return parse_mapping(path.read_text(), str(path), expected), str(path)
+    return parse_mapping(read_text(path), str(path), expected), str(path)
+
+
+def read_text(path: Path) -> str:
+    """A text file as UTF-8, refused with one line when it cannot be read or is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None

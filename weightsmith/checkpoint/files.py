@@ -24,6 +24,7 @@ DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes; the Hub's and transformers' default
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
+MANIFEST = "weightsmith.manifest.json"  # what the writer wrote: sizes and sha256 of files, headers and tensors
 WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -90,7 +91,9 @@ class SafetensorsFile:
 
     def __init__(self, path: Path, label: str):
         self.path, self.label = path, label
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        self.identity = (st.st_ino, st.st_size, st.st_mtime_ns)  # a later read checks the file is still this one
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -99,25 +102,17 @@ class SafetensorsFile:
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} bytes (truncated?)")
             raw = f.read(n)
-        try:
-            header = json.loads(raw)
-            if not isinstance(header, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: malformed safetensors header ({exc})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        header = parse_json_object(raw, f"{path}: malformed safetensors header")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{path}: malformed safetensors header (__metadata__ must map strings to strings)")
+        self.metadata: dict[str, str] = metadata
         self.data_start = 8 + n
         self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
         data_size = size - self.data_start
         for name, spec in header.items():
-            try:
-                dtype = ST_DTYPES[spec["dtype"]]
-                shape = tuple(int(d) for d in spec["shape"])
-                begin, end = (int(x) for x in spec["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name!r} has a malformed or unsupported entry {spec}") from None
-            info = TensorInfo(name, shape, dtype, label)
-            if end - begin != info.nbytes or begin < 0:
+            info, begin, end = _tensor_entry(path, label, name, spec)
+            if end - begin != info.nbytes:
                 raise CheckpointError(
                     f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {info.nbytes}"
                 )
@@ -126,6 +121,7 @@ class SafetensorsFile:
                     f"{path}: truncated: tensor {name!r} ends at byte {self.data_start + end}, the file has {size}"
                 )
             self.entries[name] = (info, begin, end)
+        _check_no_overlap(path, self.entries)
 
     def names(self) -> list[str]:
         return sorted(self.entries, key=lambda k: self.entries[k][1])  # storage order: sequential reads
@@ -134,6 +130,13 @@ class SafetensorsFile:
         """(file, absolute byte offset, byte count) of a tensor's data, for in-kernel copies."""
         _, begin, end = self.entries[name]
         return self.path, self.data_start + begin, end - begin
+
+    def check_unchanged(self, fd: int, name: str) -> None:
+        """Refuse to go on when the file was replaced or rewritten since its header was read: its tensors' bytes
+        may no longer be where the header said (and the provenance digest no longer describes them)."""
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+            raise CheckpointError(f"{self.path}: changed while being read (at tensor {name!r}); run again")
 
     def read(self, name: str) -> torch.Tensor:
         info, begin, end = self.entries[name]
@@ -147,9 +150,62 @@ class SafetensorsFile:
                 if got == 0:
                     raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
                 done += got
+            self.check_unchanged(fd, name)
         finally:
             os.close(fd)
         return buf.view(info.dtype).reshape(info.shape)
+
+
+def parse_json_object(raw: bytes | str, what: str) -> dict:
+    """A JSON object in which no key appears twice (the second of a duplicate would silently win otherwise)."""
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:200]
+        raise CheckpointError(f"{what} ({reason})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what} (expected a JSON object, found {type(value).__name__})")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _tensor_entry(path: Path, label: str, name: str, spec: object) -> tuple[TensorInfo, int, int]:
+    """A header entry checked field by field: a known dtype, a shape of non-negative integers, two offsets."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r} has a malformed entry ({problem})")
+
+    if not isinstance(spec, dict):
+        raise bad("not an object")
+    if set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise bad("expected exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+        raise bad(f"unsupported dtype {str(dtype)[:40]!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad("shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets):
+        raise bad("data_offsets must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad(f"data_offsets [{begin}, {end}] are out of order")
+    return TensorInfo(name, tuple(shape), ST_DTYPES[dtype], label), begin, end
+
+
+def _check_no_overlap(path: Path, entries: dict[str, tuple[TensorInfo, int, int]]) -> None:
+    """Refuse two tensors whose bytes overlap (a write into one would change the other)."""
+    spans = sorted((begin, end, name) for name, (_, begin, end) in entries.items() if end > begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
 
 
 class TorchFile:
@@ -167,8 +223,12 @@ class TorchFile:
                 f"{path}: refused: it holds objects other than tensors ({_unpickler_reason(exc)}); weightsmith "
                 f"loads .bin files with weights_only=True only and never unpickles arbitrary objects"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # torch's reader fails on malformed files with many exception types (IndexError,
+            # KeyError, struct.error, MemoryError for sizes it cannot allocate…): all of them mean "not readable"
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {first})"
+            ) from None
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict of tensors")
         odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -177,6 +237,14 @@ class TorchFile:
                 f"{path}: entries that are not tensors: {', '.join(map(str, odd[:5]))}"
                 f"{' …' if len(odd) > 5 else ''} (a training checkpoint? save the state_dict)"
             )
+        for k, v in state.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{path}: a tensor name is a {type(k).__name__}, not a string")
+            if v.layout != torch.strided or v.dtype not in ST_CODES or v.is_quantized or v.is_nested:
+                raise CheckpointError(
+                    f"{path}: tensor {k!r} is a {v.dtype} {str(v.layout).removeprefix('torch.')} tensor, "
+                    f"which weightsmith does not read (dense tensors of the safetensors dtypes only)"
+                )
         self.tensors: dict[str, torch.Tensor] = dict(state)
         self.entries = {k: (TensorInfo(k, tuple(v.shape), v.dtype, label), 0, 0) for k, v in self.tensors.items()}
 

@@ -15,12 +15,14 @@ import torch
 
 from weightsmith.checkpoint.files import (
     ADAPTER_CONFIG,
+    MANIFEST,
     SAFETENSORS_INDEX,
     TORCH_INDEX,
     WEIGHT_SUFFIXES,
     SafetensorsFile,
     TensorInfo,
     open_weight_file,
+    parse_json_object,
 )
 from weightsmith.checkpoint.gguf_file import GGUFFile
 from weightsmith.digests import file_sha256
@@ -29,12 +31,54 @@ from weightsmith.errors import CheckpointError
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return parse_json_object(raw, f"{path}: not valid JSON")
+
+
+# config.json fields weightsmith computes with, and the JSON types they must have when present (transformers' own
+# loader would refuse the same values, later and with a traceback)
+_CONFIG_STR = ("model_type", "torch_dtype", "dtype", "hidden_act")
+_CONFIG_POSITIVE_INT = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "d_model",
+    "num_layers",
+    "num_heads",
+)
+
+
+def _check_config(path: Path, config: dict) -> dict:
+    """Refuse a config.json whose well-known fields have the wrong JSON type (one line naming the field)."""
+
+    def bad(key: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {key} must be {expected}, not {str(config[key])[:40]!r}")
+
+    for key in _CONFIG_STR:
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise bad(key, "a string")
+    for key in _CONFIG_POSITIVE_INT:
+        if config.get(key) is not None and not (type(config[key]) is int and config[key] > 0):
+            raise bad(key, "a positive integer")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise bad("architectures", "a list of class names")
+    if config.get("tie_word_embeddings") is not None and not isinstance(config["tie_word_embeddings"], bool):
+        raise bad("tie_word_embeddings", "true or false")
+    for key in ("quantization_config", "rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise bad(key, "an object")
+    return config
 
 
 def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str]]]:
@@ -44,12 +88,16 @@ def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str
         raise CheckpointError(f"{index_path}: no weight_map")
     by_file: dict[str, set[str]] = {}
     for name, rel in weight_map.items():
+        if not isinstance(rel, str) or not rel or "\0" in rel:
+            raise CheckpointError(f"{index_path}: tensor {name!r} maps to {str(rel)[:60]!r}, not a file name")
         by_file.setdefault(rel, set()).add(name)
     shards = []
     for rel, names in by_file.items():
         target = (root / rel).resolve()
         if Path(rel).is_absolute() or not target.is_relative_to(root.resolve()):
             raise CheckpointError(f"{index_path}: shard {rel!r} lies outside the checkpoint directory")
+        if not target.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            raise CheckpointError(f"{index_path}: shard {rel!r} is not a .safetensors or .bin file")
         if not target.is_file():
             raise CheckpointError(f"{index_path}: names shard {rel!r}, which is missing")
         shards.append((root / rel, names))
@@ -105,7 +153,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                     return [p / name]
             raise CheckpointError(f"{p}: adapter directory without adapter_model.safetensors or adapter_model.bin")
         if (p / "config.json").is_file():
-            self.config = _read_json(p / "config.json")
+            self.config = _check_config(p / "config.json", _read_json(p / "config.json"))
         for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
             if (p / index_name).is_file():
                 self.index_file = p / index_name
@@ -166,6 +214,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         wf = self._where[name]
         return wf.location(name) if isinstance(wf, SafetensorsFile) else None
 
+    def check_unchanged(self, name: str, fd: int) -> None:
+        """Refuse when the file holding ``name`` (open as ``fd``) changed since this checkpoint was opened."""
+        wf = self._where[name]
+        if isinstance(wf, SafetensorsFile):
+            wf.check_unchanged(fd, name)
+
     def infos(self) -> list[TensorInfo]:
         return [self.info(n) for n in self._order]
 
@@ -196,15 +250,16 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def carry_files(self) -> list[Path]:
         """Non-weight files to copy into an output (tokenizer, generation config, sub-folders such as 1_Pooling).
 
-        config.json and adapter_config.json are excluded: the writer writes the (possibly rewritten) config itself.
-        A GGUF file's vocabulary is rebuilt as tokenizer files (see ``GGUFFile.tokenizer_files``).
+        config.json and adapter_config.json are excluded: the writer writes the (possibly rewritten) config itself;
+        so is the manifest, which describes the files of this checkpoint only. A GGUF file's vocabulary is rebuilt as
+        tokenizer files (see ``GGUFFile.tokenizer_files``).
         """
         if not self.path.is_dir():
             wf = self._files[0]
             return wf.tokenizer_files() if isinstance(wf, GGUFFile) else []
         out = []
         for entry in sorted(self.path.iterdir()):
-            if entry.name.startswith(".") or entry.name in ("config.json", ADAPTER_CONFIG):
+            if entry.name.startswith(".") or entry.name in ("config.json", ADAPTER_CONFIG, MANIFEST):
                 continue
             if entry.is_file() and not entry.name.endswith(WEIGHT_SUFFIXES):
                 out.append(entry)
@@ -217,7 +272,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Output-embedding names that are not stored because they share the input embedding: {missing: stored}."""
         if self.config is None or not self.config.get("tie_word_embeddings", True):
             return {}
-        archs = " ".join(self.config.get("architectures") or [])
+        listed = self.config.get("architectures")
+        archs = " ".join(a for a in listed if isinstance(a, str)) if isinstance(listed, list) else ""
         heads = {"CausalLM": "lm_head.weight", "LMHead": "lm_head.weight", "MaskedLM": "cls.predictions.decoder.weight"}
         head = next((h for key, h in heads.items() if key in archs), None)
         if head is None or head in self:
@@ -238,10 +294,20 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 def _recorded_steps(metadata: Mapping[str, str]) -> list[dict]:
     """The provenance steps a weightsmith output recorded ([] for other files or unreadable metadata)."""
     try:
-        steps = json.loads(metadata.get("weightsmith", "{}")).get("steps", [])
-    except (ValueError, AttributeError):
+        record = json.loads(metadata.get("weightsmith", "{}"))
+    except (ValueError, RecursionError):
         return []
-    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("inputs", []), list)]
+    steps = record.get("steps") if isinstance(record, dict) else None
+    if not isinstance(steps, list):
+        return []
+    return [
+        s
+        for s in steps
+        if isinstance(s, dict)
+        and isinstance(s.get("operation", ""), str)
+        and isinstance(s.get("inputs", []), list)
+        and all(isinstance(i, dict) for i in s.get("inputs", []))
+    ]
 
 
 def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - the public verb, as in safetensors.safe_open
@@ -294,6 +360,9 @@ class CheckpointView(Checkpoint):
         if self._changed(name) or self.info(name).dtype != self.source.info(source_name).dtype:
             return None
         return self.source.location(source_name)
+
+    def check_unchanged(self, name: str, fd: int) -> None:
+        self.source.check_unchanged(self._source_name(name), fd)
 
     @property
     def carry_files(self) -> list[Path]:

@@ -1,12 +1,14 @@
 """``CheckpointWriter``: tensors stream into safetensors shards inside a temporary sibling directory, which is
-renamed into place only when everything succeeded; provenance goes into every shard's metadata."""
+renamed into place only when everything succeeded; provenance goes into every shard's metadata, and the sha256 of
+every tensor, header and file written goes into a manifest beside them (``weightsmith.manifest.json``), which
+``weightsmith verify`` checks the output against."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,10 +16,13 @@ from typing import Any
 
 import torch
 
-from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, SAFETENSORS_INDEX, ST_CODES, TensorInfo
+from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, MANIFEST, SAFETENSORS_INDEX, ST_CODES, TensorInfo
 from weightsmith.checkpoint.reader import Checkpoint, CheckpointView
-from weightsmith.errors import CheckpointError, DestinationError, WeightsmithError
+from weightsmith.checkpoint.staging import DestinationLock, move_into_place, staging_dir, storage_errors, sweep
+from weightsmith.errors import CheckpointError, DestinationError, StorageError, WeightsmithError
 from weightsmith.units import parse_size
+
+MANIFEST_FORMAT = "weightsmith-manifest/1"
 
 
 def provenance_step(operation: str, parameters: Mapping[str, Any], inputs: Sequence[Checkpoint | str | Path]) -> dict:
@@ -78,6 +83,33 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def _write_and_hash(fd: int, data: memoryview, offset: int) -> str:
+    """Write a tensor's bytes and return their sha256 (hashlib releases the GIL: this runs beside the work)."""
+    _pwrite_all(fd, data, offset)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_range(fd: int, offset: int, count: int) -> str:
+    """sha256 of ``count`` bytes of a file from ``offset``, read back in 16 MiB pieces."""
+    h = hashlib.sha256()
+    while count:
+        chunk = os.pread(fd, min(count, 16 * 2**20), offset)
+        if not chunk:
+            raise CheckpointError(f"short read while hashing the bytes just written (fd {fd})")
+        h.update(chunk)
+        offset, count = offset + len(chunk), count - len(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a whole file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _hash_range(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 class _Shard:
     """A shard being written: tensor data streams in after a reserved header block, the header comes at commit."""
 
@@ -88,8 +120,9 @@ class _Shard:
 
     def __init__(self, path: Path, io: ThreadPoolExecutor):
         self.path, self.io = path, io
-        self.file = path.open("wb", buffering=0)
+        self.file = path.open("w+b", buffering=0)  # read back too: copied tensors are hashed from what was written
         self.entries: dict[str, dict] = {}
+        self.digests: dict[str, Future] = {}  # tensor name -> sha256 of its bytes as written
         self.size = 0
         self._pending: Future | None = None
 
@@ -105,15 +138,25 @@ class _Shard:
         }
         self.size += data.nbytes
         self.wait()
-        self._pending = self.io.submit(_pwrite_all, self.file.fileno(), memoryview(data), offset)  # type: ignore[arg-type]
+        self._pending = self.io.submit(_write_and_hash, self.file.fileno(), memoryview(data), offset)  # type: ignore[arg-type]
+        self.digests[name] = self._pending
 
     def wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()  # re-raises a failed write (disk full…) here, in the caller's thread
 
-    def copy(self, name: str, info: TensorInfo, location: tuple[Path, int, int]) -> None:
-        """Append a tensor's bytes straight from another file (in the kernel where the OS can)."""
+    def wait_all(self) -> None:
+        """Every write and hash of this shard done (re-raising the first failure)."""
+        self.wait()
+        for digest in self.digests.values():
+            digest.result()
+
+    def copy(
+        self, name: str, info: TensorInfo, location: tuple[Path, int, int], check: Callable[[str, int], None]
+    ) -> None:
+        """Append a tensor's bytes straight from another file (in the kernel where the OS can); ``check`` then
+        refuses a source file that changed since its header was read."""
         src_path, offset, count = location
         with src_path.open("rb", buffering=0) as src:
             done = 0
@@ -137,6 +180,8 @@ class _Shard:
                         raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}") from None
                     _pwrite_all(self.file.fileno(), chunk, 8 + self.RESERVED + self.size + done)
                     done += len(chunk)
+            check(name, src.fileno())
+        self.digests[name] = self.io.submit(_hash_range, self.file.fileno(), 8 + self.RESERVED + self.size, count)
         self.entries[name] = {
             "dtype": ST_CODES[info.dtype],
             "shape": list(info.shape),
@@ -144,21 +189,30 @@ class _Shard:
         }
         self.size += count
 
-    def finish(self, metadata: dict[str, str], final_path: Path) -> None:
-        self.wait()
+    def finish(self, metadata: dict[str, str], final_path: Path) -> dict:
+        """Write the header and give the file its final name; returns the shard's manifest entry (size, sha256 of
+        the header, sha256 of each tensor's bytes in storage order: together they cover every byte of the file)."""
+        self.wait_all()
         self.file.close()
         header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
         if len(header) <= self.RESERVED and self.size >= self.IN_PLACE_MIN_BYTES:
+            head = self.RESERVED.to_bytes(8, "little") + header.ljust(self.RESERVED, b" ")
             with self.path.open("r+b") as f:
-                f.write(self.RESERVED.to_bytes(8, "little") + header.ljust(self.RESERVED, b" "))
+                f.write(head)
             self.path.rename(final_path)
-            return
-        header = header.ljust(-(-len(header) // 8) * 8, b" ")  # data aligned to 8 bytes, as safetensors does
-        with self.path.open("rb") as src, final_path.open("wb") as dst:
-            dst.write(len(header).to_bytes(8, "little") + header)
-            src.seek(8 + self.RESERVED)
-            shutil.copyfileobj(src, dst, 16 * 2**20)
-        self.path.unlink()
+        else:
+            header = header.ljust(-(-len(header) // 8) * 8, b" ")  # data aligned to 8 bytes, as safetensors does
+            head = len(header).to_bytes(8, "little") + header
+            with self.path.open("rb") as src, final_path.open("wb") as dst:
+                dst.write(head)
+                src.seek(8 + self.RESERVED)
+                shutil.copyfileobj(src, dst, 16 * 2**20)
+            self.path.unlink()
+        return {
+            "size": len(head) + self.size,
+            "header_sha256": hashlib.sha256(head).hexdigest(),
+            "tensors": {name: digest.result() for name, digest in self.digests.items()},
+        }
 
 
 class CheckpointWriter:
@@ -194,18 +248,28 @@ class CheckpointWriter:
         self.carry = list(carry)
         self.files: dict[str, bytes] = {}
         check_destination(self.out, force)
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = self.out.parent / f".{self.out.name}.weightsmith-{uuid.uuid4().hex[:8]}"
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise DestinationError(f"{self.out}: cannot write here ({exc.strerror or exc})") from None
+        with storage_errors(self.out):
+            try:
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise DestinationError(f"{self.out}: cannot write here (a parent is a file)") from None
+            self._lock = DestinationLock(self.out).acquire()  # one run per destination; released at the end
+            try:
+                self.swept = sweep(self.out)  # temporary folders of killed runs
+                self.tmp = staging_dir(self.out)
+            except BaseException:
+                self._lock.release()
+                raise
         self._shards: list[_Shard] = []
         self._names: set[str] = set()
         self.total_size = 0
         self._pool = ThreadPoolExecutor(max_workers=1)  # hashes the inputs beside the work
         self._io = ThreadPoolExecutor(max_workers=1)  # writes tensor data beside the work
-        self.steps = resolve_steps(steps, self._pool.submit)
+        try:
+            self.steps = resolve_steps(steps, self._pool.submit)
+        except BaseException:  # an error or Ctrl-C before the caller's ``with`` could clean up
+            self.abort()
+            raise
 
     # -- streaming ------------------------------------------------------------------------------------------------
 
@@ -213,7 +277,8 @@ class CheckpointWriter:
         """Append one tensor (cast to the writer's dtype if it is a float tensor)."""
         if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
-        self._shard_for(name, tensor.numel() * tensor.element_size()).write(name, tensor)
+        with storage_errors(self.out):
+            self._shard_for(name, tensor.numel() * tensor.element_size()).write(name, tensor)
 
     def write_from(self, source: Checkpoint, name: str, as_name: str | None = None) -> None:
         """Copy one tensor of ``source`` unchanged (except for the writer's cast), without decoding it when the
@@ -225,7 +290,8 @@ class CheckpointWriter:
         if location is None or casts:
             self.write(out_name, source[name])
         else:
-            self._shard_for(out_name, info.nbytes).copy(out_name, info, location)
+            with storage_errors(self.out):
+                self._shard_for(out_name, info.nbytes).copy(out_name, info, location, source.check_unchanged)
 
     def _shard_for(self, name: str, nbytes: int) -> _Shard:
         if name in self._names:
@@ -250,19 +316,24 @@ class CheckpointWriter:
 
     def commit(self) -> Path:
         """Finish every file and move the directory into place; returns the output path."""
+        with storage_errors(self.out):
+            return self._commit()
+
+    def _commit(self) -> Path:
         if not self._shards:
             raise WeightsmithError(f"{self.out}: nothing to write (no tensors)")
         record = provenance_record(self.steps)
         self._pool.shutdown()
         for shard in self._shards:
-            shard.wait()
+            shard.wait_all()
         self._io.shutdown()
         metadata = {"format": "pt", "weightsmith": record}
         n = len(self._shards)
         weight_map = {}
+        manifest: dict[str, dict] = {}
         for i, shard in enumerate(self._shards):
             fname = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
-            shard.finish(metadata, self.tmp / fname)
+            manifest[fname] = shard.finish(metadata, self.tmp / fname)
             weight_map.update(dict.fromkeys(shard.entries, fname))
         if n > 1:
             if self.index_name is None:
@@ -281,7 +352,13 @@ class CheckpointWriter:
         for rel, content in self.files.items():
             (self.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (self.tmp / rel).write_bytes(content)
-        _move_into_place(self.tmp, self.out, self.force)
+        for path in sorted(self.tmp.rglob("*")):  # every other file: its size and sha256
+            rel = path.relative_to(self.tmp).as_posix()
+            if path.is_file() and rel not in manifest and rel != MANIFEST:
+                manifest[rel] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+        (self.tmp / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": manifest}, indent=1) + "\n")
+        move_into_place(self.tmp, self.out, self.force)
+        self._lock.release()
         return self.out
 
     def abort(self) -> None:
@@ -291,6 +368,7 @@ class CheckpointWriter:
             shard.file.close()
         self._pool.shutdown(cancel_futures=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._lock.release()
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -317,7 +395,10 @@ def check_destination(out: Path, force: bool) -> None:
             if not parent.is_dir():
                 raise DestinationError(f"{out}: cannot write here ({parent} is a file)")
             if not os.access(parent, os.W_OK):
-                raise DestinationError(f"{out}: cannot write here ({parent} is not writable)")
+                raise StorageError(
+                    f"{out}: cannot write: {parent} is not writable (read-only or forbidden); "
+                    f"choose an output folder you may write to. Nothing was written"
+                )
             break
 
 
@@ -330,20 +411,6 @@ def _with_history(steps: Sequence[dict]) -> list[dict]:
                 out.extend(h for h in _with_history(item.history) if not any(h is o for o in out))
         out.append(step)
     return out
-
-
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    check_destination(out, force)  # again: something may have appeared while we worked
-    trash = None
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            trash = out.parent / f".{out.name}.weightsmith-old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-    tmp.rename(out)
-    if trash is not None:
-        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
 
 
 def set_config_dtype(config: dict, dtype: torch.dtype) -> None:

@@ -2,7 +2,8 @@
 
 Each module in ``COMMAND_MODULES`` registers its subcommands; a handler calls exactly one library function and
 returns its Report. Nothing here imports torch: ``weightsmith --help`` starts instantly.
-Exit codes: 0 success, 2 bad input (one line on stderr), 1 a bug (traceback with --debug), 130 interrupted.
+Exit codes: 0 success, 2 bad input (one line on stderr), 3 the machine refused a write (disk full, read-only or
+forbidden folder, file-size limit; one line), 1 a bug (traceback with --debug), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 from weightsmith import __version__
 
@@ -73,28 +75,93 @@ def main(argv: list[str] | None = None) -> int:
     if callable(getattr(args, "inputs", None)):  # a command that writes a checkpoint from the ones it names
         _start_input_digests(args)
         _reuse_freed_memory()
-    from weightsmith.errors import WeightsmithError
+    _plain_warnings()
+    code = _run(args, parser)
+    if code != 0 and getattr(args, "out", None):
+        _remove_own_leftovers(Path(args.out))
+    return code
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from weightsmith.errors import EXIT_BAD_INPUT, EXIT_STORAGE, StorageError, WeightsmithError
 
     try:
         report = args.handler(args)
+    except StorageError as exc:
+        print(f"weightsmith: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_STORAGE
     except WeightsmithError as exc:
-        print(f"weightsmith: error: {spell_flags(str(exc), flag_spellings(parser))}", file=sys.stderr)
-        return 2
+        print(f"weightsmith: error: {one_line(spell_flags(str(exc), flag_spellings(parser)))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("weightsmith: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write outside the checkpoint writer (ONNX export…) that the machine refused
+        from weightsmith.checkpoint.staging import storage_error
+
+        err = storage_error(exc, Path(getattr(args, "out", None) or "output"))
+        if err is None:
+            return _internal_error(args, exc)
+        print(f"weightsmith: error: {one_line(str(err))}", file=sys.stderr)
+        return EXIT_STORAGE
     except Exception as exc:  # a bug: say so plainly, full traceback on request
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        else:
-            print(
-                f"weightsmith: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                file=sys.stderr,
-            )
-        return 1
+        return _internal_error(args, exc)
     if report is not None:
         print(report.to_json() if getattr(args, "json", False) else report.to_text())
     return 0
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: names taken from hostile files may hold newlines or control characters."""
+    if message.isprintable():
+        return message
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+
+
+def _remove_own_leftovers(out: Path) -> None:
+    """What this process left beside ``out`` (a Ctrl-C between creating a temporary folder and guarding it)."""
+    import shutil
+
+    from weightsmith.checkpoint.staging import DestinationLock, leftovers
+
+    for path, pid in leftovers(out):
+        if pid == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
+    lock = DestinationLock(out).path
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except OSError:
+        pass
+
+
+def _internal_error(args: argparse.Namespace, exc: BaseException) -> int:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    else:
+        print(
+            f"weightsmith: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+    return 1
+
+
+def _plain_warnings() -> None:
+    """weightsmith's own warnings (a leftover folder it did not remove) as one line, without a source location."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "weightsmith", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("weightsmith"):
+            print(f"weightsmith: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.weightsmith = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def _start_input_digests(args: argparse.Namespace) -> None:

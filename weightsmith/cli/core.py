@@ -1,4 +1,4 @@
-"""inspect, diff, convert."""
+"""inspect, diff, convert, verify."""
 
 from __future__ import annotations
 
@@ -44,6 +44,15 @@ def register(sub) -> None:
     add_output_options(p)
     p.set_defaults(handler=_convert)
 
+    p = add_command(
+        sub,
+        "verify",
+        help="check a weightsmith output against the digests recorded when it was written",
+        examples=["weightsmith verify ./merged", "weightsmith verify ./llama-bf16 --json"],
+    )
+    p.add_argument("path", help="an output directory written by weightsmith")
+    p.set_defaults(handler=_verify)
+
 
 def _inspect(args):
     from weightsmith.inspection import inspect
@@ -61,3 +70,9 @@ def _convert(args):
     from weightsmith.conversion import convert
 
     return convert(args.src, args.out, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
+
+
+def _verify(args):
+    from weightsmith.verification import verify
+
+    return verify(args.path)

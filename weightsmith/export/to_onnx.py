@@ -20,7 +20,6 @@ import os
 import shutil
 import statistics
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint import Checkpoint, check_destination, provenance_step
+from weightsmith.checkpoint.staging import staging_dir, storage_error
 from weightsmith.checkpoint.writer import provenance_record, resolve_steps
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import (
@@ -104,13 +104,15 @@ def onnx(
     ckpt = as_checkpoint(src)
     _check_source(ckpt)
     report = Report("export onnx", output=str(out))
-    tmp = out.parent / f".{out.name}.weightsmith-{uuid.uuid4().hex[:8]}"
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp = staging_dir(out)
     except OSError as exc:
-        raise DestinationError(f"{out}: cannot write here ({exc.strerror or exc})") from None
+        err = storage_error(exc, out)
+        raise (
+            err if err is not None else DestinationError(f"{out}: cannot write here ({exc.strerror or exc})")
+        ) from None
     done = False
     try:
         with report.timed("build"):

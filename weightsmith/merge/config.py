@@ -129,7 +129,7 @@ def _validate(raw: dict, where: str) -> MergeConfig:
         if key not in _TOP_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r} (expected one of {', '.join(sorted(_TOP_KEYS))})")
     method = raw.get("merge_method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"{where}: unknown merge_method {method!r} (supported: {', '.join(METHODS)})")
     spec = METHODS[method]
     base_path = raw.get("base_model")
@@ -279,7 +279,7 @@ def _model_ref(entry: Any, where: str, sliced: bool = False) -> ModelRef:
     keys = {"model", "parameters", "layer_range"} if sliced else {"model", "parameters"}
     extra = set(entry) - keys
     if extra:
-        raise ConfigError(f"{where}: model {entry['model']}: unsupported key {sorted(extra)[0]!r}")
+        raise ConfigError(f"{where}: model {entry['model']}: unsupported key {sorted(map(str, extra))[0]!r}")
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: model {entry['model']}: 'parameters' must be a mapping")

@@ -9,6 +9,7 @@ name (``modules_to_save``, trained biases, ``<module>.base_layer.<param>``).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from weightsmith.checkpoint import Checkpoint
-from weightsmith.errors import IncompatibleError, NumericalError
+from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 from weightsmith.merge.lora_math import lora_scaling
 
 PREFIX = "base_model.model."
@@ -77,7 +78,7 @@ class Adapter:
         return any(m.magnitude for m in self.modules.values())
 
 
-def pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict | None, module: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key (in dict order) with
     ``re.match(rf"(.*\\.)?({key})$", module)`` gives the value; no match gives ``default``."""
     for key, value in (patterns or {}).items():
@@ -128,7 +129,12 @@ def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
     for mod in adapter.modules.values():
         if mod.a is None or mod.b is None:
             raise IncompatibleError(f"{ckpt.path}: module {mod.module!r} has only one of lora_A/lora_B")
-        mod.r = ckpt.info(mod.a).shape[0]
+        shape_a = ckpt.info(mod.a).shape
+        if len(shape_a) < 2 or shape_a[0] == 0:
+            raise IncompatibleError(
+                f"{ckpt.path}: {mod.a!r} has shape {list(shape_a)}; lora_A must be [r, ...] with r at least 1"
+            )
+        mod.r = shape_a[0]
         r_cfg = pattern_value(cfg.get("rank_pattern"), mod.module, cfg.get("r"))
         if r_cfg is not None and int(r_cfg) != mod.r:
             raise IncompatibleError(
@@ -148,7 +154,41 @@ def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
     return adapter
 
 
+def _check_types(path, cfg: dict) -> None:
+    """The fields weightsmith computes with, checked for type and range (the rest of PEFT's fields are ignored)."""
+    where = f"{path}/adapter_config.json"
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    r = cfg.get("r")
+    if r is not None and not (type(r) is int and r >= 1):
+        raise ConfigError(f"{where}: r must be a positive integer, not {str(r)[:40]!r}")
+    if cfg.get("lora_alpha") is not None and not number(cfg["lora_alpha"]):
+        raise ConfigError(f"{where}: lora_alpha must be a number, not {str(cfg['lora_alpha'])[:40]!r}")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise ConfigError(f"{where}: {key} must be true or false, not {str(cfg[key])[:40]!r}")
+    for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = cfg.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise ConfigError(f"{where}: {key} must map module patterns to values")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ConfigError(f"{where}: {key} pattern {pattern[:60]!r} is not a valid regex ({exc})") from None
+            ok = (type(value) is int and value >= 1) if positive_int else number(value)
+            if not ok:
+                raise ConfigError(
+                    f"{where}: {key}[{pattern[:60]!r}] must be a {'positive integer' if positive_int else 'number'}"
+                )
+
+
 def _check_config(path, cfg: dict) -> None:
+    _check_types(path, cfg)
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise IncompatibleError(
