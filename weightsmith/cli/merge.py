@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from weightsmith.cli.common import add_command, add_output_options, parse_adapter, yaml_mapping
 from weightsmith.merge import table
 
@@ -63,14 +65,18 @@ def _add_parameter_flags(p) -> None:
             p.add_argument(flag, dest=dest, type=kind, metavar=name.upper(), help=text)
 
 
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _inputs(args) -> list[str]:
     """The checkpoints a merge reads (for hashing ahead); a config that cannot be read yields none of its own."""
-    specs = [args.base, *args.model]
+    specs: list[Any] = [args.base, *args.model]
     if args.config:
         raw = yaml_mapping(args.config)
-        models = raw.get("models") if isinstance(raw.get("models"), list) else []
+        models = _list(raw.get("models"))
         specs += [raw.get("base_model")] + [m.get("model") for m in models if isinstance(m, dict)]
-        slices = raw.get("slices") if isinstance(raw.get("slices"), list) else []
+        slices = _list(raw.get("slices"))
         for sl in (s for s in slices if isinstance(s, dict) and isinstance(s.get("sources"), list)):
             specs += [src.get("model") for src in sl["sources"] if isinstance(src, dict)]
     return [parse_adapter(part)[0] for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]

@@ -32,7 +32,7 @@ def run(
     several documents is a multi-stage merge (mergekit-multi's format; see ``stages``), run as one job."""
     from weightsmith.merge.stages import run_stages, stages_in
 
-    options = dict(seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
+    options: dict[str, Any] = dict(seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
     stages = stages_in(config)
     if stages is not None:
         return run_stages(stages, out, **options)

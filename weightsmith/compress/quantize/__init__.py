@@ -82,7 +82,8 @@ def quantize(
     ckpt, config, codec, selection = view.source, view.scheme, view.codec, view.selection
     report = Report("quantize", output=str(out))
     targets = set(selection.targets)
-    rows, linear_in, linear_out = [], 0, 0
+    rows: list[dict[str, Any]] = []
+    linear_in, linear_out = 0, 0
     with report.timed("total"):
         writer = CheckpointWriter(
             out,

@@ -35,6 +35,7 @@ def dequantize(
     if layout is None:
         raise IncompatibleError(f"{ckpt.path}: not quantized (no quantization_config and no quantized tensors)")
     view = FloatView(ckpt, layout)  # refuses formats it cannot read, before anything is written
+    assert layout.scheme is not None  # FloatView refused a layout without one
     target = parse_dtype(dtype)
     report = Report("dequantize", output=str(out))
     params = {"dtype": str(target) if target else None, "scheme": layout.scheme.to_dict()}

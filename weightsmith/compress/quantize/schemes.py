@@ -154,11 +154,11 @@ def make_scheme(scheme: str | Scheme | dict, **options: Any) -> Scheme:
         options = {**{k: v for k, v in scheme.items() if k != "scheme"}, **options}
         scheme = scheme.get("scheme", "")
     options = {k: v for k, v in options.items() if v is not None and v is not False}
-    if isinstance(scheme, tuple(SCHEMES.values())):
+    if not isinstance(scheme, (str, dict)):  # already a config value
         if options:
             raise ConfigError(f"{scheme.name}: pass options inside the config, not beside it ({', '.join(options)})")
         return scheme
-    cls = SCHEMES.get(str(scheme).lower())
+    cls: Any = SCHEMES.get(str(scheme).lower())
     if cls is None:
         raise ConfigError(f"unknown quantization scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
     valid = [f.name for f in fields(cls)]
