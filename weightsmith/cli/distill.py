@@ -23,7 +23,7 @@ def register(sub) -> None:
         "alpha*T^2*KL(teacher||student) + (1-alpha)*CE; encoders: MSE + cosine on hidden states. "
         "Run under 'accelerate launch' to train data-parallel on several GPUs, CPUs or nodes.",
         examples=[
-            "weightsmith distill --teacher ./minilm -o ./minilm-3l --data corpus.txt --layers 0,2,4 --steps 300",
+            "weightsmith distill --teacher ./minilm -o ./minilm-3l --data corpus.txt --layers 0,2,4 --steps 50",
             "weightsmith distill --teacher ./llama -o ./llama-half --data train.jsonl --keep-every 2 "
             "--eval-data val.jsonl --eval-every 100 --save-every 200",
             "weightsmith distill --teacher ./llama -o ./llama-half --data train.jsonl --keep-every 2 "
