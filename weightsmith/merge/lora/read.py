@@ -17,7 +17,7 @@ import torch
 
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import IncompatibleError, NumericalError
-from weightsmith.merge.lora_math import lora_scaling
+from weightsmith.merge.lora.math import lora_scaling
 
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(

@@ -36,7 +36,7 @@ from weightsmith.checkpoint import (
 )
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge.lora_math import (
+from weightsmith.merge.lora.math import (
     CONV,
     CONV1D,
     EMBEDDING,
@@ -48,7 +48,7 @@ from weightsmith.merge.lora_math import (
     stored_factors,
     to_rows,
 )
-from weightsmith.merge.lora_read import Adapter, LoraModule, check_finite, read_adapter
+from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
@@ -456,8 +456,8 @@ def extract(
     energy: float | None = None,
     force: bool = False,
 ) -> Report:
-    """Truncated-SVD LoRA of ``tuned − base`` written as a PEFT adapter (see ``lora_extract.extract``)."""
-    from weightsmith.merge.lora_extract import extract as _extract
+    """Truncated-SVD LoRA of ``tuned − base`` written as a PEFT adapter (see ``extraction.extract``)."""
+    from weightsmith.merge.lora.extraction import extract as _extract
 
     return _extract(base, tuned, out, rank=rank, energy=energy, force=force)
 
