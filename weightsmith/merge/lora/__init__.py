@@ -1,16 +1,19 @@
-"""PEFT adapters without a model instance: ``merge`` folds adapters into a base checkpoint tensor by tensor,
-``unmerge`` undoes a fold, ``extract`` turns a fine-tune into a LoRA adapter, ``open_folded`` gives the fold as a lazy
-tensor dict.
+"""PEFT adapters without a model instance: ``merge`` folds adapters (LoRA, DoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA,
+OFT) into a base checkpoint tensor by tensor, ``unmerge`` undoes a fold, ``extract`` turns a fine-tune into a LoRA
+adapter, ``combine`` makes one adapter of several, ``resize`` changes an adapter's rank, ``open_folded`` gives the fold
+as a lazy tensor dict.
 
     import weightsmith as ws
     ws.lora.merge("llama", ["adapter"], "merged")
 
-Modules: ``read`` (adapter files → what changes which base tensor), ``math`` (pure tensor math), ``fold`` (the lazy
-folded view and the merge/unmerge verbs), ``extraction`` (fine-tune → adapter).
+Modules: ``read`` (adapter files → what changes which base tensor), ``peft_types`` (the other PEFT types),
+``math`` and ``kinds`` (pure tensor math), ``fold`` (the lazy folded view and the merge/unmerge verbs),
+``extraction`` (fine-tune → adapter), ``combination`` (adapters → adapter: combine, resize).
 """
 
 from __future__ import annotations
 
+from weightsmith.merge.lora.combination import combine, resize
 from weightsmith.merge.lora.fold import FoldedCheckpoint, extract, merge, open_folded, unmerge
 
-__all__ = ["FoldedCheckpoint", "extract", "merge", "open_folded", "unmerge"]
+__all__ = ["FoldedCheckpoint", "combine", "extract", "merge", "open_folded", "resize", "unmerge"]
