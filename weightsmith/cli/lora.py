@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from weightsmith.cli.common import add_command, add_output_options, parse_adapter
+from weightsmith.cli.common import add_command, add_output_options, declare_inputs, parse_adapter
 
 
 def register(sub) -> None:
@@ -37,10 +37,14 @@ def register(sub) -> None:
             "weightsmith lora merge ./llama ./adapter -o ./llama-merged",
             "weightsmith lora merge ./llama ./math@0.7 ./code@0.3 -o ./merged --dtype bf16",
             "weightsmith lora merge ./gpt2 ./adapter -o ./merged --shard-size 500MB --json",
+            "weightsmith lora merge ./llama-nf4 ./qlora-adapter -o ./merged-nf4 --requantize",
         ],
     )
-    p.add_argument("base", help="base model directory or weight file")
+    p.add_argument("base", help="base model directory or weight file (float, or NF4/int8: folded dequantized)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT adapter directory, optional weight")
+    p.add_argument(
+        "--requantize", action="store_true", help="quantized base: write the fold in the base's own scheme again"
+    )
     add_output_options(p, inputs=("base", "adapters"))
     p.set_defaults(handler=_merge)
 
@@ -123,6 +127,24 @@ def register(sub) -> None:
     add_output_options(p, inputs=("adapter",), dtype=False, shards=False)
     p.set_defaults(handler=_resize)
 
+    p = add_command(
+        lora,
+        "routes",
+        help="measure the ways to fold a QLoRA adapter: float base, dequantized, re-quantized",
+        description="Per adapted weight, the error of each route against the model the adapter was trained with "
+        "(dequantized base + ΔW), relative to ‖ΔW‖. Nothing is written.",
+        examples=[
+            "weightsmith lora routes ./llama-nf4 ./qlora-adapter --float-base ./llama",
+            "weightsmith lora routes ./llama-int8 ./adapter --json",
+        ],
+    )
+    p.add_argument("quantized_base", help="the NF4 or int8 base the adapter was trained on")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT adapter directory, optional weight")
+    p.add_argument("--float-base", help="the float model the quantized base was made from")
+    p.add_argument("--dtype", help="dtype the dequantized route would be written in (default: the recorded one)")
+    declare_inputs(p, "quantized_base", "adapters", "float_base")
+    p.set_defaults(handler=_routes)
+
 
 def _merge(args):
     from weightsmith.merge.lora import merge
@@ -134,6 +156,7 @@ def _merge(args):
         dtype=args.dtype,
         shard_size=args.shard_size,
         force=args.force,
+        requantize=args.requantize,
     )
 
 
@@ -177,4 +200,12 @@ def _resize(args):
 
     return resize(
         args.adapter, args.out, rank=args.rank, energy=args.energy, threshold=args.threshold, force=args.force
+    )
+
+
+def _routes(args):
+    from weightsmith.merge.lora import routes
+
+    return routes(
+        args.quantized_base, [parse_adapter(a) for a in args.adapters], float_base=args.float_base, dtype=args.dtype
     )

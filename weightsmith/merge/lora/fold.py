@@ -50,6 +50,7 @@ from weightsmith.merge.lora.math import (
     to_rows,
 )
 from weightsmith.merge.lora.peft_types import Update, apply_update, check_invertible, probe_shapes, update_delta
+from weightsmith.merge.lora.quantized import dequantized
 from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.progress import progress
 from weightsmith.report import Report
@@ -401,6 +402,7 @@ def _open(base, adapters, *, dtype, invert: bool) -> FoldedCheckpoint:
     ckpt = as_checkpoint(base)
     if ckpt.is_adapter:
         raise IncompatibleError(f"{ckpt.path}: is a PEFT adapter; the first input must be the base model")
+    ckpt = dequantized(ckpt)  # a quantized (NF4, int8) base folds into the weights it stands for
     parsed = []
     for src, weight in _adapter_specs(adapters):
         adapter = read_adapter(src, base=ckpt)
@@ -462,11 +464,14 @@ def merge(
     dtype: str | torch.dtype | None = None,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     force: bool = False,
+    requantize: bool = False,
 ) -> Report:
-    """Fold PEFT LoRA adapters into ``base`` and write a plain checkpoint, one tensor at a time.
+    """Fold PEFT adapters into ``base`` and write a plain checkpoint, one tensor at a time.
 
-    W' = W + Σᵢ wᵢ·ΔWᵢ (module docstring for ΔW per variant); matches PEFT's ``merge_and_unload``. ``adapters``
-    are paths or (path, weight) pairs. Peak memory: a few tensors, never the model.
+    W' = W + Σᵢ wᵢ·(fᵢ(W) − W) (module docstring; ``peft_types`` for the types other than LoRA); matches PEFT's
+    ``merge_and_unload``. ``adapters`` are paths or (path, weight) pairs. A quantized base (NF4, int8) is folded
+    into its dequantized weights and written in float, or in its own scheme again with ``requantize``
+    (``quantized`` explains the routes). Peak memory: a few tensors, never the model.
 
     >>> ws.lora.merge("llama", ["adapter"], "merged")                           # doctest: +SKIP
     >>> ws.lora.merge("llama", [("math", 0.7), ("code", 0.3)], "merged", dtype="bf16")  # doctest: +SKIP
@@ -477,6 +482,10 @@ def merge(
         "dtype": str(folded.dtype or ""),
         "shard_size": shard_size,
     }
+    if requantize:
+        from weightsmith.merge.lora.quantized import merge_requantized
+
+        return merge_requantized(folded, out, params, shard_size=shard_size, force=force)
     return _stream(folded, out, "lora merge", params, shard_size=shard_size, force=force)
 
 
