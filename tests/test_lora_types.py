@@ -220,6 +220,7 @@ def test_mixed_types_in_one_fold_are_sums_of_single_folds(tiny_model, tmp_path):
     )
     oft = make_typed(build_model("llama"), tmp_path / "oft", "OFT", ["v_proj", "o_proj"])
     loha = make_typed(build_model("llama"), tmp_path / "loha", "LOHA", ["q_proj"])
+    assert [ws.inspect(x).details["adapter"]["adapted_modules"] for x in (ia3, oft, loha)] == [4, 4, 2]
     weights = {lora: 0.7, ia3: -0.5, oft: 1.3, loha: 0.4}
     folded = ws.lora.open_folded(base_dir, list(weights.items()))
     singles = {a: ws.lora.open_folded(base_dir, [(a, 1.0)]) for a in weights}
