@@ -2,8 +2,11 @@
 
 Two bf16 Llama-shaped bases (GQA, hidden 2048; 9 and 21 layers ≈ 1.1 and 2.2 GB) with a rank-16 adapter on every
 linear. PEFT: from_pretrained → PeftModel.from_pretrained → merge_and_unload → save_pretrained. weightsmith: the CLI
-`weightsmith lora merge`. Each run is one fresh process, measured once (wall time and its own peak RSS). Targets
-(issue 3): ≥3× faster, ≤0.5× peak RSS, and our peak RSS flat when the model doubles.
+`weightsmith lora merge`. Each run is one fresh process, measured once (wall time and its own peak RSS).
+Targets: ≥3× faster, ≤0.5× peak RSS, and our peak RSS flat when the model doubles.
+
+``--types``: the same 1.1 GB base with an AdaLoRA, IA³, LoHa, LoKr, VeRA and OFT adapter on every linear (made by
+PEFT on a one-layer model of the same widths, its tensors repeated for every layer), folded by both tools.
 """
 
 from __future__ import annotations
@@ -70,6 +73,47 @@ import sys, torch, weightsmith as ws
 ours, theirs = ws.open(sys.argv[1]), ws.open(sys.argv[2])
 worst = max(int((ours[n].view(torch.int16).int() - theirs[n].view(torch.int16).int()).abs().max()) for n in theirs)
 print(worst)
+"""
+
+
+TYPED = """
+import json, sys, tempfile, torch, transformers, peft
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+peft_type, out, layers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+h, i, heads, kv = {h}, {i}, {heads}, {kv}
+config = transformers.LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=1, num_attention_heads=heads,
+                                  num_key_value_heads=kv, vocab_size=128, tie_word_embeddings=False)
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(config)
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+cfg = dict(
+    ADALORA=lambda: peft.AdaLoraConfig(init_r=16, target_r=8, lora_alpha=32, total_step=10, target_modules=targets),
+    IA3=lambda: peft.IA3Config(target_modules=targets, feedforward_modules=["down_proj"]),
+    LOHA=lambda: peft.LoHaConfig(r=8, alpha=16, target_modules=targets),
+    LOKR=lambda: peft.LoKrConfig(r=8, alpha=16, target_modules=targets),
+    VERA=lambda: peft.VeraConfig(r=16, target_modules=targets),
+    OFT=lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=targets),
+)[peft_type]()
+pm = peft.get_peft_model(model, cfg)
+g = torch.Generator().manual_seed(1)
+with torch.no_grad():
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+tmp = Path(tempfile.mkdtemp())
+pm.save_pretrained(tmp)
+one = load_file(tmp / "adapter_model.safetensors")
+full = {{}}
+for k, v in one.items():
+    if ".layers.0." in k:
+        for l in range(layers):
+            full[k.replace(".layers.0.", f".layers.{{l}}.")] = v.clone()
+    else:
+        full[k] = v
+out.mkdir(parents=True, exist_ok=True)
+save_file(full, out / "adapter_model.safetensors")
+(out / "adapter_config.json").write_text((tmp / "adapter_config.json").read_text())
 """
 
 
@@ -150,5 +194,80 @@ def main() -> None:
     write_section("lora", md)
 
 
+ALL_TYPES = ("ADALORA", "IA3", "LOHA", "LOKR", "VERA", "OFT")
+
+
+def main_types(types: tuple[str, ...] = ALL_TYPES, layers: int = 9) -> None:
+    """Each foldable PEFT type on the 1.1 GB base: fold speed, CPU time and peak RSS against PEFT, max ulp."""
+    WORK.mkdir(exist_ok=True)
+    base = WORK / f"lora_base_{layers}L"
+    if not (base / "config.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        build = BUILD.format(h=H, i=FFN, L=layers, heads=HEADS, kv=KV, V=V, r=R)
+        measure([PY, "-c", build, str(base), str(WORK / f"lora_adapter_{layers}L")])
+    rows = []
+    for peft_type in types:
+        adapter = WORK / f"lora_{peft_type.lower()}_{layers}L"
+        if not (adapter / "adapter_config.json").exists():
+            typed = TYPED.format(h=H, i=FFN, heads=HEADS, kv=KV)
+            subprocess.run([PY, "-c", typed, peft_type, str(adapter), str(layers)], check=True, capture_output=True)
+        out_ws, out_peft = WORK / "lora_out_ws", WORK / "lora_out_peft"
+        for out in (out_ws, out_peft):
+            shutil.rmtree(out, ignore_errors=True)
+        ws_run, ws_cpu = run([PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)])
+        peft_run, peft_cpu = run([PY, "-c", PEFT, str(base), str(adapter), str(out_peft)])
+        ulps = subprocess.run(
+            [PY, "-c", CHECK, str(out_ws), str(out_peft)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for out in (out_ws, out_peft):
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append(
+            [
+                peft_type,
+                round(ws_run.seconds, 1),
+                round(peft_run.seconds, 1),
+                f"{peft_run.seconds / ws_run.seconds:.1f}×",
+                round(ws_cpu, 1),
+                round(peft_cpu, 1),
+                f"{peft_cpu / ws_cpu:.1f}×",
+                round(ws_run.peak_rss_mb),
+                round(peft_run.peak_rss_mb),
+                f"{ws_run.peak_rss_mb / peft_run.peak_rss_mb:.2f}×",
+                ulps,
+            ]
+        )
+        print(rows[-1], flush=True)
+    load = os.getloadavg()[1]
+    size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
+    md = (
+        "## PEFT adapter types (`bench/lora_bench.py --types`)\n\n"
+        f"The {size_gb:.2f} GB bf16 Llama-shaped base above ({layers} layers); each type on all 7 linears of every "
+        "layer (AdaLoRA init_r 16, LoHa/LoKr r 8, VeRA r 16, OFT block 32, IA³ with down_proj as feed-forward). "
+        "Same protocol as the LoRA table: one run each, fresh process, start-up included.\n\n"
+        + table(
+            [
+                "type",
+                "weightsmith wall s",
+                "PEFT wall s",
+                "wall speed-up",
+                "weightsmith CPU s",
+                "PEFT CPU s",
+                "CPU ratio",
+                "weightsmith RSS MB",
+                "PEFT RSS MB",
+                "RSS ratio",
+                "max ulp vs PEFT",
+            ],
+            rows,
+        )
+        + f"\n\nLoad average during the run: {load:.1f} on 2 cores (shared machine)."
+    )
+    write_section("lora-types", md)
+
+
 if __name__ == "__main__":
-    main()
+    if "--types" in sys.argv[1:]:  # --types [ADALORA,IA3,…]
+        rest = sys.argv[sys.argv.index("--types") + 1 :]
+        main_types(tuple(rest[0].upper().split(",")) if rest else ALL_TYPES)
+    else:
+        main()

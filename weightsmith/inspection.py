@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import torch
@@ -89,7 +90,8 @@ def adapter_summary(ckpt: Checkpoint) -> dict:
         )
         if on
     ]
-    modules = sorted({n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in ckpt if ".lora_" in n})
+    part = re.compile(r"\.(lora_|hada_|lokr_|ia3_l$|oft_R\.|oft_embedding_R\.|vera_lambda_)")  # any PEFT type's parts
+    modules = sorted({part.split(n.removeprefix("base_model.model."))[0] for n in ckpt if part.search(n)})
     return {
         "peft_type": cfg.get("peft_type"),
         "r": cfg.get("r"),

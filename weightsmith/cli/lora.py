@@ -1,10 +1,10 @@
-"""lora merge, lora unmerge, lora extract."""
+"""lora merge, lora unmerge, lora extract, lora combine, lora resize."""
 
 from __future__ import annotations
 
 import argparse
 
-from weightsmith.cli.common import add_command, add_output_options, parse_adapter
+from weightsmith.cli.common import add_command, add_output_options, declare_inputs, parse_adapter
 
 
 def register(sub) -> None:
@@ -12,12 +12,15 @@ def register(sub) -> None:
         "weightsmith lora merge ./llama ./adapter -o ./llama-merged",
         "weightsmith lora unmerge ./llama-merged ./adapter -o ./llama-base",
         "weightsmith lora extract ./llama ./llama-chat -o ./chat-adapter --rank 16",
+        "weightsmith lora combine ./math@0.7 ./code@-0.4 -o ./both",
+        "weightsmith lora resize ./adapter -o ./adapter-r8 --rank 8",
     ]
     group = sub.add_parser(
         "lora",
-        help="fold PEFT LoRA adapters into a base, undo a fold, or extract an adapter",
-        description="Fold PEFT LoRA adapters into a base checkpoint, tensor by tensor (no model "
-        "is built), undo such a fold, or extract a LoRA adapter from a fine-tune.",
+        help="fold PEFT adapters into a base, undo a fold, extract, combine or resize adapters",
+        description="Fold PEFT adapters (LoRA, DoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT) into a base checkpoint, "
+        "tensor by tensor (no model is built), undo such a fold, extract a LoRA adapter from a fine-tune, combine "
+        "adapters into one, or change an adapter's rank.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
     )
@@ -26,25 +29,32 @@ def register(sub) -> None:
     p = add_command(
         lora,
         "merge",
-        help="fold one or more LoRA adapters into a base checkpoint",
-        description="W' = W + Σ wᵢ·ΔWᵢ for each adapted tensor, matching PEFT's merge_and_unload "
-        "(LoRA, rsLoRA, DoRA, Conv1D, embedding, conv, lora_bias, modules_to_save).",
+        help="fold one or more PEFT adapters into a base checkpoint",
+        description="W' = W + Σ wᵢ·(fᵢ(W) − W) for each adapted tensor, fᵢ each adapter's own fold as PEFT's "
+        "merge_and_unload computes it: LoRA (rsLoRA, DoRA, lora_bias, modules_to_save), AdaLoRA, VeRA, LoHa, LoKr "
+        "(W + ΔW), IA³ (scaling) and OFT (rotation); Linear, Conv1D, embedding and conv; types may be mixed.",
         examples=[
             "weightsmith lora merge ./llama ./adapter -o ./llama-merged",
             "weightsmith lora merge ./llama ./math@0.7 ./code@0.3 -o ./merged --dtype bf16",
             "weightsmith lora merge ./gpt2 ./gpt2-adapter -o ./gpt2-merged --shard-size 500MB --json",
+            "weightsmith lora merge ./llama-nf4 ./qlora-adapter -o ./merged-nf4 --requantize",
         ],
     )
-    p.add_argument("base", help="base model directory or weight file")
+    p.add_argument("base", help="base model directory or weight file (float, or NF4/int8: folded dequantized)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT adapter directory, optional weight")
+    p.add_argument(
+        "--requantize", action="store_true", help="quantized base: write the fold in the base's own scheme again"
+    )
     add_output_options(p, inputs=("base", "adapters"))
     p.set_defaults(handler=_merge)
 
     p = add_command(
         lora,
         "unmerge",
-        help="subtract a plain LoRA adapter from a merged checkpoint",
-        description="W = W' − w·s·B·A: the exact inverse of a plain-LoRA fold (DoRA is refused).",
+        help="take a folded adapter back out of a merged checkpoint",
+        description="W = W' − w·ΔW for additive adapters (LoRA, AdaLoRA, VeRA, LoHa, LoKr), W'/(1 + w·(l − 1)) "
+        "for IA³ (refused where a factor is zero) and the inverse rotation for OFT; DoRA and adapters that "
+        "replace whole tensors are refused.",
         examples=[
             "weightsmith lora unmerge ./llama-merged ./adapter -o ./llama-base",
             "weightsmith lora unmerge ./merged ./math@0.7 -o ./without-math",
@@ -74,6 +84,67 @@ def register(sub) -> None:
     add_output_options(p, inputs=("base", "tuned"), dtype=False, shards=False)
     p.set_defaults(handler=_extract)
 
+    p = add_command(
+        lora,
+        "combine",
+        help="combine LoRA adapters into one adapter",
+        description="cat: ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ exactly (rank Σ rᵢ); svd: that sum re-compressed to --rank or "
+        "--energy; ties/dare: TIES or DARE-TIES on the ΔWᵢ, then SVD. The result loads with "
+        "PeftModel.from_pretrained.",
+        examples=[
+            "weightsmith lora combine ./math@0.7 ./code@-0.4 -o ./both",
+            "weightsmith lora combine ./a ./b -o ./ab16 --method svd --rank 16 --json",
+            "weightsmith lora combine ./a ./b ./c -o ./abc --method ties --density 0.3 --energy 0.95",
+        ],
+    )
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT LoRA adapter directory, weight")
+    p.add_argument("--method", choices=["cat", "svd", "ties", "dare"], default="cat", help="default: cat (exact)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=int, help="rank of every module after the SVD (svd, ties, dare)")
+    how.add_argument("--energy", type=float, help="keep this fraction of each ΔW's squared singular values")
+    p.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of each ΔWᵢ kept (default 0.5)")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="ties/dare: scale of the result")
+    p.add_argument("--seed", type=int, default=0, help="dare: random seed")
+    add_output_options(p, inputs=("adapters",), dtype=False, shards=False)
+    p.set_defaults(handler=_combine)
+
+    p = add_command(
+        lora,
+        "resize",
+        help="change a LoRA adapter's rank by SVD of each module's ΔW",
+        description="Each module's ΔW = s·B·A truncated to --rank, to the smallest rank keeping --energy, or to "
+        "the singular values above --threshold; the energy kept is reported per module.",
+        examples=[
+            "weightsmith lora resize ./adapter -o ./adapter-r8 --rank 8",
+            "weightsmith lora resize ./adapter -o ./adapter-auto --threshold 1e-3 --json",
+        ],
+    )
+    p.add_argument("adapter", help="PEFT LoRA adapter directory")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="rank of every module (never above its own)")
+    how.add_argument("--energy", type=float, help="keep this fraction of each ΔW's squared singular values (0–1]")
+    how.add_argument("--threshold", type=float, help="keep the singular values above this (mergekit's --sv-epsilon)")
+    add_output_options(p, inputs=("adapter",), dtype=False, shards=False)
+    p.set_defaults(handler=_resize)
+
+    p = add_command(
+        lora,
+        "routes",
+        help="measure the ways to fold a QLoRA adapter: float base, dequantized, re-quantized",
+        description="Per adapted weight, the error of each route against the model the adapter was trained with "
+        "(dequantized base + ΔW), relative to ‖ΔW‖. Nothing is written.",
+        examples=[
+            "weightsmith lora routes ./llama-nf4 ./qlora-adapter --float-base ./llama",
+            "weightsmith lora routes ./llama-int8 ./adapter --json",
+        ],
+    )
+    p.add_argument("quantized_base", help="the NF4 or int8 base the adapter was trained on")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT adapter directory, optional weight")
+    p.add_argument("--float-base", help="the float model the quantized base was made from")
+    p.add_argument("--dtype", help="dtype the dequantized route would be written in (default: the recorded one)")
+    declare_inputs(p, "quantized_base", "adapters", "float_base")
+    p.set_defaults(handler=_routes)
+
 
 def _merge(args):
     from weightsmith.merge.lora import merge
@@ -85,6 +156,7 @@ def _merge(args):
         dtype=args.dtype,
         shard_size=args.shard_size,
         force=args.force,
+        requantize=args.requantize,
     )
 
 
@@ -105,3 +177,35 @@ def _extract(args):
     from weightsmith.merge.lora import extract
 
     return extract(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, force=args.force)
+
+
+def _combine(args):
+    from weightsmith.merge.lora import combine
+
+    return combine(
+        [parse_adapter(a) for a in args.adapters],
+        args.out,
+        method=args.method,
+        rank=args.rank,
+        energy=args.energy,
+        density=args.density,
+        lam=args.lam,
+        seed=args.seed,
+        force=args.force,
+    )
+
+
+def _resize(args):
+    from weightsmith.merge.lora import resize
+
+    return resize(
+        args.adapter, args.out, rank=args.rank, energy=args.energy, threshold=args.threshold, force=args.force
+    )
+
+
+def _routes(args):
+    from weightsmith.merge.lora import routes
+
+    return routes(
+        args.quantized_base, [parse_adapter(a) for a in args.adapters], float_base=args.float_base, dtype=args.dtype
+    )

@@ -20,8 +20,8 @@ import torch
 from weightsmith.checkpoint import CheckpointWriter, provenance_step
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError
-from weightsmith.merge.lora_math import CONV1D, LINEAR, to_rows, truncated_factors
-from weightsmith.merge.lora_read import PREFIX
+from weightsmith.merge.lora.math import CONV1D, LINEAR, to_rows, truncated_factors
+from weightsmith.merge.lora.read import PREFIX
 from weightsmith.progress import progress
 from weightsmith.report import Report
 

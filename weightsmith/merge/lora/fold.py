@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ from weightsmith.checkpoint import (
 )
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge.lora_math import (
+from weightsmith.merge.lora.math import (
     CONV,
     CONV1D,
     EMBEDDING,
@@ -48,7 +49,9 @@ from weightsmith.merge.lora_math import (
     stored_factors,
     to_rows,
 )
-from weightsmith.merge.lora_read import Adapter, LoraModule, check_finite, read_adapter
+from weightsmith.merge.lora.peft_types import Update, apply_update, check_invertible, probe_shapes, update_delta
+from weightsmith.merge.lora.quantized import dequantized
+from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
@@ -64,12 +67,19 @@ _CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 class _Term:
     """One adapter's contribution to one base tensor."""
 
-    how: str  # "replace" | "lora" | "dora" | "bias"
+    how: str  # "replace" | "lora" | "dora" | "bias" | "delta" | "scale" | "rotate"
     adapter: Adapter
     weight: float
     module: LoraModule | None = None
-    kind: str = LINEAR  # row-view kind for lora/dora
+    kind: str = LINEAR  # row-view kind for lora/dora and the other types' updates
     tensor: str | None = None  # adapter tensor name for "replace"
+    update: Update | None = None  # LoHa/LoKr ("delta"), IA³ ("scale"), OFT ("rotate")
+    inverse: bool = False  # unmerge of a scale or rotation: its inverse, at ``weight``
+    on_bias: bool = False  # IA³ scaling a bias
+
+
+# Updates that are not W + ΔW: f(W) is computed whole (weighted: W + w·(f(W) − W)).
+_NONLINEAR = ("dora", "scale", "rotate")
 
 
 class FoldedCheckpoint(CheckpointView):
@@ -98,7 +108,12 @@ class FoldedCheckpoint(CheckpointView):
         targets = {
             n
             for a, _ in self.adapters
-            for n in (*a.modules, *a.replacements, *(f"{m.module}.bias" for m in a.modules.values() if m.bias))
+            for n in (
+                *a.modules,
+                *a.replacements,
+                *a.updates,
+                *(f"{m.module}.bias" for m in a.modules.values() if m.bias),
+            )
         }
         self.untied: list[str] = []
         self._tied: dict[str, str] = {}
@@ -118,7 +133,7 @@ class FoldedCheckpoint(CheckpointView):
     def _plan(self, adapter: Adapter, weight: float) -> None:
         missing, misfit = [], []
         for name, tensor in adapter.replacements.items():
-            if self.invert and name in adapter.modules:
+            if self.invert and (name in adapter.modules or name in adapter.updates):
                 continue  # a targeted module's saved base_layer weight: the LoRA term alone is undone
             if name not in self._source:
                 missing.append(name)
@@ -127,7 +142,7 @@ class FoldedCheckpoint(CheckpointView):
             else:
                 self._terms.setdefault(name, []).append(_Term("replace", adapter, weight, tensor=tensor))
         if self.invert:
-            replaced = [n for n in adapter.replacements if n not in adapter.modules]
+            replaced = [n for n in adapter.replacements if n not in adapter.modules and n not in adapter.updates]
             if replaced:
                 raise IncompatibleError(
                     f"{adapter.path}: replaces {len(replaced)} base tensor(s) (modules_to_save or trained biases, "
@@ -163,6 +178,26 @@ class FoldedCheckpoint(CheckpointView):
                     misfit.append(f"{bias} {list(self._info(bias).shape)} vs {list(adapter.ckpt.info(mod.bias).shape)}")
                 else:
                     self._terms.setdefault(bias, []).append(_Term("bias", adapter, weight, mod))
+        for name, upd in adapter.updates.items():
+            if name not in self._source:
+                missing.append(name)
+                continue
+            kind = self._update_kind(adapter, upd, self._info(name).shape)
+            if kind is None:
+                misfit.append(
+                    f"{name} {list(self._info(name).shape)} vs {upd.peft_type} {upd.out or '?'}×{upd.fan_in or '?'}"
+                )
+                continue
+            # an unmerge subtracts a ΔW (negative weight) but inverts a scaling or rotation at the original weight
+            inverse = self.invert and upd.how != "delta"
+            w = -weight if inverse else weight
+            if inverse:
+                check_invertible(upd, adapter.ckpt, w, adapter.path)
+            self._terms.setdefault(name, []).append(_Term(upd.how, adapter, w, kind=kind, update=upd, inverse=inverse))
+            bias = f"{upd.module}.bias"
+            if upd.scales_bias and bias in self._source:
+                term = _Term(upd.how, adapter, w, kind=kind, update=upd, inverse=inverse, on_bias=True)
+                self._terms.setdefault(bias, []).append(term)
         for problems, what in ((missing, "target(s) missing from the base"), (misfit, "shape(s) that do not fit")):
             if problems:
                 more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
@@ -197,6 +232,17 @@ class FoldedCheckpoint(CheckpointView):
         if model_type is None:  # no config: the adapter's own flag is all there is
             return CONV1D if adapter.config.get("fan_in_fan_out") else LINEAR
         return CONV1D if model_type in _CONV1D_MODEL_TYPES else LINEAR
+
+    def _update_kind(self, adapter: Adapter, upd: Update, shape: tuple[int, ...]) -> str | None:
+        """Orientation of a LoHa/LoKr/IA³/OFT update by the same rule as LoRA's: its [out, in] posed as factor
+        shapes to ``_kind``."""
+        probe = probe_shapes(upd, tuple(shape))
+        if probe is None:
+            return None
+        shapes = {"a": probe[0], "b": probe[1]}
+        ckpt = SimpleNamespace(info=lambda n: SimpleNamespace(shape=shapes[n]))
+        stand_in = SimpleNamespace(ckpt=ckpt, config=adapter.config)
+        return self._kind(stand_in, LoraModule(upd.module, a="a", b="b", embedding=upd.embedding), shape)  # type: ignore[arg-type]
 
     def _info(self, name: str) -> TensorInfo:
         return self.base.info(self._source[name])  # as stored in the base (``info`` gives it as folded)
@@ -234,14 +280,17 @@ class FoldedCheckpoint(CheckpointView):
             w = replace[0].adapter.ckpt[replace[0].tensor].to(acc_dtype)  # exactly the saved tensor
         elif replace:
             w = w + sum(t.weight * (t.adapter.ckpt[t.tensor].to(acc_dtype) - w) for t in replace)
-        if len(others) == 1 and others[0].how == "dora" and others[0].weight == 1:
-            result = self._dora(w, others[0])
+        if len(others) == 1 and others[0].how in _NONLINEAR and (others[0].weight == 1 or others[0].inverse):
+            result = self._apply(w, others[0])
         else:
-            dora = [t for t in others if t.how == "dora"]
-            result = w.clone() if dora else w  # DoRA terms need the unchanged W; otherwise add in place
+            nonlinear = [t for t in others if t.how in _NONLINEAR]
+            result = w.clone() if nonlinear else w  # these terms need the unchanged W; otherwise add in place
             for t in others:
-                if t.how == "dora":
-                    result += t.weight * (self._dora(w, t) - w)
+                if t.how in _NONLINEAR:
+                    result += t.weight * (self._apply(w, t) - w)
+                elif t.how == "delta":
+                    assert t.update is not None
+                    result += t.weight * update_delta(t.update, t.adapter.ckpt, t.kind, tuple(w.shape)).to(acc_dtype)
                 elif t.how == "bias":
                     result += (t.module.scaling * t.weight) * t.adapter.ckpt[t.module.bias].to(acc_dtype)
                 else:
@@ -259,6 +308,14 @@ class FoldedCheckpoint(CheckpointView):
             for t in terms
         ]
         add_lora_(src.reshape(src.shape[0], -1), dst.reshape(dst.shape[0], -1), factors)
+
+    def _apply(self, w: Tensor, t: _Term) -> Tensor:
+        """f(W) of a DoRA, scaling or rotation term (an inverse one undoes its fold at its weight)."""
+        if t.how == "dora":
+            return self._dora(w, t)
+        assert t.update is not None
+        out = apply_update(w, t.update, t.adapter.ckpt, t.kind, weight=t.weight, inverse=t.inverse, bias=t.on_bias)
+        return out.to(w.dtype)
 
     @staticmethod
     def _dora(w: Tensor, t: _Term) -> Tensor:
@@ -345,9 +402,10 @@ def _open(base, adapters, *, dtype, invert: bool) -> FoldedCheckpoint:
     ckpt = as_checkpoint(base)
     if ckpt.is_adapter:
         raise IncompatibleError(f"{ckpt.path}: is a PEFT adapter; the first input must be the base model")
+    ckpt = dequantized(ckpt)  # a quantized (NF4, int8) base folds into the weights it stands for
     parsed = []
     for src, weight in _adapter_specs(adapters):
-        adapter = read_adapter(src)
+        adapter = read_adapter(src, base=ckpt)
         check_finite(adapter)
         parsed.append((adapter, -weight if invert else weight))
     return FoldedCheckpoint(ckpt, parsed, dtype=parse_dtype(dtype), invert=invert)
@@ -383,6 +441,8 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
         dora=counts.get("dora", 0),
         replaced=counts.get("replace", 0),
         lora_bias=counts.get("bias", 0),
+        **{how: counts[how] for how in ("delta", "scale", "rotate") if how in counts},
+        types=sorted({a.peft_type for a, _ in folded.adapters}),
         untied=folded.untied or None,
         bytes_out=format_size(writer.total_size),
         shards=writer.num_shards,
@@ -404,11 +464,14 @@ def merge(
     dtype: str | torch.dtype | None = None,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     force: bool = False,
+    requantize: bool = False,
 ) -> Report:
-    """Fold PEFT LoRA adapters into ``base`` and write a plain checkpoint, one tensor at a time.
+    """Fold PEFT adapters into ``base`` and write a plain checkpoint, one tensor at a time.
 
-    W' = W + Σᵢ wᵢ·ΔWᵢ (module docstring for ΔW per variant); matches PEFT's ``merge_and_unload``. ``adapters``
-    are paths or (path, weight) pairs. Peak memory: a few tensors, never the model.
+    W' = W + Σᵢ wᵢ·(fᵢ(W) − W) (module docstring; ``peft_types`` for the types other than LoRA); matches PEFT's
+    ``merge_and_unload``. ``adapters`` are paths or (path, weight) pairs. A quantized base (NF4, int8) is folded
+    into its dequantized weights and written in float, or in its own scheme again with ``requantize``
+    (``quantized`` explains the routes). Peak memory: a few tensors, never the model.
 
     >>> ws.lora.merge("llama", ["adapter"], "merged")                           # doctest: +SKIP
     >>> ws.lora.merge("llama", [("math", 0.7), ("code", 0.3)], "merged", dtype="bf16")  # doctest: +SKIP
@@ -419,6 +482,10 @@ def merge(
         "dtype": str(folded.dtype or ""),
         "shard_size": shard_size,
     }
+    if requantize:
+        from weightsmith.merge.lora.quantized import merge_requantized
+
+        return merge_requantized(folded, out, params, shard_size=shard_size, force=force)
     return _stream(folded, out, "lora merge", params, shard_size=shard_size, force=force)
 
 
@@ -456,8 +523,8 @@ def extract(
     energy: float | None = None,
     force: bool = False,
 ) -> Report:
-    """Truncated-SVD LoRA of ``tuned − base`` written as a PEFT adapter (see ``lora_extract.extract``)."""
-    from weightsmith.merge.lora_extract import extract as _extract
+    """Truncated-SVD LoRA of ``tuned − base`` written as a PEFT adapter (see ``extraction.extract``)."""
+    from weightsmith.merge.lora.extraction import extract as _extract
 
     return _extract(base, tuned, out, rank=rank, energy=energy, force=force)
 

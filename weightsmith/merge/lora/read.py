@@ -18,7 +18,7 @@ import torch
 
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
-from weightsmith.merge.lora_math import lora_scaling
+from weightsmith.merge.lora.math import lora_scaling
 
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
@@ -68,6 +68,8 @@ class Adapter:
     config: dict
     modules: dict[str, LoraModule] = field(default_factory=dict)  # base weight name -> module
     replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor name
+    updates: dict = field(default_factory=dict)  # base weight name -> peft_types.Update (LoHa, LoKr, IA³, OFT)
+    peft_type: str = "LORA"
 
     @property
     def path(self):
@@ -87,12 +89,19 @@ def pattern_value(patterns: dict | None, module: str, default):
     return default
 
 
-def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
-    """Open and validate a PEFT LoRA adapter directory (refusing what cannot be folded, with one clear line)."""
+def read_adapter(source: Checkpoint | str | os.PathLike, base: Checkpoint | None = None) -> Adapter:
+    """Open and validate a PEFT adapter directory (refusing what cannot be folded, with one clear line).
+
+    LORA adapters are read here; the other types by ``peft_types.read_typed`` (VeRA needs ``base`` for its layers'
+    sizes)."""
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     cfg = ckpt.adapter_config
     if cfg is None:
         raise IncompatibleError(f"{ckpt.path}: not a PEFT adapter (no adapter_config.json)")
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        from weightsmith.merge.lora.peft_types import read_typed
+
+        return read_typed(ckpt, cfg, base)
     _check_config(ckpt.path, cfg)
     adapter = Adapter(ckpt, cfg)
     unprefixed = [n for n in ckpt if not n.startswith(PREFIX)]
@@ -107,12 +116,7 @@ def read_adapter(source: Checkpoint | str | os.PathLike) -> Adapter:
         if match is None:
             if re.search(r"\.lora_|\.token_adapter\.", key):
                 raise IncompatibleError(f"{ckpt.path}: tensor {name!r} is an adapter part weightsmith cannot fold")
-            if ".original_module." in key:  # with bias="all" PEFT also saves the wrapper's untouched base copy
-                continue
-            if ".modules_to_save." in key:  # ... and a duplicate of the trained copy under the wrapper's name
-                duplicates[key.replace(".modules_to_save.", ".")] = name
-                continue
-            adapter.replacements[key.replace(".base_layer.", ".")] = name
+            add_replacement(adapter, key, name, duplicates)
             continue
         module, part = match["module"], match["part"]
         mod = adapter.modules.setdefault(f"{module}.weight", LoraModule(module))
@@ -187,14 +191,18 @@ def _check_types(path, cfg: dict) -> None:
                 )
 
 
+def add_replacement(adapter: Adapter, key: str, name: str, duplicates: dict[str, str]) -> None:
+    """A tensor that is no adapter part replaces the base tensor of its name (``key``, prefix stripped)."""
+    if ".original_module." in key:  # with bias="all" PEFT also saves the wrapper's untouched base copy
+        return
+    if ".modules_to_save." in key:  # ... and a duplicate of the trained copy under the wrapper's name
+        duplicates[key.replace(".modules_to_save.", ".")] = name
+        return
+    adapter.replacements[key.replace(".base_layer.", ".")] = name
+
+
 def _check_config(path, cfg: dict) -> None:
     _check_types(path, cfg)
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise IncompatibleError(
-            f"{path}: peft_type {cfg.get('peft_type')!r} cannot be folded into weights "
-            f"(only LORA adapters; prompt/prefix/p-tuning adapters add tokens, not weights)"
-        )
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise IncompatibleError(

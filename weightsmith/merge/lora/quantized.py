@@ -1,0 +1,190 @@
+"""QLoRA adapters and quantized bases (bitsandbytes NF4, compressed-tensors int8).
+
+An adapter trained on a quantized base learned ΔW on top of Ŵ = deq(Q(W)), not W. Three ways to fold it:
+
+- into the original float base, W + ΔW (plain ``lora merge`` on the float checkpoint): the best weights when the
+  user has them, but they differ from the model the adapter was trained with by the base's quantization error W − Ŵ;
+- into the quantized base, written in float: Ŵ + ΔW exactly the trained model (``lora merge QBASE``, the default
+  for a quantized base), at float size;
+- into the quantized base, re-quantized: Q(Ŵ + ΔW) (``requantize=True``), at quantized size, with a new rounding
+  error that may swallow part of ΔW (PEFT's merge on a 4-bit layer does this and warns).
+
+``routes`` measures each route per module against Ŵ + ΔW, relative to ‖ΔW‖ (how much of the adapter's change the
+route loses), so the choice can be made on numbers. Only torch is imported (bitsandbytes for NF4's codec).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from weightsmith.checkpoint import Checkpoint, CheckpointView, CheckpointWriter, TensorInfo, provenance_step
+from weightsmith.errors import IncompatibleError
+from weightsmith.progress import progress
+from weightsmith.report import Report
+from weightsmith.units import format_size
+
+
+class DequantizedView(CheckpointView):
+    """A quantized checkpoint as the float checkpoint it stands for: quantized modules' weights dequantized when
+    read (their stored parts hidden), everything else passed through; ``config`` without ``quantization_config``.
+    A Checkpoint, so a fold streams from it as from any base."""
+
+    def __init__(self, source: Checkpoint, layout):
+        from weightsmith.compress.quantize.detect import FloatView
+
+        self.layout = layout
+        self.floats = FloatView(source, layout)  # refuses formats it cannot read
+        super().__init__(source, provenance_step("dequantize", {"scheme": layout.scheme.to_dict()}, [source]))
+        self._order = list(self.floats)
+        self.config = self.floats.config
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.floats[name]
+
+    def info(self, name: str) -> TensorInfo:
+        return self.floats.info(name)
+
+    def _changed(self, name: str) -> bool:
+        return self.floats.is_quantized(name)
+
+
+def dequantized(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` itself when it is float, else its ``DequantizedView``."""
+    from weightsmith.compress.quantize.detect import detect
+
+    layout = detect(ckpt)
+    return ckpt if layout is None else DequantizedView(ckpt, layout)
+
+
+def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> Report:
+    """Stream a fold into a quantized base back out in the base's own scheme, reporting per re-quantized module
+    the rounding error relative to ‖ΔW‖: ‖deq(Q(Ŵ + ΔW)) − (Ŵ + ΔW)‖_F / ‖ΔW‖_F."""
+    from weightsmith.compress.quantize import open_quantized
+
+    base = folded.base
+    if not isinstance(base, DequantizedView):
+        raise IncompatibleError(f"{base.path}: requantize needs a quantized base (NF4 or int8); this one is float")
+    layout = base.layout
+    view = open_quantized(folded, layout.scheme, ignore=layout.ignore)
+    targets = set(view.targets)
+    report = Report("lora merge", output=str(out))
+    rows = []
+    with report.timed("total"):
+        writer = CheckpointWriter(
+            out,
+            steps=[provenance_step("quantize", view.params, [folded])],
+            config=view.config,
+            carry=folded.carry_files,
+            shard_size=shard_size,
+            force=force,
+        )
+        with writer:
+            for name in progress(folded, total=len(folded), desc="lora merge (requantize)"):
+                if name not in targets:
+                    writer.write_from(view, name)
+                    continue
+                merged = folded[name]  # in the base's recorded dtype, as the format stores it
+                parts = view.quantized(name, merged)
+                for suffix, value in parts.items():
+                    writer.write(f"{name.removesuffix('.weight')}.{suffix}", value)
+                if folded._changed(name):
+                    delta = merged.float() - base[name].float()
+                    lost = view.codec.dequantize_module(parts).float() - merged.float()
+                    rows.append(_row(name, delta, lost))
+    _summarise(report, rows, "requantize_loss")
+    report.summary.update(
+        base=str(base.path),
+        scheme=layout.scheme.label,
+        adapters=[f"{a.path}@{w:g}" for a, w in folded.adapters],
+        tensors=len(view),
+        bytes_out=format_size(writer.total_size),
+        shards=writer.num_shards,
+    )
+    report.notes.append(
+        "re-quantized: each rounding error is relative to the adapter's own change ‖ΔW‖ (1.0 would erase it)"
+    )
+    return report
+
+
+def _row(name: str, delta: Tensor, lost: Tensor) -> dict:
+    d = float(torch.linalg.vector_norm(delta.double()))
+    err = float(torch.linalg.vector_norm(lost.double()))
+    return {"name": name, "delta_norm": round(d, 6), "error_norm": round(err, 6), "loss": err / d if d else 0.0}
+
+
+def _summarise(report: Report, rows: list[dict], key: str) -> None:
+    if rows:
+        report.summary[f"{key}_mean"] = round(sum(r["loss"] for r in rows) / len(rows), 6)
+        report.summary[f"{key}_max"] = round(max(r["loss"] for r in rows), 6)
+    report.tensors = sorted(rows, key=lambda r: -r["loss"])
+
+
+def routes(
+    quantized_base: Checkpoint | str | os.PathLike,
+    adapters: Sequence,
+    *,
+    float_base: Checkpoint | str | os.PathLike | None = None,
+    dtype: str | None = None,
+) -> Report:
+    """Measure the three routes for folding a QLoRA adapter (module docstring) without writing anything.
+
+    Per adapted weight, against the model the adapter was trained with, T = Ŵ + ΔW, each as ‖route − T‖_F / ‖ΔW‖_F:
+    ``float_base`` (W + ΔW; needs ``float_base``), ``dequantized`` (T written in ``dtype``, default the format's
+    recorded dtype: 0 in float32), ``requantized`` (deq(Q(T))). Summary: mean and max of each.
+
+    >>> ws.lora.routes("llama-nf4", ["qlora-adapter"], float_base="llama").summary  # doctest: +SKIP
+    """
+    from weightsmith.compress.quantize import open_quantized
+    from weightsmith.conversion import as_checkpoint
+    from weightsmith.merge.lora.fold import open_folded
+    from weightsmith.units import parse_dtype
+
+    qbase = as_checkpoint(quantized_base)
+    folded = open_folded(qbase, adapters, dtype=torch.float32)
+    base = folded.base
+    if not isinstance(base, DequantizedView):
+        raise IncompatibleError(f"{qbase.path}: not quantized; routes compares folds into a quantized base")
+    fbase = as_checkpoint(float_base) if float_base is not None else None
+    requant = open_quantized(folded, base.layout.scheme, ignore=base.layout.ignore)
+    target_dtype = parse_dtype(dtype)
+    rows = []
+    report = Report("lora routes", output=None)
+    with report.timed("total"):
+        for name in progress(list(folded.changed), desc="lora routes"):
+            if not base.floats.is_quantized(name):
+                continue
+            trained = folded[name].float()  # Ŵ + ΔW
+            delta = trained - base[name].float()
+            d = float(torch.linalg.vector_norm(delta.double())) or 1.0
+            row: dict = {"name": name, "delta_norm": round(d, 6)}
+            stored = target_dtype or base.info(name).dtype
+            row["dequantized"] = _rel(trained.to(stored).float() - trained, d)
+            parts = requant.quantized(name, trained)
+            row["requantized"] = _rel(requant.codec.dequantize_module(parts).float() - trained, d)
+            if fbase is not None:
+                if name not in fbase or tuple(fbase.info(name).shape) != tuple(trained.shape):
+                    raise IncompatibleError(f"{fbase.path}: tensor {name!r} missing or of another shape")
+                row["float_base"] = _rel(fbase[name].float() - base[name].float(), d)  # (W + ΔW) − (Ŵ + ΔW)
+            rows.append(row)
+    if not rows:
+        raise IncompatibleError(f"{qbase.path}: the adapters change no quantized weight")
+    for key in ("float_base", "dequantized", "requantized"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            report.summary[f"{key}_mean"] = round(sum(values) / len(values), 6)
+            report.summary[f"{key}_max"] = round(max(values), 6)
+    report.summary.update(base=str(qbase.path), scheme=base.layout.scheme.label, modules=len(rows))
+    report.notes.append("each figure is ‖route − (Ŵ + ΔW)‖ / ‖ΔW‖ per weight, Ŵ the dequantized base")
+    report.tensors = rows
+    return report
+
+
+def _rel(diff: Tensor, delta_norm: float) -> float:
+    return round(float(torch.linalg.vector_norm(diff.double())) / delta_norm, 6)
+
+
+__all__ = ["DequantizedView", "dequantized", "merge_requantized", "routes"]
