@@ -10,7 +10,7 @@ import torch
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.conversion import as_checkpoint
 from weightsmith.progress import progress
-from weightsmith.report import Report
+from weightsmith.report import Report, figures_requested
 from weightsmith.units import format_size
 
 _ARCH_KEYS = (
@@ -70,6 +70,11 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
             if stats:
                 row.update(tensor_stats(ckpt[info.name]))
             report.tensors.append(row)
+    if figures_requested():  # parameters and bytes by layer and module type, from the headers alone
+        report.figures["tensors"] = [
+            {"name": i.name, "dtype": str(i.dtype).removeprefix("torch."), "params": i.numel, "bytes": i.nbytes}
+            for i in infos
+        ]
     return report
 
 
@@ -190,3 +195,9 @@ def compare_tensors(x: torch.Tensor, y: torch.Tensor) -> dict:
     row["rel_fro"] = nd / nx if nx else (0.0 if nd == 0 else float("inf"))
     row["cosine"] = float(torch.dot(x, y)) / (nx * ny) if nx and ny else (1.0 if nx == ny else 0.0)
     return row
+
+
+def change_figures(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """How much a verb changed one tensor: ‖after − before‖/‖before‖ (``rel_change``) and cosine(before, after)."""
+    row = compare_tensors(before, after)
+    return {"rel_change": row["rel_fro"], "cosine": row["cosine"]}

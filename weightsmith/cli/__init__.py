@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from weightsmith.errors import WeightsmithError
 
     try:
-        report = args.handler(args)
+        report = _call(args)
     except WeightsmithError as exc:
         print(f"weightsmith: error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     if report is not None:
         print(report.to_json() if getattr(args, "json", False) else report.to_text())
     return 0
+
+
+def _call(args: argparse.Namespace):
+    """The command's one library call; with --report, inside ``collecting_figures`` and drawn as HTML after (the
+    report's path is checked before any work)."""
+    path = getattr(args, "report", None)
+    if not path:
+        return args.handler(args)
+    from weightsmith.report import collecting_figures
+    from weightsmith.report_html import check_report_path, write_html
+
+    force = bool(getattr(args, "force", False))
+    check_report_path(path, force)
+    with collecting_figures():
+        report = args.handler(args)
+    if report is not None:
+        write_html(report, path, force=force)
+    return report
 
 
 def _start_input_digests(args: argparse.Namespace) -> None:

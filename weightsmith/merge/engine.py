@@ -27,7 +27,7 @@ from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError, 
 from weightsmith.merge import methods as M
 from weightsmith.merge.config import MergeConfig, ModelRef, gradient_position, layer_index, load_config, resolve
 from weightsmith.progress import progress
-from weightsmith.report import Report
+from weightsmith.report import Report, figures_requested
 from weightsmith.units import format_size, parse_dtype
 
 _WORST = 10  # tensors listed in the report for TIES/DARE-like methods
@@ -209,6 +209,7 @@ def run(
 
     # linear, slerp and the task-vector family take the stored dtype and work in fp32 themselves: no up-cast copy
     native = cfg.method in ("linear", "slerp") or cfg.method in M.FAMILY
+    figures, figs = figures_requested(), {}  # read here: the worker threads do not see the caller's context
 
     def work(task: _Task) -> tuple[torch.Tensor, M.FamilyStats | None]:
         info = primary.info(task.name)
@@ -219,6 +220,8 @@ def run(
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
         if not math.isfinite(float(merged.sum())):  # one reduction: NaN or Inf anywhere shows (so would overflow)
             raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
+        if figures:  # only for an HTML report: one more pass over the tensor
+            figs[task.name] = _figures(cfg.method, base, tensors, merged, stats)
         return merged.to(task.dtype), stats
 
     params = {**cfg.to_dict(), "seed": seed}
@@ -252,7 +255,26 @@ def run(
                     }
                 )
     _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
+    if figures:
+        report.figures["tensors"] = [{"name": t.name, **figs[t.name]} for t in tasks if t.name in figs]
     return report
+
+
+def _figures(
+    method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], merged: torch.Tensor, stats
+) -> dict[str, float]:
+    """The report's per-tensor pictures: change from the base (or the first model), the kept fraction and
+    sign-conflict rate of the task-vector family, the angle between the two endpoints of a SLERP."""
+    from weightsmith.inspection import change_figures
+
+    row = change_figures(base if base is not None else tensors[0], merged)
+    if stats is not None:
+        row.update(kept=stats.kept, sign_conflict=stats.conflict)
+    ends = (base, tensors[0]) if method == "slerp" else (tensors[0], tensors[1]) if method == "nuslerp" else None
+    if ends is not None and ends[0] is not None:
+        cos = change_figures(ends[0], ends[1])["cosine"]
+        row["angle"] = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+    return row
 
 
 def _load(
