@@ -247,7 +247,7 @@ def test_every_report_is_self_contained_with_its_sections(reports):
 
 def test_recipe_report_draws_each_step_from_its_own_report(reports):
     text = reports["recipe"].read_text()
-    assert "read lazily by the next step" in text  # the fold streamed into convert
+    assert "streamed into the next step as a lazy view" in text  # the fold streamed into convert
     step2 = text[text.index('id="step-2-quantize"') :]
     assert "Relative error ‖W − Q(W)‖ / ‖W‖" in step2 and "<svg" in step2
 

@@ -53,7 +53,7 @@ section section{box-shadow:none;border:1px solid #e3e6eb}
 h2{font-size:17px;margin:4px 0 10px}h3{font-size:15px;margin:14px 0 6px}
 table{border-collapse:collapse;font-size:13px}td,th{padding:2px 10px 2px 0;text-align:left;vertical-align:top}
 th{color:#556;font-weight:600;border-bottom:1px solid #ccd}tbody tr:nth-child(even){background:#f7f8fa}
-td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-size:12px;word-break:break-all}
+td.num{text-align:right;font-variant-numeric:tabular-nums}th+td.num{text-align:left}code{font-size:12px;word-break:break-all}
 svg{display:block;margin:6px 0 10px;max-width:100%;height:auto}svg text{font:11px sans-serif;fill:#333}
 .figure{overflow-x:auto}.note{color:#555}.muted{color:#778}
 """
@@ -244,7 +244,7 @@ def _tensor_sections(data: dict, figures: dict, level: int, prefix: str) -> list
             continue
         primary = primary or (key, reverse)
         layers = sorted({layer for _, layer in cells})
-        modules = list(dict.fromkeys(m for m, _ in cells))
+        modules = sorted(dict.fromkeys(m for m, _ in cells), key=_module_order)
         html = ""
         if len(layers) > 1:
             html += _figure(charts.heatmap(layers, modules, cells, label=title, palette=palette, reverse=reverse))
@@ -286,7 +286,10 @@ def _steps(details: dict, figures: dict, level: int, prefix: str) -> list[Sectio
         if sub is None:
             inner = _kv_table(facts) if isinstance(facts, dict) else escape(str(facts))
             if isinstance(facts, dict) and "streamed" in facts:
-                inner += '<p class="muted">read lazily by the next step: its figures are part of that step</p>'
+                inner += (
+                    '<p class="muted">streamed into the next step as a lazy view: nothing was written and this step '
+                    "has no figures of its own</p>"
+                )
         else:
             inner = "".join(html for _, _, html in _body(sub, level + 1, prefix=f"{sid}-"))
         out.append(_section(sid, key[0].upper() + key[1:], inner, level))
@@ -323,6 +326,14 @@ def _provenance(output: str | None) -> str:
 
 
 # -- small HTML pieces ------------------------------------------------------------------------------------------
+
+
+_TYPE_ORDER = {"attention": 0, "MLP": 1, "norm": 2}
+
+
+def _module_order(module: str) -> tuple[int, str]:
+    """Attention modules first, then the MLP, then norms, each group in name order (as the block computes)."""
+    return _TYPE_ORDER.get(module_type(f"x.layers.0.{module}"), 3), module
 
 
 def _name(row: dict) -> str:

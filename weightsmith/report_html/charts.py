@@ -92,7 +92,7 @@ def heatmap(
     ch = 16.0
     left = 10 + CHAR_W * max(len(r) for r in rows)
     top = 22.0
-    width = left + cw * len(layers) + 10
+    width = max(left + cw * len(layers) + 10, left + 18 * len(palette) + 60)  # room for the legend
     height = top + ch * len(rows) + 4 + 46
     out = [_svg_open(width, height, label)]
     step = max(1, math.ceil(len(layers) * 24 / (cw * len(layers))))  # layer numbers no closer than 24px
