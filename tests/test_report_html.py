@@ -4,6 +4,7 @@ console error and paints a non-blank page."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from html.parser import HTMLParser
@@ -265,6 +266,20 @@ def test_report_path_is_checked_before_any_work(inputs, tmp_path, capsys):
     assert main(["inspect", str(inputs["base"]), "--report", str(existing), "--force"]) == 0
     assert "Composition" in sections_of(existing).sections
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_every_command_takes_report():
+    from weightsmith.cli import build_parser
+
+    def leaves(parser, prefix):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return [(prefix, parser)]
+        return [leaf for name, child in subs[0].choices.items() for leaf in leaves(child, f"{prefix} {name}")]
+
+    commands = leaves(build_parser(), "weightsmith")
+    assert len(commands) >= 15
+    assert [name for name, p in commands if "--report" not in p._option_string_actions] == []
 
 
 def _synthetic(layers: int) -> Report:

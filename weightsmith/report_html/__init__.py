@@ -212,7 +212,18 @@ def _specific(op: str, data: dict, details: dict, figures: dict, level: int, pre
     texts = figures.get("texts") or []
     if op == "eval" and texts:
         html = ""
-        for key in ("perplexity", "ref_perplexity", "kl_per_token", "embedding_cosine", "tokens"):
+        if all("ref_perplexity" in t for t in texts if "perplexity" in t) and any("perplexity" in t for t in texts):
+            pairs = [(f"text {i}", t) for i, t in enumerate(texts) if "perplexity" in t]
+            html += "<h3>perplexity per text</h3>" + _figure(
+                charts.bars(
+                    [(n, float(t["perplexity"])) for n, t in pairs],
+                    label="perplexity per text",
+                    second=[float(t["ref_perplexity"]) for _, t in pairs],
+                    legend=("model", "reference"),
+                )
+            )
+            texts = [{k: v for k, v in t.items() if k not in ("perplexity", "ref_perplexity")} for t in texts]
+        for key in ("perplexity", "kl_per_token", "embedding_cosine", "tokens"):
             values = [float(t[key]) for t in texts if key in t]
             if values:
                 labels = [str(i) for i, t in enumerate(texts) if key in t]
