@@ -241,6 +241,8 @@ def test_every_report_is_self_contained_with_its_sections(reports):
         missing = [s for s in EXPECTED[kind] if s not in found.sections]
         assert not missing, (kind, missing, found.sections)
         assert path.stat().st_size < 150_000, (kind, path.stat().st_size)
+    ranks = reports["inspect-adapter"].read_text()
+    assert "Rank per adapted module" in ranks and "mlp.down_proj · layer 1: 4<" in ranks  # r=4 on each target
     heat = reports["ties"].read_text()
     assert heat.count("<rect") > 2 * 2 * len(LLAMA_MODULES)  # a cell per layer × module, per figure
     assert "layer 1: " in heat

@@ -72,7 +72,13 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
             report.tensors.append(row)
     if figures_requested():  # parameters and bytes by layer and module type, from the headers alone
         report.figures["tensors"] = [
-            {"name": i.name, "dtype": str(i.dtype).removeprefix("torch."), "params": i.numel, "bytes": i.nbytes}
+            {
+                "name": i.name,
+                "shape": list(i.shape),
+                "dtype": str(i.dtype).removeprefix("torch."),
+                "params": i.numel,
+                "bytes": i.nbytes,
+            }
             for i in infos
         ]
     return report

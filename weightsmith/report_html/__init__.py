@@ -169,7 +169,8 @@ def _specific(op: str, data: dict, details: dict, figures: dict, level: int, pre
         )
         out.append(_section(f"{prefix}composition", "Composition", html, level))
         if "adapter" in details:
-            out.append(_section(f"{prefix}adapter", "Adapter", _kv_table(details.pop("adapter")), level))
+            html = _kv_table(details.pop("adapter")) + _adapter_ranks(rows)
+            out.append(_section(f"{prefix}adapter", "Adapter", html, level))
     if op == "quantize" and data.get("tensors"):
         before: dict[str, int] = {}
         after: dict[str, int] = {}
@@ -232,6 +233,26 @@ def _specific(op: str, data: dict, details: dict, figures: dict, level: int, pre
                 )
         out.append(_section(f"{prefix}per-text", "Per text", html, level))
     return out
+
+
+def _adapter_ranks(rows: list[dict]) -> str:
+    """The rank of every adapted module (the first dimension of its lora_A), per layer × module."""
+    cells: dict[tuple[str, int], float] = {}
+    loose: list[tuple[str, float]] = []
+    for r in rows:
+        if ".lora_A." in r["name"] and r.get("shape"):
+            layer, module = layer_and_module(r["name"].split(".lora_A.")[0])
+            if layer is None:
+                loose.append((module, float(r["shape"][0])))
+            else:
+                cells[module, layer] = float(r["shape"][0])
+    layers = sorted({layer for _, layer in cells})
+    if len(layers) > 1:
+        modules = sorted(dict.fromkeys(m for m, _ in cells), key=_module_order)
+        svg = charts.heatmap(layers, modules, cells, label="rank per module", palette=charts.COOL)
+    else:
+        svg = charts.bars([*loose, *((f"{m} · layer {i}", v) for (m, i), v in cells.items())], label="rank")
+    return "<h3>Rank per adapted module</h3>" + _figure(svg) if svg else ""
 
 
 def _tensor_sections(data: dict, figures: dict, level: int, prefix: str) -> list[Section]:
