@@ -228,7 +228,8 @@ def evaluate(
     report = Report("eval")
     per_text: list[dict] | None = [] if figures_requested() else None  # the HTML report's per-text bars
     nll = ref_nll = tokens = positions = 0.0
-    max_abs, kl_sum, cosines = 0.0, 0.0, []
+    max_abs, kl_sum = 0.0, 0.0
+    cosines: list[float] = []
     with report.timed("run"):
         for ids in encode(tokenizer, texts, max_length):
             out = runner.outputs(ids)
