@@ -109,6 +109,8 @@ def reports(inputs, tmp_path_factory) -> dict[str, Path]:
         "prune-ffn": ["prune", base, "-o", root / "ffn", "--structured", "ffn", "--ratio", "0.25"],
         "eval": ["eval", root / "pruned", "--ref", base, "--data", inputs["texts"]],
         "convert": ["convert", base, "-o", root / "bf16", "--dtype", "bfloat16"],
+        "lora-unmerge": ["lora", "unmerge", root / "folded", inputs["adapter"], "-o", root / "unfolded"],
+        "lora-extract": ["lora", "extract", base, a, "-o", root / "extracted", "--rank", "4"],
     }
     out = {}
     for kind, argv in commands.items():
@@ -229,6 +231,12 @@ EXPECTED = {  # sections each kind of report must have, beyond Summary
     "prune-ffn": ["Structure: FFN neurons", "Provenance"],
     "eval": ["Per text"],
     "convert": ["Provenance", "Timings"],
+    "lora-unmerge": ["Relative change ‖W′ − W‖ / ‖W‖", "Provenance"],
+    "lora-extract": [
+        "Energy of ΔW kept by the low-rank factors",
+        "Rank",
+        "Residual ‖ΔW − B·A‖ / ‖ΔW‖ of the extracted factors",
+    ],
     "recipe": ["Plan", "Step 0 lora_merge", "Step 1 convert", "Step 2 quantize", "Provenance", "Timings"],
 }
 

@@ -42,6 +42,8 @@ METRICS = (
     ("rank", "rank", charts.COOL, False),
     ("params", "parameters", charts.COOL, False),
 )
+# where one row key means something else for one verb
+TITLES = {("lora extract", "rel_error"): "residual ‖ΔW − B·A‖ / ‖ΔW‖ of the extracted factors"}
 MAX_TABLE_ROWS = 25
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
@@ -261,6 +263,7 @@ def _tensor_sections(data: dict, figures: dict, level: int, prefix: str) -> list
     out: list[Section] = []
     primary = None
     for key, title, palette, reverse in METRICS:
+        title = TITLES.get((data["operation"], key), title)
         cells: dict[tuple[str, int], float] = {}
         loose: list[tuple[str, float]] = []
         for r in rows:
