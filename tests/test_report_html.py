@@ -251,6 +251,9 @@ def test_every_report_is_self_contained_with_its_sections(reports):
         assert path.stat().st_size < 150_000, (kind, path.stat().st_size)
     ranks = reports["inspect-adapter"].read_text()
     assert "Rank per adapted module" in ranks and "mlp.down_proj · layer 1: 4<" in ranks  # r=4 on each target
+    ffn = reports["prune-ffn"].read_text()  # 96 neurons, ratio 0.25: 72 kept and 24 removed in each layer
+    assert ffn.count("<title>0: 72</title>") == ffn.count("<title>1: 72</title>") == 1
+    assert ffn.count("<title>1: 24</title>") == 1
     heat = reports["ties"].read_text()
     assert heat.count("<rect") > 2 * 2 * len(LLAMA_MODULES)  # a cell per layer × module, per figure
     assert "layer 1: " in heat

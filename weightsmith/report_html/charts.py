@@ -189,7 +189,7 @@ def columns(labels: Sequence[str], values: Sequence[float], *, label: str, fmt: 
             f'<rect x="{left + cw * j:.1f}" y="{y:.1f}" width="{max(1.0, cw - 1):.1f}" height="{max(h, 0.5):.1f}" '
             f'fill="{BAR}"><title>{escape(name)}: {escape(fmt(v))}</title></rect>'
         )
-    step = max(1, math.ceil(30 / cw))
+    step = max(1, math.ceil(24 / cw))
     for j, name in enumerate(labels):
         if j % step == 0:
             out.append(
