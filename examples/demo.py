@@ -4,7 +4,8 @@
 2. train a small LoRA adapter with PEFT for a few seconds (pull paraphrases together),
 3. run one recipe: fold the adapter → prune 20% → quantize int8 (compressed-tensors) → export ONNX with
    onnxruntime int8, validated against PyTorch,
-4. print one report: sizes, parity and speed.
+4. print one report: sizes, parity and speed,
+5. draw the fold and the recipe as HTML reports (demo_output/folded-report.html, demo_output/shipped-report.html).
 
 Everything is written under demo_output/ (replaced on each run).
 """
@@ -111,13 +112,16 @@ steps:
   - prune: {{sparsity: 0.2}}
   - quantize: {{scheme: int8}}
   - export: {{task: feature-extraction, quantize: int8}}
+report: {OUT / "shipped-report.html"}
 """)
     print(f"recipe {recipe}:\n{recipe.read_text()}")
     report = ws.run(recipe)
     print(report.to_text(), "\n")
 
     onnx_file = OUT / "shipped" / "model.onnx"
-    ws.lora.merge(base, [OUT / "adapter"], OUT / "folded")  # the fine-tuned float model, for reference
+    with ws.collecting_figures():  # the fine-tuned float model, for reference, and the picture of what the fold did
+        folded = ws.lora.merge(base, [OUT / "adapter"], OUT / "folded")
+    ws.write_html(folded, OUT / "folded-report.html")
     fidelity = ws.evaluate(onnx_file, OUT / "held_out.txt", ref=OUT / "folded").summary
     export = report.details["step 3 export"]
     print("summary")
@@ -131,6 +135,7 @@ steps:
     print(f"  int8 graph vs float graph    : cosine {export['int8']['cosine_mean']:.4f}")
     print("  latency at 8×128, 1 thread   : " + ", ".join(f"{k} {v}" for k, v in export["latency (median ms)"].items()))
     print(f"  total recipe time            : {report.timings['total']:.1f}s")
+    print(f"  reports                      : {OUT / 'folded-report.html'}, {OUT / 'shipped-report.html'}")
     return 0
 
 

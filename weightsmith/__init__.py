@@ -33,6 +33,8 @@ _EXPORTS = {
     "run": ("weightsmith.recipe", "run"),
     "evaluate": ("weightsmith.evaluation", "evaluate"),
     "Report": ("weightsmith.report", "Report"),
+    "collecting_figures": ("weightsmith.report", "collecting_figures"),
+    "write_html": ("weightsmith.report_html", "write_html"),
     "WeightsmithError": ("weightsmith.errors", "WeightsmithError"),
 }
 

@@ -204,7 +204,7 @@ def evaluate(
     """
     import torch
 
-    from weightsmith.report import Report
+    from weightsmith.report import Report, figures_requested
 
     path = Path(model)
     for p in (path, *([Path(ref)] if ref is not None else [])):
@@ -226,12 +226,15 @@ def evaluate(
         tok_dir = reference.tokenizer_dir
     tokenizer = load_tokenizer(tok_dir)
     report = Report("eval")
+    per_text: list[dict] | None = [] if figures_requested() else None  # the HTML report's per-text bars
     nll = ref_nll = tokens = positions = 0.0
-    max_abs, kl_sum, cosines = 0.0, 0.0, []
+    max_abs, kl_sum = 0.0, 0.0
+    cosines: list[float] = []
     with report.timed("run"):
         for ids in encode(tokenizer, texts, max_length):
             out = runner.outputs(ids)
             other = reference.outputs(ids) if reference is not None else None
+            before = (nll, tokens, ref_nll, kl_sum, positions, len(cosines))
             if runner.causal and ids.shape[1] > 1:
                 targets = ids[0, 1:]
                 nll += float(torch.nn.functional.cross_entropy(out[:-1], targets, reduction="sum"))
@@ -247,6 +250,8 @@ def evaluate(
                 else:
                     a, b = out.mean(0), other.mean(0)
                     cosines.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+            if per_text is not None:
+                per_text.append(_text_figures(ids, before, (nll, tokens, ref_nll, kl_sum, positions), cosines))
     report.summary.update(
         model=str(path),
         kind="causal LM" if runner.causal else "encoder",
@@ -263,4 +268,21 @@ def evaluate(
             report.summary.update(ref_perplexity=math.exp(ref_nll / tokens), kl_per_token=kl_sum / positions)
         else:
             report.summary["embedding_cosine"] = sum(cosines) / len(cosines)
+    if per_text is not None:
+        report.figures["texts"] = per_text
     return report
+
+
+def _text_figures(ids, before: tuple, after: tuple, cosines: list[float]) -> dict:
+    """One text's share of the run: its tokens, perplexity (and the reference's), KL per token, embedding cosine."""
+    nll, tokens, ref_nll, kl_sum, positions = (a - b for a, b in zip(after, before))
+    row: dict = {"tokens": int(ids.shape[1])}
+    if tokens:
+        row["perplexity"] = math.exp(nll / tokens)
+        if ref_nll:
+            row["ref_perplexity"] = math.exp(ref_nll / tokens)
+    if positions:
+        row["kl_per_token"] = kl_sum / positions
+    if len(cosines) > before[5]:
+        row["embedding_cosine"] = cosines[-1]
+    return row

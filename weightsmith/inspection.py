@@ -11,7 +11,7 @@ import torch
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.conversion import as_checkpoint
 from weightsmith.progress import progress
-from weightsmith.report import Report
+from weightsmith.report import Report, figures_requested
 from weightsmith.units import format_size
 
 _ARCH_KEYS = (
@@ -73,6 +73,17 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
             if stats:
                 row.update(tensor_stats(ckpt[info.name]))
             report.tensors.append(row)
+    if figures_requested():  # parameters and bytes by layer and module type, from the headers alone
+        report.figures["tensors"] = [
+            {
+                "name": i.name,
+                "shape": list(i.shape),
+                "dtype": str(i.dtype).removeprefix("torch."),
+                "params": i.numel,
+                "bytes": i.nbytes,
+            }
+            for i in infos
+        ]
     return report
 
 
@@ -215,3 +226,17 @@ def compare_tensors(x: torch.Tensor, y: torch.Tensor) -> dict:
     row["rel_fro"] = nd / nx if nx else (0.0 if nd == 0 else float("inf"))
     row["cosine"] = float(torch.dot(x, y)) / (nx * ny) if nx and ny else (1.0 if nx == ny else 0.0)
     return row
+
+
+def change_figures(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """How much a verb changed one tensor: ‖after − before‖/‖before‖ (``rel_change``) and cosine(before, after),
+    in fp32 (fp64 for fp64 tensors). Four reductions, no NaN bookkeeping: the verbs that ask have checked their
+    outputs are finite (a NaN in an input shows as a NaN figure)."""
+    dt = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
+    x, y = before.to(dt).reshape(-1), after.to(dt).reshape(-1)
+    nx, ny = float(torch.linalg.vector_norm(x)), float(torch.linalg.vector_norm(y))
+    nd = float(torch.linalg.vector_norm(y - x))
+    return {
+        "rel_change": nd / nx if nx else (0.0 if nd == 0 else float("inf")),
+        "cosine": float(torch.dot(x, y)) / (nx * ny) if nx and ny else (1.0 if nx == ny else 0.0),
+    }

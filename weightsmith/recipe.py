@@ -31,7 +31,7 @@ from typing import Any
 from weightsmith.checkpoint import check_destination
 from weightsmith.checkpoint.staging import staging_dir, storage_errors
 from weightsmith.errors import ConfigError, WeightsmithError
-from weightsmith.report import Report
+from weightsmith.report import Report, collecting_figures, figures_requested
 from weightsmith.units import format_size
 from weightsmith.yamltext import load_mapping
 
@@ -95,14 +95,19 @@ class Recipe:
     output: str
     steps: list[Step]
     path: str = "recipe"
+    report: str | None = None  # an HTML report of the whole run, a section per step
 
 
 def load_recipe(source: str | os.PathLike | Mapping) -> Recipe:
     """Parse and check a recipe (YAML file or dict): step names, parameter names and types, before anything runs."""
     raw, where = load_mapping(source, "recipe", "input, output and steps")
-    unknown = set(raw) - {"input", "output", "steps"}
+    unknown = set(raw) - {"input", "output", "steps", "report"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected input, output, steps)")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected input, output, steps, report)"
+        )
+    if raw.get("report") is not None and not isinstance(raw["report"], str):
+        raise ConfigError(f"{where}: 'report' must be a path (an .html file)")
     if not isinstance(raw.get("output"), str):
         raise ConfigError(f"{where}: 'output' must be a path")
     if not isinstance(raw.get("steps"), list) or not raw["steps"]:
@@ -115,7 +120,7 @@ def load_recipe(source: str | os.PathLike | Mapping) -> Recipe:
     for step in steps:
         if step.kind == "merge" and step.index == 0 and raw.get("input") is None and _mentions_previous(step.params):
             raise ConfigError(f"{where}: {step.label()}: {PREVIOUS} names nothing: the recipe has no input")
-    return Recipe(raw.get("input"), raw["output"], steps, where)
+    return Recipe(raw.get("input"), raw["output"], steps, where, raw.get("report"))
 
 
 def _parse_step(where: str, index: int, entry: Any) -> Step:
@@ -355,9 +360,26 @@ def run(recipe: str | os.PathLike | Mapping | Recipe, *, dry_run: bool = False, 
     if r.input is not None and not Path(r.input).exists():
         raise ConfigError(f"{r.path}: input {r.input}: no such file or directory")
     check_destination(output, force)
+    if r.report is not None:
+        from weightsmith.report_html import check_report_path
+
+        check_report_path(r.report, force)
     if dry_run:
         report.notes.append("dry run: nothing was read beyond headers and nothing was written")
         return report
+    if r.report is not None:
+        with collecting_figures():
+            _run_steps(r, report, output, force)
+        from weightsmith.report_html import write_html
+
+        write_html(report, r.report, force=force)
+        report.summary["report"] = r.report
+    else:
+        _run_steps(r, report, output, force)
+    return report
+
+
+def _run_steps(r: Recipe, report: Report, output: Path, force: bool) -> None:
     with storage_errors(output):
         output.parent.mkdir(parents=True, exist_ok=True)
         work = staging_dir(output, "recipe")  # intermediate results; named so a later run can clean up after a kill
@@ -371,7 +393,6 @@ def run(recipe: str | os.PathLike | Mapping | Recipe, *, dry_run: bool = False, 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.summary["output_size"] = _size_of(output)
-    return report
 
 
 def _run_step(
@@ -403,6 +424,8 @@ def _run_step(
     except WeightsmithError as exc:
         raise type(exc)(f"{step.label()}: {exc}") from None
     report.details[f"step {step.index} {step.kind}"] = {**sub.summary, **sub.details}
+    if figures_requested():  # the HTML report draws each step from its own report
+        report.figures.setdefault("steps", {})[f"step {step.index} {step.kind}"] = sub.to_dict()
     report.notes += [f"step {step.index}: {n}" for n in sub.notes]
     return out.parent if step.kind == "export" else out
 

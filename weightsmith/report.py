@@ -1,6 +1,8 @@
 """The report every operation returns: headline figures, per-tensor rows, notes and timings.
 
-People read ``to_text()``; pipelines read ``to_json()`` (the CLI's ``--json``).
+People read ``to_text()``; pipelines read ``to_json()`` (the CLI's ``--json``); ``weightsmith.report_html`` draws it.
+Figures that only pictures need (a row for every tensor where the text shows the worst few, norms that cost an extra
+pass) are gathered only inside ``collecting_figures()``, into ``Report.figures``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +25,8 @@ class Report:
     details: dict[str, Any] = field(default_factory=dict)  # structured extras (adapter facts, plans, sub-reports)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds
+    # per-tensor and per-layer figures for the HTML report; empty unless gathered inside collecting_figures()
+    figures: dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -32,7 +37,10 @@ class Report:
             self.timings[phase] = round(self.timings.get(phase, 0.0) + time.perf_counter() - start, 4)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.figures:
+            del out["figures"]  # the JSON of a plain run is unchanged
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -55,6 +63,30 @@ class Report:
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
+
+
+_FIGURES: ContextVar[bool] = ContextVar("weightsmith_figures", default=False)
+
+
+def figures_requested() -> bool:
+    """Whether the running verb should gather ``Report.figures`` (read it once, in the verb's own thread: worker
+    threads do not inherit the setting)."""
+    return _FIGURES.get()
+
+
+@contextmanager
+def collecting_figures() -> Iterator[None]:
+    """Verbs called inside gather the per-tensor figures an HTML report draws (``Report.figures``).
+
+    >>> with collecting_figures():  # doctest: +SKIP
+    ...     report = ws.merge.run("ties.yaml", "merged/")
+    >>> weightsmith.report_html.write_html(report, "merged.html")  # doctest: +SKIP
+    """
+    token = _FIGURES.set(True)
+    try:
+        yield
+    finally:
+        _FIGURES.reset(token)
 
 
 def _fmt(value: Any) -> str:

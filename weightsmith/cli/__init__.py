@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from weightsmith.errors import EXIT_BAD_INPUT, EXIT_STORAGE, StorageError, WeightsmithError
 
     try:
-        report = args.handler(args)
+        report = _call(args)
     except StorageError as exc:
         print(f"weightsmith: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_STORAGE
@@ -162,6 +162,24 @@ def _plain_warnings() -> None:
 
     show.weightsmith = True  # type: ignore[attr-defined]
     warnings.showwarning = show
+
+
+def _call(args: argparse.Namespace):
+    """The command's one library call; with --report, inside ``collecting_figures`` and drawn as HTML after (the
+    report's path is checked before any work)."""
+    path = getattr(args, "report", None)
+    if not path:
+        return args.handler(args)
+    from weightsmith.report import collecting_figures
+    from weightsmith.report_html import check_report_path, write_html
+
+    force = bool(getattr(args, "force", False))
+    check_report_path(path, force)
+    with collecting_figures():
+        report = args.handler(args)
+    if report is not None:
+        write_html(report, path, force=force)
+    return report
 
 
 def _start_input_digests(args: argparse.Namespace) -> None:

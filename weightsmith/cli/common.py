@@ -28,10 +28,21 @@ def add_output_options(
     declare_inputs(parser, *inputs)
     parser.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    add_report_option(parser)
     if dtype:
         parser.add_argument("--dtype", help="cast float tensors when writing: float32, bfloat16, float16")
     if shards:
         parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 500MB, 2GiB (default 5GB)")
+
+
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    """--report PATH.html: the report drawn as one self-contained HTML page (and --force to replace one, where the
+    command has no --force of its own)."""
+    parser.add_argument(
+        "--report", metavar="PATH.html", help="also write the report as a self-contained HTML page with charts"
+    )
+    if "--force" not in parser._option_string_actions:
+        parser.add_argument("--force", action="store_true", help="replace an existing --report file")
 
 
 def declare_inputs(parser: argparse.ArgumentParser, *dests: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightsmith.cli.common import add_command, add_output_options
+from weightsmith.cli.common import add_command, add_output_options, add_report_option
 
 
 def register(sub) -> None:
@@ -14,21 +14,28 @@ def register(sub) -> None:
             "weightsmith inspect ./llama-7b",
             "weightsmith inspect ./adapter --json",
             "weightsmith inspect model.safetensors --tensors --stats",
+            "weightsmith inspect ./llama-7b --report llama.html",
         ],
     )
     p.add_argument("path", help="model directory, .safetensors/.bin file, or PEFT adapter directory")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--stats", action="store_true", help="read every tensor: min/max/mean/std/zeros/NaN/Inf")
+    add_report_option(p)
     p.set_defaults(handler=_inspect)
 
     p = add_command(
         sub,
         "diff",
         help="compare two checkpoints tensor by tensor",
-        examples=["weightsmith diff ./base ./merged", "weightsmith diff a.safetensors b.safetensors --json"],
+        examples=[
+            "weightsmith diff ./base ./merged",
+            "weightsmith diff a.safetensors b.safetensors --json",
+            "weightsmith diff ./base ./merged --report diff.html",
+        ],
     )
     p.add_argument("a")
     p.add_argument("b")
+    add_report_option(p)
     p.set_defaults(handler=_diff)
 
     p = add_command(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from weightsmith.cli.common import add_command, add_output_options, declare_inputs
+from weightsmith.cli.common import add_command, add_output_options, add_report_option, declare_inputs
 
 _TASKS = ("feature-extraction", "text-classification", "causal-lm", "masked-lm")  # = export.to_onnx.TASKS
 _ONNX_EXAMPLES = [
@@ -52,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--optimize", action="store_true", help="save onnxruntime's graph optimizations into the file")
     p.add_argument("--atol", type=float, default=1e-4, help="max |Δ| allowed between ORT and PyTorch (default 1e-4)")
     p.add_argument("--force", action="store_true", help="replace existing output files")
+    add_report_option(p)
     declare_inputs(p, "src")
     p.set_defaults(handler=_onnx)
 

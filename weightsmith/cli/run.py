@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightsmith.cli.common import add_command, yaml_mapping
+from weightsmith.cli.common import add_command, add_report_option, yaml_mapping
 
 
 def register(sub) -> None:
@@ -21,6 +21,7 @@ def register(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan; write nothing")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    add_report_option(p)
     p.set_defaults(handler=_run, inputs=_inputs)
 
     p = add_command(
@@ -31,12 +32,14 @@ def register(sub) -> None:
             "weightsmith eval ./llama-pruned --data held_out.txt",
             "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --json",
             "weightsmith eval ./onnx/model.onnx --ref ./minilm --data sentences.txt",
+            "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --report eval.html",
         ],
     )
     p.add_argument("model", help="model directory or .onnx file")
     p.add_argument("--data", required=True, help="text file, one sample per line")
     p.add_argument("--ref", help="reference checkpoint to compare against")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
+    add_report_option(p)
     p.set_defaults(handler=_eval)
 
 

@@ -31,7 +31,7 @@ from weightsmith.merge.table import METHODS
 from weightsmith.merge.vocab import TOKENIZER_FILES, Vocabulary, vocab_size_of
 from weightsmith.merge.vocab import build as build_vocabulary
 from weightsmith.progress import progress
-from weightsmith.report import Report
+from weightsmith.report import Report, figures_requested
 from weightsmith.units import format_size, parse_dtype
 
 _WORST = 10  # tensors listed in the report for TIES/DARE-like methods
@@ -114,6 +114,8 @@ def run(
     row = METHODS[cfg.method]
     native = row.native  # takes the stored dtype and works in fp32 itself: no up-cast copy
 
+    figures, figs = figures_requested(), {}  # read here: the worker threads do not see the caller's context
+
     def work(task: Task) -> tuple[torch.Tensor | _Copy, Any]:
         first = opened[task.primary[0]]
         if not first.info(task.primary[1]).dtype.is_floating_point:  # integer buffers: the primary's, unchanged
@@ -133,6 +135,8 @@ def run(
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
         if not math.isfinite(float(merged.sum())):  # one reduction: NaN or Inf anywhere shows (so would overflow)
             raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
+        if figures:  # only for an HTML report: one more pass over the tensor
+            figs[task.name] = _figures(cfg.method, base, tensors, merged, stats)
         return merged.to(task.dtype), stats
 
     params = {**cfg.to_dict(), "seed": seed}
@@ -176,6 +180,8 @@ def run(
                     }
                 )
     _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
+    if figures:
+        report.figures["tensors"] = [{"name": t.name, **figs[t.name]} for t in tasks if t.name in figs]
     return report
 
 
@@ -212,6 +218,23 @@ def _references(cfg: MergeConfig) -> list[ModelRef]:
     else:
         refs = ([cfg.base] if cfg.base else []) + list(cfg.inputs)
     return list({r.path: r for r in refs}.values())
+
+
+def _figures(
+    method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], merged: torch.Tensor, stats
+) -> dict[str, float]:
+    """The report's per-tensor pictures: change from the base (or the first model), the kept fraction and
+    sign-conflict rate of the task-vector family, the angle between the two endpoints of a SLERP."""
+    from weightsmith.inspection import change_figures
+
+    row = change_figures(base if base is not None else tensors[0], merged)
+    if stats is not None:
+        row.update(kept=stats.kept, sign_conflict=stats.conflict)
+    ends = (base, tensors[0]) if method == "slerp" else (tensors[0], tensors[1]) if method == "nuslerp" else None
+    if ends is not None and ends[0] is not None:
+        cos = change_figures(ends[0], ends[1])["cosine"]
+        row["angle"] = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+    return row
 
 
 def _load(

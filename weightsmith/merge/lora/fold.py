@@ -37,6 +37,7 @@ from weightsmith.checkpoint import (
 )
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
+from weightsmith.inspection import change_figures
 from weightsmith.merge.lora.math import (
     CONV,
     CONV1D,
@@ -53,7 +54,7 @@ from weightsmith.merge.lora.peft_types import Update, apply_update, check_invert
 from weightsmith.merge.lora.quantized import dequantized
 from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.progress import progress
-from weightsmith.report import Report
+from weightsmith.report import Report, figures_requested
 from weightsmith.units import format_size, parse_dtype
 
 AdapterSpec = Checkpoint | str | os.PathLike | tuple[Checkpoint | str | os.PathLike, float]
@@ -424,9 +425,18 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
             shard_size=shard_size,
             force=force,
         )
+        figures = figures_requested()
+        rows: list[dict] = []
         with writer:
             for name in progress(folded, total=len(folded), desc=operation):
-                writer.write_from(folded, name)
+                if figures and folded._changed(name):  # ‖ΔW‖/‖W‖ and cosine for the report's pictures
+                    tensor = folded[name]
+                    writer.write(name, tensor)
+                    rows.append({"name": name, **change_figures(folded.base[folded._source_name(name)], tensor)})
+                else:
+                    writer.write_from(folded, name)
+    if figures:
+        report.figures["tensors"] = rows
     changed = folded.changed
     counts: dict[str, int] = {}
     for hows in changed.values():
