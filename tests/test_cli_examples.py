@@ -68,7 +68,7 @@ def _encoder():
         max_position_embeddings=128,
     )  # fmt: skip
     torch.manual_seed(0)
-    return tf.BertModel(config, add_pooling_layer=False).eval()
+    return tf.BertModel(config).eval()
 
 
 def _save(model, path: Path, tokenizer=None, **kwargs) -> Path:
@@ -94,10 +94,13 @@ def workspace(tmp_path_factory) -> Path:
     llama = _save(_llama(0), root / "llama", tok)
     for name, seed in (("llama-chat", 1), ("ft-a", 2), ("ft-b", 3), ("a", 4), ("b", 5)):
         _save(_llama(seed), root / name, tok)
-    for alias in ("llama-7b", "base", "merged"):
-        shutil.copytree(llama if alias != "merged" else root / "llama-chat", root / alias)
-    for name, seed in (("adapter", 1), ("math", 2), ("code", 3), ("lora", 4)):
+    for alias in ("llama-7b", "base"):
+        shutil.copytree(llama, root / alias)
+    ws.convert(root / "llama-chat", root / "merged")  # written by weightsmith: verify has its manifest
+    for name, seed in (("adapter", 1), ("math", 2), ("code", 3), ("lora", 4), ("chat", 5), ("qlora-adapter", 6)):
         _lora(llama, root / name, seed)
+    ws.quantize(llama, root / "llama-nf4", scheme="nf4")
+    ws.quantize(llama, root / "llama-int8", scheme="int8")
     shutil.copy(llama / "model.safetensors", root / "model.safetensors")
     shutil.copy(llama / "model.safetensors", root / "a.safetensors")
     shutil.copy(root / "llama-chat" / "model.safetensors", root / "b.safetensors")
@@ -111,8 +114,9 @@ def workspace(tmp_path_factory) -> Path:
     make_adapter(gpt2, root / "gpt2-adapter", seed=1, r=4, target_modules=["c_attn"], fan_in_fan_out=True)
     _save(build_model("bert_cls", seed=0), root / "bert")
     _save(build_model("bert_cls", seed=1), root / "bert-tuned")
+    _save(build_model("qwen2"), root / "qwen2")
 
-    encoder = _save(_encoder(), root / "minilm", char_tokenizer(causal=False))
+    encoder = _save(_encoder(), root / "minilm", char_tokenizer(causal=False))  # with a pooler, as MiniLM
     shutil.copytree(encoder, root / "all-MiniLM-L6-v2")
     ws.quantize(encoder, root / "minilm-int8", scheme="int8")
     ws.prune(llama, root / "llama-pruned", structured="ffn", ratio=0.5)
@@ -155,7 +159,7 @@ def test_help_example_runs(workspace, monkeypatch, capsys, line):
     monkeypatch.chdir(workspace)
     argv = shlex.split(line)[1:]
     out = _output(argv)
-    if out is not None and "--resume" not in argv:
+    if out is not None:  # (a resumed run: its output is absent, its saved training state beside it is not)
         target = workspace / out
         target = target.parent if target.suffix == ".onnx" else target
         if target.is_dir() and not target.is_symlink():

@@ -18,9 +18,8 @@ PACKAGE = Path(ws.__file__).parent
 def _raised_texts(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Raise) and node.exc is not None:
-            for part in ast.walk(node.exc):
-                if isinstance(part, ast.Constant) and isinstance(part.value, str):
-                    yield node.lineno, part.value
+            parts = [p.value for p in ast.walk(node.exc) if isinstance(p, ast.Constant) and isinstance(p.value, str)]
+            yield node.lineno, "".join(parts)
 
 
 def test_no_library_error_names_a_cli_flag():
@@ -29,7 +28,7 @@ def test_no_library_error_names_a_cli_flag():
         if "cli" in path.relative_to(PACKAGE).parts:
             continue
         for line, text in _raised_texts(ast.parse(path.read_text())):
-            if re.search(r"(?<![\w-])--[a-z]", text):
+            if re.search(r"(?<![\w-])--[a-z]", text) and "hf download" not in text:  # the Hub CLI's own flags
                 offenders.append(f"{path.relative_to(PACKAGE)}:{line}: {text!r}")
     assert not offenders, "\n".join(offenders)
 

@@ -5,6 +5,7 @@ every tensor, header and file written goes into a manifest beside them (``weight
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -152,10 +153,8 @@ class _Shard:
         for digest in self.digests.values():
             digest.result()
 
-    def copy(
-        self, name: str, info: TensorInfo, location: tuple[Path, int, int], check: Callable[[str, int], None]
-    ) -> None:
-        """Append a tensor's bytes straight from another file (in the kernel where the OS can); ``check`` then
+    def copy(self, name: str, info: TensorInfo, location: tuple[Path, int, int], check: Callable[[int], None]) -> None:
+        """Append a tensor's bytes straight from another file (in the kernel where the OS can); ``check(fd)`` then
         refuses a source file that changed since its header was read."""
         src_path, offset, count = location
         with src_path.open("rb", buffering=0) as src:
@@ -180,7 +179,7 @@ class _Shard:
                         raise CheckpointError(f"{src_path}: truncated while copying tensor {name!r}") from None
                     _pwrite_all(self.file.fileno(), chunk, 8 + self.RESERVED + self.size + done)
                     done += len(chunk)
-            check(name, src.fileno())
+            check(src.fileno())
         self.digests[name] = self.io.submit(_hash_range, self.file.fileno(), 8 + self.RESERVED + self.size, count)
         self.entries[name] = {
             "dtype": ST_CODES[info.dtype],
@@ -291,7 +290,8 @@ class CheckpointWriter:
             self.write(out_name, source[name])
         else:
             with storage_errors(self.out):
-                self._shard_for(out_name, info.nbytes).copy(out_name, info, location, source.check_unchanged)
+                unchanged = functools.partial(source.check_unchanged, name)  # the source's name, not the output's
+                self._shard_for(out_name, info.nbytes).copy(out_name, info, location, unchanged)
 
     def _shard_for(self, name: str, nbytes: int) -> _Shard:
         if name in self._names:

@@ -58,6 +58,7 @@ def register(sub) -> None:
         examples=["weightsmith verify ./merged", "weightsmith verify ./llama-bf16 --json"],
     )
     p.add_argument("path", help="an output directory written by weightsmith")
+    add_report_option(p)
     p.set_defaults(handler=_verify)
 
 

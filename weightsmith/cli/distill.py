@@ -25,9 +25,9 @@ def register(sub) -> None:
         examples=[
             "weightsmith distill --teacher ./minilm -o ./minilm-3l --data corpus.txt --layers 0,2,4 --steps 50",
             "weightsmith distill --teacher ./llama -o ./llama-half --data train.jsonl --keep-every 2 "
-            "--eval-data val.jsonl --eval-every 100 --save-every 200",
+            "--eval-data val.jsonl --eval-every 4 --save-every 4",
             "weightsmith distill --teacher ./llama -o ./llama-half --data train.jsonl --keep-every 2 "
-            "--save-every 200 --resume",
+            "--eval-data val.jsonl --eval-every 4 --save-every 4 --resume",
             "weightsmith distill --teacher ./llama -o ./small --data train.txt --student ./llama-pruned "
             "--alpha 0.7 --temperature 2",
             "accelerate launch --num_processes 4 -m weightsmith.cli distill --teacher ./llama -o ./small "

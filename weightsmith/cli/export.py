@@ -69,6 +69,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="the .gguf file to write")
     p.add_argument("--type", default="f16", choices=_GGUF_TYPES, help="tensor type of 2-D weights (default f16)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
+    add_report_option(p)
     declare_inputs(p, "src")
     p.set_defaults(handler=_gguf)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from weightsmith.cli.common import add_command, add_output_options, declare_inputs, parse_adapter
+from weightsmith.cli.common import add_command, add_output_options, add_report_option, declare_inputs, parse_adapter
 
 
 def register(sub) -> None:
@@ -93,8 +93,8 @@ def register(sub) -> None:
         "PeftModel.from_pretrained.",
         examples=[
             "weightsmith lora combine ./math@0.7 ./code@-0.4 -o ./both",
-            "weightsmith lora combine ./a ./b -o ./ab16 --method svd --rank 16 --json",
-            "weightsmith lora combine ./a ./b ./c -o ./abc --method ties --density 0.3 --energy 0.95",
+            "weightsmith lora combine ./math ./code -o ./math-code-r16 --method svd --rank 16 --json",
+            "weightsmith lora combine ./math ./code ./chat -o ./three --method ties --density 0.3 --energy 0.95",
         ],
     )
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT LoRA adapter directory, weight")
@@ -142,6 +142,7 @@ def register(sub) -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[@WEIGHT]", help="PEFT adapter directory, optional weight")
     p.add_argument("--float-base", help="the float model the quantized base was made from")
     p.add_argument("--dtype", help="dtype the dequantized route would be written in (default: the recorded one)")
+    add_report_option(p)
     declare_inputs(p, "quantized_base", "adapters", "float_base")
     p.set_defaults(handler=_routes)
 

@@ -19,7 +19,7 @@ def register(sub) -> None:
             "weightsmith quantize ./llama -o ./llama-w4a16 --scheme int4 --group-size 128",
             "weightsmith quantize ./llama -o ./llama-fp8 --scheme fp8",
             "weightsmith quantize ./llama -o ./llama-nf4 --scheme nf4 --double-quant --compute-dtype bf16",
-            "weightsmith quantize ./bert -o ./bert-int8 --ignore pooler,classifier --json",
+            "weightsmith quantize ./bert -o ./bert-int8 --ignore bert.pooler,classifier --json",
         ],
     )
     p.add_argument("src", help="model directory or weight file")

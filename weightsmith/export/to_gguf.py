@@ -131,7 +131,7 @@ def gguf(
                     raise NumericalError(f"{source.path}: tensor {name!r} holds NaN or Inf; refusing to export it")
                 data, rel = _encode(gg, w, t)
                 if t == gg.GGMLQuantizationType.F16 and not np.isfinite(data).all():
-                    raise NumericalError(f"{source.path}: tensor {name!r} overflows float16; use --type bf16 or f32")
+                    raise NumericalError(f"{source.path}: tensor {name!r} overflows float16; use `type` bf16 or f32")
                 writer.write_tensor_data(data)
                 row = {"name": name, "gguf": names[name], "type": t.name, "bytes": nbytes}
                 if rel is not None:

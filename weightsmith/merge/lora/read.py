@@ -166,9 +166,9 @@ def _check_types(path, cfg: dict) -> None:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     r = cfg.get("r")
-    if r is not None and not (type(r) is int and r >= 1):
+    if "r" in cfg and not (type(r) is int and r >= 1):
         raise ConfigError(f"{where}: r must be a positive integer, not {str(r)[:40]!r}")
-    if cfg.get("lora_alpha") is not None and not number(cfg["lora_alpha"]):
+    if "lora_alpha" in cfg and not number(cfg["lora_alpha"]):
         raise ConfigError(f"{where}: lora_alpha must be a number, not {str(cfg['lora_alpha'])[:40]!r}")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
