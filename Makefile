@@ -49,8 +49,9 @@ lock: setup
 
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test,peers,dev]"
+	echo "torch==$(TORCH_VERSION)" > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch-pin.txt --upgrade --upgrade-strategy eager \
+		-e ".[test,peers,dev]"
 	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest tests
 
