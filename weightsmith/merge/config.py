@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from weightsmith.architecture import layer_index
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods import FAMILY
 from weightsmith.yamltext import load_mapping, parse_mapping
@@ -210,14 +210,6 @@ def _same(a: str, b: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-tensor resolution
-
-_LAYER = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block a tensor belongs to (``model.layers.3.mlp…`` → 3), or None outside the blocks."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 def gradient_position(name: str, num_layers: int) -> float:

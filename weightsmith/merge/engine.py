@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from weightsmith import architecture
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
 from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError, NumericalError
 from weightsmith.merge import methods as M
-from weightsmith.merge.config import MergeConfig, ModelRef, gradient_position, layer_index, load_config, resolve
+from weightsmith.merge.config import MergeConfig, ModelRef, gradient_position, load_config, resolve
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size, parse_dtype
@@ -87,14 +88,6 @@ def _check_compatible(labels: Sequence[str], inputs: Sequence[Mapping[str, torch
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise IncompatibleError(f"inputs do not match: {shown}")
     return names
-
-
-def _num_layers(config: dict | None, names: Sequence[str]) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if config and isinstance(config.get(key), int):
-            return config[key]
-    found = [i for i in map(layer_index, names) if i is not None]
-    return max(found) + 1 if found else 1
 
 
 def _check_task(config: MergeConfig, task: _Task) -> None:
@@ -192,7 +185,7 @@ def run(
         tok_ref = next(r for r in refs if os.path.normpath(r.path) == os.path.normpath(cfg.tokenizer_source))
     out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
     in_dtype = parse_dtype(cfg.dtype)
-    num_layers = _num_layers(getattr(primary, "config", None), names)
+    num_layers = architecture.num_layers(getattr(primary, "config", None), names)
 
     tasks: list[_Task] = []
     with report.timed("plan"):

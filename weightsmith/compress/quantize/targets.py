@@ -11,16 +11,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from weightsmith import architecture
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import ConfigError
 
 # Output heads stay float by default (transformers keeps the output embedding out of bnb quantization and
 # llm-compressor's recipes ignore lm_head): lm_head of causal LMs, score/classifier/qa_outputs of task heads.
-DEFAULT_IGNORE = ("lm_head", "score", "classifier", "qa_outputs")
-# Modules whose 2-D weight is a lookup table, not a matmul.
-_EMBEDDING = re.compile(r"(embed|^wte$|^wpe$|^shared$|^relative_attention_bias$)")
-# Architectures built on transformers' Conv1D ([in, out] weights): not nn.Linear, so neither format targets them.
-_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+DEFAULT_IGNORE = architecture.HEADS
 
 
 def matches(module: str, pattern: str) -> bool:
@@ -44,8 +41,7 @@ def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
     """The weights to quantize. ``ignore`` = None means DEFAULT_IGNORE; a user pattern that matches nothing is an
     error (a typo would silently quantize the module the user meant to keep)."""
     patterns = list(DEFAULT_IGNORE if ignore is None else ignore)
-    conv1d = (ckpt.config or {}).get("model_type") in _CONV1D_MODEL_TYPES
-    targets, kept, used = [], [], set()
+    targets, kept, used, conv1d = [], [], set(), False
     for name in ckpt:
         info = ckpt.info(name)
         if not name.endswith(".weight") or len(info.shape) != 2 or not info.dtype.is_floating_point:
@@ -53,7 +49,10 @@ def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
         module = name.removesuffix(".weight")
         hits = [p for p in patterns if matches(module, p)]
         used.update(hits)
-        if hits or _EMBEDDING.search(module.rsplit(".", 1)[-1]) or conv1d:
+        # Conv1D ([in, out], GPT-2 style) is not nn.Linear: neither format targets it
+        conv1d = conv1d or architecture.is_conv1d(ckpt.config, name)
+        linear = architecture.is_linear_weight(ckpt.config, name, info.shape, True)
+        if hits or not linear:
             kept.append(module)
         else:
             targets.append(name)
