@@ -83,13 +83,24 @@ def is_head(module: str) -> bool:
     return _HEAD.search(module) is not None
 
 
+# Mixture-of-experts weights stored one expert at a time ("experts.3.w1") and their routers: transformers fuses the
+# experts into 3-D parameters on load and builds routers as modules of their own, neither of them nn.Linear.
+_MOE = re.compile(r"\.experts\.\d+\.|(^|\.)(block_sparse_moe|mlp)\.gate$")
+
+
+def is_per_expert(module: str) -> bool:
+    """Whether ``module`` is one expert's projection of a MoE layer stored expert by expert (``experts.3.w1``)."""
+    return re.search(r"\.experts\.\d+\.", module) is not None
+
+
 def is_linear_weight(config: Mapping | None, name: str, shape: tuple[int, ...], floating: bool) -> bool:
     """Whether ``name`` is the weight of an ``nn.Linear``, judged from its name and shape: a 2-D float ``.weight``
-    that is not an embedding and not a Conv1D (heads count: they are Linear)."""
+    that is not an embedding, not a Conv1D and not a per-expert MoE weight or router (heads count: they are
+    Linear)."""
     if not name.endswith(".weight") or len(shape) != 2 or not floating:
         return False
     module = name.removesuffix(".weight")
-    return not is_embedding(module) and not is_conv1d(config, name)
+    return not is_embedding(module) and not is_conv1d(config, name) and _MOE.search(module) is None
 
 
 # -- blocks -------------------------------------------------------------------------------------------------------
@@ -211,6 +222,7 @@ class ModelFacts:
     modules: frozenset[str]  # every module that holds a parameter of its own
     linear: frozenset[str]  # modules that are nn.Linear
     conv1d: frozenset[str]  # modules that are transformers' Conv1D
+    output_head: str | None  # the module ``get_output_embeddings()`` returns
 
 
 def model_facts(config: Mapping | None) -> ModelFacts | None:
@@ -254,9 +266,13 @@ def _facts(config_json: str) -> ModelFacts | None:
             linear.add(name)
         elif isinstance(module, Conv1D):
             conv1d.add(name)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_head = next((n for n, m in model.named_modules() if head is not None and m is head), None)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     keep = sorted(
         set(getattr(model, "_keep_in_fp32_modules", None) or ())
         | set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     )
-    return ModelFacts(type(model).__name__, tied, tuple(keep), frozenset(modules), frozenset(linear), frozenset(conv1d))
+    return ModelFacts(
+        type(model).__name__, tied, tuple(keep), frozenset(modules), frozenset(linear), frozenset(conv1d), output_head
+    )

@@ -145,6 +145,11 @@ def open_quantized(
     if not selection.targets:
         why = "; ".join(selection.notes) or "all ignored or none present"
         raise ConfigError(f"{ckpt.path}: no 2-D Linear weights to quantize ({why})")
+    if selection.per_expert and isinstance(config, Int8):
+        raise IncompatibleError(
+            f"{ckpt.path}: stores its experts one by one, which transformers fuses on load; the compressed-tensors "
+            f"loader cannot fuse them next to quantized modules (nf4 works)"
+        )
     codec = REGISTRY[type(config)]
     problems = [p for name in selection.targets if (p := codec.check(config, name, ckpt.info(name).shape))]
     if problems:
