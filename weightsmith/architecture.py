@@ -68,6 +68,8 @@ def in_features(config: Mapping | None, name: str, shape: tuple[int, ...]) -> in
 # word_embeddings, position_embedding, embed_positions, embed_in/embed_out…) or is GPT-2's wte/wpe, T5's shared or
 # its relative attention bias.
 _EMBEDDING = re.compile(r"embed|^wte$|^wpe$|^shared$|^relative_attention_bias$")
+# The same, as a regex searched in a parameter name (for user-facing skip lists).
+EMBEDDING_PARAMETER = r"embed|(^|\.)(wte|wpe|shared|relative_attention_bias)\."
 # Output heads and task heads (lm_head, GPT-NeoX's embed_out, Whisper's proj_out, BERT's MLM decoder, classifiers).
 HEADS = ("lm_head", "score", "classifier", "qa_outputs")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out|proj_out|score|classifier|qa_outputs)$|(^|\.)cls\.predictions\.decoder$")
@@ -101,6 +103,21 @@ def is_linear_weight(config: Mapping | None, name: str, shape: tuple[int, ...], 
         return False
     module = name.removesuffix(".weight")
     return not is_embedding(module) and not is_conv1d(config, name) and _MOE.search(module) is None
+
+
+# -- positions ----------------------------------------------------------------------------------------------------
+
+# RoBERTa-like models number positions from padding_idx + 1: max_position_embeddings − (pad_token_id + 1) usable.
+_POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text"})
+
+
+def max_positions(config: Mapping | None) -> int:
+    """The longest sequence the model's position table takes (512 when the config does not say)."""
+    config = config or {}
+    limit = int(config.get("max_position_embeddings") or config.get("n_positions") or 512)
+    if model_type(config) in _POSITIONS_AFTER_PADDING:
+        limit -= int(config.get("pad_token_id") or 0) + 1
+    return limit
 
 
 # -- blocks -------------------------------------------------------------------------------------------------------

@@ -29,7 +29,11 @@ from weightsmith.progress import progress
 from weightsmith.units import parse_dtype
 
 # Left dense unless asked otherwise: pruning these hurts most and saves least (regexes, searched in the name).
-DEFAULT_SKIP = (r"embed|wte|wpe", r"norm|LayerNorm|(^|\.)ln_", r"lm_head|(^|\.)cls\.|classifier|(^|\.)score\.|pooler")
+DEFAULT_SKIP = (
+    architecture.EMBEDDING_PARAMETER,
+    r"norm|LayerNorm|(^|\.)ln_",
+    r"lm_head|(^|\.)cls\.|classifier|(^|\.)score\.|pooler",
+)
 METHODS = ("magnitude", "wanda")
 SCOPES = ("layer", "global")
 
