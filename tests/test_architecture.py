@@ -116,3 +116,22 @@ def test_inspect_does_not_import_transformers(minilm_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_openai_gpt_wanda_scores_conv1d_rows_along_inputs(tmp_path):
+    import transformers as tf
+    from _prune_utils import CALIBRATION, with_tokenizer, write_lines
+
+    torch.manual_seed(0)
+    cfg = tf.OpenAIGPTConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    model = tf.OpenAIGPTLMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path / "bare")
+    src = with_tokenizer(tmp_path / "bare", tmp_path / "src")
+    calib = write_lines(tmp_path / "calib.txt", CALIBRATION)
+    ws.prune(src, tmp_path / "out", method="wanda", sparsity=0.5, calibration=calib, samples=4, seq_len=16)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    conv1d = [n for n, m in model.named_modules() if isinstance(m, tf.pytorch_utils.Conv1D)]
+    for module in conv1d:
+        w = out[f"{module}.weight"]  # [in, out]: Wanda keeps half of each output's inputs
+        assert bool(((w == 0).sum(0) == w.shape[0] // 2).all()), module
+    load_checked(tf.OpenAIGPTLMHeadModel, tmp_path / "out")
