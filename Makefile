@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench fuzz lock test-latest clean
+.PHONY: setup demo test lint bench lock test-latest clean support
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# the support table (docs/support.md and the README's section) from the conformance matrix's results
+support: setup
+	rm -f .support.json
+	WEIGHTSMITH_SUPPORT_JSON=.support.json $(PY) -m pytest tests/test_conformance.py -q
+	$(PY) tools/support_table.py .support.json
+	rm -f .support.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

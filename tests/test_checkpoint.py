@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from _loading import load_checked
 
 import weightsmith as ws
 from weightsmith.checkpoint import CheckpointWriter, provenance_step
@@ -83,7 +84,7 @@ def test_dtype_cast_at_write_time(tiny_model, tmp_path):
         assert out[name].dtype == torch.bfloat16
         assert torch.equal(out[name], ckpt[name].to(torch.bfloat16))
     assert out.config.get("dtype", out.config.get("torch_dtype")) == "bfloat16"
-    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    model = load_checked(tf.AutoModelForCausalLM, tmp_path / "out", dtype="auto")
     assert model.dtype == torch.bfloat16
 
 

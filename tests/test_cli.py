@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _loading import load_checked
 
 import weightsmith as ws
 from weightsmith.cli import build_parser, main
@@ -183,7 +184,7 @@ def test_inspect_reports_what_the_model_holds(capsys, tiny_model):
     code, out, _ = run_cli(capsys, "inspect", path, "--json")
     assert code == 0
     report = json.loads(out)
-    model = tf.AutoModelForCausalLM.from_pretrained(path)
+    model = load_checked(tf.AutoModelForCausalLM, path)
     stored = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
     assert report["summary"]["parameters"] == sum(v.numel() for v in stored.values())
     assert report["summary"]["bytes"] == sum(v.numel() * v.element_size() for v in stored.values())

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 from _distill_utils import english_lines, with_tokenizer, write_corpus
+from _loading import load_checked
 from conftest import build_model, embed
 
 import weightsmith as ws
@@ -143,7 +144,7 @@ def test_feature_layers_map_to_the_teacher_layer_the_next_kept_layer_reads():
 def test_layer_selection_equals_transformers_with_layers_removed(tiny_model, tmp_path):
     teacher = Checkpoint(tiny_model("llama"))
     out = S.write_student(teacher, tmp_path / "s", [1])
-    student = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    student = load_checked(tf.AutoModelForCausalLM, out).eval()
     assert student.config.num_hidden_layers == 1
     reference = build_model("llama")  # the teacher, with layer 0 dropped by hand
     reference.model.layers = torch.nn.ModuleList([reference.model.layers[1]])
@@ -173,7 +174,7 @@ def test_causal_distill_writes_a_loadable_student(llama, corpus, tmp_path):
     )
     assert report.summary["loss_finite"] and report.summary["loss_last"] < report.summary["loss_first"]
     assert [e["step"] for e in report.details["evals"]] == [5, 10, 12]
-    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    model = load_checked(tf.AutoModelForCausalLM, out)
     tok = tf.AutoTokenizer.from_pretrained(out)
     assert model.config.num_hidden_layers == 1
     initial = Checkpoint(llama)["model.layers.0.mlp.up_proj.weight"]
@@ -204,7 +205,7 @@ def test_masked_lm_with_a_narrower_student_and_projected_features(corpus, tmp_pa
     assert "eval_ce" in report.summary
     written = Checkpoint(out)
     assert not any("projection" in n for n in written)  # the learned projection is training-only
-    assert tf.BertForMaskedLM.from_pretrained(out).config.hidden_size == 32
+    assert load_checked(tf.BertForMaskedLM, out).config.hidden_size == 32
 
 
 def test_resume_equals_an_uninterrupted_run(bert, corpus, tmp_path, monkeypatch):
@@ -361,7 +362,7 @@ def test_two_processes_under_accelerate_launch(llama, corpus, tmp_path):
     assert all(r["examples_seen"] == 6 * 4 for r in ranks)
     assert summary["rank_overlap"] == 0 and ranks[0]["first_batch"] != ranks[1]["first_batch"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    tf.AutoModelForCausalLM.from_pretrained(out)
+    load_checked(tf.AutoModelForCausalLM, out)
     # 2 processes × 4 examples see the same global batches as 1 process × 8, and DDP averages the gradients: the
     # weights must match a single-process run. Compared as updates (trained − initial): Adam's first steps move every
     # weight by ±lr whatever its gradient's size, so reduction-order noise flips single elements; the update as a

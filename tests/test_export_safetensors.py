@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _loading import load_checked
 from conftest import build_model
 from torch.nn.utils import prune
 
@@ -67,7 +68,7 @@ def test_export_folds_prune_pairs_drops_training_state_and_loads_in_transformers
     assert sorted(written) == sorted(reference)
     for name in written:
         assert torch.equal(written[name], reference[name]), name
-    loaded = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    loaded = load_checked(tf.AutoModelForCausalLM, out).eval()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, pruned(ids).logits)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import transformers as tf
+from _loading import load_checked
 from _prune_utils import CALIBRATION, mask_units_, with_tokenizer, write_lines
 from conftest import SENTENCES, VOCAB, embed
 
@@ -78,7 +79,7 @@ def test_24_pattern_every_group_and_loads(tiny_model, tmp_path):
         kept_min = torch.where(groups, og, torch.inf).amin(-1)
         dropped_max = torch.where(~groups, og, -torch.inf).amax(-1)
         assert bool((dropped_max <= kept_min).all()), n
-    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    model = load_checked(tf.AutoModelForCausalLM, tmp_path / "out")
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, out["model.layers.0.mlp.up_proj.weight"])
 
 
@@ -168,7 +169,7 @@ def test_structured_equals_masked_original(tiny_model, tmp_path, kind, structure
     src = tiny_model(kind)
     report = ws.prune(src, tmp_path / "out", structured=structured, **option)
     auto = tf.AutoModel if kind == "bert" else tf.AutoModelForCausalLM
-    small = auto.from_pretrained(tmp_path / "out").eval()
+    small = load_checked(auto, tmp_path / "out").eval()
     ref = auto.from_pretrained(src).eval()
     cfg = ref.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -201,7 +202,7 @@ def test_structured_gqa_whole_groups(tmp_path):
     torch.manual_seed(0)
     tf.MistralForCausalLM(config).save_pretrained(tmp_path / "src")
     report = ws.prune(tmp_path / "src", tmp_path / "out", structured="heads", keep_heads=6)  # 6 % 4: drop a group
-    small = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    small = load_checked(tf.AutoModelForCausalLM, tmp_path / "out").eval()
     assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (6, 3)
     ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
     mask_units_(ref, "heads", report.details["kept"], LLAMA_NAMES, 8, 16)
@@ -217,7 +218,7 @@ def test_minilm_structured_ffn_with_calibration(minilm_path, tmp_path):
     calib = write_lines(tmp_path / "calib.txt", CALIBRATION)
     report = ws.prune(minilm_path, tmp_path / "out", structured="ffn", ratio=0.5, calibration=calib, samples=8)
     assert report.summary["scored_by"] == "activations"
-    small = tf.AutoModel.from_pretrained(tmp_path / "out").eval()
+    small = load_checked(tf.AutoModel, tmp_path / "out").eval()
     ref = tf.AutoModel.from_pretrained(minilm_path).eval()
     mask_units_(ref, "ffn", report.details["kept"], BERT_NAMES, 1536, 32)
     assert small.config.intermediate_size == 768
@@ -270,7 +271,7 @@ def test_wanda_gpt2_conv1d_rows_and_24(tiny_model, tmp_path):
         assert bool(((rows == 0).sum(1) == rows.shape[1] // 4).all()), n
         groups = (p[n].t() != 0).reshape(rows.shape[0], -1, 4).sum(-1)
         assert bool((groups == 2).all()), n
-    tf.AutoModelForCausalLM.from_pretrained(tmp_path / "p")  # loads
+    load_checked(tf.AutoModelForCausalLM, tmp_path / "p")  # loads
 
 
 def test_structured_heads_scored_by_activations(tiny_model, tmp_path):
@@ -278,7 +279,7 @@ def test_structured_heads_scored_by_activations(tiny_model, tmp_path):
     calib = write_lines(tmp_path / "calib.txt", CALIBRATION)
     report = ws.prune(src, tmp_path / "out", structured="heads", keep_heads=2, calibration=calib, samples=4)
     assert report.summary["scored_by"] == "activations"
-    small = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    small = load_checked(tf.AutoModelForCausalLM, tmp_path / "out").eval()
     ref = tf.AutoModelForCausalLM.from_pretrained(src).eval()
     mask_units_(ref, "heads", report.details["kept"], LLAMA_NAMES, 4, 16)
     ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from weightsmith.architecture import tied_heads
 from weightsmith.checkpoint.files import (
     ADAPTER_CONFIG,
     MANIFEST,
@@ -270,18 +270,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     @property
     def tied_weights(self) -> dict[str, str]:
         """Output-embedding names that are not stored because they share the input embedding: {missing: stored}."""
-        if self.config is None or not self.config.get("tie_word_embeddings", True):
-            return {}
-        listed = self.config.get("architectures")
-        archs = " ".join(a for a in listed if isinstance(a, str)) if isinstance(listed, list) else ""
-        heads = {"CausalLM": "lm_head.weight", "LMHead": "lm_head.weight", "MaskedLM": "cls.predictions.decoder.weight"}
-        head = next((h for key, h in heads.items() if key in archs), None)
-        if head is None or head in self:
-            return {}
-        embed = next(
-            (n for n in self._order if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n)), None
-        )
-        return {head: embed} if embed else {}
+        return tied_heads(self.config, self._order)
 
     def digest(self) -> str:
         """sha256 of the weights: of the file itself for a single file, else of the per-file digests."""

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from weightsmith import architecture
 from weightsmith.checkpoint import Checkpoint, check_destination, provenance_step
 from weightsmith.checkpoint.staging import staging_dir, storage_error
 from weightsmith.checkpoint.writer import provenance_record, resolve_steps
@@ -294,10 +295,12 @@ def _build(ckpt: Checkpoint, task: str):
             for n in _TOKENIZER_INPUTS
             if n in params and (n != "token_type_ids" or bool(getattr(model.config, "type_vocab_size", 0)))
         ]
-    if "input_ids" not in names or "attention_mask" not in names:
+    takes = [p for p in ("pixel_values", "input_features") if p in params]
+    if "input_ids" not in names or "attention_mask" not in names or takes:
         raise IncompatibleError(
-            f"{ckpt.path}: model {type(model).__name__} does not take input_ids and "
-            f"attention_mask; only text models are exported"
+            f"{ckpt.path}: model {type(model).__name__} "
+            f"{'takes ' + takes[0] if takes else 'does not take input_ids and attention_mask'}; "
+            f"only text models are exported"
         )
     return model, tokenizer, tuple(names), output_name
 
@@ -429,7 +432,7 @@ def _place(
 
 
 def _max_positions(config) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512)
+    return architecture.max_positions(config if isinstance(config, dict) else config.to_dict())
 
 
 def _validation_shapes(config) -> list[tuple[int, int]]:

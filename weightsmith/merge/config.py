@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from weightsmith.architecture import layer_index
 from weightsmith.errors import ConfigError
 from weightsmith.merge.table import METHODS, REQUIRED, Method, Param
 from weightsmith.merge.vocab import TokenizerSpec, check_source, parse_tokenizer
@@ -305,14 +305,6 @@ def _same(a: str, b: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-tensor resolution
-
-_LAYER = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block a tensor belongs to (``model.layers.3.mlp…`` → 3), or None outside the blocks."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 def gradient_position(name: str, num_layers: int) -> float:

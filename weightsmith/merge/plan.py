@@ -11,20 +11,18 @@ count of the output config (``num_hidden_layers``, ``n_layer`` or ``num_layers``
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from weightsmith import architecture
 from weightsmith.errors import ConfigError, IncompatibleError
 from weightsmith.merge.config import MergeConfig, SliceConfig, gradient_position, layer_index, resolve
 from weightsmith.merge.table import METHODS
 from weightsmith.merge.vocab import is_vocab_tensor
 
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # where configs keep their layer count
-_INDEX = re.compile(r"(\.(?:layers|h|layer|blocks|block)\.)(\d+)(\.)")
 _PRE = ("embed", "wte", "wpe")  # non-layer tensors taken from the first slice
 
 
@@ -54,7 +52,7 @@ def plan(cfg: MergeConfig, opened: Mapping[str, Any], out_dtype: torch.dtype | N
     labels = [r.path for r in refs]
     names = check_compatible(labels, [opened[p] for p in labels], vocab=cfg.tokenizer is not None)
     primary = opened[labels[0]]
-    num_layers = num_layers_of(getattr(primary, "config", None), names)
+    num_layers = architecture.num_layers(getattr(primary, "config", None), names)
     tasks = []
     for name in names:
         shared, per_model = resolve(cfg, name, gradient_position(name, num_layers))
@@ -135,18 +133,13 @@ def _raise(problems: list[str]) -> None:
         raise IncompatibleError(f"inputs do not match: {shown}")
 
 
-def num_layers_of(config: dict | None, names: Sequence[str]) -> int:
-    """The layer count a config states, else one more than the largest layer index among the names."""
-    for key in _LAYER_KEYS:
-        if config and isinstance(config.get(key), int):
-            return config[key]
-    found = [i for i in map(layer_index, names) if i is not None]
-    return max(found) + 1 if found else 1
-
-
 def renumber(name: str, index: int) -> str:
     """``model.layers.7.mlp.up_proj.weight`` with its layer index replaced."""
-    return _INDEX.sub(lambda m: f"{m.group(1)}{index}{m.group(3)}", name, count=1)
+    split = architecture.split_layer(name)
+    if split is None:
+        return name
+    prefix, _, rest = split
+    return f"{prefix}.{index}.{rest}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,7 +158,7 @@ def _plan_slices(
             if i is not None:
                 by_layer.setdefault(i, []).append(n)
         layers[path] = by_layer
-        depth[path] = num_layers_of(getattr(ckpt, "config", None), list(ckpt))
+        depth[path] = architecture.num_layers(getattr(ckpt, "config", None), list(ckpt))
     for i, sl in enumerate(cfg.slices):
         for ref in sl.sources():
             start, end = ref.layer_range or (0, 0)
@@ -225,7 +218,7 @@ def _plan_slices(
     config = getattr(opened[base_path], "config", None)
     if config is not None:
         config = dict(config)
-        key = next((k for k in _LAYER_KEYS if isinstance(config.get(k), int)), "num_hidden_layers")
+        key = next((k for k in architecture.LAYER_COUNT_KEYS if isinstance(config.get(k), int)), "num_hidden_layers")
         config[key] = offset
         if isinstance(config.get("layer_types"), list) and len(layer_types) == offset:
             config["layer_types"] = layer_types

@@ -3,9 +3,8 @@ and its kind of module (attention, MLP, norm, embeddings, heads) for the totals 
 
 from __future__ import annotations
 
-import re
+from weightsmith.architecture import split_layer
 
-_LAYER = re.compile(r"^((?:.*?\.)?(?:layers|h|layer|blocks|block))\.(\d+)\.(.+)$")
 # checked in order: a norm inside an attention block is a norm; BERT's "attention.output.dense" is attention,
 # its "output.dense" (after the intermediate layer) is the MLP
 _TYPES = (
@@ -21,17 +20,17 @@ def layer_and_module(name: str) -> tuple[int | None, str]:
     """``model.layers.3.self_attn.q_proj.weight`` → (3, ``self_attn.q_proj``); a bias keeps its suffix, a tensor
     outside the blocks gives (None, its name without ``.weight``)."""
     name = name.removeprefix("base_model.model.")
-    m = _LAYER.match(name)
-    if m is None:
+    split = split_layer(name)
+    if split is None:
         return None, name.removesuffix(".weight")
-    return int(m.group(2)), m.group(3).removesuffix(".weight")
+    return split[1], split[2].removesuffix(".weight")
 
 
 def module_type(name: str) -> str:
     """attention, MLP, norm, embeddings, heads or other."""
     lower = name.lower()
-    inside = _LAYER.match(lower)
-    tail = inside.group(3) if inside else lower
+    inside = split_layer(lower)
+    tail = inside[2] if inside else lower
     for kind, keys in _TYPES:
         if any(k in tail for k in keys):
             return kind

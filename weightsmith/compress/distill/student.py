@@ -8,27 +8,24 @@ written with renumbered layer indices; the config's layer count (and any per-lay
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from weightsmith.architecture import LAYER_COUNT_KEYS, declared_layers, split_layer
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter, provenance_step
 from weightsmith.errors import CheckpointError, ConfigError
 
-# "model.layers.3.mlp…", "encoder.layer.3.…", "transformer.h.3.…", "blocks.3.…"
-_LAYER = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|layer|h|blocks))\.(?P<idx>\d+)\.(?P<post>.+)$")
-_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per layer (sliding/full attention, …)
 
 
 def layer_count(config: dict | None, where: str | os.PathLike) -> int:
     """The number of transformer layers a config declares."""
-    for key in _COUNT_KEYS:
-        if config and isinstance(config.get(key), int):
-            return config[key]
-    raise CheckpointError(f"{where}: config.json declares no layer count ({' / '.join(_COUNT_KEYS)})")
+    count = declared_layers(config)
+    if count is None:
+        raise CheckpointError(f"{where}: config.json declares no layer count ({' / '.join(LAYER_COUNT_KEYS)})")
+    return count
 
 
 def resolve_layers(
@@ -55,7 +52,7 @@ def resolve_layers(
 def student_config(config: dict, layers: Sequence[int]) -> dict:
     """The teacher's config with the layer count (and per-layer lists) rewritten for the kept layers."""
     out = dict(config)
-    for key in _COUNT_KEYS:
+    for key in LAYER_COUNT_KEYS:
         if isinstance(out.get(key), int):
             out[key] = len(layers)
     for key in _PER_LAYER_LISTS:
@@ -68,11 +65,11 @@ def student_tensors(teacher: Checkpoint, layers: Sequence[int]) -> Iterator[tupl
     """(name, tensor) of the student, read lazily: non-layer tensors as they are, kept layers renumbered 0..k-1."""
     new_index = {old: new for new, old in enumerate(layers)}
     for name in teacher:
-        match = _LAYER.match(name)
-        if match is None:
+        split = split_layer(name)
+        if split is None:
             yield name, teacher[name]
-        elif int(match["idx"]) in new_index:
-            yield f"{match['pre']}.{new_index[int(match['idx'])]}.{match['post']}", teacher[name]
+        elif split[1] in new_index:
+            yield f"{split[0]}.{new_index[split[1]]}.{split[2]}", teacher[name]
 
 
 def write_student(teacher: Checkpoint, out: str | os.PathLike, layers: Sequence[int], *, force: bool = False) -> Path:

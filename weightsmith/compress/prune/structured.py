@@ -25,41 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from weightsmith import architecture
+from weightsmith.architecture import UNITS, Units
 from weightsmith.errors import ConfigError
 
-
-@dataclass(frozen=True)
-class Arch:
-    """Module names (relative to a block) of one architecture family."""
-
-    ffn_rows: tuple[str, ...]  # weights [inter, hidden] whose rows are neurons
-    ffn_cols: tuple[str, ...]  # weights [hidden, inter] whose columns are neurons
-    q: str
-    k: str
-    v: str
-    o: str
-    heads: bool  # whether a model with fewer heads still loads in transformers
-
-
-LLAMA = Arch(
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    heads=True,
-)
-BERT = Arch(
-    ("intermediate.dense",),
-    ("output.dense",),
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    heads=False,
-)
-ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "bert": BERT}
+# The units of each supported family (module names relative to a block) are architecture facts.
+Arch = Units
+ARCHS = UNITS
 # transformers' LlamaConfig refuses a hidden_size that is not a multiple of num_attention_heads, head_dim or not
 HEADS_DIVIDE_HIDDEN = {"llama"}
 
@@ -98,11 +70,9 @@ def arch_of(config: dict | None, path) -> Arch:
 
 def block_prefix(names, arch: Arch, path) -> str:
     """The name prefix of block 0's parent, e.g. ``model.layers.`` or ``encoder.layer.``."""
-    pattern = re.compile(rf"^(.*?)0\.{re.escape(arch.q)}\.weight$")
-    for name in names:
-        m = pattern.match(name)
-        if m:
-            return m.group(1)
+    prefix = architecture.block_prefix(names, arch.q)
+    if prefix is not None:
+        return prefix
     raise ConfigError(f"{path}: no tensor named like '<prefix>0.{arch.q}.weight': not the expected layout")
 
 

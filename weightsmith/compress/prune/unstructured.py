@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from weightsmith import architecture
 from weightsmith.checkpoint import Checkpoint, CheckpointView, provenance_step, set_config_dtype
 from weightsmith.compress.prune import masks
 from weightsmith.conversion import as_checkpoint
@@ -28,7 +29,11 @@ from weightsmith.progress import progress
 from weightsmith.units import parse_dtype
 
 # Left dense unless asked otherwise: pruning these hurts most and saves least (regexes, searched in the name).
-DEFAULT_SKIP = (r"embed|wte|wpe", r"norm|LayerNorm|(^|\.)ln_", r"lm_head|(^|\.)cls\.|classifier|(^|\.)score\.|pooler")
+DEFAULT_SKIP = (
+    architecture.EMBEDDING_PARAMETER,
+    r"norm|LayerNorm|(^|\.)ln_",
+    r"lm_head|(^|\.)cls\.|classifier|(^|\.)score\.|pooler",
+)
 METHODS = ("magnitude", "wanda")
 SCOPES = ("layer", "global")
 
@@ -62,20 +67,13 @@ def check_sparsity(sparsity: float | None) -> float:
     return float(sparsity)
 
 
-def is_conv1d(ckpt: Checkpoint, name: str) -> bool:
-    """GPT-2's Conv1D stores [in, out]; every other 2-D weight here is [out, in]."""
-    gpt2 = (ckpt.config or {}).get("model_type") == "gpt2"
-    return gpt2 and re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name) is not None
-
-
 def as_rows(ckpt: Checkpoint, name: str, tensor: Tensor) -> Tensor:
-    """The [out, in] view of a 2-D weight."""
-    return tensor.t() if is_conv1d(ckpt, name) else tensor
+    """The [out, in] view of a 2-D weight (Conv1D's [in, out] transposed: ``architecture``)."""
+    return architecture.as_rows(ckpt.config, name, tensor)
 
 
 def in_features(ckpt: Checkpoint, name: str) -> int:
-    shape = ckpt.info(name).shape
-    return shape[0] if is_conv1d(ckpt, name) else shape[1]
+    return architecture.in_features(ckpt.config, name, tuple(ckpt.info(name).shape))
 
 
 @dataclass

@@ -11,16 +11,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from weightsmith import architecture
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import ConfigError
 
 # Output heads stay float by default (transformers keeps the output embedding out of bnb quantization and
 # llm-compressor's recipes ignore lm_head): lm_head of causal LMs, score/classifier/qa_outputs of task heads.
-DEFAULT_IGNORE = ("lm_head", "score", "classifier", "qa_outputs")
-# Modules whose 2-D weight is a lookup table, not a matmul.
-_EMBEDDING = re.compile(r"(embed|^wte$|^wpe$|^shared$|^relative_attention_bias$)")
-# Architectures built on transformers' Conv1D ([in, out] weights): not nn.Linear, so neither format targets them.
-_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+DEFAULT_IGNORE = architecture.HEADS
 
 
 def matches(module: str, pattern: str) -> bool:
@@ -38,14 +35,18 @@ class Plan:
     targets: list[str]  # weight names to quantize, in storage order
     kept: list[str]  # modules whose 2-D weight stays float (listed as ignored in the output's config)
     notes: list[str]
+    per_expert: bool = False  # MoE expert weights stored one expert at a time (transformers fuses them on load)
 
 
 def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
     """The weights to quantize. ``ignore`` = None means DEFAULT_IGNORE; a user pattern that matches nothing is an
     error (a typo would silently quantize the module the user meant to keep)."""
     patterns = list(DEFAULT_IGNORE if ignore is None else ignore)
-    conv1d = (ckpt.config or {}).get("model_type") in _CONV1D_MODEL_TYPES
-    targets, kept, used = [], [], set()
+    # transformers' own model class is the truth about what its loader will quantize: which modules are nn.Linear,
+    # which it keeps in float32, which heads it ties (and builds although the file lacks them)
+    facts = architecture.model_facts(ckpt.config)
+    keep_fp32 = facts.keep_fp32 if facts is not None else ()
+    targets, kept, used, conv1d = [], [], set(), False
     for name in ckpt:
         info = ckpt.info(name)
         if not name.endswith(".weight") or len(info.shape) != 2 or not info.dtype.is_floating_point:
@@ -53,7 +54,13 @@ def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
         module = name.removesuffix(".weight")
         hits = [p for p in patterns if matches(module, p)]
         used.update(hits)
-        if hits or _EMBEDDING.search(module.rsplit(".", 1)[-1]) or conv1d:
+        # Conv1D ([in, out], GPT-2 style) is not nn.Linear: neither format targets it
+        conv1d = conv1d or architecture.is_conv1d(ckpt.config, name)
+        if facts is not None and module in facts.modules:  # a module the model class has under this name
+            linear = module in facts.linear
+        else:  # renamed on load, or no model class: judged by name
+            linear = architecture.is_linear_weight(ckpt.config, name, info.shape, True)
+        if hits or not linear or any(matches(module, p) for p in keep_fp32):
             kept.append(module)
         else:
             targets.append(name)
@@ -64,7 +71,17 @@ def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
     notes = []
     if conv1d:
         notes.append("Conv1D weights ([in, out], GPT-2 style) are not nn.Linear and stay float")
-    # an output head tied to the embedding is not stored, but the loader builds it as a Linear: keep it float too
-    tied = [head.removesuffix(".weight") for head in ckpt.tied_weights]
-    kept += [m for m in tied if m not in kept]
-    return Plan(targets, kept, notes)
+    if facts is not None:
+        # the loader builds these as Linear whatever the file holds: heads tied to an embedding (absent from the
+        # file) and the output head (stored under an older name, e.g. GPT-NeoX's embed_out); they stay float
+        quantized = {t.removesuffix(".weight") for t in targets}
+        heads = [t.removesuffix(".weight") for t in facts.tied] + ([facts.output_head] if facts.output_head else [])
+        kept += [m for m in heads if m in facts.linear and m not in quantized and m not in kept]
+        if keep_fp32:
+            notes.append(f"modules transformers keeps in float32 stay float: {', '.join(keep_fp32)}")
+    else:
+        # an output head tied to the embedding is not stored, but the loader builds it as a Linear: keep it float
+        tied = [head.removesuffix(".weight") for head in ckpt.tied_weights]
+        kept += [m for m in tied if m not in kept]
+    per_expert = any(architecture.is_per_expert(m) for m in kept)
+    return Plan(targets, kept, notes, per_expert)

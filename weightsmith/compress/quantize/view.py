@@ -20,7 +20,7 @@ import torch
 from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step
 from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.detect import detect
-from weightsmith.compress.quantize.schemes import Scheme, make_scheme
+from weightsmith.compress.quantize.schemes import NF4, Scheme, make_scheme
 from weightsmith.compress.quantize.targets import DEFAULT_IGNORE, Plan, plan
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
@@ -142,6 +142,11 @@ def open_quantized(
     if not selection.targets:
         why = "; ".join(selection.notes) or "all ignored or none present"
         raise ConfigError(f"{ckpt.path}: no 2-D Linear weights to quantize ({why})")
+    if selection.per_expert and not isinstance(config, NF4):  # int8, int4, fp8: compressed-tensors
+        raise IncompatibleError(
+            f"{ckpt.path}: stores its experts one by one, which transformers fuses on load; the compressed-tensors "
+            f"loader cannot fuse them next to quantized modules (nf4 works)"
+        )
     codec = REGISTRY[type(config)]
     problems = [p for name in selection.targets if (p := codec.check(config, name, ckpt.info(name).shape))]
     if problems:

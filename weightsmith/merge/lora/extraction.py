@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from weightsmith import architecture
 from weightsmith.checkpoint import CheckpointWriter, provenance_step
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError
@@ -24,13 +25,6 @@ from weightsmith.merge.lora.math import CONV1D, LINEAR, to_rows, truncated_facto
 from weightsmith.merge.lora.read import PREFIX
 from weightsmith.progress import progress
 from weightsmith.report import Report
-
-# Modules that are lookups or output heads, never LoRA-extracted: they go to modules_to_save when changed.
-_NOT_LINEAR = re.compile(
-    r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
-    r"embed_in|embed_out|shared|lm_head|classifier|score|qa_outputs)$"
-)
-_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
 def extract(
@@ -51,7 +45,7 @@ def extract(
     b_ck, t_ck = as_checkpoint(base), as_checkpoint(tuned)
     _check_compatible(b_ck, t_ck)
     modules = _group(t_ck)
-    conv1d = (b_ck.config or {}).get("model_type") in _CONV1D_MODEL_TYPES
+    conv1d = any(architecture.is_conv1d(b_ck.config, m) for m in modules)
     report = Report("lora extract", output=str(out))
     targets, saved, biases, ranks, rows = [], [], [], {}, []
     step = provenance_step("lora extract", {"rank": rank, "energy": energy}, [b_ck, t_ck])
@@ -71,16 +65,15 @@ def extract(
                     and len(info.shape) == 2
                     and info.dtype.is_floating_point
                     and weight in changed
-                    and not _NOT_LINEAR.search(module)
+                    # lookups and output heads are never LoRA-extracted: saved whole (modules_to_save)
+                    and not (architecture.is_embedding(module) or architecture.is_head(module))
                 )
                 if not linear:  # saved whole, under the base key names
                     saved.append(module)
                     for n in names:
                         writer.write(PREFIX + n, t_ck[n])
                     continue
-                kind = (
-                    CONV1D if conv1d and module.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc", "q_attn") else LINEAR
-                )
+                kind = CONV1D if architecture.is_conv1d(b_ck.config, module) else LINEAR
                 delta = to_rows(t_ck[weight].float() - b_ck[weight].float(), kind)  # [out, in]
                 a, b, kept = truncated_factors(delta, rank=rank, energy=energy)
                 writer.write(f"{PREFIX}{module}.lora_A.weight", a)

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from weightsmith.architecture import is_conv1d, model_type
 from weightsmith.checkpoint import (
     DEFAULT_SHARD_SIZE,
     Checkpoint,
@@ -58,10 +59,6 @@ from weightsmith.report import Report, figures_requested
 from weightsmith.units import format_size, parse_dtype
 
 AdapterSpec = Checkpoint | str | os.PathLike | tuple[Checkpoint | str | os.PathLike, float]
-
-# Architectures whose projections are transformers' Conv1D (weight stored [in, out]); consulted only when a weight
-# is square and its shape cannot tell the orientation.
-_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
 @dataclass
@@ -229,10 +226,9 @@ class FoldedCheckpoint(CheckpointView):
             return LINEAR if shape == (out, fan_in) else CONV1D if shape == (fan_in, out) else None
         if shape != (out, fan_in):
             return None
-        model_type = (self.base.config or {}).get("model_type")
-        if model_type is None:  # no config: the adapter's own flag is all there is
+        if model_type(self.base.config) is None:  # no config: the adapter's own flag is all there is
             return CONV1D if adapter.config.get("fan_in_fan_out") else LINEAR
-        return CONV1D if model_type in _CONV1D_MODEL_TYPES else LINEAR
+        return CONV1D if is_conv1d(self.base.config, mod.module) else LINEAR  # square: the shape cannot tell
 
     def _update_kind(self, adapter: Adapter, upd: Update, shape: tuple[int, ...]) -> str | None:
         """Orientation of a LoHa/LoKr/IA³/OFT update by the same rule as LoRA's: its [out, in] posed as factor
