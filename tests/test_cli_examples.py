@@ -1,7 +1,7 @@
 """Every example in the CLI's --help runs, as printed, in a folder holding tiny checkpoints under the names the
 examples use, and exits 0.
 
-The folder is built once: a tiny Llama with a character tokenizer (32 query heads over 8 KV heads, so the head
+The folder is built once: a tiny Llama with a byte-level BPE tokenizer (32 query heads over 8 KV heads, so the head
 pruning example has heads to keep; widths of 128 and 256 for the group-size example), its fine-tunes and LoRA
 adapters, GPT-2, BERT, a 6-layer BERT sentence encoder with a tokenizer under MiniLM's names (the examples' training
 steps then take seconds), a mergekit config, a recipe and text files. An example's output is removed before it
@@ -20,6 +20,7 @@ import pytest
 import torch
 from _distill_utils import char_tokenizer, write_corpus
 from _lora_utils import make_adapter
+from _tokenizers import byte_level_tokenizer
 from conftest import SENTENCES, build_model
 
 from weightsmith.cli import build_parser, main
@@ -46,7 +47,7 @@ def _llama(seed: int = 0):
     import transformers as tf
 
     config = tf.LlamaConfig(
-        vocab_size=128,
+        vocab_size=320,  # the byte-level BPE tokenizer's
         hidden_size=128,  # widths multiples of 128: the group-size example's group
         num_hidden_layers=2,
         num_attention_heads=32,
@@ -90,7 +91,8 @@ def workspace(tmp_path_factory) -> Path:
     import weightsmith as ws
 
     root = tmp_path_factory.mktemp("examples")
-    tok = char_tokenizer(causal=True)
+    tok = byte_level_tokenizer()  # a vocabulary llama.cpp takes, for the GGUF example
+    tok.pad_token = tok.eos_token
     llama = _save(_llama(0), root / "llama", tok)
     for name, seed in (("llama-chat", 1), ("ft-a", 2), ("ft-b", 3), ("a", 4), ("b", 5)):
         _save(_llama(seed), root / name, tok)
@@ -124,7 +126,7 @@ def workspace(tmp_path_factory) -> Path:
     lines = SENTENCES * 3  # 96 lines
     for name in ("c.txt", "held.txt", "held_out.txt", "sentences.txt", "corpus.txt", "train.txt"):
         write_corpus(root / name, lines[:64])
-    write_corpus(root / "train.jsonl", lines[:64], jsonl=True)
+    write_corpus(root / "train.jsonl", SENTENCES * 8, jsonl=True)  # enough steps to save a state to resume
     write_corpus(root / "val.jsonl", lines[64:80], jsonl=True)
     (root / "ties.yaml").write_text(
         "merge_method: ties\nbase_model: ./base\nmodels:\n"
@@ -145,6 +147,8 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _output(argv: list[str]) -> str | None:
+    if argv[0] == "run":  # the recipe names its output
+        return "shipped"
     for i, arg in enumerate(argv[:-1]):
         if arg in ("-o", "--out"):
             return argv[i + 1]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tokenizers import byte_level_tokenizer
 from conftest import SENTENCES
 
 import weightsmith as ws
@@ -118,28 +119,9 @@ def test_gemma_norms_are_stored_plus_one(tiny_model, tmp_path):
     torch.testing.assert_close(back["model.norm.weight"], orig["model.norm.weight"], atol=1e-7, rtol=0)
 
 
-def _byte_level_tokenizer(directory: Path):
-    """A byte-level BPE tokenizer (the Llama 3 / Qwen kind) trained on the test sentences, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|begin|>", "<|end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|end|>")
-    fast.chat_template = "{% for m in messages %}<|begin|>{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
-    fast.save_pretrained(directory)
-    return fast
-
-
 def test_tokenizer_round_trips(tmp_path):
     src = tmp_path / "llama-tok"
-    tok = _byte_level_tokenizer(src)
+    tok = byte_level_tokenizer(src)
     config, cls = tf.LlamaConfig, tf.LlamaForCausalLM
     model = cls(
         config(

@@ -73,7 +73,7 @@ def register(sub) -> None:
         "embeddings, norms and heads go to modules_to_save.",
         examples=[
             "weightsmith lora extract ./llama ./llama-chat -o ./chat-adapter --rank 16",
-            "weightsmith lora extract ./bert ./bert-tuned -o ./adapter --energy 0.9 --json",
+            "weightsmith lora extract ./bert ./bert-tuned -o ./bert-adapter --energy 0.9 --json",
         ],
     )
     p.add_argument("base", help="the model that was fine-tuned")
