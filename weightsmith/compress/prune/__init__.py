@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,8 +95,8 @@ def prune(
     if samples < 1 or seq_len < 2:
         raise ConfigError(f"samples {samples} / seq_len {seq_len}: need samples ≥ 1 and seq_len ≥ 2")
     eval_texts = _eval_texts(ckpt, eval_data)
-    check_destination(out, force)
-    options = dict(dtype=target_dtype, shard_size=shard_size, force=force)
+    check_destination(Path(out), force)
+    options: dict[str, Any] = dict(dtype=target_dtype, shard_size=shard_size, force=force)
     if structured is not None:
         if sparsity is not None or pattern is not None:
             raise ConfigError(

@@ -154,6 +154,7 @@ def slice_tensor(name: str, tensor: Tensor, prefix: str, arch: Arch, plans: list
         if module in arch.ffn_cols and kind == "weight":
             return tensor.index_select(1, plan.ffn)
     if plan.q_heads is not None:
+        assert plan.kv_heads is not None  # head plans prune query and key/value heads together
         if module == arch.q:
             return tensor.index_select(0, head_rows(plan.q_heads, head_dim))
         if module in (arch.k, arch.v):
@@ -169,6 +170,7 @@ def rewrite_config(config: dict, geometry: Geometry, plans: list[BlockPlan]) -> 
     if plans[0].ffn is not None:
         new["intermediate_size"] = int(plans[0].ffn.numel())
     if plans[0].q_heads is not None:
+        assert plans[0].kv_heads is not None  # head plans prune query and key/value heads together
         new["num_attention_heads"] = int(plans[0].q_heads.numel())
         new["num_key_value_heads"] = int(plans[0].kv_heads.numel())
         new["head_dim"] = geometry.head_dim
@@ -217,7 +219,11 @@ def prune_structured(
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio {ratio}: must be in [0, 1)")
     units = geo.intermediate if kind == "ffn" else geo.heads
-    keep = keep_heads if keep_heads is not None else units - round(ratio * units)
+    if keep_heads is not None:
+        keep = keep_heads
+    else:
+        assert ratio is not None  # one of them is given, checked above
+        keep = units - round(ratio * units)
     if not 0 < keep <= units:
         raise ConfigError(
             f"keeping {keep} of {units} {'neurons' if kind == 'ffn' else 'heads'} per block: "
@@ -294,7 +300,8 @@ def prune_structured(
         for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
         if k in config
     }
-    report.details["kept"] = {f"layer {i}": _ranges(p.ffn if kind == "ffn" else p.q_heads) for i, p in enumerate(plans)}
+    kept = [p.ffn if kind == "ffn" else p.q_heads for p in plans]
+    report.details["kept"] = {f"layer {i}": _ranges(units) for i, units in enumerate(kept) if units is not None}
     return report
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +139,7 @@ def mask_of(ckpt: Checkpoint, name: str, weight: Tensor, plan: PrunePlan, norm: 
     """The per-tensor keep-mask of ``weight`` (layer scope): magnitude, N:M, or Wanda given its input norms."""
     rows = as_rows(ckpt, name, weight)  # (out, in)
     if plan.method == "wanda":
+        assert norm is not None  # Wanda plans come with the calibration norms
         scores = masks.wanda_scores(rows, norm)
         mask = masks.nm_mask(scores, *plan.nm) if plan.nm else masks.wanda_mask(rows, norm, plan.sparsity)
     else:
@@ -156,14 +157,22 @@ def global_threshold(ckpt: Checkpoint, targets: list[str], sparsity: float) -> t
     k = round(sparsity * sum(ckpt.info(n).numel for n in targets))
     if k == 0:
         return None
-    hist = sum(masks.global_bin_histogram(ckpt[n], level=0) for n in progress(targets, desc="threshold"))
+    hist = _summed(masks.global_bin_histogram(ckpt[n], level=0) for n in progress(targets, desc="threshold"))
     high, below = masks.select_bin(hist, k)
     low = 0
     if any(ckpt.info(n).dtype != torch.bfloat16 for n in targets):
-        hist = sum(masks.global_bin_histogram(ckpt[n], level=1, prefix=high) for n in targets)
+        hist = _summed(masks.global_bin_histogram(ckpt[n], level=1, prefix=high) for n in targets)
         low, below_low = masks.select_bin(hist, k - below)
         below += below_low
     return (high << 16) | low, k - below
+
+
+def _summed(histograms: Iterable[Tensor]) -> Tensor:
+    """The bin-wise sum of the histograms, one at a time (one [65536] int64 histogram held besides the next)."""
+    total = torch.zeros(65536, dtype=torch.int64)
+    for h in histograms:
+        total += h
+    return total
 
 
 # -- the view ---------------------------------------------------------------------------------------------------
@@ -221,12 +230,14 @@ class PrunedView(CheckpointView):
 
     def _ties_before(self, name: str) -> int:
         """Ties the global count still needs when ``name`` is reached in storage order."""
+        assert self._threshold is not None  # global scope only
         quota = self._ties
         for target in self.plan.targets:
             if target == name or quota == 0:
                 break
             if target not in self._ties_used:
-                self._ties_used[target] = masks.threshold_mask(self.source[target], self._threshold, quota)[1]
+                tensor = self.source[target]
+                self._ties_used[target] = masks.threshold_mask(tensor, self._threshold, quota)[1]
             quota -= self._ties_used[target]
         return quota
 

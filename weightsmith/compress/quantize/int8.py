@@ -107,7 +107,8 @@ def describe(
 def dequantize_module(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """A module's stored tensors (suffix → tensor) → its float weight, in the scale's dtype."""
     if "weight_packed" in parts:
-        shape = tuple(int(d) for d in parts["weight_shape"].tolist())
+        rows, cols = (int(d) for d in parts["weight_shape"].tolist())
+        shape = (rows, cols)
         q = unpack_int8(parts["weight_packed"], shape)
     else:
         q = parts["weight"]

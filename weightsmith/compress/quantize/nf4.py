@@ -71,6 +71,7 @@ def dequantize_nf4(
     row holds whole blocks and gets weights whose width is not a multiple of the block size wrong.
     """
     if nested_absmax is not None:
+        assert nested_quant_map is not None  # double quant stores both
         nb = state["nested_blocksize"]
         a = _blockwise(nested_quant_map.float()[absmax.long()], nested_absmax.float(), nb)
         absmax = a + float(state["nested_offset"])

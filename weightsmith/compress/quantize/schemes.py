@@ -31,7 +31,7 @@ class Int8:
     # None = one scale per output channel: the scheme vLLM's int8 kernels are tuned for, and accurate enough for
     # int8 (per-group scales matter at 4 bits, rarely at 8).
     group_size: int | None = None
-    # False = W8A8 dynamic, the default: int8 matmuls where the runtime has them.
+    # False = W8A8 dynamic, the default: int8 matmuls where the runtime has them.
     weight_only: bool = False
 
     def __post_init__(self) -> None:

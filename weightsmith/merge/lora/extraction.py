@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 import torch
 
@@ -47,7 +48,8 @@ def extract(
     modules = _group(t_ck)
     conv1d = any(architecture.is_conv1d(b_ck.config, m) for m in modules)
     report = Report("lora extract", output=str(out))
-    targets, saved, biases, ranks, rows = [], [], [], {}, []
+    targets, saved, biases, ranks = [], [], [], {}
+    rows: list[dict[str, Any]] = []
     step = provenance_step("lora extract", {"rank": rank, "energy": energy}, [b_ck, t_ck])
     with report.timed("total"):
         writer = CheckpointWriter(

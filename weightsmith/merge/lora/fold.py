@@ -75,6 +75,16 @@ class _Term:
     inverse: bool = False  # unmerge of a scale or rotation: its inverse, at ``weight``
     on_bias: bool = False  # IA³ scaling a bias
 
+    @property
+    def lora(self) -> LoraModule:
+        assert self.module is not None  # lora, dora and bias terms carry their module
+        return self.module
+
+    @property
+    def replacement(self) -> str:
+        assert self.tensor is not None  # replace terms name their tensor
+        return self.tensor
+
 
 # Updates that are not W + ΔW: f(W) is computed whole (weighted: W + w·(f(W) − W)).
 _NONLINEAR = ("dora", "scale", "rotate")
@@ -157,7 +167,7 @@ class FoldedCheckpoint(CheckpointView):
                 continue
             kind = self._kind(adapter, mod, self._info(name).shape)
             if kind is None:
-                a, b = (list(adapter.ckpt.info(t).shape) for t in (mod.a, mod.b))
+                a, b = (list(adapter.ckpt.info(t).shape) for t in mod.factors)
                 misfit.append(f"{name} {list(self._info(name).shape)} vs lora_A {a}, lora_B {b}")
                 continue
             if mod.magnitude is not None:
@@ -211,7 +221,7 @@ class FoldedCheckpoint(CheckpointView):
 
     def _kind(self, adapter: Adapter, mod: LoraModule, shape: tuple[int, ...]) -> str | None:
         """Orientation from the base weight's shape (PEFT's saved ``fan_in_fan_out`` is not reliable)."""
-        a, b = adapter.ckpt.info(mod.a).shape, adapter.ckpt.info(mod.b).shape
+        a, b = (adapter.ckpt.info(t).shape for t in mod.factors)
         if len(b) < 2 or a[0] != b[1] or len(a) < 2:
             return None
         if mod.embedding:  # A [r, num], B [dim, r], base [num, dim]
@@ -274,9 +284,10 @@ class FoldedCheckpoint(CheckpointView):
         replace = [t for t in terms if t.how == "replace"]
         others = [t for t in terms if t.how != "replace"]
         if len(replace) == 1 and replace[0].weight == 1:
-            w = replace[0].adapter.ckpt[replace[0].tensor].to(acc_dtype)  # exactly the saved tensor
+            w = replace[0].adapter.ckpt[replace[0].replacement].to(acc_dtype)  # exactly the saved tensor
         elif replace:
-            w = w + sum(t.weight * (t.adapter.ckpt[t.tensor].to(acc_dtype) - w) for t in replace)
+            for t in replace:
+                w = w + t.weight * (t.adapter.ckpt[t.replacement].to(acc_dtype) - w)
         if len(others) == 1 and others[0].how in _NONLINEAR and (others[0].weight == 1 or others[0].inverse):
             result = self._apply(w, others[0])
         else:
@@ -289,7 +300,9 @@ class FoldedCheckpoint(CheckpointView):
                     assert t.update is not None
                     result += t.weight * update_delta(t.update, t.adapter.ckpt, t.kind, tuple(w.shape)).to(acc_dtype)
                 elif t.how == "bias":
-                    result += (t.module.scaling * t.weight) * t.adapter.ckpt[t.module.bias].to(acc_dtype)
+                    bias = t.lora.bias
+                    assert bias is not None  # a bias term's module has a trained bias
+                    result += (t.lora.scaling * t.weight) * t.adapter.ckpt[bias].to(acc_dtype)
                 else:
                     self._add_lora(result, result, [t])
         return result.to(target)
@@ -297,13 +310,11 @@ class FoldedCheckpoint(CheckpointView):
     @staticmethod
     def _add_lora(src: Tensor, dst: Tensor, terms: list[_Term]) -> None:
         acc = torch.float64 if src.dtype == torch.float64 else torch.float32
-        factors = [
-            (
-                *stored_factors(t.adapter.ckpt[t.module.a], t.adapter.ckpt[t.module.b], t.kind, acc),
-                t.module.scaling * t.weight,
-            )
-            for t in terms
-        ]
+        factors = []
+        for t in terms:
+            a, b = t.lora.factors
+            left, right = stored_factors(t.adapter.ckpt[a], t.adapter.ckpt[b], t.kind, acc)
+            factors.append((left, right, t.lora.scaling * t.weight))
         add_lora_(src.reshape(src.shape[0], -1), dst.reshape(dst.shape[0], -1), factors)
 
     def _apply(self, w: Tensor, t: _Term) -> Tensor:
@@ -316,8 +327,10 @@ class FoldedCheckpoint(CheckpointView):
 
     @staticmethod
     def _dora(w: Tensor, t: _Term) -> Tensor:
-        ck, mod = t.adapter.ckpt, t.module
-        delta = lora_delta_rows(ck[mod.a], ck[mod.b], mod.scaling)  # [out, in]; DoRA's norm needs the full ΔW
+        ck, mod = t.adapter.ckpt, t.lora
+        assert mod.magnitude is not None  # a DoRA term's module has its magnitude vector
+        a, b = mod.factors
+        delta = lora_delta_rows(ck[a], ck[b], mod.scaling)  # [out, in]; DoRA's norm needs the full ΔW
         rows = dora_rows(to_rows(w, t.kind), delta.to(w.dtype), ck[mod.magnitude].reshape(-1))
         return from_rows(rows.to(w.dtype), t.kind, tuple(w.shape))
 

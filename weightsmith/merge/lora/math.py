@@ -105,7 +105,7 @@ def truncated_factors(
     ``[k, in]``, and the energy kept Σ_{i≤k} σᵢ² / Σ σᵢ².
 
     ``rank`` fixes k (capped at min(out, in)); ``energy`` picks the smallest k keeping at least that fraction.
-    The split √S on both sides follows the issue's convention (and keeps A and B on the same scale).
+    The split √S on both sides keeps A and B on the same scale.
     """
     d = _acc(delta_rows)
     u, s, vh = torch.linalg.svd(d, full_matrices=False)  # u [out, n], s [n], vh [n, in]
@@ -117,6 +117,7 @@ def truncated_factors(
     if rank is not None:
         k = min(rank, s.numel())
     else:
+        assert energy is not None  # one of rank and energy is given (checked by the callers)
         k = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
         k = min(k, s.numel())
     root = s[:k].sqrt()

@@ -59,6 +59,12 @@ class LoraModule:
     def weight(self) -> str:
         return f"{self.module}.weight"
 
+    @property
+    def factors(self) -> tuple[str, str]:
+        """The lora_A and lora_B tensor names (the reader keeps only modules that have both)."""
+        assert self.a is not None and self.b is not None
+        return self.a, self.b
+
 
 @dataclass
 class Adapter:
