@@ -11,6 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
+# The matrix's columns, in the order the support table shows them.
+VERBS = (
+    "convert",
+    "lora merge",
+    "merge linear",
+    "merge ties",
+    "quantize int8",
+    "quantize nf4",
+    "prune magnitude",
+    "prune 2:4",
+    "prune structured",
+    "export onnx",
+)
 VOCAB = 128
 H = dict(
     vocab_size=VOCAB,

@@ -11,6 +11,25 @@ import yaml
 import weightsmith as ws
 
 
+def make_base(out: Path, layers: int) -> Path:
+    """A tiny fp32 Llama (hidden 32, 4 heads over 2 KV heads, vocab 64) of ``layers`` blocks, seed 0."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
 def make_finetune(base_dir: Path, out: Path, seed: int, scale: float = 0.02, frozen: tuple[str, ...] = ()) -> Path:
     """base + scale·N(0, 1) on every float tensor (except names containing a ``frozen`` substring)."""
     base = ws.open(base_dir)

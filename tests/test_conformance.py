@@ -25,18 +25,6 @@ from weightsmith import architecture
 from weightsmith.errors import WeightsmithError
 
 NAMES = list(ARCHS)
-VERBS = (
-    "convert",
-    "lora merge",
-    "merge linear",
-    "merge ties",
-    "quantize int8",
-    "quantize nf4",
-    "prune magnitude",
-    "prune 2:4",
-    "prune structured",
-    "export onnx",
-)
 _STRUCTURED = "structured pruning supports llama, mistral, qwen2, bert models"
 _NOT_TEXT = "is not supported for model_type"
 # (architecture, verb) → the words of the one-line refusal. Everything else must pass.

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from _merge_utils import load, make_finetune, max_diff, mergekit_available, run_mergekit, write_yaml
+from _merge_utils import load, make_base, make_finetune, max_diff, mergekit_available, run_mergekit, write_yaml
 
 import weightsmith as ws
 from weightsmith.cli import build_parser, main
@@ -20,21 +20,9 @@ LAYERS = 5  # enough layers for a gradient to interpolate between its points
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A 5-layer fp32 Llama base and three fine-tunes (one leaves the norms untouched: exact zeros in its δ)."""
-    import transformers as tf
 
     root = tmp_path_factory.mktemp("merge-models")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    make_base(root / "base", LAYERS)
     fts = [
         make_finetune(root / "base", root / f"ft{i}", seed=i + 1, frozen=("norm",) if i == 2 else ()) for i in range(3)
     ]

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from _merge_utils import load, make_finetune, max_diff, mergekit_available, run_mergekit, write_yaml
+from _merge_utils import load, make_base, make_finetune, max_diff, mergekit_available, run_mergekit, write_yaml
 
 import weightsmith as ws
 from weightsmith.cli import main
@@ -17,21 +17,9 @@ from weightsmith.merge import selective, spherical
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A 3-layer fp32 Llama base and three fine-tunes (the third leaves the norms untouched: exact zeros in δ)."""
-    import transformers as tf
 
     root = tmp_path_factory.mktemp("merge-more")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    make_base(root / "base", 3)
     fts = [
         make_finetune(root / "base", root / f"ft{i}", seed=i + 1, frozen=("norm",) if i == 2 else ()) for i in range(3)
     ]

@@ -8,7 +8,16 @@ import copy
 
 import pytest
 import torch
-from _merge_utils import config_json, load, make_finetune, max_diff, mergekit_available, run_mergekit, write_yaml
+from _merge_utils import (
+    config_json,
+    load,
+    make_base,
+    make_finetune,
+    max_diff,
+    mergekit_available,
+    run_mergekit,
+    write_yaml,
+)
 
 import weightsmith as ws
 from weightsmith.cli import main
@@ -21,18 +30,7 @@ def models(tmp_path_factory):
     import transformers as tf
 
     root = tmp_path_factory.mktemp("merge-slices")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    make_base(root / "base", LAYERS)
     a, b = (make_finetune(root / "base", root / f"ft{i}", seed=i + 1, scale=0.05) for i in range(2))
     torch.manual_seed(1)
     gpt2 = root / "gpt2"
