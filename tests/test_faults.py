@@ -80,10 +80,11 @@ def tmpfs(tmp_path):
 
 @pytest.fixture(scope="module")
 def many_tensors(tmp_path_factory) -> Path:
-    """A plain checkpoint of 128 tensors (8 MB): writing it takes long enough to be interrupted in the middle."""
+    """A plain checkpoint of 256 tensors (64 MB, built at run time): writing it takes long enough, even on an idle
+    machine, to be interrupted in the middle (8 MB was sometimes written and renamed before the signal landed)."""
     src = tmp_path_factory.mktemp("many") / "src"
     gen = torch.Generator().manual_seed(0)
-    ws.save({f"layer.{i}.weight": torch.randn(128, 128, generator=gen) for i in range(128)}, src)
+    ws.save({f"layer.{i}.weight": torch.randn(256, 256, generator=gen) for i in range(256)}, src)
     return src
 
 
