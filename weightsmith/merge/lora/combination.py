@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter, provenance_step
 from weightsmith.errors import ConfigError, IncompatibleError
+from weightsmith.merge.lora.extraction import unit_scale_config
 from weightsmith.merge.lora.math import truncated_factors
 from weightsmith.merge.lora.read import PREFIX, Adapter, check_finite, read_adapter
 from weightsmith.progress import progress
@@ -150,33 +150,16 @@ def _write(
 
 
 def _adapter_config(adapters: Sequence[tuple[Adapter, float]], ranks: dict[str, int]) -> dict:
-    """A LORA adapter_config.json: full module names as targets, r = the largest rank, per-module rank_pattern and
-    alpha_pattern where a rank differs, α = r everywhere so that s = 1 (B·A is ΔW itself)."""
+    """The combined adapter's config: r = the largest rank, the inputs' task type and base, s = 1."""
     first = adapters[0][0].config
-    r = max(ranks.values())
-    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
-    return {
-        "peft_type": "LORA",
-        "task_type": first.get("task_type"),
-        "base_model_name_or_path": first.get("base_model_name_or_path"),
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": any(bool(a.config.get("fan_in_fan_out")) for a, _ in adapters),
-        "bias": "none",
-        "init_lora_weights": True,
-        "target_modules": sorted(ranks),
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }
+    return unit_scale_config(
+        list(ranks),
+        ranks,
+        max(ranks.values()),
+        base_model=first.get("base_model_name_or_path"),
+        task_type=first.get("task_type"),
+        fan_in_fan_out=any(bool(a.config.get("fan_in_fan_out")) for a, _ in adapters),
+    )
 
 
 def combine(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -98,7 +99,15 @@ def extract(
             if not targets and not saved:
                 raise IncompatibleError(f"{t_ck.path}: identical to {b_ck.path}; there is nothing to extract")
             r = max(ranks.values(), default=rank or 1)
-            config = _adapter_config(b_ck, targets, saved, ranks, r, bool(biases), conv1d)
+            config = unit_scale_config(
+                targets,
+                ranks,
+                r,
+                base_model=str(b_ck.path),
+                fan_in_fan_out=conv1d,
+                bias="all" if biases else "none",
+                modules_to_save=saved,
+            )
             writer.add_file("adapter_config.json", json.dumps(config, indent=2) + "\n")
     report.summary.update(
         base=str(b_ck.path),
@@ -142,16 +151,25 @@ def _group(ckpt) -> dict[str, list[str]]:
     return modules
 
 
-def _adapter_config(
-    base, targets: list[str], saved: list[str], ranks: dict[str, int], r: int, biases: bool, conv1d: bool
+def unit_scale_config(
+    targets: Sequence[str],
+    ranks: dict[str, int],
+    r: int,
+    *,
+    base_model: str | None,
+    task_type: str | None = None,
+    fan_in_fan_out: bool = False,
+    bias: str = "none",
+    modules_to_save: Sequence[str] = (),
 ) -> dict:
     """A LORA adapter_config.json: full module names as targets (PEFT matches them exactly), a per-module
-    rank_pattern/alpha_pattern where ranks differ, and α = r everywhere so that s = 1 (B·A is ΔW itself)."""
+    rank_pattern/alpha_pattern where a rank differs from ``r``, and α = r everywhere so that s = 1 (B·A is ΔW
+    itself). Written by ``extract``, ``combine`` and ``resize``."""
     pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
     return {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": str(base.path),
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
         "inference_mode": True,
         "r": r,
         "lora_alpha": r,
@@ -161,11 +179,11 @@ def _adapter_config(
         "use_dora": False,
         "lora_bias": False,
         "lora_dropout": 0.0,
-        "fan_in_fan_out": conv1d,
-        "bias": "all" if biases else "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": bias,
         "init_lora_weights": True,
         "target_modules": sorted(targets) or None,
-        "modules_to_save": sorted(saved) or None,
+        "modules_to_save": sorted(modules_to_save) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
