@@ -186,7 +186,15 @@ def test_forbidden_parent_exits_3_for_an_ordinary_user(tiny_model):
 
 
 def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The CLI in a child process with SIGINT at its default disposition: a test run started in the background of a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    return subprocess.Popen(
+        [*CLI, *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for_staging(proc: subprocess.Popen, parent: Path, name: str = "out") -> bool:
