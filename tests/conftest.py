@@ -18,14 +18,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# Hypothesis profiles. "default" bounds the property tests for `make test` (a few thousand generated inputs in all,
-# derandomized under CI so a run is reproducible); "fuzz" is `make fuzz`'s longer budget with fresh randomness.
-# Deadlines are generous: this machine is shared, and a hang is caught by the harness's own timer anyway.
+# Hypothesis profiles. "default" bounds the property tests for `make test` (the fuzz targets scale it by a weight,
+# tests/fuzzing.py `budget`: about 3,200 generated inputs in all, derandomized under CI so a run is reproducible);
+# "fuzz" is `make fuzz`'s longer budget with fresh randomness. No deadline: a shared machine makes single examples
+# slow now and then, and a hang is caught by the fuzz harness's own timer.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile(
-    "default", max_examples=120, deadline=5000, derandomize=bool(os.environ.get("CI")), suppress_health_check=_SLOW_OK
+    "default", max_examples=120, deadline=None, derandomize=bool(os.environ.get("CI")), suppress_health_check=_SLOW_OK
 )
-settings.register_profile("fuzz", max_examples=1300, deadline=None, suppress_health_check=_SLOW_OK)
+settings.register_profile("fuzz", max_examples=450, deadline=None, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 VOCAB = 128

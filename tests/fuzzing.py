@@ -79,6 +79,14 @@ def leftovers(out: Path) -> list[Path]:
     return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.weightsmith-")]
 
 
+def budget(weight: int):
+    """The Hypothesis settings of a fuzz target: the profile's ``max_examples`` times ``weight`` (cheap parsers get
+    more inputs than targets whose every input builds a model)."""
+    from hypothesis import settings
+
+    return settings(max_examples=max(1, weight * settings.default.max_examples))
+
+
 def exercise(target: str, data: bytes, argv: list[str], out: Path | None = None) -> str:
     """Run ``weightsmith ARGV`` on an input (``data``, for the corpus) and classify it; raise on any failure."""
     MARKER.unlink(missing_ok=True)

@@ -5,8 +5,9 @@ Targets: safetensors headers and bytes, ``model.safetensors.index.json`` and ``p
 ``adapter_config.json``, ``config.json``, merge YAML and recipe YAML (alias bombs, non-mappings, wrong types, unknown
 keys). Each input must be accepted (and then its output verifies) or refused with one line and exit 2; a traceback,
 a partial output, a hang or code executed fails (tests/fuzzing.py). The bound on examples comes from the Hypothesis
-profile (tests/conftest.py): a few thousand in ``make test``, far more in ``make fuzz``. Every input kept in
-``tests/fuzz_corpus/`` is replayed first.
+profile (tests/conftest.py) times each target's weight (``budget``): the parsers that answer in milliseconds get
+more inputs than those that build a model; about 3,200 in ``make test``, about 12,000 in ``make fuzz``. Every
+input kept in ``tests/fuzz_corpus/`` is replayed first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzzing import MARKER, corpus_cases, exercise
+from fuzzing import MARKER, budget, corpus_cases, exercise
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -174,11 +175,13 @@ def run_safetensors(work: Path, data: bytes) -> str:
     return outcome
 
 
+@budget(4)
 @given(data=safetensors_bytes())
 def test_fuzz_safetensors_headers(work, data):
     run_safetensors(work, data)
 
 
+@budget(8)
 @given(data=mutated(_valid_safetensors()))
 def test_fuzz_safetensors_mutations(work, data):
     run_safetensors(work, data)
@@ -255,11 +258,13 @@ def run_index(index_folder: Path, work: Path, kind: str, data: bytes) -> str:
     return exercise(f"index_{kind}", data, ["convert", src, "-o", out], out)
 
 
+@budget(2)
 @given(data=index_bytes("safetensors"))
 def test_fuzz_safetensors_index(index_folder, work, data):
     run_index(index_folder, work, "safetensors", data)
 
 
+@budget(2)
 @given(data=index_bytes("bin"))
 def test_fuzz_bin_index(index_folder, work, data):
     run_index(index_folder, work, "bin", data)
@@ -479,6 +484,7 @@ def run_bin(work: Path, data: bytes) -> str:
     return exercise("bin", data, ["convert", src, "-o", out], out)
 
 
+@budget(4)
 @given(data=bin_bytes())
 def test_fuzz_bin_pickles(work, data):
     run_bin(work, data)
@@ -565,6 +571,7 @@ def run_adapter(adapter_folder, work: Path, data: bytes) -> str:
     return exercise("adapter_config", data, ["lora", "merge", base, adapter, "-o", out], out)
 
 
+@budget(1)
 @given(data=st.data())
 def test_fuzz_adapter_config(adapter_folder, work, data):
     run_adapter(adapter_folder, work, data.draw(adapter_config_bytes(adapter_folder[1])))
@@ -622,6 +629,7 @@ def run_config(tiny_model, work: Path, command: str, data: bytes) -> str:
     return exercise("config", data, argv, out)
 
 
+@budget(1)
 @given(data=st.data())
 def test_fuzz_config_json(tiny_model, work, data):
     base = json.loads((tiny_model("llama") / "config.json").read_text())
@@ -728,6 +736,7 @@ def run_merge(work: Path, data: bytes) -> str:
     return exercise("merge", data, ["merge", config, "-o", out], out)
 
 
+@budget(2)
 @given(data=st.data())
 def test_fuzz_merge_yaml(merge_models, work, data):
     run_merge(work, data.draw(yaml_text(merge_documents(merge_models))))
@@ -777,6 +786,7 @@ def run_recipe(work: Path, data: bytes) -> str:
     return exercise("recipe", data, ["run", recipe, "--dry-run"])
 
 
+@budget(3)
 @given(data=st.data())
 def test_fuzz_recipe_yaml(tiny_model, work, data):
     inputs = [str(tiny_model("llama")), "/no/such/model"]

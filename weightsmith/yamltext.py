@@ -20,7 +20,9 @@ def parse_mapping(text: str, where: str, expected: str) -> dict:
     """The mapping a YAML document holds; ``where`` names the file in errors, ``expected`` says what it should hold."""
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    # libyaml's parser where PyYAML was built with it (the wheels are): the same documents, nodes and errors as the
+    # pure-Python one, tens of times faster on large or hostile input
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
         node = loader.get_single_node()
         if node is not None:
