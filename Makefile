@@ -44,12 +44,11 @@ lint: setup
 bench: setup
 	$(PY) bench/run_all.py
 
-# The parsers' fuzzing with a longer budget (about 10 minutes here) than `make test` gives it; inputs that fail are
-# saved to tests/fuzz_corpus/ and replayed by every later run. Prints the figures (inputs tried, refusals, …).
+# The parsers' fuzzing with a longer budget (about 10 minutes here) than `make test` gives it, then the fault-injection
+# tests; inputs that fail are saved to tests/fuzz_corpus/ and replayed by every later run. The figures (inputs tried,
+# refusals, tracebacks, partial outputs, hangs, code executed, faults) go to bench/RESULTS.md.
 fuzz: setup
-	mkdir -p bench/_work
-	HYPOTHESIS_PROFILE=fuzz WEIGHTSMITH_FUZZ_SAVE=1 WEIGHTSMITH_FUZZ_FIGURES=bench/_work/fuzz.json \
-		$(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider --durations=0
+	$(PY) bench/fuzz_figures.py
 
 lock: setup
 	$(PY) tools/lock.py $(TORCH_VERSION) > $(LOCK).new && mv $(LOCK).new $(LOCK)

@@ -178,7 +178,7 @@ def embed(model_dir_or_model, sentences=SENTENCES, tokenizer_dir=None) -> torch.
 
 def pytest_terminal_summary(terminalreporter):
     """The fuzzing figures, when any input was fuzzed in this run (and a JSON copy for bench/RESULTS.md)."""
-    from fuzzing import KINDS, TALLY
+    from fuzzing import KINDS, TALLY, TARGETS
 
     if not TALLY["tried"]:
         return
@@ -188,4 +188,5 @@ def pytest_terminal_summary(terminalreporter):
     if os.environ.get("WEIGHTSMITH_FUZZ_FIGURES"):
         import json
 
-        Path(os.environ["WEIGHTSMITH_FUZZ_FIGURES"]).write_text(json.dumps({k: TALLY[k] for k in KINDS}) + "\n")
+        figures = {**{k: TALLY[k] for k in KINDS}, "targets": {t: dict(c) for t, c in sorted(TARGETS.items())}}
+        Path(os.environ["WEIGHTSMITH_FUZZ_FIGURES"]).write_text(json.dumps(figures) + "\n")

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +30,7 @@ CORPUS = Path(__file__).parent / "fuzz_corpus"
 MARKER = Path(tempfile.gettempdir()) / f"weightsmith-fuzz-code-ran-{os.getpid()}"
 HANG_SECONDS = 30
 TALLY: Counter = Counter()
+TARGETS: dict[str, Counter] = {}  # per target: inputs tried and seconds spent in the command
 KINDS = ("tried", "accepted", "refused", "tracebacks", "partial_outputs", "hangs", "code_executed")
 
 
@@ -91,8 +93,11 @@ def exercise(target: str, data: bytes, argv: list[str], out: Path | None = None)
     """Run ``weightsmith ARGV`` on an input (``data``, for the corpus) and classify it; raise on any failure."""
     MARKER.unlink(missing_ok=True)
     TALLY["tried"] += 1
+    mine = TARGETS.setdefault(target, Counter())
+    mine["tried"] += 1
     problems: list[str] = []
     code, err = -1, ""
+    started = time.perf_counter()
     try:
         with time_limit(HANG_SECONDS):
             code, err = cli(argv)
@@ -102,6 +107,7 @@ def exercise(target: str, data: bytes, argv: list[str], out: Path | None = None)
     except Exception as exc:  # escaped main(): as bad as a traceback
         TALLY["tracebacks"] += 1
         problems.append(f"exception escaped the CLI: {type(exc).__name__}: {exc}")
+    mine["seconds"] += time.perf_counter() - started
     if MARKER.exists():
         TALLY["code_executed"] += 1
         problems.append("the input ran code (the payload's marker file exists)")
