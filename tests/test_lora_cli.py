@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import weightsmith as ws
 from weightsmith.cli import main
-from weightsmith.cli.lora import parse_adapter
+from weightsmith.units import parse_weighted
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -316,7 +316,7 @@ def test_cli_round_trip_with_json(capsys, tiny_model, llama_adapter, tmp_path):
     assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
 
 
-def test_parse_adapter():
-    assert parse_adapter("a/b@0.25") == ("a/b", 0.25)
-    assert parse_adapter("team@org/adapter") == ("team@org/adapter", 1.0)
-    assert parse_adapter("x@-1") == ("x", -1.0)
+def test_parse_weighted():
+    assert parse_weighted("a/b@0.25") == ("a/b", 0.25)
+    assert parse_weighted("team@org/adapter") == ("team@org/adapter", 1.0)
+    assert parse_weighted("x@-1") == ("x", -1.0)

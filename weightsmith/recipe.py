@@ -432,10 +432,10 @@ def _run_step(
 
 def _adapters(value: Any) -> list[tuple[str, float]]:
     """``adapters`` of a lora_merge step: ``path``, ``path@weight`` or ``{path, weight}`` entries."""
-    from weightsmith.cli.common import parse_adapter
+    from weightsmith.units import parse_weighted
 
     entries = [value] if isinstance(value, (str, dict)) else list(value)
-    return [parse_adapter(a) if isinstance(a, str) else (str(a["path"]), float(a.get("weight", 1.0))) for a in entries]
+    return [parse_weighted(a) if isinstance(a, str) else (str(a["path"]), float(a.get("weight", 1.0))) for a in entries]
 
 
 def _size_of(path: Path) -> str:

@@ -39,6 +39,21 @@ DTYPE_NAMES = {
 }
 
 
+def parse_weighted(text: str) -> tuple[str, float]:
+    """``PATH[@WEIGHT]``: a trailing ``@number`` is the weight (default 1); any other ``@`` is part of the path.
+
+    >>> parse_weighted("adapters/math@0.7"), parse_weighted("user@host/model")
+    (('adapters/math', 0.7), ('user@host/model', 1.0))
+    """
+    path, sep, weight = text.rpartition("@")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def parse_size(text: str | int) -> int:
     """Bytes from ``5GB``, ``500MB``, ``2GiB`` or a plain integer (decimal units are powers of 10, as on the Hub).
 

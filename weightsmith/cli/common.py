@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weightsmith.units import parse_weighted
+
 
 def add_command(sub, name: str, *, help: str, examples: list[str], description: str | None = None):
     """A subparser with --json/--debug and an examples epilog (the examples are parsed in the tests)."""
@@ -51,24 +53,13 @@ def declare_inputs(parser: argparse.ArgumentParser, *dests: str) -> None:
     def inputs(args: argparse.Namespace) -> list[str]:
         values = [getattr(args, d, None) for d in dests]
         return [
-            parse_adapter(v)[0]
+            parse_weighted(v)[0]
             for value in values
             for v in (value if isinstance(value, list) else [value])
             if isinstance(v, str)
         ]
 
     parser.set_defaults(inputs=inputs)
-
-
-def parse_adapter(text: str) -> tuple[str, float]:
-    """``ADAPTER[@WEIGHT]``: a trailing ``@number`` is the weight (default 1); any other ``@`` is part of the path."""
-    path, sep, weight = text.rpartition("@")
-    if sep:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
 
 
 def yaml_mapping(path: str) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from weightsmith.cli.common import add_command, add_output_options, add_report_option, declare_inputs, parse_adapter
+from weightsmith.cli.common import add_command, add_output_options, add_report_option, declare_inputs
+from weightsmith.units import parse_weighted
 
 
 def register(sub) -> None:
@@ -152,7 +153,7 @@ def _merge(args):
 
     return merge(
         args.base,
-        [parse_adapter(a) for a in args.adapters],
+        [parse_weighted(a) for a in args.adapters],
         args.out,
         dtype=args.dtype,
         shard_size=args.shard_size,
@@ -166,7 +167,7 @@ def _unmerge(args):
 
     return unmerge(
         args.merged,
-        parse_adapter(args.adapter),
+        parse_weighted(args.adapter),
         args.out,
         dtype=args.dtype,
         shard_size=args.shard_size,
@@ -184,7 +185,7 @@ def _combine(args):
     from weightsmith.merge.lora import combine
 
     return combine(
-        [parse_adapter(a) for a in args.adapters],
+        [parse_weighted(a) for a in args.adapters],
         args.out,
         method=args.method,
         rank=args.rank,
@@ -208,5 +209,5 @@ def _routes(args):
     from weightsmith.merge.lora import routes
 
     return routes(
-        args.quantized_base, [parse_adapter(a) for a in args.adapters], float_base=args.float_base, dtype=args.dtype
+        args.quantized_base, [parse_weighted(a) for a in args.adapters], float_base=args.float_base, dtype=args.dtype
     )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from weightsmith.cli.common import add_command, add_output_options, parse_adapter, yaml_mapping
+from weightsmith.cli.common import add_command, add_output_options, yaml_mapping
 from weightsmith.merge import table
+from weightsmith.units import parse_weighted
 
 _DEST = "param_"  # argparse destination prefix of the method parameters' flags
 
@@ -79,7 +80,7 @@ def _inputs(args) -> list[str]:
         slices = _list(raw.get("slices"))
         for sl in (s for s in slices if isinstance(s, dict) and isinstance(s.get("sources"), list)):
             specs += [src.get("model") for src in sl["sources"] if isinstance(src, dict)]
-    return [parse_adapter(part)[0] for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]
+    return [parse_weighted(part)[0] for spec in specs if isinstance(spec, str) for part in spec.rsplit("+", 1)]
 
 
 def _merge(args):
