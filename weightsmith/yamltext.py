@@ -18,25 +18,40 @@ MAX_NODES = 100_000  # a merge config of 1,000 models with 20 parameters each is
 
 def parse_mapping(text: str, where: str, expected: str) -> dict:
     """The mapping a YAML document holds; ``where`` names the file in errors, ``expected`` says what it should hold."""
+    documents = parse_documents(text, where)
+    if len(documents) > 1:
+        raise ConfigError(f"{where}: expected a single YAML document with {expected}, found {len(documents)}")
+    raw = documents[0] if documents else None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with {expected}")
+    return raw
+
+
+def parse_documents(text: str, where: str) -> list:
+    """Every document of a YAML stream (``---`` separated), each checked for alias expansion before it is built;
+    empty documents are left out."""
     import yaml
 
     # libyaml's parser where PyYAML was built with it (the wheels are): the same documents, nodes and errors as the
     # pure-Python one, tens of times faster on large or hostile input
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    documents = []
     try:
-        node = loader.get_single_node()
-        if node is not None:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
             _check_expansion(node, where)
-        raw = loader.construct_document(node) if node is not None else None
+            document = loader.construct_document(node)
+            if document is not None:
+                documents.append(document)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except RecursionError:
         raise ConfigError(f"{where}: YAML nested too deeply") from None
     finally:
         loader.dispose()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with {expected}")
-    return raw
+    return documents
 
 
 def _check_expansion(root, where: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weightsmith.errors import ConfigError
+from weightsmith.yamltext import parse_documents, read_text
 
 if TYPE_CHECKING:
     from weightsmith.report import Report
@@ -35,17 +36,12 @@ def stages_in(source: Any) -> list[tuple[str | None, dict]] | None:
         return None
     text, where = None, "config"
     if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
-        text, where = Path(source).read_text(encoding="utf-8"), str(source)
+        text, where = read_text(Path(source)), str(source)
     elif isinstance(source, str) and "\n" in source:
         text = source
     if text is None or "\n---" not in "\n" + text.lstrip():
         return None
-    import yaml
-
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    docs = parse_documents(text, where)
     if len(docs) < 2:
         return None
     stages: list[tuple[str | None, dict]] = []
