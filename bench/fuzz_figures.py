@@ -89,6 +89,11 @@ def main() -> None:
         ],
     )
     load = os.getloadavg()[0]
+    failed = fault_counts["failures"] + fault_counts["errors"]
+    faults_line = (
+        f"{fault_counts['tests']} tests: {fault_counts['passed']} passed, {failed} failed, {fault_counts['skipped']} "
+        "skipped (the forbidden-folder test skips when the tests run as root)."
+    )
     write_section(
         "fuzz",
         f"""## Faults and hostile inputs (`make fuzz`: `bench/fuzz_figures.py`)
@@ -107,9 +112,9 @@ in tests/fuzz_corpus/ (the inputs that once broke something).
 Fault injection (tests/test_faults.py: full disks on a real tmpfs and by RLIMIT_FSIZE, injected errnos, read-only
 folders, SIGINT and SIGKILL mid-write followed by a clean re-run, a destination on another file system, concurrent
 runs, inputs changed during a run, leftovers of dead and live runs; after each, the destination holds nothing or a
-result `weightsmith verify` accepts): {fault_counts["tests"]} tests, {fault_counts["passed"]} passed,
-{fault_counts["failures"] + fault_counts["errors"]} failed, {fault_counts["skipped"]} skipped (the forbidden-folder
-test skips when the tests run as root).
+result `weightsmith verify` accepts):
+
+{faults_line}
 """,
     )
 
