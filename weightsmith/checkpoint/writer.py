@@ -440,8 +440,18 @@ def save(
 
     >>> weightsmith.save({"w": torch.zeros(2, 2)}, "out_dir")  # doctest: +SKIP
     """
-    steps = [provenance_step(operation, parameters or {}, inputs)]
-    with CheckpointWriter(out, steps=steps, config=config, **writer_options) as writer:
-        for name in tensors:
-            writer.write(name, tensors[name])
+    from weightsmith.stream import stream
+
+    carry = writer_options.pop("carry", ())
+    stream(
+        tensors,  # type: ignore[arg-type]  # any Mapping: the transform below reads it, nothing else of it is used
+        out,
+        operation=operation,
+        params=parameters or {},
+        inputs=inputs,
+        transform=lambda name: [(name, tensors[name])],
+        config=config,
+        carry=carry,
+        **writer_options,
+    )
     return Path(out)
