@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from weightsmith.merge import sparsify as sp
+from weightsmith import sparsify as sp
 from weightsmith.merge.table import CONSENSUS, EPSILON, GAMMA, METHODS, RESCALE_MODE, RESCALE_MODES, FamilyRow
 
 _BLOCK = 1 << 18  # elements per block of rows: N × 1 MB of float32 scratch stays in the CPU cache
