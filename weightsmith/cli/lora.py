@@ -25,7 +25,15 @@ def register(sub) -> None:
         epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
     )
     lora = group.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", required=True)
+    _add_merge(lora)
+    _add_unmerge(lora)
+    _add_extract(lora)
+    _add_combine(lora)
+    _add_resize(lora)
+    _add_routes(lora)
 
+
+def _add_merge(lora) -> None:
     p = add_command(
         lora,
         "merge",
@@ -48,6 +56,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("base", "adapters"))
     p.set_defaults(handler=_merge)
 
+
+def _add_unmerge(lora) -> None:
     p = add_command(
         lora,
         "unmerge",
@@ -65,6 +75,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("merged", "adapter"))
     p.set_defaults(handler=_unmerge)
 
+
+def _add_extract(lora) -> None:
     p = add_command(
         lora,
         "extract",
@@ -84,6 +96,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("base", "tuned"), dtype=False, shards=False)
     p.set_defaults(handler=_extract)
 
+
+def _add_combine(lora) -> None:
     p = add_command(
         lora,
         "combine",
@@ -108,6 +122,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("adapters",), dtype=False, shards=False)
     p.set_defaults(handler=_combine)
 
+
+def _add_resize(lora) -> None:
     p = add_command(
         lora,
         "resize",
@@ -127,6 +143,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("adapter",), dtype=False, shards=False)
     p.set_defaults(handler=_resize)
 
+
+def _add_routes(lora) -> None:
     p = add_command(
         lora,
         "routes",
