@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, MANIFEST, SAFETENSORS_INDEX, ST_CODES, TensorInfo
-from weightsmith.checkpoint.reader import Checkpoint, CheckpointView
+from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.staging import DestinationLock, move_into_place, staging_dir, storage_errors, sweep
+from weightsmith.checkpoint.view import CheckpointView
 from weightsmith.errors import CheckpointError, DestinationError, StorageError, WeightsmithError
 from weightsmith.units import parse_size
 
