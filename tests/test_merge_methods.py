@@ -8,8 +8,8 @@ import torch
 from _merge_utils import load, make_finetune, max_diff
 
 import weightsmith as ws
+from weightsmith import sparsify as sp
 from weightsmith.merge import methods as M
-from weightsmith.merge import sparsify as sp
 from weightsmith.merge.table import METHODS
 
 N = 400_000  # large enough for the sampled-bracket path of the selection (> 4 × 65536)

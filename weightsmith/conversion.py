@@ -7,14 +7,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from weightsmith.checkpoint import (
-    DEFAULT_SHARD_SIZE,
-    Checkpoint,
-    CheckpointWriter,
-    provenance_step,
-)
-from weightsmith.progress import progress
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
 from weightsmith.report import Report
+from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
 
 # output name -> a function producing its tensor (called once, at write time), or None: the source's tensor of that
@@ -57,30 +52,29 @@ def copy_through(
     """Stream ``plan`` (default: every tensor of ``ckpt`` as it is) into ``out``; config and carried files follow."""
     plan = plan if plan is not None else dict.fromkeys(ckpt)
     target = parse_dtype(dtype)
-    report = Report(operation, output=str(out))
-    params = {"dtype": str(target) if target else None, "shard_size": shard_size, **(params or {})}
-    with report.timed("total"):
-        writer = CheckpointWriter(
-            out,
-            steps=[provenance_step(operation, params, [ckpt])],
-            config=ckpt.config,
-            carry=ckpt.carry_files,
-            dtype=target,
-            shard_size=shard_size,
-            force=force,
-        )
-        with writer:
-            for name in progress(plan, total=len(plan), desc=operation):
-                produce = plan[name]
-                if produce is None:
-                    writer.write_from(ckpt, name)
-                else:
-                    writer.write(name, produce())
-    report.summary.update(
-        source=str(ckpt.path),
-        tensors=len(plan),
-        bytes_in=format_size(ckpt.nbytes),
-        bytes_out=format_size(writer.total_size),
-        shards=writer.num_shards,
+
+    def produce(name: str) -> list[Item]:
+        make = plan[name]
+        return [(name, Stored(ckpt, name) if make is None else make())]
+
+    def summary(written: Written) -> dict:
+        return {
+            "source": str(ckpt.path),
+            "tensors": len(plan),
+            "bytes_in": format_size(ckpt.nbytes),
+            "bytes_out": format_size(written.bytes),
+            "shards": written.shards,
+        }
+
+    return stream(
+        ckpt,
+        out,
+        operation=operation,
+        params={"dtype": str(target) if target else None, "shard_size": shard_size, **(params or {})},
+        transform=produce,
+        names=plan,
+        summary=summary,
+        dtype=target,
+        shard_size=shard_size,
+        force=force,
     )
-    return report

@@ -118,7 +118,10 @@ def adapter_summary(ckpt: Checkpoint) -> dict:
 def gguf_facts(ckpt: Checkpoint) -> dict:
     """A GGUF file's own facts: its llama.cpp architecture, tensor types, tokenizer and selected metadata."""
     from weightsmith.checkpoint.gguf_file import GGUFFile
+    from weightsmith.checkpoint.view import CheckpointView
 
+    while isinstance(ckpt, CheckpointView):  # a view's file facts are its source's
+        ckpt = ckpt.source
     wf = ckpt._files[0]
     if not isinstance(wf, GGUFFile):
         return {}

@@ -7,7 +7,8 @@ temporary sibling directory that is renamed into place only when everything succ
 """
 
 from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, TensorInfo
-from weightsmith.checkpoint.reader import Checkpoint, CheckpointView, open
+from weightsmith.checkpoint.reader import Checkpoint, open
+from weightsmith.checkpoint.view import CheckpointView, TensorSource
 from weightsmith.checkpoint.writer import CheckpointWriter, check_destination, provenance_step, save, set_config_dtype
 from weightsmith.digests import file_sha256
 
@@ -17,6 +18,7 @@ __all__ = [
     "CheckpointWriter",
     "DEFAULT_SHARD_SIZE",
     "TensorInfo",
+    "TensorSource",
     "check_destination",
     "file_sha256",
     "open",

@@ -1,5 +1,5 @@
-"""``Checkpoint``: a lazy, read-only tensor dict over a model directory, a weight file or a PEFT adapter; and
-``CheckpointView``, a lazy transform of one."""
+"""``Checkpoint``: a lazy, read-only tensor dict over a model directory, a weight file or a PEFT adapter (its lazy
+transforms, ``CheckpointView``, live in ``checkpoint.view``)."""
 
 from __future__ import annotations
 
@@ -303,63 +303,3 @@ def open(path: str | os.PathLike) -> Checkpoint:  # noqa: A001 - the public verb
     """Open a checkpoint lazily: a model directory, a ``.safetensors``/``.bin``/``.gguf`` file, or a PEFT adapter
     directory. A GGUF file reads as the transformers checkpoint it stands for (names, config, float tensors)."""
     return Checkpoint(path)
-
-
-class CheckpointView(Checkpoint):
-    """A lazy transform of a checkpoint with the same reader interface: tensors are computed when read.
-
-    This is how streamed steps chain without intermediate files: a view is accepted wherever a Checkpoint is, and
-    the writer records the view's steps in the output's provenance. A subclass overrides ``__getitem__`` and
-    ``_changed`` (the tensors it computes); ``dtype`` casts float tensors; where names or shapes change it also
-    overrides ``_source_name``, ``_order``, ``info`` and ``config``. Files, carried files and digests are the source's.
-    """
-
-    dtype: torch.dtype | None = None  # float tensors come out in this dtype (None: each source tensor's own)
-
-    def __init__(self, source: Checkpoint, step: dict):
-        self.source = source
-        self.path, self.root = source.path, source.root
-        self.config, self.adapter_config, self.index_file = source.config, source.adapter_config, None
-        self._files = source._files
-        self._order = list(source)
-        self.history = [*source.history, step]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.source[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._order
-
-    def _source_name(self, name: str) -> str:
-        """The source tensor ``name`` starts from."""
-        return name
-
-    def _changed(self, name: str) -> bool:
-        """True for tensors the view computes (they have no bytes on disk)."""
-        return True
-
-    def info(self, name: str) -> TensorInfo:
-        src = self.source.info(self._source_name(name))
-        dtype = self.dtype if self.dtype is not None and src.dtype.is_floating_point else src.dtype
-        return TensorInfo(name, src.shape, dtype, src.file)
-
-    def location(self, name: str) -> tuple[Path, int, int] | None:
-        """An untouched, uncast tensor's bytes in the source (the writer copies them file to file); else None."""
-        source_name = self._source_name(name)
-        if self._changed(name) or self.info(name).dtype != self.source.info(source_name).dtype:
-            return None
-        return self.source.location(source_name)
-
-    def check_unchanged(self, name: str, fd: int) -> None:
-        self.source.check_unchanged(self._source_name(name), fd)
-
-    @property
-    def carry_files(self) -> list[Path]:
-        return self.source.carry_files
-
-    @property
-    def tied_weights(self) -> dict[str, str]:
-        return self.source.tied_weights
-
-    def digest(self) -> str:
-        return self.source.digest()

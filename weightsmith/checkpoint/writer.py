@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, MANIFEST, SAFETENSORS_INDEX, ST_CODES, TensorInfo
-from weightsmith.checkpoint.reader import Checkpoint, CheckpointView
+from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.staging import DestinationLock, move_into_place, staging_dir, storage_errors, sweep
+from weightsmith.checkpoint.view import CheckpointView
 from weightsmith.errors import CheckpointError, DestinationError, StorageError, WeightsmithError
 from weightsmith.units import parse_size
 
@@ -221,10 +222,15 @@ class CheckpointWriter:
     headers, the index, config.json and the carried files, then renames the temporary sibling directory into place.
     Used as a context manager it commits on success and removes everything on any exception or Ctrl-C.
 
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> src = weightsmith.open(weightsmith.save({"w": torch.ones(2)}, f"{d}/src"))
     >>> steps = [provenance_step("convert", {}, [src])]
-    >>> with CheckpointWriter("out", steps=steps, config=src.config) as w:  # doctest: +SKIP
+    >>> with CheckpointWriter(f"{d}/out", steps=steps, config=src.config) as w:
     ...     for name in src:
     ...         w.write(name, src[name])
+    >>> list(weightsmith.open(f"{d}/out"))
+    ['w']
     """
 
     def __init__(
@@ -438,10 +444,23 @@ def save(
 ) -> Path:
     """Write a tensor dict (any Mapping, lazy ones included) as a transformers-style directory, atomically.
 
-    >>> weightsmith.save({"w": torch.zeros(2, 2)}, "out_dir")  # doctest: +SKIP
+    >>> import tempfile
+    >>> out = weightsmith.save({"w": torch.zeros(2, 2)}, tempfile.mkdtemp() + "/out")
+    >>> weightsmith.open(out)["w"].shape
+    torch.Size([2, 2])
     """
-    steps = [provenance_step(operation, parameters or {}, inputs)]
-    with CheckpointWriter(out, steps=steps, config=config, **writer_options) as writer:
-        for name in tensors:
-            writer.write(name, tensors[name])
+    from weightsmith.stream import stream
+
+    carry = writer_options.pop("carry", ())
+    stream(
+        tensors,  # type: ignore[arg-type]  # any Mapping: the transform below reads it, nothing else of it is used
+        out,
+        operation=operation,
+        params=parameters or {},
+        inputs=inputs,
+        transform=lambda name: [(name, tensors[name])],
+        config=config,
+        carry=carry,
+        **writer_options,
+    )
     return Path(out)

@@ -21,7 +21,10 @@ from pathlib import Path
 from weightsmith import __version__
 
 COMMAND_MODULES = [
-    "weightsmith.cli.core",
+    "weightsmith.cli.inspect",
+    "weightsmith.cli.diff",
+    "weightsmith.cli.convert",
+    "weightsmith.cli.verify",
     "weightsmith.cli.lora",
     "weightsmith.cli.merge",
     "weightsmith.cli.quantize",
@@ -29,6 +32,7 @@ COMMAND_MODULES = [
     "weightsmith.cli.distill",
     "weightsmith.cli.export",
     "weightsmith.cli.run",
+    "weightsmith.cli.eval",
 ]
 
 

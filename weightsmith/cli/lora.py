@@ -26,7 +26,15 @@ def register(sub) -> None:
         epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
     )
     lora = group.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", required=True)
+    _add_merge(lora)
+    _add_unmerge(lora)
+    _add_extract(lora)
+    _add_combine(lora)
+    _add_resize(lora)
+    _add_routes(lora)
 
+
+def _add_merge(lora) -> None:
     p = add_command(
         lora,
         "merge",
@@ -49,6 +57,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("base", "adapters"))
     p.set_defaults(handler=_merge)
 
+
+def _add_unmerge(lora) -> None:
     p = add_command(
         lora,
         "unmerge",
@@ -66,6 +76,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("merged", "adapter"))
     p.set_defaults(handler=_unmerge)
 
+
+def _add_extract(lora) -> None:
     p = add_command(
         lora,
         "extract",
@@ -85,6 +97,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("base", "tuned"), dtype=False, shards=False)
     p.set_defaults(handler=_extract)
 
+
+def _add_combine(lora) -> None:
     p = add_command(
         lora,
         "combine",
@@ -109,6 +123,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("adapters",), dtype=False, shards=False)
     p.set_defaults(handler=_combine)
 
+
+def _add_resize(lora) -> None:
     p = add_command(
         lora,
         "resize",
@@ -128,6 +144,8 @@ def register(sub) -> None:
     add_output_options(p, inputs=("adapter",), dtype=False, shards=False)
     p.set_defaults(handler=_resize)
 
+
+def _add_routes(lora) -> None:
     p = add_command(
         lora,
         "routes",

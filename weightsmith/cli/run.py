@@ -1,4 +1,4 @@
-"""run (recipes) and eval."""
+"""weightsmith run: a recipe of steps, streamed where it can be."""
 
 from __future__ import annotations
 
@@ -24,24 +24,6 @@ def register(sub) -> None:
     add_report_option(p)
     p.set_defaults(handler=_run, inputs=_inputs)
 
-    p = add_command(
-        sub,
-        "eval",
-        help="perplexity, embedding cosine, logits |Δ| and KL, on checkpoints or ONNX files",
-        examples=[
-            "weightsmith eval ./llama-pruned --data held_out.txt",
-            "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --json",
-            "weightsmith eval ./onnx/model.onnx --ref ./minilm --data sentences.txt",
-            "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --report eval.html",
-        ],
-    )
-    p.add_argument("model", help="model directory or .onnx file")
-    p.add_argument("--data", required=True, help="text file, one sample per line")
-    p.add_argument("--ref", help="reference checkpoint to compare against")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
-    add_report_option(p)
-    p.set_defaults(handler=_eval)
-
 
 def _inputs(args) -> list[str]:
     """The recipe's input checkpoint (for hashing ahead); none for a dry run or a recipe that cannot be read."""
@@ -53,9 +35,3 @@ def _run(args):
     from weightsmith.recipe import run
 
     return run(args.recipe, dry_run=args.dry_run, force=args.force)
-
-
-def _eval(args):
-    from weightsmith.evaluation import evaluate
-
-    return evaluate(args.model, args.data, ref=args.ref, max_length=args.max_length)

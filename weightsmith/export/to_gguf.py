@@ -69,43 +69,10 @@ def gguf(
     if out.is_dir():
         raise DestinationError(f"{out}: a directory; give the .gguf file to write")
     check_destination(out, force)
-    source = as_checkpoint(src)
-    if source.is_adapter:
-        raise IncompatibleError(f"{source.path}: a PEFT adapter; merge it into its base model first")
-    config = source.config
-    if config is None:
-        raise IncompatibleError(f"{source.path}: no config.json; GGUF needs the architecture's hyper-parameters")
-    model_type = str(config.get("model_type"))
-    arch = ARCHS.get(model_type)
-    if arch is None:
-        raise IncompatibleError(
-            f"{source.path}: architecture {model_type!r} ({', '.join(config.get('architectures') or [])}) has no "
-            f"GGUF mapping in weightsmith; supported: {', '.join(ARCHS)}"
-        )
-    _check_rope(source.path, config)
+    source, config, model_type, arch = _source(src)
     ckpt = float_view(source)
-    names, unknown = {}, []
-    for name in ckpt:
-        target = to_gguf_name(name, model_type)
-        if target is None:
-            unknown.append(name)
-        else:
-            names[name] = target
-    if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise IncompatibleError(f"{source.path}: tensor {unknown[0]!r}{more} has no GGUF name for {model_type}")
-    qtype = gg.GGMLQuantizationType[kind.upper()]
-    block, type_size = gg.GGML_QUANT_SIZES[qtype]
-    plans: dict[str, Any] = {}
-    fallbacks = []
-    for name in names:
-        shape = tuple(ckpt.info(name).shape)
-        t = qtype if len(shape) == 2 else gg.GGMLQuantizationType.F32
-        if block > 1 and len(shape) == 2 and shape[-1] % block:
-            t = gg.GGMLQuantizationType.F16
-            fallbacks.append(name)
-        b, s = gg.GGML_QUANT_SIZES[t]
-        plans[name] = (t, shape, int(np.prod(shape)) // b * s)
+    names = _gguf_names(ckpt, source.path, model_type)
+    plans, fallbacks, block = _plans(gg, ckpt, names, kind)
     vocab = read_vocab(source.root, model_type, int(config.get("vocab_size") or 0)) if source.path.is_dir() else None
 
     report = Report("export gguf", output=str(out))
@@ -118,25 +85,11 @@ def gguf(
             if vocab is not None:
                 write_vocab(writer, vocab)
             _write_special_ids(writer, config, vocab)
-            for name, target in names.items():
-                t, shape, nbytes = plans[name]
-                writer.add_tensor_info(target, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
+            _write_tensor_infos(writer, names, plans)
             for name in progress(list(names), desc=f"export gguf {kind}"):
-                t, shape, nbytes = plans[name]
-                w = _to_llama_cpp(name, ckpt[name], arch, config)
-                if not torch.isfinite(w).all():
-                    raise NumericalError(f"{source.path}: tensor {name!r} holds NaN or Inf; refusing to export it")
-                data, rel = _encode(gg, w, t)
-                if t == gg.GGMLQuantizationType.F16 and not np.isfinite(data).all():
-                    raise NumericalError(f"{source.path}: tensor {name!r} overflows float16; use `type` bf16 or f32")
-                writer.write_tensor_data(data)
-                row = {"name": name, "gguf": names[name], "type": t.name, "bytes": nbytes}
-                if rel is not None:
-                    row["rel_error"] = rel
-                rows.append(row)
+                rows.append(
+                    _write_tensor(gg, writer, source.path, name, names[name], ckpt[name], plans[name], arch, config)
+                )
             writer.close()
             check_destination(out, force)  # again: something may have appeared while we worked
             os.replace(tmp, out)
@@ -144,7 +97,30 @@ def gguf(
             writer.close()
             tmp.unlink(missing_ok=True)
             raise
-    size = out.stat().st_size
+    if fallbacks:
+        report.notes.append(
+            f"{len(fallbacks)} weight(s) written F16: rows not a multiple of {block} (e.g. {fallbacks[0]})"
+        )
+    _summarise(report, source, ckpt, arch, kind, rows, vocab)
+    report.tensors = rows
+    return report
+
+
+def _write_tensor_infos(writer: Any, names: dict[str, str], plans: dict[str, Any]) -> None:
+    """Every tensor's name, shape and type, then the header, metadata and tensor table, before any data."""
+    for name, target in names.items():
+        t, shape, nbytes = plans[name]
+        writer.add_tensor_info(target, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+
+def _summarise(
+    report: Report, source: Checkpoint, ckpt: Any, arch: Any, kind: str, rows: list[dict[str, Any]], vocab: Any
+) -> None:
+    """The export's headline (sizes, tokenizer, errors of block types) and its note on a missing vocabulary."""
+    size = Path(report.output or "").stat().st_size
     errors = [r["rel_error"] for r in rows if "rel_error" in r]
     report.summary.update(
         source=str(source.path),
@@ -160,14 +136,78 @@ def gguf(
     )
     if errors:
         report.summary.update(rel_error_mean=sum(errors) / len(errors), rel_error_max=max(errors))
-    if fallbacks:
-        report.notes.append(
-            f"{len(fallbacks)} weight(s) written F16: rows not a multiple of {block} (e.g. {fallbacks[0]})"
-        )
     if vocab is None:
         report.notes.append("no tokenizer.json beside the weights: the file has no vocabulary, llama.cpp needs one")
-    report.tensors = rows
-    return report
+
+
+def _source(src: Checkpoint | str | os.PathLike) -> tuple[Checkpoint, dict, str, Any]:
+    """The checkpoint to export, its config, model type and GGUF architecture; refused when it has none."""
+    source = as_checkpoint(src)
+    if source.is_adapter:
+        raise IncompatibleError(f"{source.path}: a PEFT adapter; merge it into its base model first")
+    config = source.config
+    if config is None:
+        raise IncompatibleError(f"{source.path}: no config.json; GGUF needs the architecture's hyper-parameters")
+    model_type = str(config.get("model_type"))
+    arch = ARCHS.get(model_type)
+    if arch is None:
+        raise IncompatibleError(
+            f"{source.path}: architecture {model_type!r} ({', '.join(config.get('architectures') or [])}) has no "
+            f"GGUF mapping in weightsmith; supported: {', '.join(ARCHS)}"
+        )
+    _check_rope(source.path, config)
+    return source, config, model_type, arch
+
+
+def _gguf_names(ckpt: Any, path: Path, model_type: str) -> dict[str, str]:
+    """Every tensor's GGUF name, in storage order; refused when one has none."""
+    names, unknown = {}, []
+    for name in ckpt:
+        target = to_gguf_name(name, model_type)
+        if target is None:
+            unknown.append(name)
+        else:
+            names[name] = target
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise IncompatibleError(f"{path}: tensor {unknown[0]!r}{more} has no GGUF name for {model_type}")
+    return names
+
+
+def _plans(gg: Any, ckpt: Any, names: dict[str, str], kind: str) -> tuple[dict[str, Any], list[str], int]:
+    """Per tensor (GGML type, shape, bytes): ``kind`` for 2-D weights, F32 for the rest, F16 for a weight whose
+    rows are not a multiple of the type's block; also the F16 fallbacks and the block size."""
+    qtype = gg.GGMLQuantizationType[kind.upper()]
+    block, _ = gg.GGML_QUANT_SIZES[qtype]
+    plans: dict[str, Any] = {}
+    fallbacks = []
+    for name in names:
+        shape = tuple(ckpt.info(name).shape)
+        t = qtype if len(shape) == 2 else gg.GGMLQuantizationType.F32
+        if block > 1 and len(shape) == 2 and shape[-1] % block:
+            t = gg.GGMLQuantizationType.F16
+            fallbacks.append(name)
+        b, size = gg.GGML_QUANT_SIZES[t]
+        plans[name] = (t, shape, int(np.prod(shape)) // b * size)
+    return plans, fallbacks, block
+
+
+def _write_tensor(
+    gg: Any, writer: Any, path: Path, name: str, target: str, tensor: torch.Tensor, plan: Any, arch: Any, config: dict
+) -> dict[str, Any]:
+    """Encode one tensor in its planned type and append it to the file; returns its report row."""
+    t, _, nbytes = plan
+    w = _to_llama_cpp(name, tensor, arch, config)
+    if not torch.isfinite(w).all():
+        raise NumericalError(f"{path}: tensor {name!r} holds NaN or Inf; refusing to export it")
+    data, rel = _encode(gg, w, t)
+    if t == gg.GGMLQuantizationType.F16 and not np.isfinite(data).all():
+        raise NumericalError(f"{path}: tensor {name!r} overflows float16; use `type` bf16 or f32")
+    writer.write_tensor_data(data)
+    row = {"name": name, "gguf": target, "type": t.name, "bytes": nbytes}
+    if rel is not None:
+        row["rel_error"] = rel
+    return row
 
 
 def _check_rope(path: Path, config: dict) -> None:

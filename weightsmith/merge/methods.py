@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from weightsmith.merge import sparsify as sp
+from weightsmith import sparsify as sp
 from weightsmith.merge.table import CONSENSUS, EPSILON, GAMMA, METHODS, RESCALE_MODE, RESCALE_MODES, FamilyRow
 
 _BLOCK = 1 << 18  # elements per block of rows: N × 1 MB of float32 scratch stays in the CPU cache
@@ -212,12 +212,7 @@ def merge_task_vectors(
     rescale = row.rescale if rescale is None else rescale
     consensus = row.consensus if consensus is None else consensus
     mode = rescale_mode if rescale else None
-    if mode not in (None, *RESCALE_MODES):
-        raise ValueError(f"unknown rescale mode {mode!r}")
-    if consensus not in (None, *CONSENSUS):
-        raise ValueError(f"unknown consensus {consensus!r}")
-    if row.sparsifier not in (None, "magnitude", "outliers", "random", "rank_random"):
-        raise ValueError(f"unknown sparsifier {row.sparsifier!r}")
+    _check_family(row, mode, consensus)
     n = len(tuned)
     stream = _DeltaStream(base, tuned)
     densities = densities or [1.0] * n
@@ -260,9 +255,24 @@ def merge_task_vectors(
         o2[s:e] = total.add_(b)
     if consensus is None and row.sparsifier is None:
         return out, None
-    numel = base.numel()
+    return out, _family_stats(base.numel(), kept, thinned, conflicts)
+
+
+def _check_family(row: FamilyRow, mode: str | None, consensus: str | None) -> None:
+    """Refuse a rescale mode, consensus or sparsifier the family does not know."""
+    if mode not in (None, *RESCALE_MODES):
+        raise ValueError(f"unknown rescale mode {mode!r}")
+    if consensus not in (None, *CONSENSUS):
+        raise ValueError(f"unknown consensus {consensus!r}")
+    if row.sparsifier not in (None, "magnitude", "outliers", "random", "rank_random"):
+        raise ValueError(f"unknown sparsifier {row.sparsifier!r}")
+
+
+def _family_stats(numel: int, kept: list[int], thinned: list[bool], conflicts: int) -> FamilyStats:
+    """Mean fraction kept over the models (1 for a model not thinned) and the fraction of sign conflicts."""
+    n = len(kept)
     kept_fraction = sum(kept[i] / max(numel, 1) if thinned[i] else 1.0 for i in range(n)) / max(n, 1)
-    return out, FamilyStats(kept_fraction, conflicts / max(numel, 1))
+    return FamilyStats(kept_fraction, conflicts / max(numel, 1))
 
 
 # A sparsifier pass: δ block → (kept mask, keep probability: a number or a tensor of δ's shape)

@@ -146,6 +146,14 @@ def _body(data: dict, level: int, prefix: str = "") -> list[Section]:
 
 def _specific(op: str, data: dict, details: dict, figures: dict, level: int, prefix: str) -> list[Section]:
     """Pictures that belong to one verb."""
+    out: list[Section] = []
+    for sections in (_inspect_sections, _quantize_sections, _prune_sections, _quality_section, _eval_sections):
+        out += sections(op, data, details, figures, level, prefix)
+    return out
+
+
+def _inspect_sections(op: str, data: dict, details: dict, figures: dict, level: int, prefix: str) -> list[Section]:
+    """Composition by module type, layer and dtype; an adapter's facts and ranks."""
     rows = figures.get("tensors") or []
     out: list[Section] = []
     if op == "inspect" and rows:
@@ -173,6 +181,12 @@ def _specific(op: str, data: dict, details: dict, figures: dict, level: int, pre
         if "adapter" in details:
             html = _kv_table(details.pop("adapter")) + _adapter_ranks(rows)
             out.append(_section(f"{prefix}adapter", "Adapter", html, level))
+    return out
+
+
+def _quantize_sections(op: str, data: dict, details: dict, figures: dict, level: int, prefix: str) -> list[Section]:
+    """Bytes before and after, per module type."""
+    out: list[Section] = []
     if op == "quantize" and data.get("tensors"):
         before: dict[str, int] = {}
         after: dict[str, int] = {}
@@ -187,6 +201,12 @@ def _specific(op: str, data: dict, details: dict, figures: dict, level: int, pre
             items, label="bytes before and after", fmt=charts.fmt_bytes, second=second, legend=("before", "after")
         )
         out.append(_section(f"{prefix}bytes", "Bytes before and after", _figure(svg), level))
+    return out
+
+
+def _prune_sections(op: str, data: dict, details: dict, figures: dict, level: int, prefix: str) -> list[Section]:
+    """Structured pruning: units kept and removed per layer."""
+    out: list[Section] = []
     if op == "prune" and "kept" in details and isinstance(details["kept"], dict):
         from weightsmith.compress.prune.structured import parse_ranges
 
@@ -202,6 +222,12 @@ def _specific(op: str, data: dict, details: dict, figures: dict, level: int, pre
             )
         unit = "attention heads" if data.get("summary", {}).get("structured") == "heads" else "FFN neurons"
         out.append(_section(f"{prefix}structure", f"Structure: {unit}", html, level))
+    return out
+
+
+def _quality_section(op: str, data: dict, details: dict, figures: dict, level: int, prefix: str) -> list[Section]:
+    """A quality figure before and after."""
+    out: list[Section] = []
     if "quality" in details and isinstance(details["quality"], dict):
         q = details.pop("quality")
         svg = charts.bars(
@@ -212,6 +238,12 @@ def _specific(op: str, data: dict, details: dict, figures: dict, level: int, pre
         )
         note = f'<p class="muted">{escape(str(q.get("texts", "")))} texts</p>'
         out.append(_section(f"{prefix}quality", "Quality before and after", _figure(svg) + note, level))
+    return out
+
+
+def _eval_sections(op: str, data: dict, details: dict, figures: dict, level: int, prefix: str) -> list[Section]:
+    """Per-text perplexity, KL, cosine and tokens."""
+    out: list[Section] = []
     texts = figures.get("texts") or []
     if op == "eval" and texts:
         html = ""

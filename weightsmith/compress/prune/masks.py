@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from weightsmith.sparsify import select_indices
+
 
 def _keep_all_but_lowest(scores: Tensor, k: int, dim: int | None = None) -> Tensor:
     """Mask dropping exactly the ``k`` lowest scores (over all of ``scores``, or per slice along ``dim``)."""
@@ -16,11 +18,11 @@ def _keep_all_but_lowest(scores: Tensor, k: int, dim: int | None = None) -> Tens
         flat = scores.reshape(-1)
         mask = torch.ones(flat.numel(), dtype=torch.bool)
         if k > 0:
-            mask[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+            mask[select_indices(flat, k, largest=False)] = False
         return mask.reshape(scores.shape)
     mask = torch.ones(scores.shape, dtype=torch.bool)
     if k > 0:
-        mask.scatter_(dim, torch.topk(scores, k, dim=dim, largest=False, sorted=False).indices, False)
+        mask.scatter_(dim, select_indices(scores, k, largest=False, dim=dim), False)
     return mask
 
 

@@ -19,18 +19,19 @@ from typing import Any
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
 from weightsmith.compress.quantize.codecs import REGISTRY
-from weightsmith.compress.quantize.dequantize import dequantize
+from weightsmith.compress.quantize.dequantize import DequantizedView, dequantize, open_dequantized
 from weightsmith.compress.quantize.schemes import FP8, NF4, SCHEMES, Int4, Int8, Scheme, make_scheme
 from weightsmith.compress.quantize.targets import DEFAULT_IGNORE
 from weightsmith.compress.quantize.view import QuantizedView, open_quantized
-from weightsmith.progress import progress
 from weightsmith.report import Report
+from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size
 
 __all__ = [
     "DEFAULT_IGNORE",
+    "DequantizedView",
     "FP8",
     "NF4",
     "REGISTRY",
@@ -40,6 +41,7 @@ __all__ = [
     "QuantizedView",
     "dequantize",
     "make_scheme",
+    "open_dequantized",
     "open_quantized",
     "quantize",
     "relative_error",
@@ -79,60 +81,30 @@ def quantize(
     >>> ws.quantize("llama", "llama-nf4", scheme="nf4", double_quant=True)  # doctest: +SKIP
     """
     view = open_quantized(src, scheme, ignore=ignore, **options)  # every refusal happens here
-    ckpt, config, codec, selection = view.source, view.scheme, view.codec, view.selection
-    report = Report("quantize", output=str(out))
+    ckpt, selection = view.source, view.selection
     targets = set(selection.targets)
     rows: list[dict[str, Any]] = []
-    linear_in, linear_out = 0, 0
-    with report.timed("total"):
-        writer = CheckpointWriter(
-            out,
-            steps=[provenance_step("quantize", view.params, [ckpt])],
-            config=view.config,
-            carry=ckpt.carry_files,
-            shard_size=shard_size,
-            force=force,
-        )
-        with writer:
-            for name in progress(ckpt, total=len(ckpt), desc=f"quantize {config.name}"):
-                if name not in targets:
-                    writer.write_from(view, name)
-                    continue
-                tensor = ckpt[name]
-                module = name.removesuffix(".weight")
-                parts = view.quantized(name, tensor)  # suffix → stored tensor, in the view's order
-                for suffix, value in parts.items():
-                    writer.write(f"{module}.{suffix}", value)
-                stored = sum(v.numel() * v.element_size() for v in parts.values())
-                linear_in += tensor.numel() * tensor.element_size()
-                linear_out += stored
-                rows.append(
-                    {
-                        "name": name,
-                        "shape": list(tensor.shape),
-                        "rel_error": relative_error(tensor, codec.dequantize_module(parts)),
-                        "bytes_in": tensor.numel() * tensor.element_size(),
-                        "bytes_out": stored,
-                    }
-                )
-    errors = [r["rel_error"] for r in rows]
-    worst = max(rows, key=lambda r: r["rel_error"])
-    report.summary.update(
-        source=str(ckpt.path),
-        scheme=config.label,
-        format=_format_label(config),
-        quantized_tensors=len(rows),
-        kept_float_modules=len(selection.kept),
-        bytes_in=ckpt.nbytes,
-        bytes_out=writer.total_size,
-        size_in=format_size(ckpt.nbytes),
-        size_out=format_size(writer.total_size),
-        compression_ratio=round(ckpt.nbytes / writer.total_size, 3),
-        linear_bytes_ratio=round(linear_out / linear_in, 4),
-        rel_error_mean=sum(errors) / len(errors),
-        rel_error_max=worst["rel_error"],
-        worst_tensor=worst["name"],
-        shards=writer.num_shards,
+
+    def quantized(name: str) -> list[Item]:
+        if name not in targets:
+            return [(name, Stored(view, name))]
+        tensor = ckpt[name]
+        parts = view.quantized(name, tensor)  # suffix → stored tensor, in the view's order
+        rows.append(_row(view, name, tensor, parts))
+        return [(f"{name.removesuffix('.weight')}.{suffix}", value) for suffix, value in parts.items()]
+
+    report = stream(
+        view,
+        out,
+        operation="quantize",
+        params=view.params,
+        inputs=[ckpt],
+        names=ckpt,
+        transform=quantized,
+        desc=f"quantize {view.scheme.name}",
+        shard_size=shard_size,
+        force=force,
+        summary=lambda written: _summary(view, rows, written),
     )
     report.details["ignored_modules"] = selection.kept
     report.tensors = sorted(rows, key=lambda r: -r["rel_error"])  # worst first: the text report shows the top rows
@@ -143,6 +115,41 @@ def quantize(
             "from_pretrained will not load it as a quantized model"
         )
     return report
+
+
+def _row(view: QuantizedView, name: str, tensor: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One quantized weight's report row: its relative error and its bytes before and after."""
+    return {
+        "name": name,
+        "shape": list(tensor.shape),
+        "rel_error": relative_error(tensor, view.codec.dequantize_module(parts)),
+        "bytes_in": tensor.numel() * tensor.element_size(),
+        "bytes_out": sum(v.numel() * v.element_size() for v in parts.values()),
+    }
+
+
+def _summary(view: QuantizedView, rows: list[dict[str, Any]], written: Written) -> dict[str, Any]:
+    """The headline of a quantization: sizes and ratios, mean and worst relative error."""
+    ckpt, config = view.source, view.scheme
+    errors = [r["rel_error"] for r in rows]
+    worst = max(rows, key=lambda r: r["rel_error"])
+    return dict(
+        source=str(ckpt.path),
+        scheme=config.label,
+        format=_format_label(config),
+        quantized_tensors=len(rows),
+        kept_float_modules=len(view.selection.kept),
+        bytes_in=ckpt.nbytes,
+        bytes_out=written.bytes,
+        size_in=format_size(ckpt.nbytes),
+        size_out=format_size(written.bytes),
+        compression_ratio=round(ckpt.nbytes / written.bytes, 3),
+        linear_bytes_ratio=round(sum(r["bytes_out"] for r in rows) / sum(r["bytes_in"] for r in rows), 4),
+        rel_error_mean=sum(errors) / len(errors),
+        rel_error_max=worst["rel_error"],
+        worst_tensor=worst["name"],
+        shards=written.shards,
+    )
 
 
 def _format_label(config: Scheme) -> str:

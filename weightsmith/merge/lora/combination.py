@@ -29,13 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError
 from weightsmith.merge.lora.extraction import unit_scale_config
 from weightsmith.merge.lora.math import truncated_factors
 from weightsmith.merge.lora.read import PREFIX, Adapter, check_finite, read_adapter
 from weightsmith.progress import progress
 from weightsmith.report import Report
+from weightsmith.stream import Item, Stored, stream
 
 METHODS = ("cat", "svd", "ties", "dare")
 
@@ -127,26 +128,41 @@ def _write(
     operation: str,
     params: dict,
     force: bool,
-) -> tuple[CheckpointWriter, dict]:
-    """The adapter directory: factors per module, the targeted modules' saved base copies, adapter_config.json."""
-    step = provenance_step(operation, params, [a.ckpt for a, _ in adapters])
-    writer = CheckpointWriter(out, steps=[step], force=force, prefix="adapter_model", index_name=None, shard_size=2**62)
-    ranks = {m: a.shape[0] for m, (a, _, _) in results.items()}
-    with writer:
-        for module, (a, b, embedding) in results.items():
-            parts = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-            writer.write(f"{PREFIX}{module}.{parts[0]}", a.contiguous())
-            writer.write(f"{PREFIX}{module}.{parts[1]}", b.contiguous())
-        copied = set()
-        for adapter, _ in adapters:  # a targeted embedding's base_layer copy: the base's own, carried along
-            for name, tensor in adapter.replacements.items():
-                if name not in copied and name.rsplit(".", 1)[0] in results:
-                    copied.add(name)
-                    module, param = name.rsplit(".", 1)
-                    writer.write(f"{PREFIX}{module}.base_layer.{param}", adapter.ckpt[tensor])
-        config = _adapter_config(adapters, ranks)
-        writer.add_file("adapter_config.json", json.dumps(config, indent=2) + "\n")
-    return writer, config
+    report: Report,
+) -> dict:
+    """The adapter directory: factors per module, the targeted modules' saved base copies, adapter_config.json.
+    Returns the adapter config."""
+    parts: dict[str, list[Item]] = {}
+    for module, (a, b, embedding) in results.items():
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        parts[module] = [
+            (f"{PREFIX}{module}.{names[0]}", a.contiguous()),
+            (f"{PREFIX}{module}.{names[1]}", b.contiguous()),
+        ]
+    for adapter, _ in adapters:  # a targeted embedding's base_layer copy: the base's own, carried along
+        for name, tensor in adapter.replacements.items():
+            if name not in parts and name.rsplit(".", 1)[0] in results:
+                module, param = name.rsplit(".", 1)
+                parts[name] = [(f"{PREFIX}{module}.base_layer.{param}", Stored(adapter.ckpt, tensor))]
+    config = _adapter_config(adapters, {m: a.shape[0] for m, (a, _, _) in results.items()})
+    stream(
+        adapters[0][0].ckpt,
+        out,
+        operation=operation,
+        params=params,
+        inputs=[a.ckpt for a, _ in adapters],
+        names=parts,
+        transform=parts.__getitem__,
+        config=None,
+        carry=[],
+        files=lambda: {"adapter_config.json": json.dumps(config, indent=2) + "\n"},
+        report=report,
+        force=force,
+        prefix="adapter_model",
+        index_name=None,
+        shard_size=2**62,
+    )
+    return config
 
 
 def _adapter_config(adapters: Sequence[tuple[Adapter, float]], ranks: dict[str, int]) -> dict:
@@ -216,16 +232,16 @@ def combine(
                 continue
             results[module] = (kept[0], kept[1], like.embedding)
             rows.append({"module": module, "rank": kept[0].shape[0], "energy_kept": round(kept[2], 6)})
-        if not results:
-            raise IncompatibleError(f"{out}: the combined adapters cancel out everywhere; nothing to write")
-        params = {
-            "adapters": [[str(a.path), w] for a, w in parsed],
-            "method": method,
-            "rank": rank,
-            "energy": energy,
-            **({"density": density, "lambda": lam, "seed": seed} if method in ("ties", "dare") else {}),
-        }
-        writer, config = _write(out, parsed, results, "lora combine", params, force)
+    if not results:
+        raise IncompatibleError(f"{out}: the combined adapters cancel out everywhere; nothing to write")
+    params = {
+        "adapters": [[str(a.path), w] for a, w in parsed],
+        "method": method,
+        "rank": rank,
+        "energy": energy,
+        **({"density": density, "lambda": lam, "seed": seed} if method in ("ties", "dare") else {}),
+    }
+    config = _write(out, parsed, results, "lora combine", params, force, report)
     report.summary.update(
         adapters=[f"{a.path}@{w:g}" for a, w in parsed],
         method=method,
@@ -303,10 +319,10 @@ def resize(
                 assert kept is not None
             results[module] = (kept[0], kept[1], term.embedding)
             rows.append({"module": module, "rank_in": own, "rank": kept[0].shape[0], "energy_kept": round(kept[2], 6)})
-        if not results:
-            raise IncompatibleError(f"{parsed[0][0].path}: every module's ΔW is zero; nothing to write")
-        params = {"adapter": str(parsed[0][0].path), "rank": rank, "energy": energy, "threshold": threshold}
-        writer, config = _write(out, parsed, results, "lora resize", params, force)
+    if not results:
+        raise IncompatibleError(f"{parsed[0][0].path}: every module's ΔW is zero; nothing to write")
+    params = {"adapter": str(parsed[0][0].path), "rank": rank, "energy": energy, "threshold": threshold}
+    config = _write(out, parsed, results, "lora resize", params, force, report)
     report.summary.update(
         adapter=str(parsed[0][0].path),
         modules=len(results),

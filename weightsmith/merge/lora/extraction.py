@@ -15,18 +15,18 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from weightsmith import architecture
-from weightsmith.checkpoint import CheckpointWriter, provenance_step
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError
 from weightsmith.merge.lora.math import CONV1D, LINEAR, to_rows, truncated_factors
 from weightsmith.merge.lora.read import PREFIX
-from weightsmith.progress import progress
 from weightsmith.report import Report
+from weightsmith.stream import Item, stream
 
 
 def extract(
@@ -46,82 +46,113 @@ def extract(
         raise ConfigError(f"extract: energy must be in (0, 1], got {energy!r}")
     b_ck, t_ck = as_checkpoint(base), as_checkpoint(tuned)
     _check_compatible(b_ck, t_ck)
-    modules = _group(t_ck)
-    conv1d = any(architecture.is_conv1d(b_ck.config, m) for m in modules)
-    report = Report("lora extract", output=str(out))
-    targets, saved, biases, ranks = [], [], [], {}
-    rows: list[dict[str, Any]] = []
-    step = provenance_step("lora extract", {"rank": rank, "energy": energy}, [b_ck, t_ck])
-    with report.timed("total"):
-        writer = CheckpointWriter(
-            out, steps=[step], force=force, prefix="adapter_model", index_name=None, shard_size=2**62
-        )
-        with writer:
-            for module, names in progress(list(modules.items()), desc="lora extract"):
-                changed = [n for n in names if not torch.equal(b_ck[n], t_ck[n])]
-                if not changed:
-                    continue
-                weight = f"{module}.weight"
-                info = t_ck.info(weight) if weight in t_ck else None
-                linear = (
-                    info is not None
-                    and len(info.shape) == 2
-                    and info.dtype.is_floating_point
-                    and weight in changed
-                    # lookups and output heads are never LoRA-extracted: saved whole (modules_to_save)
-                    and not (architecture.is_embedding(module) or architecture.is_head(module))
-                )
-                if not linear:  # saved whole, under the base key names
-                    saved.append(module)
-                    for n in names:
-                        writer.write(PREFIX + n, t_ck[n])
-                    continue
-                kind = CONV1D if architecture.is_conv1d(b_ck.config, module) else LINEAR
-                delta = to_rows(t_ck[weight].float() - b_ck[weight].float(), kind)  # [out, in]
-                a, b, kept = truncated_factors(delta, rank=rank, energy=energy)
-                writer.write(f"{PREFIX}{module}.lora_A.weight", a)
-                writer.write(f"{PREFIX}{module}.lora_B.weight", b)
-                bias = f"{module}.bias"
-                if bias in changed:  # a trained bias is saved whole, as PEFT's bias="all" saves it
-                    writer.write(f"{PREFIX}{module}.base_layer.bias", t_ck[bias])
-                    biases.append(module)
-                targets.append(module)
-                ranks[module] = a.shape[0]
-                residual = delta - b @ a
-                rows.append(
-                    {
-                        "module": module,
-                        "rank": a.shape[0],
-                        "energy_kept": round(kept, 6),
-                        "rel_error": round(float(residual.norm() / delta.norm()), 6),
-                    }
-                )
-            if not targets and not saved:
-                raise IncompatibleError(f"{t_ck.path}: identical to {b_ck.path}; there is nothing to extract")
-            r = max(ranks.values(), default=rank or 1)
-            config = unit_scale_config(
-                targets,
-                ranks,
-                r,
-                base_model=str(b_ck.path),
-                fan_in_fan_out=conv1d,
-                bias="all" if biases else "none",
-                modules_to_save=saved,
-            )
-            writer.add_file("adapter_config.json", json.dumps(config, indent=2) + "\n")
+    job = _Extraction(b_ck, t_ck, _group(t_ck), rank, energy)
+    report = stream(
+        t_ck,
+        out,
+        operation="lora extract",
+        params={"rank": rank, "energy": energy},
+        inputs=[b_ck, t_ck],
+        names=job.modules,
+        transform=job.module,
+        config=None,
+        carry=[],
+        files=job.adapter_files,
+        force=force,
+        prefix="adapter_model",
+        index_name=None,
+        shard_size=2**62,
+    )
+    rows = job.rows
     report.summary.update(
         base=str(b_ck.path),
         tuned=str(t_ck.path),
-        lora_modules=len(targets),
-        modules_to_save=len(saved),
-        r=r,
-        trained_biases=len(biases),
+        lora_modules=len(job.targets),
+        modules_to_save=len(job.saved),
+        r=job.r,
+        trained_biases=len(job.biases),
         mean_energy_kept=round(sum(x["energy_kept"] for x in rows) / len(rows), 6) if rows else None,
     )
-    if saved:
-        report.details["modules_to_save"] = {"modules": saved}
+    if job.saved:
+        report.details["modules_to_save"] = {"modules": job.saved}
     report.tensors = rows
     return report
+
+
+@dataclass
+class _Extraction:
+    """The state of one extraction: what each module became, gathered as the modules stream by."""
+
+    b_ck: Any
+    t_ck: Any
+    modules: dict[str, list[str]]
+    rank: int | None
+    energy: float | None
+    targets: list[str] = field(default_factory=list)  # LoRA-extracted modules
+    saved: list[str] = field(default_factory=list)  # modules saved whole (modules_to_save)
+    biases: list[str] = field(default_factory=list)  # extracted modules whose trained bias is saved whole
+    ranks: dict[str, int] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    r: int = 1
+
+    def _is_linear(self, module: str, changed: list[str]) -> bool:
+        weight = f"{module}.weight"
+        info = self.t_ck.info(weight) if weight in self.t_ck else None
+        return (
+            info is not None
+            and len(info.shape) == 2
+            and info.dtype.is_floating_point
+            and weight in changed
+            # lookups and output heads are never LoRA-extracted: saved whole (modules_to_save)
+            and not (architecture.is_embedding(module) or architecture.is_head(module))
+        )
+
+    def module(self, module: str) -> list[Item]:
+        """The adapter tensors of one module: its LoRA factors (and trained bias), all of it, or nothing."""
+        b_ck, t_ck, names = self.b_ck, self.t_ck, self.modules[module]
+        changed = [n for n in names if not torch.equal(b_ck[n], t_ck[n])]
+        if not changed:
+            return []
+        if not self._is_linear(module, changed):  # saved whole, under the base key names
+            self.saved.append(module)
+            return [(PREFIX + n, t_ck[n]) for n in names]
+        weight = f"{module}.weight"
+        kind = CONV1D if architecture.is_conv1d(b_ck.config, module) else LINEAR
+        delta = to_rows(t_ck[weight].float() - b_ck[weight].float(), kind)  # [out, in]
+        a, b, kept = truncated_factors(delta, rank=self.rank, energy=self.energy)
+        items: list[Item] = [(f"{PREFIX}{module}.lora_A.weight", a), (f"{PREFIX}{module}.lora_B.weight", b)]
+        bias = f"{module}.bias"
+        if bias in changed:  # a trained bias is saved whole, as PEFT's bias="all" saves it
+            items.append((f"{PREFIX}{module}.base_layer.bias", t_ck[bias]))
+            self.biases.append(module)
+        self.targets.append(module)
+        self.ranks[module] = a.shape[0]
+        residual = delta - b @ a
+        self.rows.append(
+            {
+                "module": module,
+                "rank": a.shape[0],
+                "energy_kept": round(kept, 6),
+                "rel_error": round(float(residual.norm() / delta.norm()), 6),
+            }
+        )
+        return items
+
+    def adapter_files(self) -> dict[str, str]:
+        """adapter_config.json, once every module is known; refuses an extraction that found no change."""
+        if not self.targets and not self.saved:
+            raise IncompatibleError(f"{self.t_ck.path}: identical to {self.b_ck.path}; there is nothing to extract")
+        self.r = max(self.ranks.values(), default=self.rank or 1)
+        config = unit_scale_config(
+            self.targets,
+            self.ranks,
+            self.r,
+            base_model=str(self.b_ck.path),
+            fan_in_fan_out=any(architecture.is_conv1d(self.b_ck.config, m) for m in self.modules),
+            bias="all" if self.biases else "none",
+            modules_to_save=self.saved,
+        )
+        return {"adapter_config.json": json.dumps(config, indent=2) + "\n"}
 
 
 def _check_compatible(b_ck, t_ck) -> None:

@@ -32,7 +32,6 @@ from weightsmith.checkpoint import (
     DEFAULT_SHARD_SIZE,
     Checkpoint,
     CheckpointView,
-    CheckpointWriter,
     TensorInfo,
     provenance_step,
 )
@@ -54,8 +53,8 @@ from weightsmith.merge.lora.math import (
 from weightsmith.merge.lora.peft_types import Update, apply_update, check_invertible, probe_shapes, update_delta
 from weightsmith.merge.lora.quantized import dequantized
 from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter
-from weightsmith.progress import progress
 from weightsmith.report import Report, figures_requested
+from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
 
 AdapterSpec = Checkpoint | str | os.PathLike | tuple[Checkpoint | str | os.PathLike, float]
@@ -422,40 +421,50 @@ def _open(base, adapters, *, dtype, invert: bool) -> FoldedCheckpoint:
 
 
 def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shard_size, force) -> Report:
-    report = Report(operation, output=str(out))
-    step = provenance_step(operation, params, folded.inputs)
-    with report.timed("total"):
-        writer = CheckpointWriter(
-            out,
-            steps=[step],
-            config=folded.config,
-            carry=folded.carry_files,
-            dtype=folded.dtype,
-            shard_size=shard_size,
-            force=force,
-        )
-        figures = figures_requested()
-        rows: list[dict] = []
-        with writer:
-            for name in progress(folded, total=len(folded), desc=operation):
-                if figures and folded._changed(name):  # ‖ΔW‖/‖W‖ and cosine for the report's pictures
-                    tensor = folded[name]
-                    writer.write(name, tensor)
-                    rows.append({"name": name, **change_figures(folded.base[folded._source_name(name)], tensor)})
-                else:
-                    writer.write_from(folded, name)
+    figures = figures_requested()
+    rows: list[dict] = []
+
+    def fold(name: str) -> list[Item]:
+        if figures and folded._changed(name):  # ‖ΔW‖/‖W‖ and cosine for the report's pictures
+            tensor = folded[name]
+            rows.append({"name": name, **change_figures(folded.base[folded._source_name(name)], tensor)})
+            return [(name, tensor)]
+        return [(name, Stored(folded, name))]
+
+    report = stream(
+        folded,
+        out,
+        operation=operation,
+        params=params,
+        transform=fold,
+        inputs=folded.inputs,
+        dtype=folded.dtype,
+        shard_size=shard_size,
+        force=force,
+        summary=lambda written: _fold_summary(folded, written),
+    )
     if figures:
         report.figures["tensors"] = rows
-    changed = folded.changed
+    if folded.untied:
+        report.notes.append(
+            f"{', '.join(folded.untied)} now differ from the input embedding: written separately, "
+            f"tie_word_embeddings set to false"
+        )
+    report.tensors = [{"name": n, "how": "+".join(h)} for n, h in folded.changed.items()]
+    return report
+
+
+def _fold_summary(folded: FoldedCheckpoint, written: Written) -> dict:
+    """The headline of a fold: inputs, tensors changed and how, what was written."""
     counts: dict[str, int] = {}
-    for hows in changed.values():
+    for hows in folded.changed.values():
         for how in set(hows):
             counts[how] = counts.get(how, 0) + 1
-    report.summary.update(
+    return dict(
         base=str(folded.base.path),
         adapters=[f"{a.path}@{-w if folded.invert else w:g}" for a, w in folded.adapters],
         tensors=len(folded),
-        changed=len(changed),
+        changed=len(folded.changed),
         lora=counts.get("lora", 0),
         dora=counts.get("dora", 0),
         replaced=counts.get("replace", 0),
@@ -463,16 +472,9 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
         **{how: counts[how] for how in ("delta", "scale", "rotate") if how in counts},
         types=sorted({a.peft_type for a, _ in folded.adapters}),
         untied=folded.untied or None,
-        bytes_out=format_size(writer.total_size),
-        shards=writer.num_shards,
+        bytes_out=format_size(written.bytes),
+        shards=written.shards,
     )
-    if folded.untied:
-        report.notes.append(
-            f"{', '.join(folded.untied)} now differ from the input embedding: written separately, "
-            f"tie_word_embeddings set to false"
-        )
-    report.tensors = [{"name": n, "how": "+".join(h)} for n, h in changed.items()]
-    return report
 
 
 def merge(

@@ -21,89 +21,69 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import Checkpoint, CheckpointView, CheckpointWriter, TensorInfo, provenance_step
+from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import IncompatibleError
 from weightsmith.progress import progress
 from weightsmith.report import Report
+from weightsmith.stream import Item, Stored, stream
 from weightsmith.units import format_size
 
 
-class DequantizedView(CheckpointView):
-    """A quantized checkpoint as the float checkpoint it stands for: quantized modules' weights dequantized when
-    read (their stored parts hidden), everything else passed through; ``config`` without ``quantization_config``.
-    A Checkpoint, so a fold streams from it as from any base."""
-
-    def __init__(self, source: Checkpoint, layout):
-        from weightsmith.compress.quantize.detect import FloatView
-
-        self.layout = layout
-        self.floats = FloatView(source, layout)  # refuses formats it cannot read
-        super().__init__(source, provenance_step("dequantize", {"scheme": layout.scheme.to_dict()}, [source]))
-        self._order = list(self.floats)
-        self.config = self.floats.config
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self.floats[name]
-
-    def info(self, name: str) -> TensorInfo:
-        return self.floats.info(name)
-
-    def _changed(self, name: str) -> bool:
-        return self.floats.is_quantized(name)
-
-
 def dequantized(ckpt: Checkpoint) -> Checkpoint:
-    """``ckpt`` itself when it is float, else its ``DequantizedView``."""
-    from weightsmith.compress.quantize.detect import detect
+    """``ckpt`` itself when it is float, else its ``DequantizedView`` (``compress.quantize.dequantize``)."""
+    from weightsmith.compress.quantize.dequantize import dequantized as _dequantized
 
-    layout = detect(ckpt)
-    return ckpt if layout is None else DequantizedView(ckpt, layout)
+    return _dequantized(ckpt)
 
 
 def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> Report:
     """Stream a fold into a quantized base back out in the base's own scheme, reporting per re-quantized module
     the rounding error relative to ‖ΔW‖: ‖deq(Q(Ŵ + ΔW)) − (Ŵ + ΔW)‖_F / ‖ΔW‖_F."""
     from weightsmith.compress.quantize import open_quantized
+    from weightsmith.compress.quantize.dequantize import DequantizedView
 
     base = folded.base
     if not isinstance(base, DequantizedView):
         raise IncompatibleError(f"{base.path}: requantize needs a quantized base (NF4 or int8); this one is float")
     layout = base.layout
-    view = open_quantized(folded, layout.scheme, ignore=layout.ignore)
+    view = open_quantized(folded, base.scheme, ignore=layout.ignore)
     targets = set(view.targets)
-    report = Report("lora merge", output=str(out))
-    rows = []
-    with report.timed("total"):
-        writer = CheckpointWriter(
-            out,
-            steps=[provenance_step("quantize", view.params, [folded])],
-            config=view.config,
-            carry=folded.carry_files,
-            shard_size=shard_size,
-            force=force,
-        )
-        with writer:
-            for name in progress(folded, total=len(folded), desc="lora merge (requantize)"):
-                if name not in targets:
-                    writer.write_from(view, name)
-                    continue
-                merged = folded[name]  # in the base's recorded dtype, as the format stores it
-                parts = view.quantized(name, merged)
-                for suffix, value in parts.items():
-                    writer.write(f"{name.removesuffix('.weight')}.{suffix}", value)
-                if folded._changed(name):
-                    delta = merged.float() - base[name].float()
-                    lost = view.codec.dequantize_module(parts).float() - merged.float()
-                    rows.append(_row(name, delta, lost))
-    _summarise(report, rows, "requantize_loss")
-    report.summary.update(
-        base=str(base.path),
-        scheme=layout.scheme.label,
-        adapters=[f"{a.path}@{w:g}" for a, w in folded.adapters],
-        tensors=len(view),
-        bytes_out=format_size(writer.total_size),
-        shards=writer.num_shards,
+    rows: list[dict] = []
+
+    def requantize(name: str) -> list[Item]:
+        if name not in targets:
+            return [(name, Stored(view, name))]
+        merged = folded[name]  # in the base's recorded dtype, as the format stores it
+        parts = view.quantized(name, merged)
+        if folded._changed(name):
+            delta = merged.float() - base[name].float()
+            lost = view.codec.dequantize_module(parts).float() - merged.float()
+            rows.append(_row(name, delta, lost))
+        return [(f"{name.removesuffix('.weight')}.{suffix}", value) for suffix, value in parts.items()]
+
+    report = stream(
+        view,
+        out,
+        operation="quantize",
+        params=view.params,
+        inputs=[folded],
+        names=folded,
+        transform=requantize,
+        report=Report("lora merge", output=str(out)),
+        desc="lora merge (requantize)",
+        shard_size=shard_size,
+        force=force,
+        summary=lambda written: {
+            **_loss_summary(rows, "requantize_loss"),
+            "base": str(base.path),
+            "scheme": base.scheme.label,
+            "adapters": [f"{a.path}@{w:g}" for a, w in folded.adapters],
+            "tensors": len(view),
+            "bytes_out": format_size(written.bytes),
+            "shards": written.shards,
+        },
     )
+    report.tensors = sorted(rows, key=lambda r: -r["loss"])
     report.notes.append(
         "re-quantized: each rounding error is relative to the adapter's own change ‖ΔW‖ (1.0 would erase it)"
     )
@@ -116,11 +96,14 @@ def _row(name: str, delta: Tensor, lost: Tensor) -> dict:
     return {"name": name, "delta_norm": round(d, 6), "error_norm": round(err, 6), "loss": err / d if d else 0.0}
 
 
-def _summarise(report: Report, rows: list[dict], key: str) -> None:
-    if rows:
-        report.summary[f"{key}_mean"] = round(sum(r["loss"] for r in rows) / len(rows), 6)
-        report.summary[f"{key}_max"] = round(max(r["loss"] for r in rows), 6)
-    report.tensors = sorted(rows, key=lambda r: -r["loss"])
+def _loss_summary(rows: list[dict], key: str) -> dict:
+    """Mean and max of the rows' losses (nothing when no row)."""
+    if not rows:
+        return {}
+    return {
+        f"{key}_mean": round(sum(r["loss"] for r in rows) / len(rows), 6),
+        f"{key}_max": round(max(r["loss"] for r in rows), 6),
+    }
 
 
 def routes(
@@ -139,6 +122,7 @@ def routes(
     >>> ws.lora.routes("llama-nf4", ["qlora-adapter"], float_base="llama").summary  # doctest: +SKIP
     """
     from weightsmith.compress.quantize import open_quantized
+    from weightsmith.compress.quantize.dequantize import DequantizedView
     from weightsmith.conversion import as_checkpoint
     from weightsmith.merge.lora.fold import open_folded
     from weightsmith.units import parse_dtype
@@ -149,7 +133,7 @@ def routes(
     if not isinstance(base, DequantizedView):
         raise IncompatibleError(f"{qbase.path}: not quantized; routes compares folds into a quantized base")
     fbase = as_checkpoint(float_base) if float_base is not None else None
-    requant = open_quantized(folded, base.layout.scheme, ignore=base.layout.ignore)
+    requant = open_quantized(folded, base.scheme, ignore=base.layout.ignore)
     target_dtype = parse_dtype(dtype)
     rows = []
     report = Report("lora routes", output=None)
@@ -177,7 +161,7 @@ def routes(
         if values:
             report.summary[f"{key}_mean"] = round(sum(values) / len(values), 6)
             report.summary[f"{key}_max"] = round(max(values), 6)
-    report.summary.update(base=str(qbase.path), scheme=base.layout.scheme.label, modules=len(rows))
+    report.summary.update(base=str(qbase.path), scheme=base.scheme.label, modules=len(rows))
     report.notes.append("each figure is ‖route − (Ŵ + ΔW)‖ / ‖ΔW‖ per weight, Ŵ the dequantized base")
     report.tensors = rows
     return report
@@ -187,4 +171,4 @@ def _rel(diff: Tensor, delta_norm: float) -> float:
     return round(float(torch.linalg.vector_norm(diff.double())) / delta_norm, 6)
 
 
-__all__ = ["DequantizedView", "dequantized", "merge_requantized", "routes"]
+__all__ = ["dequantized", "merge_requantized", "routes"]

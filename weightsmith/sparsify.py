@@ -1,12 +1,20 @@
-"""Masks that keep part of a tensor: by magnitude (``count_cut`` with ``magnitude_count`` or, without outliers,
-``outlier_counts``), at random (``bernoulli_mask``), by magnitude rank (``rank_keep_probability``).
+"""Masks that keep part of a tensor: exactly k by score (``select_mask``/``select_indices``; for chunked values
+``count_cut`` with ``magnitude_count`` or, without outliers, ``outlier_counts``), at random (``bernoulli_mask``), by
+magnitude rank (``rank_keep_probability``).
 
-Used by the task-vector merges (TIES, DARE, breadcrumbs, DELLA), which apply them chunk by chunk. Magnitude masks
-find their threshold by selection (a sampled bracket, then ``kthvalue`` on the few candidates inside it), never by
-sorting the tensor: a full argsort of a large tensor is what makes other TIES implementations slow. The values are
-read through a callable that yields them in chunks, so a threshold over |θᵢ − θ_b| never needs that difference in
-memory. Every mask keeps exactly the requested count; ties at the threshold are broken by position (lower index
-first).
+Shared by the task-vector merges (TIES, DARE, breadcrumbs, DELLA), which apply them chunk by chunk, and by pruning
+(magnitude, Wanda, N:M), which drops what it selects. Magnitude masks find their threshold by selection (a sampled
+bracket, then ``kthvalue`` on the few candidates inside it), never by sorting the tensor: a full argsort of a large
+tensor is what makes other TIES implementations slow. The values are read through a callable that yields them in
+chunks, so a threshold over |θᵢ − θ_b| never needs that difference in memory.
+
+One tie rule everywhere: a selection takes exactly the requested count, and among values equal at the cut the lower
+(flat, or along ``dim``) index is selected first — kept by TIES, dropped by pruning.
+
+>>> select_mask(torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0]), 2).tolist()
+[True, True, False, False, False]
+>>> select_indices(torch.ones(2, 4), 1, largest=False, dim=1).tolist()
+[[0], [0]]
 """
 
 from __future__ import annotations
@@ -84,6 +92,30 @@ def count_cut(
     equal = int(torch.count_nonzero(values == threshold))
     strict = n - less - equal if largest else less
     return Cut(float(threshold), k - strict, equal, largest)
+
+
+def select_mask(scores: Tensor, k: int, *, largest: bool = True, dim: int | None = None) -> Tensor:
+    """A bool mask selecting exactly the ``k`` largest (or smallest) of ``scores``, over the whole tensor or per
+    slice along ``dim``; among values equal at the cut the lower index is selected first (the module's tie rule).
+
+    Over the whole tensor the cut is found by selection (``count_cut``), along ``dim`` by a stable sort per slice.
+    """
+    if dim is None:
+        flat = scores.reshape(-1)
+        cut = count_cut(lambda: [flat], lambda step: flat[::step], flat.numel(), k, largest)
+        return cut.mask(flat).reshape(scores.shape)
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    return mask.scatter_(dim, select_indices(scores, k, largest=largest, dim=dim), True)
+
+
+def select_indices(scores: Tensor, k: int, *, largest: bool = True, dim: int | None = None) -> Tensor:
+    """The indices ``select_mask`` selects: into the flattened ``scores`` (ascending), or per slice along ``dim``
+    (shape of ``scores`` with ``k`` along ``dim``), as ``torch.topk(...).indices`` gives them but with the stated
+    tie rule instead of an unspecified one."""
+    if dim is None:
+        return torch.nonzero(select_mask(scores, k, largest=largest).reshape(-1)).reshape(-1)
+    order = torch.sort(scores, dim=dim, descending=largest, stable=True).indices  # equal values: lower index first
+    return order.narrow(dim, 0, k)
 
 
 def magnitude_count(n: int, density: float) -> int:
