@@ -59,6 +59,14 @@ class _Copy:
     name: str
 
 
+def provenance_sources(inputs: list[Any]) -> list[Checkpoint | str]:
+    """What the provenance names for opened inputs: a checkpoint, or both sources of a folded base+adapter."""
+    sources: list = []
+    for c in inputs:
+        sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
+    return sources
+
+
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A 63-bit seed for input ``index``'s random stream on tensor ``name``: independent of order and workers."""
     digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
@@ -141,10 +149,7 @@ def run(
         return merged.to(task.dtype), stats
 
     params = {**cfg.to_dict(), "seed": seed}
-    sources: list = []
-    for c in inputs:  # a folded base+adapter names both of its sources
-        sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
-    steps = [provenance_step("merge", params, sources)]
+    steps = [provenance_step("merge", params, provenance_sources(inputs))]
     tok_src = opened[tok_ref.path]
     carry = list(getattr(tok_src, "carry_files", []))
     if vocabulary is not None:  # the merge writes its own tokenizer
