@@ -2,7 +2,9 @@
 
 Inputs, built here at run time into bench/_work/merge: a Llama-shaped base of ~700 MB in bf16 (22 layers, hidden
 1024, vocab 32000, untied head) and three fine-tunes (base + small Gaussian noise). One run per tool and method,
-each in a fresh process (start-up included, as a user sees it). Usage: ``python bench/merge_bench.py [METHOD…]``.
+each in a fresh process (start-up included, as a user sees it). Usage: ``python bench/merge_bench.py [--small]
+[METHOD…]``; ``--small`` builds 4-layer models with a 8000-token vocabulary (~90 MB), where mergekit's slowest
+methods (sce, karcher, ramplus_tl) finish in a minute or two.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ CONFIG = dict(
     tie_word_embeddings=False,
     dtype="bfloat16",
 )
+SMALL = dict(vocab_size=8000, num_hidden_layers=4)  # --small
 METHODS = ["linear", "task_arithmetic", "slerp", "ties", "dare_ties", "della"]
+NEW_METHODS = ["sce", "karcher", "multislerp", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]
 
 
 def _shapes() -> dict[str, tuple[int, ...]]:
@@ -118,6 +122,23 @@ def configs(p: dict[str, Path]) -> dict[str, dict]:
         "ties": {"merge_method": "ties", "base_model": base, "models": tv({"density": 0.5})},
         "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": tv({"density": 0.5})},
         "della": {"merge_method": "della", "base_model": base, "models": tv({"density": 0.5})},
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": f} for f in fts],
+            "parameters": {"select_topk": 0.5},
+        },
+        "karcher": {"merge_method": "karcher", "models": [{"model": f} for f in fts]},
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "models": tv({})},
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": fts[0]}],
+            "parameters": {"t": 0.001},
+        },
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": fts[0]}]},
+        "ram": {"merge_method": "ram", "base_model": base, "models": [{"model": f} for f in fts]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "models": [{"model": f} for f in fts]},
     }
 
 
@@ -184,16 +205,22 @@ def _write(rows: list, size_mb: float) -> None:
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     md = (
         f"## merge: weightsmith vs mergekit 0.1.5\n\nThree bf16 fine-tunes + base, {size_mb:.0f} MB each "
-        f"(Llama shape, 22 layers, hidden 1024, vocab 32000); same YAML; one fresh process per run, start-up "
+        f"(Llama shape, {CONFIG['num_hidden_layers']} layers, hidden 1024, vocab {CONFIG['vocab_size']}); "
+        "same YAML; one fresh process per run, start-up "
         f"included; 2 CPU cores (load average {load} at the end: the machine was shared); weightsmith with "
         f"--workers 1.\n\n"
         + table(
             ["method", "mergekit s", "weightsmith s", "speed-up", "mergekit MB", "weightsmith MB", "RSS ratio"], rows
         )
     )
-    write_section("merge_bench", md)
+    write_section("merge_bench_small" if HERE.name.endswith("small") else "merge_bench", md)
     (HERE / "results.json").write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or METHODS)
+    args = sys.argv[1:]
+    if "--small" in args:
+        args.remove("--small")
+        CONFIG.update(SMALL)
+        HERE = WORK / "merge-small"
+    main(args or METHODS + NEW_METHODS)

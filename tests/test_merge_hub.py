@@ -253,3 +253,49 @@ def test_model_card_names_method_models_revisions_and_config(offline, tmp_path):
     assert "weightsmith 0." in body and "`arcee_fusion`" in body
     config = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert config["merge_method"] == "arcee_fusion" and config["base_model"] == "model_a"
+
+
+@pytest.fixture
+def no_weight_read(monkeypatch):
+    """Reading any tensor's data fails the test: the checks must run from configs and headers alone."""
+    from weightsmith.checkpoint.files import SafetensorsFile
+
+    def refuse(self, name):
+        raise AssertionError(f"{self.path}: tensor {name} read before the checks")
+
+    monkeypatch.setattr(SafetensorsFile, "read", refuse)
+
+
+@pytest.mark.parametrize("case", ["layer_range", "shape", "depth"])
+def test_bad_hub_config_fails_before_any_weight_is_read(offline, no_weight_read, case, tmp_path, capsys):
+    """A layer_range past a cached model's depth, models whose shapes disagree, or models of different depths fail
+    from the index and headers, in one line naming the problem and the fix, before any tensor is read."""
+    if case == "shape":  # a wider model (hidden 24) published in the cache beside model_a (hidden 16)
+        import transformers as tf
+
+        wide = tmp_path / "wide-src"
+        tf.LlamaForCausalLM(
+            tf.LlamaConfig(vocab_size=64, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=32, tie_word_embeddings=False)
+        ).to(torch.bfloat16).save_pretrained(wide)  # fmt: skip
+        hub_put(offline["cache"], "org/wide", wide)
+    models = {
+        "layer_range": {"slices": [{"sources": [{"model": "model_a", "layer_range": [0, 5]}]}]},
+        "shape": {"models": [{"model": "model_a"}, {"model": "org/wide"}]},
+        "depth": {"models": [{"model": "model_a"}, {"model": LLAMA_BASE}]},
+    }[case]
+    capsys.readouterr()  # what building the models printed
+    method = "passthrough" if case == "layer_range" else "linear"
+    cfg = {"merge_method": method, **models, **({"parameters": {"weight": 1}} if method == "linear" else {})}
+    assert main(["merge", str(write_yaml(cfg, tmp_path / "c.yml")), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = {
+        "layer_range": "slices[0]: layer_range [0, 5] of model_a is past its depth (2 layers): use an end of at most 2",
+        "shape": "inputs do not match: 'lm_head.weight' is [64, 24] in org/wide but [64, 16] in model_a;",
+        "depth": f"inputs do not match: {LLAMA_BASE} has 342 tensor(s) model_a lacks, e.g.",
+    }[case]
+    assert expected in err and len(err.splitlines()) == 1, err
+    if case != "layer_range":
+        assert err.endswith(": merge models of one architecture and size (a slice's layer_range picks layers; "
+                            "tokenizer_source merges different vocabularies)")  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,8 @@ def register(sub) -> None:
         "merge",
         help="merge fine-tunes of one base (mergekit YAML or flags), streamed tensor by tensor",
         description=f"Merge models with one of: {', '.join(table.names())}. "
-        "Give a mergekit YAML config, or the method and models as flags. "
+        "Give a mergekit YAML config (a mergekit-moe config, with experts:, builds a Mixtral), "
+        "or the method and models as flags. "
         "A model written BASE+ADAPTER folds a LoRA adapter into BASE on the fly.",
         examples=[
             "weightsmith merge ties.yaml -o ./merged",
@@ -77,6 +78,7 @@ def _inputs(args) -> list[str]:
         raw = yaml_mapping(args.config)
         models = _list(raw.get("models"))
         specs += [raw.get("base_model")] + [m.get("model") for m in models if isinstance(m, dict)]
+        specs += [e.get("source_model") for e in _list(raw.get("experts")) if isinstance(e, dict)]
         slices = _list(raw.get("slices"))
         for sl in (s for s in slices if isinstance(s, dict) and isinstance(s.get("sources"), list)):
             specs += [src.get("model") for src in sl["sources"] if isinstance(src, dict)]

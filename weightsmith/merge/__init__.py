@@ -29,13 +29,19 @@ def run(
     force: bool = False,
 ) -> Report:
     """Merge as a mergekit-style config (YAML file, YAML text or dict) says; see ``engine.run``. A YAML file of
-    several documents is a multi-stage merge (mergekit-multi's format; see ``stages``), run as one job."""
+    several documents is a multi-stage merge (mergekit-multi's format; see ``stages``), run as one job. A config
+    with ``experts`` is a mixture-of-experts merge (mergekit-moe's format; see ``moe``); ``workers`` does not apply."""
+    from weightsmith.merge.moe import is_moe_config
     from weightsmith.merge.stages import run_stages, stages_in
 
     options: dict[str, Any] = dict(seed=seed, workers=workers, dtype=dtype, shard_size=shard_size, force=force)
     stages = stages_in(config)
     if stages is not None:
         return run_stages(stages, out, **options)
+    if is_moe_config(config):
+        from weightsmith.merge.moe_engine import run as _moe
+
+        return _moe(config, out, seed=seed, dtype=dtype, shard_size=shard_size, force=force)
     from weightsmith.merge.engine import run as _run
 
     return _run(config, out, **options)

@@ -1,13 +1,13 @@
 """mergekit-compatible merge configs: YAML (or a dict) → a validated ``MergeConfig``, and per-tensor parameters.
 
-Accepted as mergekit writes them: ``merge_method``, ``base_model``, ``models: [{model, parameters}]`` or
-``slices: [{sources: [{model, layer_range, parameters}], base_model, parameters}]``, top-level ``parameters``,
-``dtype``, ``out_dtype``, ``tokenizer_source`` and ``tokenizer``; a model is a path or a Hub id. A parameter value is
-a scalar, a gradient (a list of numbers interpolated piecewise-linearly over the layers, t = layer/(L−1); tensors
-outside the layers take t = 0), or a list of ``{filter, value}`` (the first entry whose filter is a substring of the
-tensor name wins; an entry without a filter, or with ``*``, matches everything). Per-model (per-source) settings
-take precedence over a slice's, and those over top-level ones. A key weightsmith does not support (``modules``,
-``chat_template``, an unknown parameter…) is refused by name, never ignored.
+Accepted as mergekit writes them: ``merge_method``, ``base_model``, ``models: [{model, parameters}]`` or ``slices:
+[{sources: [{model, layer_range, parameters}], base_model, parameters}]``, top-level ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source``, ``tokenizer`` and ``chat_template``; a model is a path or a Hub id. A parameter
+value is a scalar, a gradient (a list of numbers interpolated piecewise-linearly over the layers, t = layer/(L−1);
+tensors outside the layers take t = 0), or a list of ``{filter, value}`` (the first entry whose filter is a
+substring of the tensor name wins; an entry without a filter, or with ``*``, matches everything). Per-model (per-
+source) settings take precedence over a slice's, and those over top-level ones. A key weightsmith does not support
+(``modules``, an unknown parameter…) is refused by name, never ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from weightsmith.architecture import layer_index
 from weightsmith.errors import ConfigError
+from weightsmith.merge.chat import check_chat_template
 from weightsmith.merge.table import METHODS, REQUIRED, Method, Param
 from weightsmith.merge.vocab import TokenizerSpec, check_source, parse_tokenizer
 from weightsmith.yamltext import load_mapping, parse_mapping
@@ -34,8 +35,9 @@ _TOP_KEYS = {
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "chat_template",
 }
-_MERGEKIT_ONLY = {"modules", "chat_template"}  # mergekit keys weightsmith does not implement
+_MERGEKIT_ONLY = {"modules"}  # mergekit keys weightsmith does not implement
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class MergeConfig:
     tokenizer_source: str | None = None
     slices: tuple[SliceConfig, ...] = ()  # when given, ``inputs`` and ``base`` are those of the first slice
     tokenizer: TokenizerSpec | None = None  # an output vocabulary to re-index embeddings and heads into
+    chat_template: str | None = None  # auto, a bundled name or a Jinja template (see ``chat``)
 
     def to_dict(self) -> dict:
         if self.slices:
@@ -110,6 +113,7 @@ class MergeConfig:
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
             "tokenizer_source": self.tokenizer_source,
+            **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
         }
 
 
@@ -179,6 +183,7 @@ def _validate(raw: dict, where: str) -> MergeConfig:
         tok,
         slices=slices,
         tokenizer=tokenizer,
+        chat_template=None if raw.get("chat_template") is None else check_chat_template(raw["chat_template"], where),
     )
 
 

@@ -59,6 +59,14 @@ class _Copy:
     name: str
 
 
+def provenance_sources(inputs: list[Any]) -> list[Checkpoint | str]:
+    """What the provenance names for opened inputs: a checkpoint, or both sources of a folded base+adapter."""
+    sources: list = []
+    for c in inputs:
+        sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
+    return sources
+
+
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A 63-bit seed for input ``index``'s random stream on tensor ``name``: independent of order and workers."""
     digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
@@ -141,10 +149,7 @@ def run(
         return merged.to(task.dtype), stats
 
     params = {**cfg.to_dict(), "seed": seed}
-    sources: list = []
-    for c in inputs:  # a folded base+adapter names both of its sources
-        sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
-    steps = [provenance_step("merge", params, sources)]
+    steps = [provenance_step("merge", params, provenance_sources(inputs))]
     tok_src = opened[tok_ref.path]
     carry = list(getattr(tok_src, "carry_files", []))
     if vocabulary is not None:  # the merge writes its own tokenizer
@@ -161,6 +166,8 @@ def run(
     located = {path: str(getattr(ckpt, "path", path)) for path, ckpt in opened.items()}
     for name, content in (vocabulary.files() if vocabulary is not None else {}).items():
         writer.add_file(name, content)
+    if cfg.chat_template is not None:
+        writer.carry = _with_chat_template(cfg.chat_template, writer, opened, report)
     writer.add_file("README.md", model_card(cfg, list(opened), located, writer_version(), Path(out).name))
     rows: list[dict[str, Any]] = []
     with report.timed("merge"), writer:
@@ -204,6 +211,32 @@ def _permuted(
     permuted = vocabulary.permute([(path, _load(opened[path], name, in_dtype)) for path, name in pairs])
     base = permuted.pop(0) if task.base is not None else None
     return base, permuted
+
+
+def _with_chat_template(value: str, writer: CheckpointWriter, opened: Mapping[str, Any], report: Report) -> list:
+    """Write the config's chat template as chat_template.jinja beside the output's tokenizer (carried, or written by
+    the merge), dropping any template its tokenizer_config.json holds; returns the files still to carry."""
+    import json
+
+    from weightsmith.merge.chat import resolve_chat_template
+
+    carried = next((f for f in writer.carry if f.name == "tokenizer_config.json"), None)
+    text = writer.files.get("tokenizer_config.json") or (carried.read_bytes() if carried is not None else None)
+    if text is None:
+        report.notes.append("chat_template: the output has no tokenizer to go with it; not saved (as mergekit)")
+        return writer.carry
+    template = resolve_chat_template(
+        value, [Path(getattr(c, "root", getattr(c, "path", p))) for p, c in opened.items()]
+    )
+    if template is None:
+        return writer.carry
+    writer.files.pop("chat_template.json", None)
+    writer.add_file("chat_template.jinja", template)
+    settings = json.loads(text)
+    settings.pop("chat_template", None)
+    writer.add_file("tokenizer_config.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    drop = ("tokenizer_config.json", "chat_template.json", "chat_template.jinja")
+    return [f for f in writer.carry if f.name not in drop]
 
 
 def writer_version() -> str:

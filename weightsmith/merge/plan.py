@@ -129,8 +129,11 @@ def _vocab_problems(label_a: str, a: Any, label_b: str, b: Any) -> list[str]:
 
 def _raise(problems: list[str]) -> None:
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise IncompatibleError(f"inputs do not match: {shown}")
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise IncompatibleError(
+            f"inputs do not match: {shown}: merge models of one architecture and size (a slice's layer_range picks "
+            "layers; tokenizer_source merges different vocabularies)"
+        )
 
 
 def renumber(name: str, index: int) -> str:
