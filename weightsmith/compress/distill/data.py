@@ -1,4 +1,4 @@
-"""Training text: reading .txt/.jsonl, tokenising into examples, and a deterministic, sharded example order.
+"""Training text: tokenising into examples, and a deterministic, sharded example order.
 
 The order is a pure function of (seed, step, rank): every process computes its own slice of each global batch, so
 ranks never see the same example within an epoch, and a resumed run replays exactly the batches it would have seen.
@@ -6,47 +6,9 @@ ranks never see the same example within an epoch, and a resumed run replays exac
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-
-from weightsmith.errors import ConfigError
-
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def read_texts(path: str | os.PathLike) -> list[str]:
-    """Documents of a ``.txt`` file (one per non-empty line) or a ``.jsonl`` file (the ``text`` field of each line)."""
-    path = Path(path)
-    if path.suffix not in TEXT_SUFFIXES:
-        raise ConfigError(f"{path}: unsupported data file (expected .txt or .jsonl)")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such data file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the data file as UTF-8 text ({exc})") from None
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".txt":
-            texts.append(line.strip())
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise ConfigError(f"{path}: line {number} is not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ConfigError(f"{path}: line {number} has no string field 'text'")
-        if record["text"].strip():
-            texts.append(record["text"])
-    if not texts:
-        raise ConfigError(f"{path}: the data file holds no text")
-    return texts
 
 
 def tokenize(texts: list[str], tokenizer, *, causal: bool, seq_len: int) -> list[list[int]]:
