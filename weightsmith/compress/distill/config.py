@@ -44,6 +44,8 @@ class DistillConfig:
         (), "student layers whose outputs also match the teacher's (learned projection if widths differ)"
     )
     feature_weight: float = _opt(1.0, "weight of the feature loss")
+    # images and seq2seq: the final hidden states match the teacher's too (DistilBERT's hidden-state term)
+    hidden_weight: float = _opt(1.0, "image classification and seq2seq: weight of the final hidden-state MSE")
     eval_every: int | None = _opt(None, "steps between held-out evaluations (always one at the end)")
     save_every: int | None = _opt(None, "steps between saved training states (for resume)")
     warmup: float = _opt(0.05, "fraction of steps with a linearly rising learning rate")
@@ -101,6 +103,8 @@ class DistillConfig:
             raise ConfigError(f"mixed_precision {self.mixed_precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
         if any(i < 0 for i in self.feature_layers):
             raise ConfigError(f"feature_layers {list(self.feature_layers)}: indices must be non-negative")
+        if self.hidden_weight < 0 or self.feature_weight < 0:
+            raise ConfigError("`hidden_weight` and `feature_weight` must be non-negative")
 
     def hyper(self) -> dict[str, Any]:
         """The training hyper-parameters (everything but the student and data choices), as the saved state

@@ -127,3 +127,29 @@ def mask_tokens(
     swap = picked & (roll >= 0.8) & (roll < 0.9)
     out[swap] = random_ids[swap]
     return out, picked.long()
+
+
+def image_examples(folder, processor) -> list[tuple[torch.Tensor, int]]:
+    """(pixel values (C, H, W), class index) per image of a class_name/*.png folder, prepared by the teacher's own
+    image processor (its preprocessor_config.json: resize, rescale, normalise)."""
+    from weightsmith import hf
+
+    images, labels, _ = hf.read_image_folder(folder)
+    pixels = hf.pixel_values(processor, images)  # (N, C, H, W)
+    return [(pixels[i], labels[i]) for i in range(len(labels))]
+
+
+def pair_examples(
+    sources: list[str], targets: list[str] | list[list[int]], tokenizer, *, seq_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids) per pair, each with the tokenizer's special tokens (T5 ends both in EOS) and
+    truncated to ``seq_len``; ``targets`` are texts or ids already (the teacher's own outputs). Pairs with an empty
+    side are dropped."""
+    if not sources:
+        return []
+    src = tokenizer(sources, truncation=True, max_length=seq_len)["input_ids"]
+    if targets and isinstance(targets[0], str):
+        tgt = tokenizer(text_target=targets, truncation=True, max_length=seq_len)["input_ids"]
+    else:
+        tgt = [list(t)[:seq_len] for t in targets]
+    return [(s, t) for s, t in zip(src, tgt, strict=True) if s and t]

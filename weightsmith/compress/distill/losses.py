@@ -84,6 +84,11 @@ def hidden_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) ->
     return mse + cos_tok + cos_pool, {"mse": mse.detach(), "cos_tok": cos_tok.detach(), "cos_pool": cos_pool.detach()}
 
 
+def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) -> Tensor:
+    """MSE(h_s, h_t): the mean over the hidden width of (B, L, D) states, averaged per counted position (float32)."""
+    return _masked_mean((student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1), mask)
+
+
 def feature_loss(
     student_feats: list[Tensor], teacher_feats: list[Tensor], projections: list[torch.nn.Module], mask: Tensor
 ) -> Tensor:

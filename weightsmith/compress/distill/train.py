@@ -95,10 +95,20 @@ class _Trainee(nn.Module):
         return _loss(self.kind, self.cfg, self.pairs, self.projections, out, batch, t_logits, t_hidden)
 
 
+def _hidden(kind: str, out) -> tuple:
+    """The stack the hidden-state and feature losses read: the decoder's for seq2seq (its encoder's last state is
+    appended), the only one otherwise."""
+    if kind == "seq2seq":
+        return (*out.decoder_hidden_states, out.encoder_last_hidden_state)
+    return out.hidden_states
+
+
 def _loss(kind, cfg, pairs, projections, out, batch: Batch, t_logits, t_hidden):
     """The objective for one batch: the kind's main loss plus the weighted feature loss. Returns (loss, parts)."""
-    attention, hidden = batch.attention, out.hidden_states
-    if kind == "causal":  # position i predicts token i+1
+    attention, hidden = batch.attention, _hidden(kind, out)
+    if kind in ("image", "seq2seq"):
+        loss, parts = _head_and_hidden_loss(kind, cfg, out, hidden, batch, t_logits, t_hidden)
+    elif kind == "causal":  # position i predicts token i+1
         logits, mask, labels = out.logits[:, :-1], attention[:, 1:], batch.targets[:, 1:]
         teacher = t_logits[:, :-1] if t_logits is not None else None
         loss, parts = L.kd_loss(logits, teacher, labels, mask, temperature=cfg.temperature, alpha=cfg.alpha)
@@ -109,6 +119,8 @@ def _loss(kind, cfg, pairs, projections, out, batch: Batch, t_logits, t_hidden):
     else:
         loss, parts = L.hidden_loss(hidden[-1], t_hidden[-1], attention)
     if pairs:
+        if kind == "image":  # every patch of every image counts
+            attention = torch.ones(hidden[-1].shape[:2], device=hidden[-1].device)
         feats = L.feature_loss(
             [hidden[s + 1] for s, _ in pairs], [t_hidden[t + 1] for _, t in pairs], list(projections), attention
         )
@@ -117,13 +129,41 @@ def _loss(kind, cfg, pairs, projections, out, batch: Batch, t_logits, t_hidden):
     return loss, parts
 
 
+def _head_and_hidden_loss(kind, cfg, out, hidden, batch: Batch, t_logits, t_hidden):
+    """Image classification and seq2seq: α·T²·KL + (1−α)·CE on the head's logits (per image, or per target token)
+    plus ``hidden_weight`` × MSE of the final hidden states (seq2seq: the decoder's and the encoder's, averaged)."""
+    logits, targets, mask = out.logits, batch.targets, batch.mask
+    teacher = t_logits
+    if kind == "image":  # (B, C) logits: one "position" per image
+        logits, targets = logits[:, None], targets[:, None]
+        teacher = teacher[:, None] if teacher is not None else None
+    loss, parts = L.kd_loss(logits, teacher, targets, mask, temperature=cfg.temperature, alpha=cfg.alpha)
+    if cfg.hidden_weight > 0:
+        if kind == "image":
+            mse = L.hidden_mse(hidden[-1], t_hidden[-1], torch.ones(hidden[-1].shape[:2], device=logits.device))
+        else:
+            dec = L.hidden_mse(hidden[-2], t_hidden[-2], batch.attention)
+            enc = L.hidden_mse(hidden[-1], t_hidden[-1], batch.inputs["attention_mask"])
+            mse = (dec + enc) / 2
+        loss = loss + cfg.hidden_weight * mse
+        parts["hidden"] = mse.detach()
+    return loss, parts
+
+
 def _needs_teacher(plan: Plan) -> bool:
-    return plan.kind == "encoder" or plan.config.alpha > 0 or bool(plan.feature_pairs)
+    return plan.kind in ("encoder", "image", "seq2seq") or plan.config.alpha > 0 or bool(plan.feature_pairs)
 
 
 def _batch(plan: Plan, examples: list, indices: list[int], mask_seed: int) -> Batch:
     """The batch of the given examples; masked LM corrupts the ids deterministically."""
+    if plan.kind == "image":
+        pixels = torch.stack([examples[i][0] for i in indices])
+        labels = torch.tensor([examples[i][1] for i in indices], dtype=torch.long)
+        ones = torch.ones(len(indices), 1, dtype=torch.long)
+        return Batch({"pixel_values": pixels}, ones, labels, ones)
     tok = plan.tokenizer
+    if plan.kind == "seq2seq":
+        return _pair_batch(examples, indices, tok.pad_token_id)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids, attention = D.collate([examples[i] for i in indices], pad)
     if plan.kind != "masked":
@@ -135,6 +175,16 @@ def _batch(plan: Plan, examples: list, indices: list[int], mask_seed: int) -> Ba
     return Batch({"input_ids": corrupted, "attention_mask": attention}, attention, ids, picked)
 
 
+def _pair_batch(examples: list, indices: list[int], pad: int) -> Batch:
+    """Sources as encoder input, targets teacher-forced through the decoder (``labels``: the model shifts them right
+    behind its decoder start token; padded positions are -100, which transformers ignores and never embeds)."""
+    ids, attention = D.collate([examples[i][0] for i in indices], pad)
+    targets, target_mask = D.collate([examples[i][1] for i in indices], pad)
+    labels = targets.masked_fill(target_mask == 0, -100)
+    inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels, "decoder_attention_mask": target_mask}
+    return Batch(inputs, target_mask, targets, target_mask)
+
+
 def _teacher_out(teacher, plan, batch: Batch, autocast=contextlib.nullcontext):
     """The teacher's logits (None for encoders) and hidden states, as float32 whatever ``autocast`` computed them in."""
     if not _needs_teacher(plan):
@@ -142,7 +192,7 @@ def _teacher_out(teacher, plan, batch: Batch, autocast=contextlib.nullcontext):
     with torch.no_grad(), autocast():
         out = teacher(**batch.inputs, output_hidden_states=True)
     logits = out.logits.float() if plan.kind != "encoder" else None
-    return logits, tuple(h.float() for h in out.hidden_states)
+    return logits, tuple(h.float() for h in _hidden(plan.kind, out))
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -221,11 +271,14 @@ def _evaluate(acc, trainee: _Trainee, teacher, plan: Plan) -> dict[str, float]:
     return {"loss": float(sums[0]) / count, METRICS[plan.kind]: float(sums[1]) / count}
 
 
-METRICS = {"causal": "ce", "masked": "ce", "encoder": "cosine"}
+METRICS = {"causal": "ce", "masked": "ce", "encoder": "cosine", "image": "agreement", "seq2seq": "ce"}
 
 
 def _metric(kind: str, out, batch: Batch, t_logits, t_hidden) -> torch.Tensor:
-    """The held-out figure beside the loss (see ``METRICS``): cross-entropy per counted token or embedding cosine."""
+    """The held-out figure beside the loss (see ``METRICS``): cross-entropy per counted token, embedding cosine,
+    or the fraction of images whose top class is the teacher's."""
+    if kind == "image":
+        return (out.logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
     if kind == "encoder":
         s_pool = L.mean_pool(out.hidden_states[-1].float(), batch.attention)
         t_pool = L.mean_pool(t_hidden[-1].float(), batch.attention)
@@ -269,7 +322,7 @@ def _build(plan: Plan, acc):
     teacher = plan.model_class.from_pretrained(plan.teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
     teacher.to(acc.device)
     student = plan.model_class.from_pretrained(plan.student_dir, dtype=torch.float32).train()
-    s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
+    s_width, t_width = _width(student.config), _width(teacher.config)
     if plan.kind == "encoder" and s_width != t_width:
         raise ConfigError(
             f"{plan.student_dir}: hidden width {s_width} differs from the teacher's {t_width}; "
@@ -278,8 +331,9 @@ def _build(plan: Plan, acc):
     projections = nn.ModuleList(
         nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity() for _ in plan.feature_pairs
     )
-    if cfg.freeze_embeddings:  # the teacher's token table: tokens absent from the training text stay consistent
-        student.get_input_embeddings().weight.requires_grad_(False)
+    table = getattr(student.get_input_embeddings(), "weight", None)  # None: a vision patch projection
+    if cfg.freeze_embeddings and table is not None:  # the teacher's token table: unseen tokens stay consistent
+        table.requires_grad_(False)
     trainee = _Trainee(student, projections, plan)
     trained = [p for p in trainee.parameters() if p.requires_grad]
     decay = [p for p in trained if p.ndim >= 2]
@@ -299,6 +353,11 @@ def _build(plan: Plan, acc):
     return teacher, trainee, optimizer, scheduler
 
 
+def _width(config) -> int:
+    """The hidden width (``hidden_size``, or T5's ``d_model``)."""
+    return int(getattr(config, "hidden_size", None) or config.d_model)
+
+
 def _loop(plan: Plan, acc, teacher, trainee, optimizer, scheduler, result: Result) -> tuple[set[int], list[int]]:
     """The optimizer steps from ``result.start_step``; returns the examples this rank saw and its first batch."""
     cfg = plan.config
@@ -307,7 +366,7 @@ def _loop(plan: Plan, acc, teacher, trainee, optimizer, scheduler, result: Resul
     autocast = functools.partial(
         torch.autocast, acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"
     )
-    lengths = tuple(len(e) for e in plan.train) if cfg.group_by_length else None
+    lengths = tuple(_length(e) for e in plan.train) if cfg.group_by_length else None
     order = D.Order(len(plan.train), cfg.batch_size, acc.num_processes, cfg.seed, lengths)
     seen: set[int] = set()
     first_batch: list[int] = []
@@ -342,6 +401,13 @@ def _loop(plan: Plan, acc, teacher, trainee, optimizer, scheduler, result: Resul
     if bar is not None:
         bar.close()
     return seen, first_batch
+
+
+def _length(example) -> int:
+    """An example's length for grouping: tokens (a pair: source and target), 1 for an image."""
+    if isinstance(example, tuple):
+        return len(example[0]) + len(example[1]) if isinstance(example[1], list) else 1
+    return len(example)
 
 
 def _gather_ranks(result: Result, seen: set[int], first_batch: list[int]) -> None:

@@ -157,8 +157,13 @@ def _prepare(teacher, out: Path, data, cfg: DistillConfig, force: bool) -> _Setu
     if t_ckpt.config is None:
         raise CheckpointError(f"{t_ckpt.path}: no config.json; the teacher must be a transformers model directory")
     check_destination(out, force)
-    kind = kind_of(hf.architecture(t_ckpt.config), t_ckpt.path)
+    kind = kind_of(hf.architecture(t_ckpt.config), t_ckpt.path, t_ckpt.config)
     model_class = hf.model_class(t_ckpt.config, t_ckpt.path)
+    if kind.data != "images" and getattr(model_class, "main_input_name", "input_ids") != "input_ids":
+        raise IncompatibleError(
+            f"{t_ckpt.path}: a {hf.architecture(t_ckpt.config)} reads {model_class.main_input_name}, not text; "
+            "distillation trains text, image-classification and text-to-text models"
+        )
     t_layers = S.layer_count(t_ckpt.config, t_ckpt.path)
     kept, s_ckpt, s_layers = _choose_student(t_ckpt, t_layers, kind, cfg)
     bad = [i for i in cfg.feature_layers if i >= s_layers]
@@ -200,21 +205,52 @@ def _choose_student(t_ckpt: Checkpoint, t_layers: int, kind: Kind, cfg: DistillC
         _check_student(t_ckpt, s_ckpt, kind)
         return None, s_ckpt, S.layer_count(s_ckpt.config, s_ckpt.path)
     kept = S.resolve_layers(t_layers, cfg.layers, cfg.keep_every, t_ckpt.path)
+    S.check_first_layer(t_ckpt, kept)
+    S.student_config(t_ckpt.config or {}, kept)  # refuses a config whose stacks cannot be cut alike
     return kept, None, len(kept)
 
 
 def _read_data(kind: Kind, data, cfg: DistillConfig, tok_dir: Path, teacher: Path) -> tuple[Any, list, list]:
-    """(tokenizer, training examples, held-out examples): token ids of .txt/.jsonl documents (causal LMs packed
-    into blocks, others one per document)."""
-    texts = hf.read_texts(data, what="data file")
-    eval_texts = hf.read_texts(cfg.eval_data, what="evaluation data file") if cfg.eval_data is not None else []
-    tok = _load_tokenizer(tok_dir, kind)
-    causal = kind.name == "causal"
-    train = D.tokenize(texts, tok, causal=causal, seq_len=cfg.seq_len)
-    held_out = D.tokenize(eval_texts, tok, causal=causal, seq_len=cfg.seq_len)
+    """(tokenizer or None, training examples, held-out examples) for the kind's data format."""
+    reader = {"text": _text_data, "images": _image_data, "pairs": _pair_data}[kind.data]
+    tok, train = reader(kind, data, "data file", cfg, tok_dir, teacher, None)
+    held_out = (
+        reader(kind, cfg.eval_data, "evaluation data file", cfg, tok_dir, teacher, tok)[1] if cfg.eval_data else []
+    )
     if not train:
         raise ConfigError(f"{data}: no training example survives tokenisation (text too short?)")
     return tok, train, held_out
+
+
+def _text_data(kind: Kind, path, what: str, cfg: DistillConfig, tok_dir: Path, teacher: Path, tok) -> tuple[Any, list]:
+    """Token-id examples of a .txt/.jsonl file (causal LMs packed into blocks, others one per document)."""
+    texts = hf.read_texts(path, what=what)
+    tok = tok if tok is not None else _load_tokenizer(tok_dir, kind)
+    return tok, D.tokenize(texts, tok, causal=kind.name == "causal", seq_len=cfg.seq_len)
+
+
+def _image_data(kind: Kind, path, what: str, cfg: DistillConfig, tok_dir: Path, teacher: Path, tok) -> tuple[Any, list]:
+    """(pixel values, class) examples of a class_name/*.png folder through the teacher's image processor (no
+    tokenizer: the output carries the teacher's preprocessor_config.json instead)."""
+    return None, D.image_examples(path, hf.load_image_processor(tok_dir))
+
+
+def _pair_data(kind: Kind, path, what: str, cfg: DistillConfig, tok_dir: Path, teacher: Path, tok) -> tuple[Any, list]:
+    """(source, target) id pairs of a .txt/.jsonl file: a record's ``target`` where it has one, else the teacher's
+    own greedy output for its ``text`` (sequence-level KD, Kim & Rush 2016: the student learns what the teacher
+    says rather than references the teacher may not reproduce)."""
+    records = hf.read_records(path, what=what)
+    tok = tok if tok is not None else _load_tokenizer(tok_dir, kind)
+    sources = [r["text"] for r in records]
+    missing = [i for i, r in enumerate(records) if not isinstance(r.get("target"), str)]
+    targets: list = [r.get("target") for r in records]
+    if missing:
+        model = hf.load_model(teacher)
+        generated = hf.greedy_outputs(model, tok, [sources[i] for i in missing], max_length=cfg.seq_len)
+        for i, ids in zip(missing, generated, strict=True):
+            targets[i] = ids
+        targets = [t if not isinstance(t, str) else tok(text_target=t)["input_ids"] for t in targets]
+    return tok, D.pair_examples(sources, targets, tok, seq_len=cfg.seq_len)
 
 
 def _load_tokenizer(path: Path, kind: Kind):
@@ -245,6 +281,9 @@ def _check_student(teacher: Checkpoint, student: Checkpoint, kind: Kind) -> None
             f"{student.path}: vocabulary of {s_vocab} tokens (embedding rows {s_rows}) differs "
             f"from the teacher's {t_vocab} (rows {t_rows}); distillation needs the same tokenizer"
         )
+    t_labels, s_labels = len(teacher.config.get("id2label") or {}), len(student.config.get("id2label") or {})
+    if kind.name == "image" and t_labels != s_labels:
+        raise IncompatibleError(f"{student.path}: {s_labels} classes, the teacher has {t_labels}")
     s_arch = hf.architecture(student.config)
     if not s_arch or kind_of(s_arch) != kind:
         t_arch = hf.architecture(teacher.config)
