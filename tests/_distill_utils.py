@@ -144,3 +144,83 @@ def with_tokenizer(model_dir: Path, dest: Path, *, causal: bool) -> Path:
     shutil.copytree(model_dir, dest)
     char_tokenizer(causal).save_pretrained(dest)
     return dest
+
+
+def tiny_vit(dest: Path, *, layers: int = 4, seed: int = 0, image_size: int = 16) -> Path:
+    """A random ViT image classifier (3 classes named a, b, c) with its preprocessor_config.json."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        id2label={0: "a", 1: "b", 2: "c"},
+        label2id={"a": 0, "b": 1, "c": 2},
+    )
+    tf.ViTForImageClassification(config).eval().save_pretrained(dest)
+    write_preprocessor(dest, image_size)
+    return dest
+
+
+def write_preprocessor(dest: Path, size: int) -> None:
+    """preprocessor_config.json as ViTImageProcessor saves it (built by hand: the processor class needs PIL)."""
+    import json
+
+    config = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    (dest / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def image_folder(dest: Path, per_class: int = 6, *, seed: int = 0, size: int = 16) -> Path:
+    """class_name/*.png for classes a, b, c: each class a brighter band in its own third of a noisy image, so a
+    classifier can tell them apart."""
+    import numpy as np
+
+    from weightsmith.hf import write_png
+
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate("abc"):
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = rng.integers(0, 100, (size, size, 3))
+            band = slice(index * size // 3, (index + 1) * size // 3)
+            image[band, :, index] += 150
+            write_png(dest / name / f"{i:03d}.png", image.astype(np.uint8))
+    return dest
+
+
+def tiny_t5(dest: Path, *, layers: int = 4, seed: int = 0) -> Path:
+    """A random T5 with the character tokenizer (pad 0, EOS '</s>' = 5)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.T5Config(
+        vocab_size=128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=layers,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=SPECIALS.index("</s>"),
+    )
+    tf.T5ForConditionalGeneration(config).eval().save_pretrained(dest)
+    char_tokenizer(causal=True).save_pretrained(dest)
+    return dest

@@ -391,8 +391,8 @@ def _refused(args: list[str], out: Path, capsys, needle: str) -> None:
 def test_refusals(llama, bert, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["--teacher", str(llama), "--layers", "0"]
-    _refused([*base, "--data", str(tmp_path / "missing.txt"), "--steps", "2"], out, capsys, "no such data file")
-    _refused([*base, "--data", str(corpus["empty"]), "--steps", "2"], out, capsys, "holds no text")
+    _refused([*base, "--data", str(tmp_path / "missing.txt"), "--steps", "2"], out, capsys, "data file not found")
+    _refused([*base, "--data", str(corpus["empty"]), "--steps", "2"], out, capsys, "data file is empty")
     _refused(
         ["--teacher", str(llama), "--layers", "0,5", "--data", str(corpus["train"]), "--steps", "2"],
         out,

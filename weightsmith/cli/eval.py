@@ -1,4 +1,4 @@
-"""weightsmith eval: perplexity, embedding cosine, logits |Δ| and KL."""
+"""weightsmith eval: perplexity, embedding cosine, image accuracy, seq2seq agreement, logits |Δ| and KL."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ def register(sub) -> None:
     p = add_command(
         sub,
         "eval",
-        help="perplexity, embedding cosine, logits |Δ| and KL, on checkpoints or ONNX files",
+        help="perplexity, embedding cosine, image accuracy, seq2seq agreement, logits |Δ| and KL",
         examples=[
             "weightsmith eval ./llama-pruned --data held_out.txt",
             "weightsmith eval ./minilm-int8 --ref ./minilm --data sentences.txt --json",
@@ -18,7 +18,12 @@ def register(sub) -> None:
         ],
     )
     p.add_argument("model", help="model directory or .onnx file")
-    p.add_argument("--data", required=True, help="text file, one sample per line")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="text file, one sample per line; for an image classifier a class_name/*.png folder; for a seq2seq "
+        "model source texts (.jsonl: 'text', optional 'target')",
+    )
     p.add_argument("--ref", help="reference checkpoint to compare against")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
     add_report_option(p)

@@ -1,4 +1,4 @@
-"""Training text: reading .txt/.jsonl, tokenising into examples, and a deterministic, sharded example order.
+"""Training text: tokenising into examples, and a deterministic, sharded example order.
 
 The order is a pure function of (seed, step, rank): every process computes its own slice of each global batch, so
 ranks never see the same example within an epoch, and a resumed run replays exactly the batches it would have seen.
@@ -6,47 +6,9 @@ ranks never see the same example within an epoch, and a resumed run replays exac
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-
-from weightsmith.errors import ConfigError
-
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def read_texts(path: str | os.PathLike) -> list[str]:
-    """Documents of a ``.txt`` file (one per non-empty line) or a ``.jsonl`` file (the ``text`` field of each line)."""
-    path = Path(path)
-    if path.suffix not in TEXT_SUFFIXES:
-        raise ConfigError(f"{path}: unsupported data file (expected .txt or .jsonl)")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such data file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the data file as UTF-8 text ({exc})") from None
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".txt":
-            texts.append(line.strip())
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise ConfigError(f"{path}: line {number} is not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ConfigError(f"{path}: line {number} has no string field 'text'")
-        if record["text"].strip():
-            texts.append(record["text"])
-    if not texts:
-        raise ConfigError(f"{path}: the data file holds no text")
-    return texts
 
 
 def tokenize(texts: list[str], tokenizer, *, causal: bool, seq_len: int) -> list[list[int]]:
@@ -165,3 +127,29 @@ def mask_tokens(
     swap = picked & (roll >= 0.8) & (roll < 0.9)
     out[swap] = random_ids[swap]
     return out, picked.long()
+
+
+def image_examples(folder, processor) -> list[tuple[torch.Tensor, int]]:
+    """(pixel values (C, H, W), class index) per image of a class_name/*.png folder, prepared by the teacher's own
+    image processor (its preprocessor_config.json: resize, rescale, normalise)."""
+    from weightsmith import hf
+
+    images, labels, _ = hf.read_image_folder(folder)
+    pixels = hf.pixel_values(processor, images)  # (N, C, H, W)
+    return [(pixels[i], labels[i]) for i in range(len(labels))]
+
+
+def pair_examples(
+    sources: list[str], targets: list[str] | list[list[int]], tokenizer, *, seq_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids) per pair, each with the tokenizer's special tokens (T5 ends both in EOS) and
+    truncated to ``seq_len``; ``targets`` are texts or ids already (the teacher's own outputs). Pairs with an empty
+    side are dropped."""
+    if not sources:
+        return []
+    src = tokenizer(sources, truncation=True, max_length=seq_len)["input_ids"]
+    if targets and isinstance(targets[0], str):
+        tgt = tokenizer(text_target=targets, truncation=True, max_length=seq_len)["input_ids"]
+    else:
+        tgt = [list(t)[:seq_len] for t in targets]
+    return [(s, t) for s, t in zip(src, tgt, strict=True) if s and t]

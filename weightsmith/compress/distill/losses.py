@@ -37,15 +37,28 @@ def token_ce(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 
 
 def kd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor, *, temperature: float, alpha: float
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y), both averaged per counted token.
 
     Hinton et al. 2015; DistilBERT (Sanh et al. 2019) uses the same soft term at T = 2. For a causal LM the caller
     passes logits and labels already aligned to the next token; for a masked LM ``mask`` selects the masked
-    positions. α = 0 is plain CE training; α = 1 is pure distillation. Returns the loss and its parts.
+    positions. α = 0 is plain CE training (``teacher_logits`` may then be None); α = 1 is pure distillation.
+    Returns the loss and its parts.
     """
-    kl = soft_kl(student_logits, teacher_logits, mask, temperature) if alpha > 0 else student_logits.new_zeros(())
+    if alpha > 0 and teacher_logits is None:
+        raise ValueError("kd_loss: alpha > 0 needs the teacher's logits")
+    kl = (
+        soft_kl(student_logits, teacher_logits, mask, temperature)
+        if alpha > 0 and teacher_logits is not None
+        else student_logits.new_zeros(())
+    )
     ce = token_ce(student_logits, labels, mask) if alpha < 1 else student_logits.new_zeros(())
     return alpha * kl + (1 - alpha) * ce, {"kl": kl.detach(), "ce": ce.detach()}
 
@@ -69,6 +82,11 @@ def hidden_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) ->
     cos_tok = _masked_mean(1 - F.cosine_similarity(s, t, dim=-1), mask)
     cos_pool = (1 - F.cosine_similarity(mean_pool(s, mask), mean_pool(t, mask), dim=-1)).mean()
     return mse + cos_tok + cos_pool, {"mse": mse.detach(), "cos_tok": cos_tok.detach(), "cos_pool": cos_pool.detach()}
+
+
+def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) -> Tensor:
+    """MSE(h_s, h_t): the mean over the hidden width of (B, L, D) states, averaged per counted position (float32)."""
+    return _masked_mean((student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1), mask)
 
 
 def feature_loss(

@@ -18,6 +18,7 @@ from weightsmith.checkpoint import Checkpoint, CheckpointWriter, provenance_step
 from weightsmith.errors import CheckpointError, ConfigError
 
 _PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per layer (sliding/full attention, …)
+_SECOND_STACK = ("num_decoder_layers",)  # an encoder-decoder's decoder depth (T5): its blocks are kept alike
 
 
 def layer_count(config: dict | None, where: str | os.PathLike) -> int:
@@ -52,6 +53,14 @@ def resolve_layers(
 def student_config(config: dict, layers: Sequence[int]) -> dict:
     """The teacher's config with the layer count (and per-layer lists) rewritten for the kept layers."""
     out = dict(config)
+    count = declared_layers(config)
+    for key in _SECOND_STACK:
+        if isinstance(out.get(key), int):
+            if out[key] != count:
+                raise ConfigError(
+                    f"{key} {out[key]} differs from the encoder's {count} layers: `layers` cannot select both stacks"
+                )
+            out[key] = len(layers)
     for key in LAYER_COUNT_KEYS:
         if isinstance(out.get(key), int):
             out[key] = len(layers)
@@ -72,8 +81,25 @@ def student_tensors(teacher: Checkpoint, layers: Sequence[int]) -> Iterator[tupl
             yield f"{split[0]}.{new_index[split[1]]}.{split[2]}", teacher[name]
 
 
+def check_first_layer(teacher: Checkpoint, layers: Sequence[int]) -> None:
+    """Refuse to drop layer 0 when it holds tensors no other layer has (T5's relative attention bias lives in the
+    first block only: a student without it would load with that weight missing)."""
+    if not layers or layers[0] == 0:
+        return
+    first: set[tuple[str, str]] = set()
+    others: set[tuple[str, str]] = set()
+    for name in teacher:
+        split = split_layer(name)
+        if split is not None:
+            (first if split[1] == 0 else others).add((split[0], split[2]))
+    only = sorted(f"{pre}.0.{post}" for pre, post in first - others)
+    if only:
+        raise ConfigError(f"{teacher.path}: layer 0 alone holds {only[0]}; `layers` must keep layer 0")
+
+
 def write_student(teacher: Checkpoint, out: str | os.PathLike, layers: Sequence[int], *, force: bool = False) -> Path:
     """Write the layer-selected student (weights, rewritten config, the teacher's tokenizer files) atomically."""
+    check_first_layer(teacher, layers)
     config = student_config(teacher.config or {}, layers)
     step = provenance_step("distill.init_student", {"layers": list(layers)}, [teacher])
     with CheckpointWriter(out, steps=[step], config=config, carry=teacher.carry_files, force=force) as writer:

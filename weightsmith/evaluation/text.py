@@ -1,5 +1,4 @@
-"""Model-quality helpers shared by the verbs: load a transformers model from a checkpoint once, read text files,
-measure perplexity (causal LMs) and embedding fidelity (encoders).
+"""Quality on text: perplexity (causal LMs), embedding fidelity (encoders), and the eval verb's text path.
 
 transformers is imported inside the functions: importing this module stays torch- and transformers-free.
 
@@ -12,83 +11,20 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from weightsmith.errors import CheckpointError, ConfigError
-
-
-def read_texts(path: str | os.PathLike, *, what: str = "text file") -> list[str]:
-    """The non-empty lines of a UTF-8 text file; refuses a missing or empty file with one line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: {what} not found")
-    try:
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read {what} ({exc})") from None
-    texts = [line for line in lines if line]
-    if not texts:
-        raise ConfigError(f"{p}: {what} is empty")
-    return texts
-
-
-def is_causal_lm(config: dict | None) -> bool:
-    """True when the checkpoint's architecture is a language-model head that predicts the next token."""
-    archs = " ".join((config or {}).get("architectures") or [])
-    return "CausalLM" in archs or "LMHeadModel" in archs
-
-
-def load_model(model_dir: str | os.PathLike, *, dtype: Any = "float32"):
-    """The transformers model a checkpoint directory describes (its ``architectures[0]`` class), in eval mode.
-
-    Loading by the exact class keeps parameter names equal to the checkpoint's tensor names.
-    """
-    import torch
-    import transformers
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json: a transformers model directory is needed here")
-    transformers.utils.logging.disable_progress_bar()  # weightsmith reports for itself; stderr stays quiet
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM if is_causal_lm(config.to_dict()) else transformers.AutoModel
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return cls.from_pretrained(path, dtype=dtype).eval()
-
-
-def require_tokenizer(model_dir: str | os.PathLike) -> None:
-    """Refuse, with one line and without importing anything, a directory without tokenizer files."""
-    path = Path(model_dir)
-    if not any(
-        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-    ):
-        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json, vocab.txt…): text cannot be encoded")
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint; refuses with one line when there is none."""
-    import transformers
-
-    path = Path(model_dir)
-    require_tokenizer(path)
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
-
-
-def encode(tokenizer, texts: list[str], max_length: int) -> list[Any]:
-    """One ``input_ids`` [1, T] tensor per text (special tokens included, truncated, never padded)."""
-    out = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
-        if ids.shape[1] > 0:
-            out.append(ids)
-    return out
+from weightsmith.hf import (
+    encode,
+    is_causal_lm,
+    load_model,
+    load_tokenizer,
+    ort_session,
+    read_config,
+    read_texts,
+    require_tokenizer,
+)
 
 
 def perplexity(
@@ -153,24 +89,15 @@ class _Runner:
     """
 
     def __init__(self, path: Path):
-        import json
-
         self.path = path
         self.onnx = path.suffix == ".onnx"
         self.tokenizer_dir = path.parent if self.onnx else path
-        config_file = self.tokenizer_dir / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{self.tokenizer_dir}: no config.json: cannot tell what kind of model this is")
-        self.causal = is_causal_lm(json.loads(config_file.read_text()))
+        self.causal = is_causal_lm(read_config(self.tokenizer_dir))
         self._model = None
 
     def _load(self):
         if self.onnx:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            session = ort_session(self.path)
             self.inputs = [i.name for i in session.get_inputs()]
             return session
         return load_model(self.path)
@@ -189,9 +116,44 @@ class _Runner:
         return (out.logits if self.causal else out.last_hidden_state)[0].float()
 
 
-def evaluate(
-    model: str | os.PathLike, data: str | os.PathLike, *, ref: str | os.PathLike | None = None, max_length: int = 128
-):
+@dataclass
+class _Sums:
+    """Running sums over the texts: next-token NLL (model, reference), predicted tokens, KL and positions."""
+
+    nll: float = 0.0
+    tokens: float = 0.0
+    ref_nll: float = 0.0
+    kl: float = 0.0
+    positions: float = 0.0
+    max_abs: float = 0.0
+    cosines: list[float] = field(default_factory=list)
+
+    def totals(self) -> tuple:
+        return (self.nll, self.tokens, self.ref_nll, self.kl, self.positions, len(self.cosines))
+
+    def add(self, ids, out, other, causal: bool) -> None:
+        """One text's [1, T] ids, the model's output and the reference's (or None)."""
+        import torch
+
+        if causal and ids.shape[1] > 1:
+            targets = ids[0, 1:]
+            self.nll += float(torch.nn.functional.cross_entropy(out[:-1], targets, reduction="sum"))
+            self.tokens += ids.shape[1] - 1
+            if other is not None:
+                self.ref_nll += float(torch.nn.functional.cross_entropy(other[:-1], targets, reduction="sum"))
+        if other is None:
+            return
+        self.max_abs = max(self.max_abs, float((out - other).abs().max()))
+        if causal:
+            log_p, log_q = other.log_softmax(-1), out.log_softmax(-1)
+            self.kl += float((log_p.exp() * (log_p - log_q)).sum())
+            self.positions += ids.shape[1]
+        else:
+            a, b = out.mean(0), other.mean(0)
+            self.cosines.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+
+
+def evaluate_text(path: Path, data: str | os.PathLike, ref: str | os.PathLike | None, max_length: int):
     """Quality of a checkpoint directory or an ONNX file on the texts of ``data`` (one per line), alone or against
     a reference checkpoint.
 
@@ -199,17 +161,9 @@ def evaluate(
     logits and the mean per-token KL(p_ref ‖ p_model). Encoders (need ``ref``): mean cosine of mean-pooled sentence
     embeddings and max |Δ| of the last hidden states. Texts run one at a time, unpadded, through the tokenizer
     beside the model (or the reference's).
-
-    >>> ws.evaluate("pruned/", "held_out.txt", ref="dense/").summary  # doctest: +SKIP
     """
-    import torch
-
     from weightsmith.report import Report, figures_requested
 
-    path = Path(model)
-    for p in (path, *([Path(ref)] if ref is not None else [])):
-        if not p.exists():
-            raise CheckpointError(f"{p}: no such file or directory")
     texts = read_texts(data, what="evaluation data")
     runner = _Runner(path)
     reference = _Runner(Path(ref)) if ref is not None else None
@@ -217,60 +171,53 @@ def evaluate(
         raise ConfigError(f"{path}: cannot compare a causal LM with an encoder ({ref})")
     if reference is None and not runner.causal:
         raise ConfigError(f"{path}: an encoder has no perplexity; pass `ref`, a reference model, to compare embeddings")
-    tok_dir = runner.tokenizer_dir
-    try:
-        require_tokenizer(tok_dir)
-    except CheckpointError:
-        if reference is None:
-            raise
-        tok_dir = reference.tokenizer_dir
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(_tokenizer_dir(runner, reference))
     report = Report("eval")
     per_text: list[dict] | None = [] if figures_requested() else None  # the HTML report's per-text bars
-    nll = ref_nll = tokens = positions = 0.0
-    max_abs, kl_sum = 0.0, 0.0
-    cosines: list[float] = []
+    sums = _Sums()
     with report.timed("run"):
         for ids in encode(tokenizer, texts, max_length):
-            out = runner.outputs(ids)
-            other = reference.outputs(ids) if reference is not None else None
-            before = (nll, tokens, ref_nll, kl_sum, positions, len(cosines))
-            if runner.causal and ids.shape[1] > 1:
-                targets = ids[0, 1:]
-                nll += float(torch.nn.functional.cross_entropy(out[:-1], targets, reduction="sum"))
-                tokens += ids.shape[1] - 1
-                if other is not None:
-                    ref_nll += float(torch.nn.functional.cross_entropy(other[:-1], targets, reduction="sum"))
-            if other is not None:
-                max_abs = max(max_abs, float((out - other).abs().max()))
-                if runner.causal:
-                    log_p, log_q = other.log_softmax(-1), out.log_softmax(-1)
-                    kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-                    positions += ids.shape[1]
-                else:
-                    a, b = out.mean(0), other.mean(0)
-                    cosines.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+            before = sums.totals()
+            sums.add(ids, runner.outputs(ids), reference.outputs(ids) if reference is not None else None, runner.causal)
             if per_text is not None:
-                per_text.append(_text_figures(ids, before, (nll, tokens, ref_nll, kl_sum, positions), cosines))
+                per_text.append(_text_figures(ids, before, sums.totals()[:5], sums.cosines))
     report.summary.update(
         model=str(path),
         kind="causal LM" if runner.causal else "encoder",
         runtime="onnxruntime" if runner.onnx else "transformers",
         texts=len(texts),
     )
-    if runner.causal:
-        if tokens == 0:
-            raise ConfigError(f"{data}: the texts encode to fewer than two tokens each")
-        report.summary["perplexity"] = math.exp(nll / tokens)
-    if reference is not None:
-        report.summary.update(ref=str(ref), max_abs=max_abs)
-        if runner.causal:
-            report.summary.update(ref_perplexity=math.exp(ref_nll / tokens), kl_per_token=kl_sum / positions)
-        else:
-            report.summary["embedding_cosine"] = sum(cosines) / len(cosines)
+    _summarise(report, sums, runner.causal, data, ref)
     if per_text is not None:
         report.figures["texts"] = per_text
     return report
+
+
+def _tokenizer_dir(runner: _Runner, reference: _Runner | None) -> Path:
+    """The model's own tokenizer, or the reference's when the model has none beside it."""
+    try:
+        require_tokenizer(runner.tokenizer_dir)
+    except CheckpointError:
+        if reference is None:
+            raise
+        return reference.tokenizer_dir
+    return runner.tokenizer_dir
+
+
+def _summarise(report, sums: _Sums, causal: bool, data, ref) -> None:
+    if causal:
+        if sums.tokens == 0:
+            raise ConfigError(f"{data}: the texts encode to fewer than two tokens each")
+        report.summary["perplexity"] = math.exp(sums.nll / sums.tokens)
+    if ref is None:
+        return
+    report.summary.update(ref=str(ref), max_abs=sums.max_abs)
+    if causal:
+        report.summary.update(
+            ref_perplexity=math.exp(sums.ref_nll / sums.tokens), kl_per_token=sums.kl / sums.positions
+        )
+    else:
+        report.summary["embedding_cosine"] = sum(sums.cosines) / len(sums.cosines)
 
 
 def _text_figures(ids, before: tuple, after: tuple, cosines: list[float]) -> dict:

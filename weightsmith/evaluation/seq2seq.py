@@ -1,0 +1,95 @@
+"""Quality of an encoder-decoder (T5, BART, …) against a reference model's own outputs: the reference writes its
+greedy output for each source, the model reads it teacher-forced, and we count how often the model's top token is
+the reference's (agreement) and the cross-entropy of the reference's tokens under the model.
+
+Without ``ref`` the targets come from the data (``.jsonl`` lines with ``text`` and ``target``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightsmith import hf
+from weightsmith.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class _Sums:
+    tokens: int = 0
+    agree: int = 0
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kl: float = 0.0
+    max_abs: float = 0.0
+
+
+def _targets(records: list[dict], sources: list[str], reference, tokenizer, data, max_length: int) -> list[list[int]]:
+    """The reference's greedy outputs, or the data's ``target`` fields when there is no reference."""
+    if reference is not None:
+        return hf.greedy_outputs(reference, tokenizer, sources, max_length=max_length)
+    if not all(isinstance(r.get("target"), str) for r in records):
+        raise ConfigError(f"{data}: no `ref` and not every line has a 'target': nothing to compare the outputs with")
+    return [tokenizer(text_target=r["target"], truncation=True, max_length=max_length)["input_ids"] for r in records]
+
+
+def evaluate_seq2seq(path: Path, data: str | os.PathLike, ref: str | os.PathLike | None, max_length: int):
+    """agreement = mean over target tokens of [argmax p_model(·|x, y<t) = y_t], ce = mean −log p_model(y_t|x, y<t),
+    where y is the reference's greedy output (or the data's target); with ``ref`` also KL(p_ref ‖ p_model) per token,
+    the reference's own ce and max |Δ| of the logits. One example at a time, unpadded."""
+    import torch
+    import torch.nn.functional as F
+
+    from weightsmith.report import Report
+
+    if path.suffix == ".onnx":
+        raise ConfigError(f"{path}: seq2seq evaluation runs on checkpoint directories, not ONNX files")
+    records = hf.read_records(data, what="evaluation data")
+    tok_dir = path if hf.has_tokenizer(path) or ref is None else Path(ref)
+    tokenizer = hf.load_tokenizer(tok_dir)
+    model = hf.load_model(path)
+    reference = hf.load_model(ref) if ref is not None else None
+    if not model.config.is_encoder_decoder:
+        raise CheckpointError(f"{path}: not an encoder-decoder model")
+    if model.main_input_name != "input_ids":  # speech (Whisper) or vision encoders: no reader for their inputs yet
+        raise ConfigError(f"{path}: the model reads {model.main_input_name}, not text; only text-to-text is evaluated")
+    sources = [r["text"] for r in records]
+    report = Report("eval")
+    sums = _Sums()
+    with report.timed("run"), torch.no_grad():
+        targets = _targets(records, sources, reference, tokenizer, data, max_length)
+        for source, target in zip(sources, targets, strict=True):
+            if not target:
+                continue
+            ids = tokenizer(source, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+            labels = torch.tensor([target])
+            out = model(input_ids=ids, labels=labels).logits[0].float()  # (T, vocab)
+            sums.tokens += len(target)
+            sums.agree += int((out.argmax(-1) == labels[0]).sum())
+            sums.nll += float(F.cross_entropy(out, labels[0], reduction="sum"))
+            if reference is not None:
+                other = reference(input_ids=ids, labels=labels).logits[0].float()
+                log_p, log_q = other.log_softmax(-1), out.log_softmax(-1)
+                sums.kl += float((log_p.exp() * (log_p - log_q)).sum())
+                sums.ref_nll += float(F.cross_entropy(other, labels[0], reduction="sum"))
+                sums.max_abs = max(sums.max_abs, float((out - other).abs().max()))
+    if sums.tokens == 0:
+        raise ConfigError(f"{data}: no target tokens to score")
+    report.summary.update(
+        model=str(path),
+        kind="seq2seq",
+        runtime="transformers",
+        texts=len(sources),
+        target_tokens=sums.tokens,
+        targets="reference outputs" if reference is not None else "data",
+        agreement=sums.agree / sums.tokens,
+        ce=sums.nll / sums.tokens,
+        perplexity=math.exp(sums.nll / sums.tokens),
+    )
+    if reference is not None:
+        report.summary.update(
+            ref=str(ref), ref_ce=sums.ref_nll / sums.tokens, kl_per_token=sums.kl / sums.tokens, max_abs=sums.max_abs
+        )
+    return report
