@@ -13,10 +13,7 @@ import weightsmith
 LIMIT = 80
 PACKAGE = Path(weightsmith.__file__).parent
 ALLOWED = {
-    "compress/distill/__init__.py",
-    "compress/distill/train.py",
     "compress/prune/structured.py",
-    "evaluation.py",
     "export/to_onnx.py",
     "merge/engine.py",
 }

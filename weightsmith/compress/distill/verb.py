@@ -66,7 +66,25 @@ def distill(
     with report.timed("prepare"):
         setup = _prepare(teacher, out, data, cfg, force)
         state = Path(state_dir) if state_dir is not None else out.parent / f"{out.name}.distill-state"
+    result = _train_and_write(setup, cfg, report, data, out, state, resume, target_dtype, force)
+    _summarise(report, setup, result, cfg)
+    if cfg.save_every:
+        report.notes.append(f"training state saved under {state} (delete it once you no longer need `resume`)")
+    return report
 
+
+def _train_and_write(
+    setup: _Setup,
+    cfg: DistillConfig,
+    report: Report,
+    data: str | os.PathLike,
+    out: Path,
+    state: Path,
+    resume: bool,
+    target_dtype: Any,
+    force: bool,
+) -> Any:
+    """Build the student (from kept layers, or the one given), train it, and write it from the main process."""
     from weightsmith.compress.distill import train as T
 
     with tempfile.TemporaryDirectory(prefix="weightsmith-student-") as tmp:
@@ -110,10 +128,7 @@ def distill(
                     params,
                 )
         T.finish(result)
-    _summarise(report, setup, result, cfg)
-    if cfg.save_every:
-        report.notes.append(f"training state saved under {state} (delete it once you no longer need `resume`)")
-    return report
+    return result
 
 
 @dataclass
