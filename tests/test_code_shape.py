@@ -15,7 +15,6 @@ PACKAGE = Path(weightsmith.__file__).parent
 ALLOWED = {
     "compress/prune/structured.py",
     "export/to_onnx.py",
-    "merge/engine.py",
 }
 
 

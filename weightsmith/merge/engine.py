@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,73 +104,13 @@ def run(
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     report = Report("merge", output=str(out))
-    with report.timed("open"):
-        refs: list[ModelRef] = _references(cfg)
-        opened: dict[str, Any] = {ref.path: open_input(ref.path) for ref in refs}
-        inputs = list(opened.values())
-    out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
-    in_dtype = parse_dtype(cfg.dtype)
-    with report.timed("plan"):
-        tasks, out_config = plan(cfg, opened, out_dtype)
-    tok_ref = cfg.inputs[0] if cfg.tokenizer_source == "first" else refs[0]
-    vocabulary = None
-    if cfg.tokenizer is not None:  # an output vocabulary: token-indexed tensors are re-indexed into it
-        with report.timed("tokenizer"):
-            vocabulary = _vocabulary(cfg, refs, opened)
-        out_config = {**(out_config or {}), "vocab_size": vocabulary.size}
-
-    row = METHODS[cfg.method]
-    native = row.native  # takes the stored dtype and works in fp32 itself: no up-cast copy
-
-    figures, figs = figures_requested(), {}  # read here: the worker threads do not see the caller's context
-
-    def work(task: Task) -> tuple[torch.Tensor | _Copy, Any]:
-        first = opened[task.primary[0]]
-        if not first.info(task.primary[1]).dtype.is_floating_point:  # integer buffers: the primary's, unchanged
-            return first[task.primary[1]], None
-        vocab = task.vocab and vocabulary is not None
-        if not vocab and row.identity is not None and row.identity(task.shared, task.per_model):  # bytes as stored
-            source, name = opened[task.inputs[0][0]], task.inputs[0][1]
-            stored = source.info(name).dtype
-            if isinstance(source, Checkpoint) and in_dtype in (None, stored) and task.dtype == stored:
-                return _Copy(source, name), None  # file to file, never decoded
-            return _load(source, name, in_dtype, True).to(task.dtype), None
-        if vocab:  # token rows re-indexed into the output vocabulary (float32)
-            base, tensors = _permuted(task, vocabulary, opened, in_dtype)
-        else:
-            base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
-            tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
-        merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
-        # element-wise, never a sum in the output dtype: an fp16 sum of finite values overflows at 65504
-        if not bool(torch.isfinite(merged).all()):
-            raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
-        if figures:  # only for an HTML report: one more pass over the tensor
-            figs[task.name] = _figures(cfg.method, base, tensors, merged, stats)
-        return merged.to(task.dtype), stats
-
-    params = {**cfg.to_dict(), "seed": seed}
-    steps = [provenance_step("merge", params, provenance_sources(inputs))]
-    tok_src = opened[tok_ref.path]
-    carry = list(getattr(tok_src, "carry_files", []))
-    if vocabulary is not None:  # the merge writes its own tokenizer
-        carry = [f for f in carry if not f.name.startswith(TOKENIZER_FILES)]
-    writer = CheckpointWriter(
-        out,
-        steps=steps,
-        config=out_config,
-        carry=carry,
-        dtype=out_dtype,
-        shard_size=shard_size,
-        force=force,
-    )
-    located = {path: str(getattr(ckpt, "path", path)) for path, ckpt in opened.items()}
-    for name, content in (vocabulary.files() if vocabulary is not None else {}).items():
-        writer.add_file(name, content)
-    if cfg.chat_template is not None:
-        writer.carry = _with_chat_template(cfg.chat_template, writer, opened, report)
-    writer.add_file("README.md", model_card(cfg, list(opened), located, writer_version(), Path(out).name))
+    job = _prepare(cfg, report, dtype)
+    figures, figs = figures_requested(), dict[str, Any]()  # read here: the worker threads do not see the caller's context
+    work = _tensor_worker(cfg, job, seed, figs if figures else None)
+    writer = _writer(cfg, job, out, report, seed, shard_size, force)
     rows: list[dict[str, Any]] = []
     with report.timed("merge"), writer:
+        tasks = job.tasks
         for task, (tensor, stats) in zip(
             tasks, _ordered(work, progress(tasks, total=len(tasks), desc="merge"), workers)
         ):
@@ -187,10 +127,107 @@ def run(
                         "sign_conflict": round(stats.conflict, 4),
                     }
                 )
-    _fill_report(report, cfg, len(tasks), writer, rows, seed, workers)
+    _fill_report(report, cfg, len(job.tasks), writer, rows, seed, workers)
     if figures:
-        report.figures["tensors"] = [{"name": t.name, **figs[t.name]} for t in tasks if t.name in figs]
+        report.figures["tensors"] = [{"name": t.name, **figs[t.name]} for t in job.tasks if t.name in figs]
     return report
+
+
+@dataclass
+class _Job:
+    """What a merge reads and writes, decided before any weight is read."""
+
+    refs: list[ModelRef]
+    opened: dict[str, Any]
+    tasks: list[Task]
+    out_config: dict | None
+    out_dtype: torch.dtype | None
+    in_dtype: torch.dtype | None
+    vocabulary: Vocabulary | None
+
+
+def _prepare(cfg: MergeConfig, report: Report, dtype: str | torch.dtype | None) -> _Job:
+    """Open the inputs, plan every output tensor and build the output vocabulary (headers only)."""
+    with report.timed("open"):
+        refs: list[ModelRef] = _references(cfg)
+        opened: dict[str, Any] = {ref.path: open_input(ref.path) for ref in refs}
+    out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
+    with report.timed("plan"):
+        tasks, out_config = plan(cfg, opened, out_dtype)
+    vocabulary = None
+    if cfg.tokenizer is not None:  # an output vocabulary: token-indexed tensors are re-indexed into it
+        with report.timed("tokenizer"):
+            vocabulary = _vocabulary(cfg, refs, opened)
+        out_config = {**(out_config or {}), "vocab_size": vocabulary.size}
+    return _Job(refs, opened, tasks, out_config, out_dtype, parse_dtype(cfg.dtype), vocabulary)
+
+
+def _tensor_worker(
+    cfg: MergeConfig, job: _Job, seed: int, figs: dict | None
+) -> Callable[[Task], tuple[torch.Tensor | _Copy, Any]]:
+    """The function that merges one planned tensor (run on the worker threads); ``figs`` collects the HTML
+    report's per-tensor figures when one was asked for."""
+    row = METHODS[cfg.method]
+    native = row.native  # takes the stored dtype and works in fp32 itself: no up-cast copy
+    opened, in_dtype, vocabulary = job.opened, job.in_dtype, job.vocabulary
+
+    def work(task: Task) -> tuple[torch.Tensor | _Copy, Any]:
+        first = opened[task.primary[0]]
+        if not first.info(task.primary[1]).dtype.is_floating_point:  # integer buffers: the primary's, unchanged
+            return first[task.primary[1]], None
+        vocab = task.vocab and vocabulary is not None
+        if not vocab and row.identity is not None and row.identity(task.shared, task.per_model):  # bytes as stored
+            source, name = opened[task.inputs[0][0]], task.inputs[0][1]
+            stored = source.info(name).dtype
+            if isinstance(source, Checkpoint) and in_dtype in (None, stored) and task.dtype == stored:
+                return _Copy(source, name), None  # file to file, never decoded
+            return _load(source, name, in_dtype, True).to(task.dtype), None
+        if vocab:  # token rows re-indexed into the output vocabulary (float32)
+            assert vocabulary is not None
+            base, tensors = _permuted(task, vocabulary, opened, in_dtype)
+        else:
+            base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
+            tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
+        merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
+        # element-wise, never a sum in the output dtype: an fp16 sum of finite values overflows at 65504
+        if not bool(torch.isfinite(merged).all()):
+            raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
+        if figs is not None:  # only for an HTML report: one more pass over the tensor
+            figs[task.name] = _figures(cfg.method, base, tensors, merged, stats)
+        return merged.to(task.dtype), stats
+
+    return work
+
+
+def _writer(
+    cfg: MergeConfig, job: _Job, out: str | os.PathLike, report: Report, seed: int, shard_size: int | str, force: bool
+) -> CheckpointWriter:
+    """The output's writer, with its provenance, the tokenizer's files carried (or the merged vocabulary's),
+    the chat template and the model card."""
+    opened = job.opened
+    inputs = list(opened.values())
+    params = {**cfg.to_dict(), "seed": seed}
+    steps = [provenance_step("merge", params, provenance_sources(inputs))]
+    tok_ref = cfg.inputs[0] if cfg.tokenizer_source == "first" else job.refs[0]
+    carry = list(getattr(opened[tok_ref.path], "carry_files", []))
+    if job.vocabulary is not None:  # the merge writes its own tokenizer
+        carry = [f for f in carry if not f.name.startswith(TOKENIZER_FILES)]
+    writer = CheckpointWriter(
+        out,
+        steps=steps,
+        config=job.out_config,
+        carry=carry,
+        dtype=job.out_dtype,
+        shard_size=shard_size,
+        force=force,
+    )
+    located = {path: str(getattr(ckpt, "path", path)) for path, ckpt in opened.items()}
+    for name, content in (job.vocabulary.files() if job.vocabulary is not None else {}).items():
+        writer.add_file(name, content)
+    if cfg.chat_template is not None:
+        writer.carry = _with_chat_template(cfg.chat_template, writer, opened, report)
+    writer.add_file("README.md", model_card(cfg, list(opened), located, writer_version(), Path(out).name))
+    return writer
 
 
 def _vocabulary(cfg: MergeConfig, refs: list[ModelRef], opened: Mapping[str, Any]) -> Vocabulary:
