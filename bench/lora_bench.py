@@ -5,7 +5,7 @@ linear. PEFT: from_pretrained → PeftModel.from_pretrained → merge_and_unload
 `weightsmith lora merge`. Each run is one fresh process, measured once (wall time and its own peak RSS).
 Targets: ≥3× faster, ≤0.5× peak RSS, and our peak RSS flat when the model doubles.
 
-``--types``: the same 1.1 GB base with an AdaLoRA, IA³, LoHa, LoKr, VeRA and OFT adapter on every linear (made by
+``--types``: the same 1.1 GB base with an AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT and BOFT adapter on every linear (made by
 PEFT on a one-layer model of the same widths, its tensors repeated for every layer), folded by both tools.
 """
 
@@ -94,6 +94,7 @@ cfg = dict(
     LOKR=lambda: peft.LoKrConfig(r=8, alpha=16, target_modules=targets),
     VERA=lambda: peft.VeraConfig(r=16, target_modules=targets),
     OFT=lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=targets),
+    BOFT=lambda: peft.BOFTConfig(boft_block_size=32, target_modules=targets),
 )[peft_type]()
 pm = peft.get_peft_model(model, cfg)
 g = torch.Generator().manual_seed(1)
@@ -194,7 +195,7 @@ def main() -> None:
     write_section("lora", md)
 
 
-ALL_TYPES = ("ADALORA", "IA3", "LOHA", "LOKR", "VERA", "OFT")
+ALL_TYPES = ("ADALORA", "IA3", "LOHA", "LOKR", "VERA", "OFT", "BOFT")
 
 
 def main_types(types: tuple[str, ...] = ALL_TYPES, layers: int = 9) -> None:

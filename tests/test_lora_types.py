@@ -1,4 +1,4 @@
-"""Folding the PEFT adapter types other than LoRA (AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT), against PEFT itself:
+"""Folding the PEFT adapter types other than LoRA (AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT, BOFT), against PEFT itself:
 adapters made by PEFT with every trainable tensor perturbed (VeRA's lambda_b and IA³'s vectors are no-ops at their
 defaults), folded by weightsmith, compared with ``merge_and_unload()`` tensor by tensor and with the unmerged PEFT
 model's outputs; then unmerge, mixed types in one fold, and the refusals."""
@@ -6,6 +6,7 @@ model's outputs; then unmerge, mixed types in one fold, and the refusals."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -33,6 +34,7 @@ def peft_config(peft_type: str, targets, **kw):
         "LOKR": (peft.LoKrConfig, {"r": 4, "alpha": 6}),
         "VERA": (peft.VeraConfig, {"r": 8}),
         "OFT": (peft.OFTConfig, {"r": 0, "oft_block_size": 8}),
+        "BOFT": (peft.BOFTConfig, {"boft_block_size": 4}),
     }
     cls, options = defaults[peft_type]
     return cls(target_modules=targets, **{**options, **kw})
@@ -62,6 +64,7 @@ CASES = {
     "llama-oft": ("llama", "OFT", [*LLAMA_ATTN, "embed_tokens"], {}),
     "llama-oft-exact-cayley": ("llama", "OFT", ["q_proj", "up_proj"], {"use_cayley_neumann": False}),
     "llama-oft-shared-coft": ("llama", "OFT", ["q_proj", "o_proj"], {"block_share": True, "coft": True}),
+    "llama-boft": ("llama", "BOFT", ["q_proj", "k_proj", "up_proj", "down_proj"], {}),
     "gpt2-adalora": ("gpt2", "ADALORA", ["c_attn", "c_fc"], {}),
     "gpt2-ia3": ("gpt2", "IA3", ["c_attn", "mlp.c_proj", "c_fc"], {"feedforward_modules": ["mlp.c_proj"]}),
     "gpt2-vera": ("gpt2", "VERA", ["c_attn", "c_fc"], {}),
@@ -71,6 +74,12 @@ CASES = {
     "bert-lokr": ("bert", "LOKR", ["query", "intermediate.dense"], {}),
     "bert-vera": ("bert", "VERA", ["query", "value"], {"save_projection": False}),
     "bert-oft": ("bert", "OFT", ["query", "value", "word_embeddings"], {}),
+    "bert-boft": (
+        "bert",
+        "BOFT",
+        ["query", "value", "intermediate.dense"],
+        {"boft_block_size": 0, "boft_block_num": 8},
+    ),
 }
 
 
@@ -120,7 +129,10 @@ def test_adalora_rank_pattern_matches_peft(tiny_model, tmp_path):
     assert torch.equal(ours[name], ws.open(base)[name])
 
 
-@pytest.mark.parametrize("peft_type", ["ADALORA", "IA3", "LOHA", "LOKR", "VERA", "OFT"])
+ALL_TYPES = ["ADALORA", "IA3", "LOHA", "LOKR", "VERA", "OFT", "BOFT"]
+
+
+@pytest.mark.parametrize("peft_type", ALL_TYPES)
 def test_bf16_base_within_one_ulp_of_peft(peft_type, tiny_model, tmp_path):
     base = tiny_model("llama", dtype="bfloat16")
     targets = ["q_proj", "v_proj", "down_proj"]
@@ -159,6 +171,7 @@ def test_conv_types_match_peft(tmp_path):
         "LOKR-effective": {"use_effective_conv2d": True, "decompose_both": True, "r": 1},
         "IA3": {"feedforward_modules": ["2"]},
         "OFT": {"oft_block_size": 4},
+        "BOFT": {"boft_block_size": 4},
     }
     for label, extra in configs.items():
         peft_type = label.split("-")[0]
@@ -177,21 +190,61 @@ def test_conv_types_match_peft(tmp_path):
         assert not torch.equal(ours["0.weight"], net().state_dict()["0.weight"]), label
         plain = net()
         plain.load_state_dict(ours)
-        if peft_type == "OFT":  # PEFT's OFT forward on a k×k conv (k > 1) folds its rotated patches back with
+        if peft_type in ("OFT", "BOFT"):  # PEFT's OFT forward on a k×k conv (k > 1) folds its rotated patches back with
             plain[0] = peft_model.base_model.model[0]  # F.fold, which its own merge does not match: skip layer 0
         with torch.no_grad():
             assert float((plain(x) - want_out).abs().max()) <= 1e-4, label
 
 
-@pytest.mark.parametrize("peft_type", ["ADALORA", "IA3", "LOHA", "LOKR", "VERA", "OFT"])
+@pytest.mark.parametrize("peft_type", ALL_TYPES)
 def test_unmerge_restores_the_base(peft_type, tiny_model, tmp_path):
     kind = "gpt2" if peft_type in ("IA3", "VERA") else "llama"  # Conv1D where PEFT allows it
     targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
     base = tiny_model(kind)
     adapter = make_typed(build_model(kind), tmp_path / "a", peft_type, targets)
-    ws.lora.merge(base, [(adapter, 0.6)], tmp_path / "m")
+    weight = 1.0 if peft_type == "BOFT" else 0.6  # BOFT at w ≠ 1 is no rotation: refused below
+    ws.lora.merge(base, [(adapter, weight)], tmp_path / "m")
     assert ws.diff(base, tmp_path / "m").summary["differ"] >= 4
-    ws.lora.unmerge(tmp_path / "m", (adapter, 0.6), tmp_path / "back")
+    ws.lora.unmerge(tmp_path / "m", (adapter, weight), tmp_path / "back")
+    assert ws.diff(base, tmp_path / "back").summary["max_abs"] <= 1e-5
+
+
+def test_boft_unmerge_at_another_weight_is_refused(tiny_model, tmp_path):
+    base = tiny_model("llama")
+    adapter = make_typed(build_model("llama"), tmp_path / "a", "BOFT", ["q_proj"])
+    ws.lora.merge(base, [(adapter, 0.6)], tmp_path / "m")
+    with pytest.raises(IncompatibleError, match="folded at weight 0.6 mixes W with its rotated, rescaled copy"):
+        ws.lora.unmerge(tmp_path / "m", (adapter, 0.6), tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
+def test_boft_butterfly_factors_match_peft(tiny_model, tmp_path, monkeypatch):
+    """boft_n_butterfly_factor > 1: PEFT builds the factors only with its CUDA block-diagonal kernel (on CPU it falls
+    back to one factor), so the kernel is stood in for by torch.block_diag of each factor's blocks, which is what it
+    computes; PEFT's own permutations and products do the rest."""
+    import peft.tuners.boft.layer as boft_layer
+
+    class BlockDiag:
+        @staticmethod
+        def apply(blocks):  # [N, D, H, H] -> [N, D·H, D·H]
+            return torch.stack([torch.block_diag(*factor) for factor in blocks])
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(boft_layer, "FastBlockDiag", BlockDiag)
+    base = tiny_model("llama")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapter = make_typed(build_model("llama"), tmp_path / "a", "BOFT", targets, boft_n_butterfly_factor=3)
+    name = "base_model.model.model.layers.0.mlp.down_proj.boft_R"
+    assert ws.open(adapter).info(name).shape == (3, 24, 4, 4)  # three factors of 24 blocks of 4 (input 96)
+    ws.lora.merge(base, [adapter], tmp_path / "m")
+    ours, theirs = dict(ws.open(tmp_path / "m")), peft_merged("llama", base, adapter)
+    worst, where = max_abs(ours, theirs, list(theirs))
+    assert worst <= 1e-6, (where, worst)
+    assert sum(not torch.equal(ours[n], ws.open(base)[n]) for n in ours) == 6
+    inputs = ids()
+    got, want = model_logits("llama", tmp_path / "m", inputs), peft_logits("llama", base, adapter, inputs)
+    assert float((got - want).abs().max()) <= 1e-4
+    ws.lora.unmerge(tmp_path / "m", adapter, tmp_path / "back")
     assert ws.diff(base, tmp_path / "back").summary["max_abs"] <= 1e-5
 
 
@@ -277,3 +330,27 @@ def test_typed_fold_imports_neither_transformers_nor_peft(tiny_model, tmp_path):
         f"assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_peft_type_is_folded_or_refused_with_its_reason(tiny_model, tmp_path):
+    """Each member of PEFT's PeftType is folded, or refused naming the type and why (no weight change, an
+    input-dependent mix) or that PEFT can fold what weightsmith does not; nothing is written."""
+    from peft import PeftType
+
+    from weightsmith.merge.lora.peft_types import FOLDED, NOT_FOLDABLE, NOT_YET_FOLDED
+
+    names = {t.name for t in PeftType}
+    groups = [set(FOLDED), set(NOT_FOLDABLE), set(NOT_YET_FOLDED)]
+    assert sum(map(len, groups)) == len(set().union(*groups)), "a type is in two groups"
+    assert set().union(*groups) == names, names.symmetric_difference(set().union(*groups))
+    base = tiny_model("llama")
+    for name in sorted(names - set(FOLDED)):
+        adapter = tmp_path / name
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": name}))
+        save_file({"base_model.model.model.layers.0.some.weight": torch.ones(2)}, adapter / "adapter_model.safetensors")
+        reason = NOT_FOLDABLE.get(name, "PEFT's merge_and_unload can fold it")
+        with pytest.raises(IncompatibleError, match=re.escape(f"peft_type {name!r}") + ".*" + re.escape(reason)):
+            ws.lora.merge(base, [adapter], tmp_path / f"out-{name}")
+        assert not (tmp_path / f"out-{name}").exists()
+    assert len(NOT_FOLDABLE) >= 11 and all("weight" in why or "input" in why for why in NOT_FOLDABLE.values())

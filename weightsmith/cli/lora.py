@@ -19,9 +19,9 @@ def register(sub) -> None:
     group = sub.add_parser(
         "lora",
         help="fold PEFT adapters into a base, undo a fold, extract, combine or resize adapters",
-        description="Fold PEFT adapters (LoRA, DoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT) into a base checkpoint, "
-        "tensor by tensor (no model is built), undo such a fold, extract a LoRA adapter from a fine-tune, combine "
-        "adapters into one, or change an adapter's rank.",
+        description="Fold PEFT adapters (LoRA, DoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT, BOFT) into a base "
+        "checkpoint, tensor by tensor (no model is built), undo such a fold, extract a LoRA adapter from a "
+        "fine-tune, combine adapters into one, or change an adapter's rank.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
     )

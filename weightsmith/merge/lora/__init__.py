@@ -1,5 +1,5 @@
 """PEFT adapters without a model instance: ``merge`` folds adapters (LoRA, DoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA,
-OFT) into a base checkpoint tensor by tensor, ``unmerge`` undoes a fold, ``extract`` turns a fine-tune into a LoRA
+OFT, BOFT) into a base checkpoint tensor by tensor, ``unmerge`` undoes a fold, ``extract`` turns a fine-tune into a LoRA
 adapter, ``combine`` makes one adapter of several, ``resize`` changes an adapter's rank, ``open_folded`` gives the fold
 as a lazy tensor dict.
 

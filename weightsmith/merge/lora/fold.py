@@ -46,11 +46,20 @@ from weightsmith.merge.lora.math import (
     add_lora_,
     dora_rows,
     from_rows,
+    in_row_blocks_,
     lora_delta_rows,
     stored_factors,
     to_rows,
 )
-from weightsmith.merge.lora.peft_types import Update, apply_update, check_invertible, probe_shapes, update_delta
+from weightsmith.merge.lora.peft_types import (
+    RowKernel,
+    Update,
+    apply_update,
+    check_invertible,
+    probe_shapes,
+    row_kernel,
+    update_delta,
+)
 from weightsmith.merge.lora.quantized import dequantized
 from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter
 from weightsmith.report import Report, figures_requested
@@ -274,9 +283,15 @@ class FoldedCheckpoint(CheckpointView):
         return value
 
     def _fold(self, w: Tensor, terms: list[_Term], target: torch.dtype) -> Tensor:
-        if all(t.how == "lora" for t in terms):  # the common case: from the stored weight straight to the output
+        kernels = self._row_kernels(terms, tuple(w.shape), w.dtype)
+        if kernels is not None:  # the common case: from the stored weight straight to the output, rows by rows
             out = w if w.dtype == target else torch.empty(w.shape, dtype=target)  # w is our own copy
-            self._add_lora(w, out, terms)
+
+            def apply(block: Tensor, start: int, stop: int) -> None:
+                for kernel in kernels:
+                    kernel(block, start, stop)
+
+            in_row_blocks_(w.reshape(w.shape[0], -1), out.reshape(out.shape[0], -1), apply)
             return out
         acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         w = w.to(acc_dtype)  # fp32 accumulate; the stored tensor is cast once, at the end. A fresh tensor: ours
@@ -305,6 +320,43 @@ class FoldedCheckpoint(CheckpointView):
                 else:
                     self._add_lora(result, result, [t])
         return result.to(target)
+
+    @staticmethod
+    def _row_kernels(terms: list[_Term], shape: tuple[int, ...], dtype: torch.dtype) -> list[RowKernel] | None:
+        """Block-of-rows kernels (``in_row_blocks_``) for terms that need no whole copy of W: any number of LoRA and
+        LoHa/LoKr terms (each adds its ΔW), or one scaling or rotation on its own at weight 1 (or undone). None
+        for the rest (DoRA's row norms, replaced tensors, a bias, mixes with a non-additive term)."""
+        kernels: list[RowKernel] = []
+        if len(terms) == 1 and terms[0].how in ("scale", "rotate") and not terms[0].on_bias:
+            t = terms[0]
+            if t.weight != 1 and not t.inverse:
+                return None
+            assert t.update is not None
+            kernel = row_kernel(t.update, t.adapter.ckpt, t.kind, shape, weight=t.weight, inverse=t.inverse)
+            return None if kernel is None else [kernel]
+        lora = [t for t in terms if t.how == "lora"]
+        if len(lora) + sum(t.how == "delta" for t in terms) != len(terms):
+            return None
+        if lora:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32  # in_row_blocks_' block dtype
+            factors = []
+            for t in lora:
+                a, b = t.lora.factors
+                left, right = stored_factors(t.adapter.ckpt[a], t.adapter.ckpt[b], t.kind, acc)
+                factors.append((left, right, t.lora.scaling * t.weight))
+
+            def add(block: Tensor, start: int, stop: int) -> None:
+                for left, right, scale in factors:
+                    block.addmm_(left[start:stop], right, alpha=scale)
+
+            kernels.append(add)
+        for t in terms:
+            if t.how == "delta":
+                assert t.update is not None
+                delta = row_kernel(t.update, t.adapter.ckpt, t.kind, shape, weight=t.weight)
+                assert delta is not None  # every ΔW has a row kernel
+                kernels.append(delta)
+        return kernels
 
     @staticmethod
     def _add_lora(src: Tensor, dst: Tensor, terms: list[_Term]) -> None:

@@ -6,7 +6,8 @@ Three update kinds cover every foldable type, each with one implementation in th
 - additive, W' = W + ΔW: AdaLoRA and VeRA are low-rank (their ΔW is handed to LoRA's fold as factors B·A), LoHa and
   LoKr are full-rank (ΔW built here, then added);
 - scaling, W' = W ⊙ l (IA³: rows or columns);
-- rotation, W' = W·Rᵀ with R block-diagonal orthogonal (OFT).
+- rotation, W' = W·Rᵀ with R block-diagonal orthogonal (OFT), or a product of permuted block-diagonal ones with a
+  row scale (BOFT).
 
 Formulas follow PEFT 0.21 (``peft/tuners/<type>/layer.py``), which is the reference the fold is tested against.
 Everything is computed in float32 (float64 stays float64).
@@ -200,21 +201,74 @@ def oft_blocks(
     return r
 
 
-def rotate(weight: Tensor, blocks: Tensor, *, right: bool, weight_w: float = 1.0, inverse: bool = False) -> Tensor:
-    """W' = W·M applied block by block along the last axis of ``weight`` ``[rows, n·b]``; ``blocks`` ``[n or 1, b, b]``
-    (one block shared by all when block_share).
+def rotation(blocks: Tensor, *, right: bool, weight_w: float = 1.0, inverse: bool = False) -> Tensor:
+    """The per-block matrices M ``[n or 1, b, b]`` that ``rotate_by`` applies, from the rotation ``blocks``.
 
-    ``right=False`` uses M = Rᵀ (Linear and conv: PEFT merges W' = (R·Wᵀ)ᵀ on the row view), ``right=True`` uses
-    M = R (embedding: W' = W·R on the stored ``[num, dim]``). An adapter weight w ≠ 1 gives M = I + w·(M − I).
-    ``inverse`` applies M⁻¹ (each b×b block solved: the transpose when R is exactly orthogonal).
+    ``right=False`` gives M = Rᵀ (Linear and conv: PEFT merges W' = (R·Wᵀ)ᵀ on the row view), ``right=True`` gives
+    M = R (embedding: W' = W·R on the stored ``[num, dim]``). An adapter weight w ≠ 1 gives M = I + w·(M − I);
+    ``inverse`` gives M⁻¹ (each b×b block solved: the transpose when R is exactly orthogonal).
     """
-    n, b = weight.shape[1] // blocks.shape[-1], blocks.shape[-1]
     m = blocks if right else blocks.transpose(-2, -1)
     if weight_w != 1:
-        eye = torch.eye(b, dtype=m.dtype)
+        eye = torch.eye(m.shape[-1], dtype=m.dtype)
         m = eye + weight_w * (m - eye)
-    if inverse:
-        m = torch.linalg.inv(m)
+    return torch.linalg.inv(m) if inverse else m
+
+
+def rotate_by(weight: Tensor, m: Tensor) -> Tensor:
+    """W·M block by block along the last axis of ``weight`` ``[rows, n·b]``: each row's b-wide slice k times M_k
+    (``m`` ``[n or 1, b, b]``, one block shared by all when block_share)."""
+    n, b = weight.shape[1] // m.shape[-1], m.shape[-1]
     m = m.expand(n, b, b) if m.shape[0] == 1 else m
     w = _acc(weight).reshape(weight.shape[0], n, b)  # [rows, n, b]
     return torch.einsum("xnk,nkc->xnc", w, m).reshape(weight.shape)
+
+
+def rotate(weight: Tensor, blocks: Tensor, *, right: bool, weight_w: float = 1.0, inverse: bool = False) -> Tensor:
+    """W' = W·M applied block by block along the last axis of ``weight`` ``[rows, n·b]``, M from ``rotation``."""
+    return rotate_by(weight, rotation(blocks, right=right, weight_w=weight_w, inverse=inverse))
+
+
+# -- butterfly rotation (BOFT) ----------------------------------------------------------------------------------------
+
+
+def boft_blocks(r: Tensor) -> Tensor:
+    """BOFT's orthogonal blocks ``[N, D, H, H]`` from the stored ``boft_R`` ``[N, D, H, H]`` (N butterfly factors of
+    D blocks of size H): the exact Cayley transform of each block's skew-symmetric part,
+    R = (I − Q)(I + Q)⁻¹, Q = (A − Aᵀ)/2 (peft/tuners/boft/layer.py ``cayley_batch``)."""
+    a = _acc(r)
+    q = 0.5 * (a - a.transpose(-2, -1))
+    eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(q)
+    return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+def butterfly_perm(size: int, groups: int, chunk: int, factors: int) -> Tensor:
+    """The block butterfly permutation of factor i (``groups`` = D/2ⁱ, ``chunk`` = H/2), as indices p with
+    (P·x)[j] = x[p[j]]: within each group of size/``groups`` entries, chunks of ``chunk`` are reordered even-numbered
+    first, then odd (peft/tuners/boft/layer.py ``block_butterfly_perm``). No butterfly (``factors`` = 1): identity."""
+    if factors <= 1:
+        return torch.arange(size)
+    span = size // groups
+    order = [*range(0, span // chunk, 2), *range(1, span // chunk, 2)]
+    within = torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in order])
+    return (torch.arange(0, size, span).unsqueeze(1) + within).reshape(-1)
+
+
+def boft_rotate(weight: Tensor, blocks: Tensor, *, inverse: bool = False) -> Tensor:
+    """BOFT (Liu et al. 2024, "Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization") on the row
+    view ``weight`` ``[rows, in]``: W·Mᵀ with M = F_{N−1}⋯F_1·F_0, F_i = P_i·diag(R_i,1 … R_i,D)·P_iᵀ (P_i from
+    ``butterfly_perm``, the R from ``boft_blocks``), as PEFT's ``get_delta_weight`` composes it and its merge applies
+    it (W' = (M·Wᵀ)ᵀ ⊙ s; the scale s is ``scale_rows``'). Applied factor by factor without building the
+    ``[in, in]`` matrix: W·F_iᵀ = ((W·P_i)·diag(R_i)ᵀ)·P_iᵀ, and a column permutation is a gather.
+    ``inverse`` applies M⁻ᵀ = M (M is orthogonal): the factors in reverse order, each by its blocks themselves.
+    """
+    n_factors, d, h = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    size = weight.shape[1]
+    w = _acc(weight)
+    steps = range(n_factors - 1, -1, -1) if inverse else range(n_factors)
+    for i in steps:
+        perm = butterfly_perm(size, d // 2**i, h // 2, n_factors)
+        w = w[:, torch.argsort(perm)] if n_factors > 1 else w  # W·P_i
+        w = rotate_by(w, blocks[i] if inverse else blocks[i].transpose(-2, -1))
+        w = w[:, perm] if n_factors > 1 else w  # ·P_iᵀ
+    return w

@@ -8,6 +8,7 @@ ConvNd (``[out, in, *k]`` flattened to ``[out, in·∏k]``). Everything is compu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -67,24 +68,34 @@ def stored_factors(a: Tensor, b: Tensor, kind: str, dtype: torch.dtype) -> tuple
     return (a2.t(), b2.t()) if kind in (CONV1D, EMBEDDING) else (b2, a2)
 
 
-def add_lora_(src: Tensor, dst: Tensor, terms: list[tuple[Tensor, Tensor, float]]) -> None:
-    """dst = src + Σ sᵢ·Lᵢ·Rᵢ, block of rows by block of rows, rounding once to ``dst``'s dtype.
+def in_row_blocks_(src: Tensor, dst: Tensor, apply: Callable[[Tensor, int, int], None]) -> None:
+    """dst[i:j] = f(src[i:j]) block of rows by block of rows, computed in float32 and rounded once to ``dst``'s dtype.
 
     ``src`` and ``dst`` are the stored weight flattened to 2-D (they may be the same tensor: the fold then happens
-    in place); ``terms`` are ``stored_factors`` with their scale. Each block is upcast to float32 (float64 stays
-    float64) and accumulated with a fused ``addmm_``, the product taken before the scale as PEFT's
-    ``get_delta_weight`` does; blocks are about a megabyte, so the float32 copy of the weight never exists whole and
-    the work stays in the CPU cache.
+    in place). ``apply(block, i, j)`` changes the float32 block of rows i..j in place (float64 stays float64).
+    Blocks are about a megabyte, so no float32 copy of the weight ever exists whole and the work stays in the CPU
+    cache; a float32 ``src`` that is ``dst`` is changed in place without a copy.
     """
     step = max(1, _BLOCK_ELEMENTS // max(1, src.shape[1]))
     acc = torch.float64 if src.dtype == torch.float64 else torch.float32
     for start in range(0, src.shape[0], step):
-        block = src[start : start + step].to(acc)  # a view when src is already float32: accumulated in place
-        for left, right, scale in terms:
-            block.addmm_(left[start : start + step], right, alpha=scale)
-        out = dst[start : start + step]
+        stop = min(start + step, src.shape[0])
+        block = src[start:stop].to(acc)  # a view when src is already float32: changed in place
+        apply(block, start, stop)
+        out = dst[start:stop]
         if block.data_ptr() != out.data_ptr():
             out.copy_(block)
+
+
+def add_lora_(src: Tensor, dst: Tensor, terms: list[tuple[Tensor, Tensor, float]]) -> None:
+    """dst = src + Σ sᵢ·Lᵢ·Rᵢ by ``in_row_blocks_``; ``terms`` are ``stored_factors`` with their scale, accumulated
+    with a fused ``addmm_``, the product taken before the scale as PEFT's ``get_delta_weight`` does."""
+
+    def add(block: Tensor, start: int, stop: int) -> None:
+        for left, right, scale in terms:
+            block.addmm_(left[start:stop], right, alpha=scale)
+
+    in_row_blocks_(src, dst, add)
 
 
 def dora_rows(weight_rows: Tensor, delta_rows: Tensor, magnitude: Tensor) -> Tensor:

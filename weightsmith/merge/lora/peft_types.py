@@ -5,7 +5,10 @@ Each type becomes the same ``Adapter`` that ``read.read_adapter`` returns for Lo
 - AdaLoRA and VeRA have a low-rank ΔW: their ``modules`` are ordinary ``LoraModule``s whose ``lora_A``/``lora_B``
   are computed on read by ``LoraForm`` (A ⊙ E for AdaLoRA; Λ_d·A_shared, Λ_b·B_shared for VeRA), so LoRA's own fold,
   unmerge, combine and resize serve them unchanged;
-- LoHa and LoKr (full-rank ΔW), IA³ (a scaling) and OFT (a rotation) become ``Update``s in ``adapter.updates``.
+- LoHa and LoKr (full-rank ΔW), IA³ (a scaling), OFT and BOFT (rotations) become ``Update``s in ``adapter.updates``.
+
+``row_kernel`` gives the fold of an update block of rows by block of rows (``math.in_row_blocks_``), so no float32
+copy of a weight and no whole ΔW is ever built where the update allows it.
 
 Tensors that are not adapter parts (``modules_to_save``, trained biases, ``base_layer`` copies) replace base tensors
 exactly as for LoRA. Types whose effect is not a change of weights are refused with the reason. PEFT is never
@@ -26,7 +29,7 @@ from torch import Tensor
 from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step
 from weightsmith.errors import IncompatibleError
 from weightsmith.merge.lora import kinds
-from weightsmith.merge.lora.math import CONV1D, EMBEDDING, from_rows, to_rows
+from weightsmith.merge.lora.math import CONV1D, EMBEDDING, from_rows, stored_factors, to_rows
 from weightsmith.merge.lora.read import PREFIX, Adapter, LoraModule, add_replacement, pattern_value
 
 # Why the types that add no weight change cannot be folded (one line each, shown as they are).
@@ -39,8 +42,43 @@ NOT_FOLDABLE = {
     "ADAPTION_PROMPT": "adaption prompts add gated prompt tokens inside attention; no weight changes",
     "CPT": "context-aware prompt tuning adds learned token embeddings to the input; no weight changes",
     "XLORA": "X-LoRA mixes its LoRA experts with gates computed from each input, so no single weight equals it",
-    "POLY": "Poly routes each task through a learned mix of LoRA skills; the mix depends on the task id at run time",
+    "POLY": "Poly routes each task through a learned mix of LoRA skills; the mix depends on the task id given with "
+    "each input",
+    "LILY": "Lily's router mixes its shared B adapters with weights computed from each input, so no single weight "
+    "equals it",
+    "SHADOW": "ShadowPEFT adapts through a shadow state that evolves with each input, not a change of weights",
+    "CARTRIDGE": "a cartridge is a trained key/value cache served as a prefix to every attention layer; no weight "
+    "changes",
 }
+# Types whose update PEFT 0.21 can merge into the weights but weightsmith does not fold (yet): refused with that.
+NOT_YET_FOLDED = (
+    "ADAMSS",
+    "BEFT",
+    "C3A",
+    "DEFT",
+    "DELORA",
+    "FOURIERFT",
+    "FROD",
+    "GLORA",
+    "GRALORA",
+    "HIRA",
+    "HRA",
+    "LN_TUNING",
+    "MISS",
+    "OSF",
+    "PEANUT",
+    "PSOFT",
+    "PVERA",
+    "RANDLORA",
+    "ROAD",
+    "SHIRA",
+    "SUPERTUNING",
+    "TINYLORA",
+    "TRAINABLE_TOKENS",
+    "UNILORA",
+    "VBLORA",
+    "WAVEFT",
+)
 # Key parts of each supported type (after the module path); any other key replaces a base tensor.
 _PARTS = {
     "ADALORA": ("lora_A", "lora_B", "lora_E"),
@@ -49,20 +87,22 @@ _PARTS = {
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "IA3": ("ia3_l",),
     "OFT": ("oft_R.weight", "oft_embedding_R.weight"),
+    "BOFT": ("boft_R", "boft_s"),
 }
+FOLDED = ("LORA", *_PARTS)
 _ADAPTER_PART = re.compile(r"\.(lora_|vera_|hada_|lokr_|ia3_|oft_|boft_)")
 
 
 @dataclass
 class Update:
-    """One module of a LoHa/LoKr/IA³/OFT adapter: how it changes the weight and which adapter tensors it reads.
+    """One module of a LoHa/LoKr/IA³/OFT/BOFT adapter: how it changes the weight and which adapter tensors it reads.
 
     ``out``/``fan_in`` are the row view's sizes (``fan_in`` flattened over a conv kernel) where the adapter fixes
     them; the other comes from the base weight when the fold is planned.
     """
 
     module: str
-    how: str  # "delta" (W + ΔW) | "scale" (W ⊙ l) | "rotate" (W·Rᵀ)
+    how: str  # "delta" (W + ΔW) | "scale" (W ⊙ l) | "rotate" (W·Rᵀ; BOFT (W·Mᵀ) ⊙ s)
     peft_type: str
     tensors: dict[str, str]  # role -> adapter tensor name
     out: int | None = None
@@ -116,9 +156,10 @@ def read_typed(ckpt: Checkpoint, cfg: dict, base: Checkpoint | None = None) -> A
             f"{ckpt.path}: peft_type {cfg.get('peft_type')!r} cannot be folded into weights: {NOT_FOLDABLE[peft_type]}"
         )
     if peft_type not in _PARTS:
+        known = "PEFT's merge_and_unload can fold it" if peft_type in NOT_YET_FOLDED else "an unknown PEFT type"
         raise IncompatibleError(
-            f"{ckpt.path}: peft_type {cfg.get('peft_type')!r} is not folded by weightsmith (LORA, ADALORA, IA3, "
-            f"LOHA, LOKR, VERA and OFT are); PEFT's merge_and_unload can fold it"
+            f"{ckpt.path}: peft_type {cfg.get('peft_type')!r} is not folded by weightsmith ({known}); weightsmith "
+            f"folds {', '.join(FOLDED)}"
         )
     if cfg.get("layer_replication"):
         raise IncompatibleError(f"{ckpt.path}: layer_replication (the adapter duplicates base layers) cannot be folded")
@@ -365,6 +406,28 @@ def _read_oft(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoi
     adapter.peft_type = "OFT"
 
 
+def _read_boft(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+    """BOFT: ``boft_R`` ``[N, D, H, H]`` (N butterfly factors of D blocks of size H; D·H = the layer's input size,
+    flattened over the kernel for conv) and ``boft_s`` ``[out, 1]`` (conv ``[1, out]``), the output scale."""
+    for module, got in parts.items():
+        _need(adapter, module, got, "boft_R", "boft_s")
+        r, scale = _shape(adapter, got["boft_R"]), _shape(adapter, got["boft_s"])
+        if len(r) != 4 or r[2] != r[3] or len(scale) != 2 or 1 not in scale:
+            raise IncompatibleError(
+                f"{adapter.path}: module {module!r}: boft_R {list(r)}, boft_s {list(scale)} do not fit"
+            )
+        n_factors, blocks, size = r[0], r[1], r[2]
+        if n_factors > 1 and (blocks % 2 ** (n_factors - 1) or size % 2):
+            raise IncompatibleError(
+                f"{adapter.path}: module {module!r}: {blocks} blocks of {size} cannot form {n_factors} "
+                f"butterfly factors"
+            )
+        adapter.updates[f"{module}.weight"] = Update(
+            module, "rotate", "BOFT", got, out=math.prod(scale), fan_in=blocks * size, options={"factors": n_factors}
+        )
+    adapter.peft_type = "BOFT"
+
+
 _READERS = {
     "ADALORA": _read_adalora,
     "VERA": _read_vera,
@@ -372,6 +435,7 @@ _READERS = {
     "LOKR": _read_lokr,
     "IA3": _read_ia3,
     "OFT": _read_oft,
+    "BOFT": _read_boft,
 }
 
 
@@ -404,7 +468,8 @@ def probe_shapes(upd: Update, shape: tuple[int, ...]) -> tuple[tuple[int, ...], 
 
 
 def check_invertible(upd: Update, ckpt: Checkpoint, weight: float, path) -> None:
-    """Refuse an unmerge that cannot be exact: an IA³ factor of zero erased what it scaled."""
+    """Refuse an unmerge that cannot be exact: an IA³ factor or a BOFT scale of zero erased what it scaled; BOFT at a
+    weight w ≠ 1 mixes W with a rotated and scaled W, whose inverse is no rotation."""
     if upd.how == "scale":
         factor = kinds.ia3_factor(ckpt[upd.tensors["ia3_l"]], weight)
         if bool((factor == 0).any()):
@@ -412,6 +477,14 @@ def check_invertible(upd: Update, ckpt: Checkpoint, weight: float, path) -> None
                 f"{path}: IA³ vector of {upd.module!r} has zeros (at weight {weight:g}): the fold erased those "
                 f"{'columns' if upd.columns else 'rows'}; cannot unmerge"
             )
+    if upd.peft_type == "BOFT":
+        if weight != 1:
+            raise IncompatibleError(
+                f"{path}: BOFT module {upd.module!r} folded at weight {weight:g} mixes W with its rotated, rescaled "
+                f"copy; only a fold at weight 1 can be unmerged"
+            )
+        if bool((ckpt[upd.tensors["boft_s"]] == 0).any()):
+            raise IncompatibleError(f"{path}: BOFT scale of {upd.module!r} has zeros: the fold erased those rows")
 
 
 def update_delta(upd: Update, ckpt: Checkpoint, kind: str, shape: tuple[int, ...]) -> Tensor:
@@ -449,22 +522,127 @@ def apply_update(
     """f(W) for a scaling or rotation update (its inverse with ``inverse``, the adapter weight folded in), in the
     stored layout of ``w`` (float32). ``bias`` scales a bias vector (IA³ attention modules)."""
     shape = tuple(w.shape)
-    if upd.how == "scale":
+    if upd.how == "scale" and bias:
         factor = kinds.ia3_factor(ckpt[upd.tensors["ia3_l"]], weight if inverse else 1.0)
-        if bias:
-            return w / factor if inverse else w * factor
-        rows = to_rows(w, kind)
-        if inverse:
-            result = kinds.scale_rows(rows, 1 / factor, columns=upd.columns)
-        else:
-            result = kinds.scale_rows(rows, factor, columns=upd.columns)
-        return from_rows(result, kind, shape)
+        return w / factor if inverse else w * factor
+    kernel = row_kernel(upd, ckpt, kind, shape, weight=weight if inverse else 1.0, inverse=inverse)
+    if kernel is not None:  # the stored rows are independent: the whole tensor is one block
+        rows = w.reshape(shape[0], -1).clone()
+        kernel(rows, 0, shape[0])
+        return rows.reshape(shape)
+    rows = to_rows(w, kind)  # Conv1D: rotations act along the stored rows' columns
+    if upd.peft_type == "BOFT":
+        return from_rows(_boft_rows(rows, *_boft_parts(upd, ckpt), inverse=inverse), kind, shape)
+    m = kinds.rotation(_oft_blocks(upd, ckpt), right=False, weight_w=weight if inverse else 1.0, inverse=inverse)
+    return from_rows(kinds.rotate_by(rows, m), kind, shape)
+
+
+def _oft_blocks(upd: Update, ckpt: Checkpoint) -> Tensor:
     o = upd.options
-    blocks = kinds.oft_blocks(
+    return kinds.oft_blocks(
         ckpt[upd.tensors["R"]], o["block"], neumann=o["neumann"], terms=o["terms"], coft=o["coft"], eps=o["eps"]
     )
-    w_inv = weight if inverse else 1.0
-    if kind == EMBEDDING:  # stored [num, dim] · R
-        return kinds.rotate(w, blocks, right=True, weight_w=w_inv, inverse=inverse)
-    rows = kinds.rotate(to_rows(w, kind), blocks, right=False, weight_w=w_inv, inverse=inverse)
-    return from_rows(rows, kind, shape)
+
+
+def _boft_parts(upd: Update, ckpt: Checkpoint) -> tuple[Tensor, Tensor]:
+    """BOFT's orthogonal blocks ``[N, D, H, H]`` and its output scale ``[out]`` (float32)."""
+    return kinds.boft_blocks(ckpt[upd.tensors["boft_R"]]), ckpt[upd.tensors["boft_s"]].float().reshape(-1)
+
+
+def _boft_rows(rows: Tensor, blocks: Tensor, scale: Tensor, *, inverse: bool) -> Tensor:
+    """BOFT on a row view ``[rows, in]`` with its rows' scale: (W·Mᵀ) ⊙ s (PEFT's merge), or (W ⊘ s)·M (its
+    unmerge)."""
+    if inverse:
+        return kinds.boft_rotate(kinds.scale_rows(rows, 1 / scale, columns=False), blocks, inverse=True)
+    return kinds.scale_rows(kinds.boft_rotate(rows, blocks), scale, columns=False)
+
+
+RowKernel = Callable[[Tensor, int, int], None]
+
+
+def row_kernel(
+    upd: Update, ckpt: Checkpoint, kind: str, shape: tuple[int, ...], *, weight: float = 1.0, inverse: bool = False
+) -> RowKernel | None:
+    """The update as an in-place kernel on a float32 block of the stored weight's rows (``math.in_row_blocks_``):
+    ``kernel(block, i, j)`` turns rows i..j of W into those of W + w·ΔW (delta), W ⊙ c (IA³, c = 1 + w·(l − 1)) or
+    the rotation (OFT, BOFT; ``weight`` and ``inverse`` as in ``apply_update``). None where a block of stored rows
+    does not depend on those rows alone: a rotation of a GPT-2 Conv1D weight (stored ``[in, out]``, rotated along
+    the input). ``shape`` is the stored weight's. Adapter tensors are read once, when the kernel is made."""
+    transposed = kind in (CONV1D, EMBEDDING)  # stored rows are the row view's columns
+    if upd.how == "delta":
+        return _delta_kernel(upd, ckpt, kind, shape, weight)
+    if upd.how == "scale":
+        factor = kinds.ia3_factor(ckpt[upd.tensors["ia3_l"]], weight)
+        return _scale_kernel(1 / factor if inverse else factor, per_row=upd.columns == transposed)
+    if kind == CONV1D:
+        return None
+    if upd.peft_type == "BOFT":
+        blocks, scale = _boft_parts(upd, ckpt)
+
+        def boft(block: Tensor, start: int, stop: int) -> None:
+            block.copy_(_boft_rows(block, blocks, scale[start:stop], inverse=inverse))
+
+        return boft
+    m = kinds.rotation(_oft_blocks(upd, ckpt), right=kind == EMBEDDING, weight_w=weight, inverse=inverse)
+
+    def oft(block: Tensor, start: int, stop: int) -> None:
+        block.copy_(kinds.rotate_by(block, m))
+
+    return oft
+
+
+def _scale_kernel(factor: Tensor, *, per_row: bool) -> RowKernel:
+    """W ⊙ c on stored rows: c per stored row, or per stored column (repeated over a conv kernel's positions)."""
+
+    def scale(block: Tensor, start: int, stop: int) -> None:
+        if per_row:
+            block.mul_(factor[start:stop].unsqueeze(1))
+        else:
+            block.mul_(factor.repeat_interleave(block.shape[1] // factor.numel()).unsqueeze(0))
+
+    return scale
+
+
+def _delta_kernel(upd: Update, ckpt: Checkpoint, kind: str, shape: tuple[int, ...], weight: float) -> RowKernel:
+    """W + w·ΔW on stored rows, ΔW's rows computed per block from the factors: LoHa's two products row block by row
+    block, LoKr's Kronecker product from the rows of W1 that cover the block; an effective-conv LoHa (Tucker) is
+    built whole once. Products as PEFT takes them (``kinds.loha_delta``/``lokr_delta``), in float32."""
+    t = {role: ckpt[name] for role, name in upd.tensors.items()}
+    transposed = kind in (CONV1D, EMBEDDING)
+    if upd.peft_type == "LOHA" and "hada_t1" not in t:
+        # stored_factors: (W1a, W1b) or, stored transposed, (W1bᵀ, W1aᵀ)
+        l1, r1 = stored_factors(t["hada_w1_b"], t["hada_w1_a"], kind, torch.float32)
+        l2, r2 = stored_factors(t["hada_w2_b"], t["hada_w2_a"], kind, torch.float32)
+
+        def rows(start: int, stop: int) -> Tensor:
+            return kinds.loha_delta(l1[start:stop], r1, l2[start:stop], r2, upd.scaling)
+
+    elif upd.peft_type == "LOKR":
+        w1 = kinds.lokr_factor(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"))
+        w2 = kinds.lokr_factor(t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
+        if transposed:  # (W1 ⊗ W2)ᵀ = W1ᵀ ⊗ W2ᵀ
+            w1, w2 = w1.t(), w2.t()
+        b = w2.shape[0]
+
+        def rows(start: int, stop: int) -> Tensor:
+            first = start // b  # the rows of W1 whose Kronecker rows cover start..stop
+            part = kinds.lokr_delta(w1[first : -(-stop // b)], w2, upd.scaling)
+            return part.reshape(part.shape[0], -1)[start - first * b : stop - first * b]
+
+    else:
+        whole: list[Tensor] = []
+
+        def rows(start: int, stop: int) -> Tensor:
+            if not whole:
+                delta = update_delta(upd, ckpt, kind, shape)
+                whole.append(delta.reshape(delta.shape[0], -1))
+            return whole[0][start:stop]
+
+    def add(block: Tensor, start: int, stop: int) -> None:
+        delta = rows(start, stop)
+        if weight == 1:
+            block += delta
+        else:
+            block.add_(delta, alpha=weight)
+
+    return add
