@@ -251,3 +251,17 @@ def test_cuda_gives_the_cpu_result(llama, quantized, tmp_path):
             a, b = unpack_int4(cpu[name], shape), unpack_int4(gpu[name], shape)
             assert float((a != b).float().mean()) <= 0.005, name
             assert int((a.int() - b.int()).abs().max()) <= 1, name
+
+
+def test_layers_are_written_in_numeric_order():
+    """Layer 10 after layer 2 (not in the file's lexicographic order), tensors before the first layer first and the
+    rest last: each layer is calibrated once, in order."""
+    from weightsmith.compress.quantize.gptq_driver import _layer_major
+
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    names += [f"model.layers.{i}.{p}.weight" for i in (0, 1, 10, 2) for p in ("mlp.up_proj", "input_layernorm")]
+    names += ["model.norm.weight"]
+    ordered = _layer_major(names)
+    assert ordered[:2] == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert [n.split(".")[2] for n in ordered[2:-1]] == ["0", "0", "1", "1", "2", "2", "10", "10"]
+    assert ordered[-1] == "model.norm.weight"
