@@ -221,7 +221,7 @@ ids = [tok(l, truncation=True, max_length=seq)["input_ids"] for l in lines]
 ds = Dataset.from_dict({{"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}})
 weights = {{"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}}
 recipe = GPTQModifier(ignore=["lm_head"], config_groups={{"group_0": {{"targets": ["Linear"], "weights": weights}}}},
-                      dampening_frac=0.01, block_size=128)
+                      dampening_frac=0.01, block_size=128, actorder=None)
 oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=n, max_seq_length=seq)
 model.save_pretrained(out, save_compressed=True)
 tok.save_pretrained(out)

@@ -79,7 +79,9 @@ def _layer_major(names: list[str]) -> list[str]:
     the rest: the order in which each layer is calibrated once."""
     first = next((i for i, name in enumerate(names) if layer_index(name) is not None), len(names))
     rest = names[first:]
-    in_layers = sorted((name for name in rest if layer_index(name) is not None), key=lambda name: layer_index(name))
+    in_layers = sorted(
+        (name for name in rest if layer_index(name) is not None), key=lambda name: layer_index(name) or 0
+    )
     return names[:first] + in_layers + [name for name in rest if layer_index(name) is None]
 
 
