@@ -56,7 +56,7 @@ class GPTQView(QuantizedView):
 
     def __init__(self, source: Checkpoint, scheme: Int4, selection: Plan, ignore: Sequence[str] | None, device: str):
         super().__init__(source, scheme, selection, ignore)
-        self.device = device
+        self.int4, self.device = scheme, device
         self._driver: LayerwiseGPTQ | None = None
         self.source_order = _layer_major(list(source))
         self._order = _layer_major(self._order)
@@ -66,7 +66,7 @@ class GPTQView(QuantizedView):
         if index is None:
             return super().quantized(weight, tensor)
         if self._driver is None:
-            self._driver = LayerwiseGPTQ(self.source, self.scheme, self.selection.targets, device=self.device)
+            self._driver = LayerwiseGPTQ(self.source, self.int4, self.selection.targets, device=self.device)
         return self._driver.layer(index)[weight]
 
     @property

@@ -165,7 +165,7 @@ def open_quantized(
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ConfigError(f"{problems[0]}{more}")
-    if calibrated:
+    if isinstance(config, Int4) and config.gptq is not None:  # `calibrated`, spelled so that the type narrows
         from weightsmith.compress.quantize.gptq_driver import GPTQView, check_calibrated
 
         check_calibrated(ckpt, config)
