@@ -17,7 +17,7 @@ decoder layers come in index order, so each layer is calibrated once, when its f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -291,7 +291,7 @@ def _load_layer(layer: nn.Module, ckpt: Checkpoint, prefix: str, device: torch.d
 
 
 def _hessians(
-    layer: nn.Module, linears: dict[str, nn.Module], hidden: list[torch.Tensor], inputs: list[dict[str, Any]]
+    layer: nn.Module, linears: Mapping[str, nn.Module], hidden: list[torch.Tensor], inputs: list[dict[str, Any]]
 ) -> dict[str, torch.Tensor]:
     """H = 2XᵀX / n [in, in] of each Linear's inputs X [n tokens, in] over every calibration sample, in float32."""
     sums: dict[str, torch.Tensor] = {}
