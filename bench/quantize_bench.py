@@ -205,12 +205,190 @@ def quality_table() -> str:
     return "\n\n".join([intro, table(header, rows)])
 
 
+GPTQ_ROOT = WORK / "gptq_quality"
+GPTQ_GROUP, GPTQ_SAMPLES, GPTQ_SEQ = 32, 128, 512
+
+LLMC_GPTQ = """
+import torch, transformers as tf
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+src, out, calib, n, seq, group = {src!r}, {out!r}, {calib!r}, {n}, {seq}, {group}
+model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+tok = tf.AutoTokenizer.from_pretrained(src)
+lines = [l for l in open(calib).read().splitlines() if l.strip()][:n]
+ids = [tok(l, truncation=True, max_length=seq)["input_ids"] for l in lines]
+ds = Dataset.from_dict({{"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}})
+weights = {{"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}}
+recipe = GPTQModifier(ignore=["lm_head"], config_groups={{"group_0": {{"targets": ["Linear"], "weights": weights}}}},
+                      dampening_frac=0.01, block_size=128, actorder=None)
+oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=n, max_seq_length=seq)
+model.save_pretrained(out, save_compressed=True)
+tok.save_pretrained(out)
+"""
+
+
+def gptq_table() -> str:
+    """GPTQ vs round-to-nearest vs float: byte perplexity on held-out text of a small Llama trained here; weightsmith's
+    GPTQ beside llm-compressor's (same model, calibration lines, group size, damping): perplexity, wall, peak RSS."""
+    helper = [PY, str(HERE / "_gptq_quality.py")]
+    subprocess.run([*helper, "build", str(GPTQ_ROOT)], check=True, env=ENV)
+    src, calib = GPTQ_ROOT / "float", GPTQ_ROOT / "calib.txt"
+    ws = [PY, "-m", "weightsmith.cli", "quantize", str(src), "--force", "--scheme", "int4"]
+    ws += ["--group-size", str(GPTQ_GROUP)]
+    gptq = ["--gptq", "--calibration", str(calib), "--samples", str(GPTQ_SAMPLES), "--seq-len", str(GPTQ_SEQ)]
+    runs = {
+        "int4 RTN (weightsmith)": ("rtn", measure([*ws, "-o", str(GPTQ_ROOT / "rtn")])),
+        "int4 GPTQ (weightsmith)": ("gptq", measure([*ws, "-o", str(GPTQ_ROOT / "gptq"), *gptq])),
+        "int4 GPTQ act-order (weightsmith)": (
+            "gptq_act",
+            measure([*ws, "-o", str(GPTQ_ROOT / "gptq_act"), *gptq, "--act-order"]),
+        ),
+    }
+    notes = []
+    path = llmcompressor_pythonpath()
+    if path:
+        out = GPTQ_ROOT / "llmc_gptq"
+        shutil.rmtree(out, ignore_errors=True)
+        code = LLMC_GPTQ.format(
+            src=str(src), out=str(out), calib=str(calib), n=GPTQ_SAMPLES, seq=GPTQ_SEQ, group=GPTQ_GROUP
+        )
+        try:
+            runs["int4 GPTQ (llm-compressor oneshot)"] = (
+                "llmc_gptq",
+                measure(python_cmd(code), env={**ENV, "PYTHONPATH": path}),
+            )
+        except RuntimeError as exc:
+            notes.append(f"llm-compressor's GPTQ failed here: {str(exc).strip().splitlines()[-1][:300]}")
+    else:
+        notes.append("llm-compressor did not install or import here: no GPTQ peer row.")
+    names = ["float", *(name for name, _ in runs.values())]
+    proc = subprocess.run([*helper, "score", str(GPTQ_ROOT), *names], env=ENV, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    ppl = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [["float (fp32)", "—", ppl["float"], 1.0, "—", "—"]]
+    for label, (name, run) in runs.items():
+        rows.append(
+            [
+                label,
+                GPTQ_GROUP,
+                ppl[name],
+                round(ppl[name] / ppl["float"], 4),
+                round(run.seconds, 1),
+                round(run.peak_rss_mb),
+            ]
+        )
+    header = ["model", "group", "held-out byte ppl", "÷ float", "wall s", "peak RSS MB"]
+    intro = (
+        "Byte-level Llama (4 layers, hidden 128, MLP 384, vocab 256; 0.9M parameters) trained here for "
+        "500 steps on docstrings of installed packages (bench/merge_quality.py's corpus and loop). Calibration: "
+        f"{GPTQ_SAMPLES} lines of {GPTQ_SEQ} bytes of the training text; perplexity on 64 held-out windows of 128 "
+        "bytes. Symmetric int4, damping 0.01, lm_head float. Wall and RSS: whole process, imports included."
+    )
+    return "\n\n".join([intro, table(header, rows), *notes])
+
+
+FREE_SRC = WORK / "quant_llama_400m"
+LLMC_FREE = """
+from llmcompressor import model_free_ptq
+model_free_ptq(model_stub={src!r}, save_directory={out!r}, scheme={scheme!r},
+               ignore=["lm_head", "model.embed_tokens"], max_workers=2, device="cpu")
+"""
+COMPARE = """
+import json, sys
+from safetensors import safe_open
+def tensors(d):
+    import pathlib
+    out = {}
+    for f in sorted(pathlib.Path(d).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+same = [k for k in a if k in b and a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].equal(b[k])]
+print(json.dumps([len(a), len(b), len(same), sorted(set(a) ^ set(b))[:3]]))
+"""
+
+
+def build_free_checkpoint() -> None:
+    """A Llama-shaped bf16 checkpoint of ~400 MB (8 layers, hidden 1024, MLP 2816, vocab 32000), random weights."""
+    if (FREE_SRC / "model.safetensors").exists():
+        return
+    code = f"""
+import torch, transformers as tf
+cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                     num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+torch.manual_seed(0)
+m = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
+m.save_pretrained({str(FREE_SRC)!r}, max_shard_size="2GB")
+"""
+    subprocess.run([PY, "-c", code], check=True, env=ENV)
+
+
+def model_free_table() -> str:
+    """weightsmith's data-free int8, int4 and FP8 against llm-compressor's ``model_free_ptq`` (safetensors in,
+    no model built): wall, peak RSS and whether the tensors written are equal."""
+    path = llmcompressor_pythonpath()
+    if not path:
+        return "llm-compressor did not install or import here: no model_free_ptq comparison."
+    build_free_checkpoint()
+    env = {**ENV, "PYTHONPATH": path}
+    rows = []
+    for label, ours, preset in [
+        ("int8 W8A8 per-channel", ["--scheme", "int8"], "W8A8"),
+        ("int4 W4A16 RTN group 128", ["--scheme", "int4", "--group-size", "128"], "W4A16"),
+        ("FP8 W8A8 dynamic", ["--scheme", "fp8"], "FP8_DYNAMIC"),
+    ]:
+        a, b = WORK / f"free_ws_{preset}", WORK / f"free_llmc_{preset}"
+        shutil.rmtree(b, ignore_errors=True)
+        ws_run = measure([PY, "-m", "weightsmith.cli", "quantize", str(FREE_SRC), "-o", str(a), "--force", *ours])
+        try:
+            llmc_run = measure(python_cmd(LLMC_FREE.format(src=str(FREE_SRC), out=str(b), scheme=preset)), env=env)
+        except RuntimeError as exc:
+            rows.append([label, round(ws_run.seconds, 1), round(ws_run.peak_rss_mb), "failed", "—", str(exc)[-120:]])
+            continue
+        cmp = subprocess.run([PY, "-c", COMPARE, str(a), str(b)], env=ENV, capture_output=True, text=True, check=True)
+        n_a, n_b, same, differ = json.loads(cmp.stdout.strip().splitlines()[-1])
+        verdict = f"{same} of {n_a} tensors equal" + (f" (names differ: {differ})" if differ else "")
+        rows.append(
+            [label, round(ws_run.seconds, 1), round(ws_run.peak_rss_mb), round(llmc_run.seconds, 1),
+             round(llmc_run.peak_rss_mb), verdict]
+        )  # fmt: skip
+    header = ["scheme", "weightsmith wall s", "weightsmith RSS MB", "model_free_ptq wall s", "model_free_ptq RSS MB",
+              "bytes out"]  # fmt: skip
+    intro = (
+        f"Llama-shaped bf16 checkpoint built here (8 layers, hidden 1024, MLP 2816, vocab 32000; "
+        f"{size_of(FREE_SRC) / 1e6:.0f} MB). llm-compressor's `model_free_ptq` on the CPU with 2 workers, ignoring "
+        "lm_head and the embedding as weightsmith does. Whole process, one run each."
+    )
+    return "\n\n".join([intro, table(header, rows)])
+
+
 def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     os.chdir(HERE.parent)
+    only = set(sys.argv[1:])  # e.g. `quantize_bench.py gptq model_free`: those tables only (RESULTS.md unchanged)
+    if only:
+        for name in sorted(only):
+            print({"gptq": gptq_table, "model_free": model_free_table, "speed": speed_table}[name]())
+        return
     speed = speed_table()
     quality = quality_table()
-    write_section("quantize", "## Quantization (`bench/quantize_bench.py`)\n\n" + speed + "\n\n" + quality)
+    gptq = gptq_table()
+    free = model_free_table()
+    write_section(
+        "quantize",
+        "## Quantization (`bench/quantize_bench.py`)\n\n"
+        + speed
+        + "\n\n"
+        + quality
+        + "\n\n### GPTQ\n\n"
+        + gptq
+        + "\n\n### Data-free schemes against llm-compressor's `model_free_ptq`\n\n"
+        + free,
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from weightsmith.compress.quantize import int4
-from weightsmith.compress.quantize.gptq import gptq_int4
+from weightsmith.compress.quantize.gptq import gptq_int4, output_error
 
 
 @pytest.mark.parametrize("asymmetric", [False, True])
@@ -32,3 +32,36 @@ def test_lower_output_error_than_rtn_on_correlated_inputs(group_size, block_size
     rtn = float(torch.linalg.vector_norm(x @ (w - rtn_w).T))
     assert err < 0.9 * rtn
     assert int(q.min()) >= -8 and int(q.max()) <= 7
+
+
+def test_act_order_with_identity_hessian_is_round_to_nearest():
+    """Static groups: every scale from the original columns, so with no error to feed back the visiting order
+    changes nothing."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    h = torch.diag(torch.linspace(2.0, 1.0, 64))  # distinct H_jj: a real permutation, still no cross terms
+    q, s, _ = gptq_int4(w, h, group_size=32, damp=0.0, block_size=32, act_order=True)
+    q0, s0, _ = int4.quantize_int4(w, 32)
+    assert torch.equal(q, q0) and torch.equal(s, s0)
+
+
+@pytest.mark.parametrize("group_size", [32, None])
+def test_act_order_beats_rtn_on_correlated_inputs(group_size):
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.linspace(0.2, 3.0, 64)[torch.randperm(64, generator=gen)]  # uneven input energy
+    x = (torch.randn(2048, 64, generator=gen) @ (torch.randn(64, 64, generator=gen) / 8 + torch.eye(64))) * scales
+    w = torch.randn(32, 64, generator=gen)
+    q, s, z = gptq_int4(w, 2 * x.T @ x, group_size=group_size, block_size=32, act_order=True)
+    err = float(torch.linalg.vector_norm(x @ (w - int4.dequantize_int4(q, s, z)).T))
+    rtn = float(torch.linalg.vector_norm(x @ (w - int4.dequantize_int4(*int4.quantize_int4(w, group_size))).T))
+    assert err < 0.9 * rtn
+
+
+def test_output_error_from_the_hessian_equals_the_direct_one():
+    gen = torch.Generator().manual_seed(4)
+    x, w, w_hat = (
+        torch.randn(300, 48, generator=gen),
+        torch.randn(8, 48, generator=gen),
+        torch.randn(8, 48, generator=gen),
+    )
+    direct = float(torch.linalg.vector_norm(x @ (w - w_hat).T))
+    assert abs(output_error(w, w_hat, 2 * x.T @ x) - direct) < 1e-3 * direct

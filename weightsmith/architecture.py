@@ -225,6 +225,10 @@ BERT_UNITS = Units(
 )
 UNITS = {"llama": LLAMA_UNITS, "mistral": LLAMA_UNITS, "qwen2": LLAMA_UNITS, "bert": BERT_UNITS}
 
+# Decoder-only families whose base model is an embedding, a rotary embedding, a list of decoder layers called as
+# layer(hidden, **inputs) and a final norm: what calibration one layer at a time (GPTQ) rebuilds from config.json.
+LAYERWISE_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
 
 # -- transformers' own facts ------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ def register(sub) -> None:
             "weightsmith quantize ./llama -o ./llama-int8 --scheme int8",
             "weightsmith quantize ./llama -o ./llama-w8a16 --scheme int8 --weight-only --group-size 128",
             "weightsmith quantize ./llama -o ./llama-w4a16 --scheme int4 --group-size 128",
+            "weightsmith quantize ./llama -o ./llama-gptq --scheme int4 --gptq --calibration c.txt --samples 16",
             "weightsmith quantize ./llama -o ./llama-fp8 --scheme fp8",
             "weightsmith quantize ./llama -o ./llama-nf4 --scheme nf4 --double-quant --compute-dtype bf16",
             "weightsmith quantize ./bert -o ./bert-int8 --ignore bert.pooler,classifier --json",
@@ -44,6 +45,7 @@ def register(sub) -> None:
     p.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group (default symmetric)")
     p.add_argument("--double-quant", action="store_true", help="nf4: quantize the block absmax too (QLoRA)")
     p.add_argument("--compute-dtype", help="nf4: dtype Linear4bit computes in at run time (default float32)")
+    _gptq_options(p)
     p.set_defaults(handler=_quantize)
 
     p = add_command(
@@ -58,6 +60,19 @@ def register(sub) -> None:
     p.add_argument("src", help="quantized model directory")
     add_output_options(p)
     p.set_defaults(handler=_dequantize)
+
+
+def _gptq_options(p) -> None:
+    """GPTQ's flags, one per field of the library's GPTQ config (tests/test_quantize_gptq.py checks the match)."""
+    g = p.add_argument_group("int4 GPTQ (calibrated rounding, one decoder layer at a time)")
+    g.add_argument("--gptq", action="store_true", help="int4: GPTQ instead of round-to-nearest (needs --calibration)")
+    g.add_argument("--calibration", help="GPTQ: text file, one sample per line, tokenised with the model's tokenizer")
+    g.add_argument("--damp", type=float, help="GPTQ: diagonal damping as a fraction of mean(diag H) (default 0.01)")
+    g.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing activation energy")
+    g.add_argument("--block-size", type=int, help="GPTQ: columns per lazy batch update (default 128)")
+    g.add_argument("--samples", type=int, help="GPTQ: calibration lines used (default 128)")
+    g.add_argument("--seq-len", type=int, help="GPTQ: tokens per calibration line at most (default 512)")
+    g.add_argument("--device", default="cpu", help="GPTQ: where the Hessians and solves run: cpu, cuda or cuda:N")
 
 
 def _quantize(args):
@@ -76,6 +91,14 @@ def _quantize(args):
         asymmetric=args.asymmetric,
         double_quant=args.double_quant,
         compute_dtype=args.compute_dtype,
+        device=args.device,
+        gptq=args.gptq,
+        calibration=args.calibration,
+        damp=args.damp,
+        act_order=args.act_order,
+        block_size=args.block_size,
+        samples=args.samples,
+        seq_len=args.seq_len,
     )
 
 

@@ -22,7 +22,7 @@ import torch
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
 from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.dequantize import DequantizedView, dequantize, open_dequantized
-from weightsmith.compress.quantize.schemes import FP8, NF4, SCHEMES, Int4, Int8, Scheme, make_scheme
+from weightsmith.compress.quantize.schemes import FP8, GPTQ, NF4, SCHEMES, Int4, Int8, Scheme, make_scheme
 from weightsmith.compress.quantize.targets import DEFAULT_IGNORE
 from weightsmith.compress.quantize.view import QuantizedView, open_quantized
 from weightsmith.report import Report
@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_IGNORE",
     "DequantizedView",
     "FP8",
+    "GPTQ",
     "NF4",
     "REGISTRY",
     "SCHEMES",
@@ -64,23 +65,26 @@ def quantize(
     ignore: Sequence[str] | None = None,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     force: bool = False,
+    device: str = "cpu",
     **options: Any,
 ) -> Report:
     """Quantize the 2-D Linear weights of ``src`` and write a checkpoint that ``from_pretrained`` loads as is.
 
     ``scheme``: "int8" / ``Int8(group_size=None, weight_only=False)`` (compressed-tensors W8A8 dynamic or W8A16),
-    "int4" / ``Int4(group_size=128, asymmetric=False)`` (compressed-tensors W4A16, round-to-nearest), "fp8" /
+    "int4" / ``Int4(group_size=128, asymmetric=False, gptq=None)`` (compressed-tensors W4A16, round-to-nearest, or
+    GPTQ with ``gptq=GPTQ(calibration="calib.txt", ...)``: see ``gptq_driver``), "fp8" /
     ``FP8()`` (compressed-tensors e4m3 W8A8, dynamic per-token activations) or "nf4" / ``NF4(group_size=64,
     double_quant=False, compute_dtype="float32")`` (bitsandbytes 4-bit); with a name,
     ``options`` are the config's fields. ``ignore``: module patterns kept float (default: output heads, see
-    ``DEFAULT_IGNORE``); embeddings, norms and biases always stay float. Streams one tensor at a time.
+    ``DEFAULT_IGNORE``); embeddings, norms and biases always stay float. Streams one tensor at a time (GPTQ: one
+    decoder layer at a time). ``device``: where GPTQ's calibration runs ("cpu", "cuda", "cuda:N").
 
     The report gives bytes before/after, the compression ratio (whole checkpoint and Linear weights) and the relative
     error ‖W − Q(W)‖/‖W‖ of every quantized weight (mean, max and the worst tensors).
 
     >>> ws.quantize("llama", "llama-nf4", scheme="nf4", double_quant=True)  # doctest: +SKIP
     """
-    view = open_quantized(src, scheme, ignore=ignore, **options)  # every refusal happens here
+    view = open_quantized(src, scheme, ignore=ignore, device=device, **options)  # every refusal happens here
     ckpt, selection = view.source, view.selection
     targets = set(selection.targets)
     rows: list[dict[str, Any]] = []
@@ -99,7 +103,7 @@ def quantize(
         operation="quantize",
         params=view.params,
         inputs=[ckpt],
-        names=ckpt,
+        names=view.source_order,
         transform=quantized,
         desc=f"quantize {view.scheme.name}",
         shard_size=shard_size,
@@ -107,6 +111,7 @@ def quantize(
         summary=lambda written: _summary(view, rows, written),
     )
     report.details["ignored_modules"] = selection.kept
+    report.details.update(view.details)
     report.tensors = sorted(rows, key=lambda r: -r["rel_error"])  # worst first: the text report shows the top rows
     report.notes += selection.notes
     if view.config is None:

@@ -1,8 +1,7 @@
 """GPTQ's weight update for one Linear layer, as a pure function on tensors (no model, no files).
 
-Not yet wired into ``quantize``: the layer-by-layer driver (calibration text → each decoder layer's inputs → the
-Hessian of every Linear in it) is still to be written. What this module gives is the per-layer core that driver
-will call, in the int4 layout of ``int4.py``.
+``gptq_driver.py`` runs the calibration text through the model one decoder layer at a time, gathers the Hessian of
+every Linear's inputs and calls ``gptq_int4`` for each; the result is in the int4 layout of ``int4.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ def gptq_int4(
     asymmetric: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ (Frantar et al. 2023, "GPTQ: accurate post-training quantization for generative pre-trained
     transformers"): quantize W [out, in] column by column, each column's rounding error e_j = (w_j − q_j) / [H⁻¹]_jj
@@ -29,42 +29,57 @@ def gptq_int4(
     H = 2 XᵀX over the layer's calibration inputs X [tokens, in] (any positive multiple gives the same result);
     dampened by ``damp`` · mean(diag H) on the diagonal. Columns no input ever reached (H_jj = 0) are zeroed. Each
     group's scale (and zero point) comes from its columns as updated when the group starts, with int4's min-max
-    ranges. Returns the int4 codes int8 [out, in], scales [out, in/g] in ``w``'s dtype and zero points (or None),
-    exactly as ``int4.quantize_int4`` does for round-to-nearest; with H = I the two agree.
+    ranges. ``act_order``: columns are visited in decreasing H_jj (the paper's act-order) and every group's scale is
+    fixed beforehand from its original columns ("static groups"), so codes stay in stored column order with no
+    permutation to record. Runs on ``w``'s device. Returns the int4 codes int8 [out, in], scales [out, in/g] in
+    ``w``'s dtype and zero points (or None), exactly as ``int4.quantize_int4`` does for round-to-nearest; with H = I
+    the two agree.
     """
     out_features, in_features = w.shape
     g = group_size or in_features
     if in_features % g or (block_size % g and g % block_size):
         raise ValueError(f"gptq: width {in_features}, group size {g} and block size {block_size} do not align")
     W = w.float().clone()  # (out, in), updated in place as errors are fed forward
-    H = hessian.float().clone()
+    H = hessian.to(device=w.device, dtype=torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # chol(H⁻¹), upper
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, device=w.device)
     groups = in_features // g
-    scale = torch.empty(out_features, groups, dtype=w.dtype)
-    zero = torch.empty(out_features, groups, dtype=torch.int8) if asymmetric else None
-    codes = torch.empty(out_features, in_features, dtype=torch.int8)
+    scale = torch.empty(out_features, groups, dtype=w.dtype, device=w.device)
+    zero = torch.empty(out_features, groups, dtype=torch.int8, device=w.device) if asymmetric else None
+    perm = torch.arange(in_features, device=w.device)
+    if act_order:  # static groups: every scale from the original columns, before any error is fed back
+        _, scale, zero = quantize_int4(W.to(w.dtype), group_size, asymmetric)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # chol(H⁻¹), upper
+    codes = torch.empty(out_features, in_features, dtype=torch.int8, device=w.device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
-            if j % g == 0:  # a new group: its range from the columns as they stand now
+            col = int(perm[j])  # the column's place in the stored weight (j itself without act-order)
+            if not act_order and j % g == 0:  # a new group: its range from the columns as they stand now
                 cols = W1[:, i : i + g] if i + g <= i2 - i1 else torch.cat([W1[:, i:], W[:, i2 : j + g]], dim=1)
                 _, s, z = quantize_int4(cols.to(w.dtype), None, asymmetric)
                 scale[:, j // g] = s[:, 0]
                 if zero is not None and z is not None:
                     zero[:, j // g] = z[:, 0]
-            s_col = scale[:, j // g].float()
-            z_col = zero[:, j // g].float() if zero is not None else 0.0
+            s_col = scale[:, col // g].float()
+            z_col = zero[:, col // g].float() if zero is not None else 0.0
             q = torch.round((W1[:, i] / s_col + z_col).clamp(QMIN, QMAX))
-            codes[:, j] = q.to(torch.int8)
+            codes[:, col] = q.to(torch.int8)
             err = (W1[:, i] - (q - z_col) * s_col) / U[j, j]
             W1[:, i:] -= err.unsqueeze(1) * U[j, j:i2].unsqueeze(0)
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return codes, scale, zero
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖X(W − Ŵ)ᵀ‖_F over the calibration inputs, from H = 2XᵀX alone: √(tr(ΔW H ΔWᵀ) / 2), ΔW = W − Ŵ."""
+    delta = (w.float() - w_hat.float()).to(hessian.device)
+    return float(torch.sqrt(torch.clamp(torch.sum((delta @ hessian.float()) * delta) / 2, min=0)))

@@ -105,10 +105,15 @@ def check(scheme: Int4, name: str, shape: tuple[int, ...]) -> str | None:
 def quantize_module(scheme: Int4, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """One Linear weight [out, in] → its stored tensors, keyed by the suffix after the module name."""
     q, scale, zero = quantize_int4(w, scheme.group_size, scheme.asymmetric)
+    return pack_module(q, scale, zero)
+
+
+def pack_module(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Codes [out, in], scales and zero points (as ``quantize_int4`` returns them) → the stored tensors."""
     parts = {
         "weight_packed": pack_int4(q),
         "weight_scale": scale,
-        "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
+        "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),
     }
     if zero is not None:
         parts["weight_zero_point"] = pack_int4(zero.t().contiguous()).t().contiguous()
@@ -154,6 +159,8 @@ def quantization_config(scheme: Int4, ignore: list[str]) -> dict:
         num_bits=4,
         symmetric=not scheme.asymmetric,
     )
+    if scheme.gptq is not None and scheme.gptq.act_order:
+        weights["actorder"] = "weight"  # compressed-tensors' name for act-order with static groups: no g_idx
     return ct_quantization_config("pack-quantized", weights, None, ignore)
 
 

@@ -89,6 +89,41 @@ class NF4:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GPTQ:
+    """Calibrated int4 rounding (Frantar et al. 2023, "GPTQ"): each Linear's rounding errors fed back into the
+    columns not yet rounded, weighted by the inverse Hessian H = 2XXᵀ of its calibration inputs. The calibration text
+    runs through the model one decoder layer at a time (``gptq_driver.py``); the output layout is plain int4's."""
+
+    # A UTF-8 text file, one sample per non-empty line, tokenised with the checkpoint's tokenizer.
+    calibration: str
+    # 0.01 · mean(diag H) added to H's diagonal: GPTQ's and llm-compressor's default, enough to keep the Cholesky
+    # factorisation stable when a few inputs barely vary.
+    damp: float = 0.01
+    # False: columns in their stored order. True: the columns with the largest H_jj first (the paper's act-order),
+    # with each group's scale fixed up front from its original columns, so the layout needs no column permutation.
+    act_order: bool = False
+    # 128: the paper's lazy-batch width; the result does not depend on it beyond float rounding.
+    block_size: int = 128
+    # 128 lines of up to 512 tokens: about 65k tokens, enough for stable Hessians of layers a few thousand wide while
+    # keeping the CPU time of the calibration passes in minutes.
+    samples: int = 128
+    seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calibration", str(self.calibration))
+        if not self.calibration:
+            raise ConfigError("gptq: `calibration` must name a text file")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise ConfigError(f"gptq: `damp` {self.damp!r} must be a number in [0, 1)")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"gptq: `act_order` {self.act_order!r} must be true or false")
+        for field in ("block_size", "samples", "seq_len"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"gptq: `{field}` {value!r} must be a positive integer")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Int4:
     """int4 weights, activations float (W4A16), round-to-nearest per group, in compressed-tensors' "pack-quantized"
     layout: eight 4-bit codes per int32. The format GPTQ checkpoints use and vLLM's Marlin/Machete kernels run."""
@@ -101,8 +136,14 @@ class Int4:
     # False = symmetric codes in [-8, 7], no zero point (the preset's choice; kernels are fastest without one).
     # True adds a per-group zero point, which fits skewed groups better.
     asymmetric: bool = False
+    # None = round-to-nearest, data-free and streamed; a GPTQ value calibrates the rounding (same stored layout).
+    gptq: GPTQ | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.gptq, dict):  # from JSON or a recipe
+            object.__setattr__(self, "gptq", GPTQ(**self.gptq))
+        if self.gptq is not None and not isinstance(self.gptq, GPTQ):
+            raise ConfigError(f"int4: gptq {self.gptq!r} must be a GPTQ config")
         if self.group_size == 0 and not isinstance(self.group_size, bool):  # 0 = per channel (a CLI can say it)
             object.__setattr__(self, "group_size", None)
         if self.group_size is not None and (
@@ -115,7 +156,8 @@ class Int4:
     @property
     def label(self) -> str:
         kind = "asymmetric" if self.asymmetric else "symmetric"
-        return f"int4 W4A16 {kind} " + (f"group {self.group_size}" if self.group_size else "per-channel")
+        label = f"int4 W4A16 {kind} " + (f"group {self.group_size}" if self.group_size else "per-channel")
+        return label + (" GPTQ" if self.gptq is not None else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.name, **asdict(self)}
@@ -142,6 +184,8 @@ class FP8:
 
 Scheme = Int8 | NF4 | Int4 | FP8
 SCHEMES: dict[str, type] = {cls.name: cls for cls in (Int8, NF4, Int4, FP8)}
+# Options of a calibrated rounding, given beside a scheme's own (``make_scheme("int4", gptq=True, calibration=…)``).
+GPTQ_OPTIONS = tuple(f.name for f in fields(GPTQ))
 
 
 def make_scheme(scheme: str | Scheme | dict, **options: Any) -> Scheme:
@@ -153,7 +197,7 @@ def make_scheme(scheme: str | Scheme | dict, **options: Any) -> Scheme:
     if isinstance(scheme, dict):
         options = {**{k: v for k, v in scheme.items() if k != "scheme"}, **options}
         scheme = scheme.get("scheme", "")
-    options = {k: v for k, v in options.items() if v is not None and v is not False}
+    options = _gather_gptq({k: v for k, v in options.items() if v is not None and v is not False})
     if not isinstance(scheme, (str, dict)):  # already a config value
         if options:
             raise ConfigError(f"{scheme.name}: pass options inside the config, not beside it ({', '.join(options)})")
@@ -166,3 +210,15 @@ def make_scheme(scheme: str | Scheme | dict, **options: Any) -> Scheme:
     if unknown:
         raise ConfigError(f"{cls.name}: option(s) {', '.join(unknown)} do not apply (valid: {', '.join(valid)})")
     return cls(**options)
+
+
+def _gather_gptq(options: dict[str, Any]) -> dict[str, Any]:
+    """``gptq=True`` with its options beside it (a CLI's flat flags) → ``gptq=GPTQ(...)``."""
+    loose = {k: options.pop(k) for k in GPTQ_OPTIONS if k in options}
+    if options.get("gptq") is True:
+        if "calibration" not in loose:
+            raise ConfigError("gptq needs `calibration`: a text file run through the model layer by layer")
+        options["gptq"] = GPTQ(**loose)
+    elif loose:
+        raise ConfigError(f"{', '.join(f'`{k}`' for k in loose)}: only with `gptq` (calibrated int4 rounding)")
+    return options

@@ -20,9 +20,10 @@ import torch
 from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step
 from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.detect import detect
-from weightsmith.compress.quantize.schemes import NF4, Scheme, make_scheme
+from weightsmith.compress.quantize.schemes import NF4, Int4, Scheme, make_scheme
 from weightsmith.compress.quantize.targets import DEFAULT_IGNORE, Plan, plan
 from weightsmith.conversion import as_checkpoint
+from weightsmith.device import resolve_device
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 
 __all__ = ["REGISTRY", "QuantizedView", "open_quantized"]
@@ -63,6 +64,12 @@ class QuantizedView(CheckpointView):
                 "quantization_config": self.codec.quantization_config(scheme, selection.kept),
             }
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None  # (source weight, its stored tensors)
+        self.source_order: list[str] = list(source)  # the order in which to read the source's tensors
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """Figures beyond the per-tensor rows, for the report (a calibrated scheme's)."""
+        return {}
 
     @property
     def targets(self) -> list[str]:
@@ -117,18 +124,24 @@ def open_quantized(
     scheme: str | Scheme = "int8",
     *,
     ignore: Sequence[str] | None = None,
+    device: str = "cpu",
     **options: Any,
 ) -> QuantizedView:
     """``src`` with its 2-D Linear weights quantized, as a lazy read-only tensor dict in the output format.
 
-    ``scheme``, ``ignore`` and ``options`` as for ``quantize``. Every refusal happens now (a PEFT adapter, an already
-    quantized checkpoint, nothing to quantize, a shape the scheme cannot take, an unknown option); reading a tensor
-    can only fail on NaN/Inf in a weight. ``config`` carries the format's ``quantization_config``.
+    ``scheme``, ``ignore``, ``device`` and ``options`` as for ``quantize``. Every refusal happens now (a PEFT adapter,
+    an already quantized checkpoint, nothing to quantize, a shape the scheme cannot take, an unknown option, a GPTQ
+    run's model family, tokenizer or calibration file); reading a tensor can only fail on NaN/Inf in a weight.
+    ``config`` carries the format's ``quantization_config``.
 
     >>> view = ws.compress.quantize.open_quantized("llama", "nf4", double_quant=True)  # doctest: +SKIP
     >>> view.info("model.layers.0.mlp.up_proj.weight.absmax").shape                   # doctest: +SKIP
     """
     config = make_scheme(scheme, **options)
+    calibrated = isinstance(config, Int4) and config.gptq is not None
+    if str(device).strip().lower() != "cpu" and not calibrated:
+        raise ConfigError(f"`device` {device!r} is for GPTQ's calibration; round-to-nearest runs on the CPU")
+    device = resolve_device(device)
     ckpt = as_checkpoint(src)
     if ckpt.is_adapter:
         raise IncompatibleError(f"{ckpt.path}: a PEFT adapter; quantize the merged model instead")
@@ -152,4 +165,9 @@ def open_quantized(
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ConfigError(f"{problems[0]}{more}")
+    if isinstance(config, Int4) and config.gptq is not None:  # `calibrated`, spelled so that the type narrows
+        from weightsmith.compress.quantize.gptq_driver import GPTQView, check_calibrated
+
+        check_calibrated(ckpt, config)
+        return GPTQView(ckpt, config, selection, ignore, device)
     return QuantizedView(ckpt, config, selection, ignore)
