@@ -27,7 +27,12 @@ from torch import Tensor
 
 from weightsmith import architecture
 from weightsmith.architecture import UNITS, Units
+from weightsmith.checkpoint import CheckpointWriter, provenance_step
+from weightsmith.compress.prune.methods import StructuredFFN, StructuredHeads
 from weightsmith.errors import ConfigError
+from weightsmith.progress import progress
+from weightsmith.report import Report
+from weightsmith.units import format_size
 
 # The units of each supported family (module names relative to a block) are architecture facts.
 Arch = Units
@@ -180,50 +185,74 @@ def rewrite_config(config: dict, geometry: Geometry, plans: list[BlockPlan]) -> 
 # -- the verb's structured branch -------------------------------------------------------------------------------
 
 
-def prune_structured(
-    ckpt,
-    out,
-    *,
-    kind: str,
-    ratio: float | None,
-    keep_heads: int | None,
-    calibration,
-    samples: int,
-    seq_len: int,
-    dtype,
-    shard_size,
-    force: bool,
-):
-    """Remove FFN neurons (``kind="ffn"``) or attention heads (``kind="heads"``) from every block; see the module
-    docstring for the scores. Returns the Report (kept units per block as index ranges in ``details["kept"]``)."""
-    from weightsmith.checkpoint import CheckpointWriter, provenance_step
-    from weightsmith.progress import progress
-    from weightsmith.report import Report
-    from weightsmith.units import format_size
-
-    if kind not in ("ffn", "heads"):
-        raise ConfigError(f"structured {kind!r}: expected ffn or heads")
+def prune_structured(ckpt, out, config: StructuredFFN | StructuredHeads, *, dtype, shard_size, force: bool) -> Report:
+    """Remove FFN neurons (``StructuredFFN``) or attention heads (``StructuredHeads``) from every block; see the
+    module docstring for the scores. Returns the Report (kept units per block as index ranges in ``details["kept"]``).
+    """
+    kind = "ffn" if isinstance(config, StructuredFFN) else "heads"
     arch = arch_of(ckpt.config, ckpt.path)
     geo = Geometry.of(ckpt.config)
+    keep = _keep_count(ckpt, config, kind, arch, geo)
+    prefix = block_prefix(ckpt, arch, ckpt.path)
+    params = {"structured": kind, "ratio": config.ratio, "keep": keep, "calibration": config.calibration}
+    report = Report("prune", output=str(out))
+    norms: dict[str, Tensor] = {}
+    if config.calibration is not None:
+        params.update(samples=config.samples, seq_len=config.seq_len)
+        with report.timed("calibrate"):
+            norms = _dense_norms(ckpt, config.calibration, config.samples, config.seq_len)
+    with report.timed("score"):
+        plans = _plan_blocks(ckpt, kind, arch, geo, prefix, keep, norms, config.calibration)
+    config_json = rewrite_config(ckpt.config, geo, plans)
+    with report.timed("write"):
+        params_after, size_after = _write_sliced(
+            ckpt,
+            out,
+            params,
+            config_json,
+            prefix,
+            arch,
+            plans,
+            geo.head_dim,
+            dtype=dtype,
+            shard_size=shard_size,
+            force=force,
+        )
+    params_before = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)
+    units = geo.intermediate if kind == "ffn" else geo.heads
+    report.summary.update(
+        source=str(ckpt.path),
+        structured=kind,
+        scored_by="activations" if norms else "weights",
+        units_before=units,
+        units_after=keep,
+        params_before=params_before,
+        params_after=params_after,
+        params_ratio=round(params_after / params_before, 6),
+        bytes_before=format_size(ckpt.nbytes),
+        bytes_after=format_size(size_after),
+    )
+    keys = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    report.details["config"] = {k: config_json[k] for k in keys if k in config_json}
+    kept = [p.ffn if kind == "ffn" else p.q_heads for p in plans]
+    report.details["kept"] = {f"layer {i}": _ranges(units) for i, units in enumerate(kept) if units is not None}
+    return report
+
+
+def _keep_count(ckpt, config: StructuredFFN | StructuredHeads, kind: str, arch: Arch, geo: Geometry) -> int:
+    """Units kept per block, checked against what the family's config and transformers accept."""
     if kind == "heads" and not arch.heads:
         raise ConfigError(
             f"{ckpt.path}: head pruning of {ckpt.config['model_type']} is not supported (transformers "
             f"derives its head size from hidden_size / num_attention_heads); prune its FFN instead"
         )
-    if kind == "ffn" and keep_heads is not None:
-        raise ConfigError("`keep_heads` is for `structured` heads")
-    if ratio is not None and keep_heads is not None:
-        raise ConfigError("give `ratio` or `keep_heads`, not both")
-    if ratio is None and keep_heads is None:
-        raise ConfigError(f"`structured` {kind} needs `ratio`" + (" or `keep_heads`" if kind == "heads" else ""))
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio {ratio}: must be in [0, 1)")
     units = geo.intermediate if kind == "ffn" else geo.heads
+    keep_heads = config.keep_heads if isinstance(config, StructuredHeads) else None
     if keep_heads is not None:
         keep = keep_heads
     else:
-        assert ratio is not None  # one of them is given, checked above
-        keep = units - round(ratio * units)
+        assert config.ratio is not None  # the config holds one of them
+        keep = units - round(config.ratio * units)
     if not 0 < keep <= units:
         raise ConfigError(
             f"keeping {keep} of {units} {'neurons' if kind == 'ffn' else 'heads'} per block: "
@@ -235,74 +264,46 @@ def prune_structured(
             f"{ckpt.path}: {model_type} with {keep} heads would not load in transformers (hidden_size "
             f"{hidden} must be a multiple of num_attention_heads)"
         )
-    prefix = block_prefix(ckpt, arch, ckpt.path)
-    params = {
-        "structured": kind,
-        "ratio": ratio,
-        "keep": keep,
-        "calibration": str(calibration) if calibration else None,
-    }
-    report = Report("prune", output=str(out))
+    return keep
 
-    norms = {}
-    if calibration is not None:
-        params.update(samples=samples, seq_len=seq_len)
-        with report.timed("calibrate"):
-            norms = _dense_norms(ckpt, calibration, samples, seq_len)
+
+def _plan_blocks(ckpt, kind: str, arch: Arch, geo: Geometry, prefix: str, keep: int, norms, calibration):
+    """Each block's kept units: its units scored (by weights, or activations) and the lowest ones dropped."""
     plans: list[BlockPlan] = []
-    with report.timed("score"):
-        for i in range(geo.layers):
-            base = f"{prefix}{i}."
-            if kind == "ffn":
-                down = ckpt[f"{base}{arch.ffn_cols[0]}.weight"]
-                act = _norm_of(norms, f"{base}{arch.ffn_cols[0]}", calibration, ckpt)
-                rows = [] if act is not None else [ckpt[f"{base}{m}.weight"] for m in arch.ffn_rows]
-                scores = ffn_scores(rows, down, act)
-                plans.append(BlockPlan(ffn=keep_lowest_removed(scores, units - keep)))
-            else:
-                act = _norm_of(norms, f"{base}{arch.o}", calibration, ckpt)
-                scores = head_scores(ckpt[f"{base}{arch.q}.weight"], ckpt[f"{base}{arch.o}.weight"], geo.head_dim, act)
-                q, kv = keep_heads_gqa(scores, geo.kv_heads, keep)
-                plans.append(BlockPlan(q_heads=q, kv_heads=kv))
+    for i in range(geo.layers):
+        base = f"{prefix}{i}."
+        if kind == "ffn":
+            down = ckpt[f"{base}{arch.ffn_cols[0]}.weight"]
+            act = _norm_of(norms, f"{base}{arch.ffn_cols[0]}", calibration, ckpt)
+            rows = [] if act is not None else [ckpt[f"{base}{m}.weight"] for m in arch.ffn_rows]
+            scores = ffn_scores(rows, down, act)
+            plans.append(BlockPlan(ffn=keep_lowest_removed(scores, geo.intermediate - keep)))
+        else:
+            act = _norm_of(norms, f"{base}{arch.o}", calibration, ckpt)
+            scores = head_scores(ckpt[f"{base}{arch.q}.weight"], ckpt[f"{base}{arch.o}.weight"], geo.head_dim, act)
+            q, kv = keep_heads_gqa(scores, geo.kv_heads, keep)
+            plans.append(BlockPlan(q_heads=q, kv_heads=kv))
+    return plans
 
-    config = rewrite_config(ckpt.config, geo, plans)
-    with report.timed("write"):
-        writer = CheckpointWriter(
-            out,
-            steps=[provenance_step("prune", params, [ckpt])],
-            config=config,
-            carry=ckpt.carry_files,
-            dtype=dtype,
-            shard_size=shard_size,
-            force=force,
-        )
-        params_after = 0
-        with writer:
-            for name in progress(ckpt, total=len(ckpt), desc="prune"):
-                tensor = slice_tensor(name, ckpt[name], prefix, arch, plans, geo.head_dim)
-                params_after += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
-                writer.write(name, tensor)
-    params_before = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)
-    report.summary.update(
-        source=str(ckpt.path),
-        structured=kind,
-        scored_by="activations" if norms else "weights",
-        units_before=units,
-        units_after=keep,
-        params_before=params_before,
-        params_after=params_after,
-        params_ratio=round(params_after / params_before, 6),
-        bytes_before=format_size(ckpt.nbytes),
-        bytes_after=format_size(writer.total_size),
+
+def _write_sliced(ckpt, out, params, config, prefix, arch, plans, head_dim, *, dtype, shard_size, force):
+    """Write every tensor with the plans' units cut out; returns (float parameters written, bytes written)."""
+    writer = CheckpointWriter(
+        out,
+        steps=[provenance_step("prune", params, [ckpt])],
+        config=config,
+        carry=ckpt.carry_files,
+        dtype=dtype,
+        shard_size=shard_size,
+        force=force,
     )
-    report.details["config"] = {
-        k: config[k]
-        for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-        if k in config
-    }
-    kept = [p.ffn if kind == "ffn" else p.q_heads for p in plans]
-    report.details["kept"] = {f"layer {i}": _ranges(units) for i, units in enumerate(kept) if units is not None}
-    return report
+    params_after = 0
+    with writer:
+        for name in progress(ckpt, total=len(ckpt), desc="prune"):
+            tensor = slice_tensor(name, ckpt[name], prefix, arch, plans, head_dim)
+            params_after += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
+            writer.write(name, tensor)
+    return params_after, writer.total_size
 
 
 def _norm_of(norms: dict, module: str, calibration, ckpt) -> Tensor | None:
