@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -237,7 +238,8 @@ def prune_structured(ckpt, out, config: StructuredFFN | StructuredHeads, *, dtyp
     _check_family(ckpt, family, kind, config.calibration)
     names = list(ckpt)
     plans = [_stack_plan(ckpt, names, stack, kind, config) for stack in family.stacks]
-    params = {"structured": kind, "ratio": config.ratio, "keep": plans[0].keep, "calibration": config.calibration}
+    params: dict[str, Any] = {"structured": kind, "ratio": config.ratio, "keep": plans[0].keep}
+    params["calibration"] = config.calibration
     if len(plans) > 1:
         params["keep"] = {sp.stack.label: sp.keep for sp in plans}
     report = Report("prune", output=str(out))
