@@ -12,24 +12,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
 from _architectures import ARCHS, build, inputs, linear_modules, model_class, output
 from _loading import load_checked
 from _merge_utils import make_finetune, mergekit_available, run_mergekit
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import weightsmith as ws
 from weightsmith import architecture
 from weightsmith.errors import WeightsmithError
 
 NAMES = list(ARCHS)
-_STRUCTURED = "structured pruning supports llama, mistral, qwen2, bert models"
+_STRUCTURED = f"structured pruning supports {', '.join(architecture.PRUNE_FAMILIES)} models"
 _NOT_TEXT = "is not supported for model_type"
 # (architecture, verb) → the words of the one-line refusal. Everything else must pass.
 REFUSED: dict[tuple[str, str], str] = {
-    **{(a, "prune structured"): _STRUCTURED for a in NAMES if a not in architecture.UNITS},
+    **{(a, "prune structured"): _STRUCTURED for a in NAMES if a not in architecture.PRUNE_FAMILIES},
     ("gpt2", "quantize int8"): "no 2-D Linear weights to quantize",
     ("gpt2", "quantize nf4"): "no 2-D Linear weights to quantize",
     ("mixtral", "quantize int8"): "stores its experts one by one",
@@ -48,7 +49,7 @@ MERGEKIT = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "rob
 
 # The reason the support table gives for each refusal.
 WHY = {
-    _STRUCTURED: "structured-pruning units are defined for the llama, mistral, qwen2 and bert families",
+    _STRUCTURED: "structured-pruning units are defined for the " + ", ".join(architecture.PRUNE_FAMILIES) + " families",
     "stores its experts one by one": "transformers fuses per-expert weights on load, which its compressed-tensors "
     "loader cannot do beside quantized modules (nf4 works)",
     "no 2-D Linear weights to quantize": "Conv1D projections are not nn.Linear; neither format quantizes them",
@@ -323,18 +324,27 @@ def test_structured_prune_shrinks_or_refuses(arch, tmp_path, name):
     def check():
         report = ws.prune(src, tmp_path / "out", structured="ffn", ratio=0.25)
         small = load_checked(model_class(name), tmp_path / "out")
-        ref = load_checked(model_class(name), src)
-        units = architecture.UNITS[model.config.model_type]
-        names = list(_tensors(src))
-        prefix = architecture.block_prefix(names, units.q)
-        inter = model.config.intermediate_size
+        # the reference: the original file with every removed neuron's output column zeroed, loaded the same way
+        stored = _tensors(src)
+        for stack in architecture.PRUNE_FAMILIES[model.config.model_type].stacks:
+            down = stack.units.ffn_cols[0]
+            prefix = next(p for p in architecture.block_prefixes(stored, down) if stack.scope in p)
+            for key, ranges in report.details["kept"].items():
+                label, _, i = key.rpartition(" layer ")
+                if label != stack.label:  # "layer 3" (one stack) or "encoder layer 3"
+                    continue
+                weight = stored[f"{prefix}{int(i.removeprefix('layer '))}.{down}.weight"]
+                keep = set(parse_ranges(ranges))
+                weight[:, [u for u in range(weight.shape[1]) if u not in keep]] = 0
+        masked = tmp_path / "masked"
+        shutil.copytree(src, masked)
+        for f in masked.glob("*.safetensors"):
+            f.unlink()
+        save_file(stored, masked / "model.safetensors", metadata={"format": "pt"})
+        ref = load_checked(model_class(name), masked)
         with torch.no_grad():
-            for i in range(model.config.num_hidden_layers):
-                keep = set(parse_ranges(report.details["kept"][f"layer {i}"]))
-                gone = [u for u in range(inter) if u not in keep]
-                ref.get_parameter(f"{prefix}{i}.{units.ffn_cols[0]}.weight")[:, gone] = 0
-            assert small.config.intermediate_size < inter
             batch = inputs(name)
+            assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in ref.parameters())
             assert float((output(small, batch) - output(ref, batch)).abs().max()) <= 1e-5
 
     cell(name, "prune structured", check)

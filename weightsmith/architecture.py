@@ -224,6 +224,109 @@ BERT_UNITS = Units(
     heads=False,
 )
 UNITS = {"llama": LLAMA_UNITS, "mistral": LLAMA_UNITS, "qwen2": LLAMA_UNITS, "bert": BERT_UNITS}
+# ViT's files keep BERT-style names (transformers 5 renames them on load); its head size is read from `head_dim`
+# when the config has one, so fewer heads load.
+VIT_UNITS = Units(
+    ("intermediate.dense",),
+    ("output.dense",),
+    "attention.attention.query",
+    "attention.attention.key",
+    "attention.attention.value",
+    "attention.output.dense",
+    heads=True,
+)
+# T5's FFN is `wi` (ReLU) or `wi_0`/`wi_1` (gated, v1.1); only those present are sliced. The FFN is sub-layer 1 of
+# an encoder block and sub-layer 2 of a decoder block (after cross-attention).
+_T5_FFN = ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1")
+T5_ENCODER_UNITS = Units(
+    tuple(f"layer.1.{m}" for m in _T5_FFN),
+    ("layer.1.DenseReluDense.wo",),
+    "layer.0.SelfAttention.q",
+    "layer.0.SelfAttention.k",
+    "layer.0.SelfAttention.v",
+    "layer.0.SelfAttention.o",
+    heads=False,
+)
+T5_DECODER_UNITS = Units(
+    tuple(f"layer.2.{m}" for m in _T5_FFN),
+    ("layer.2.DenseReluDense.wo",),
+    "layer.0.SelfAttention.q",
+    "layer.0.SelfAttention.k",
+    "layer.0.SelfAttention.v",
+    "layer.0.SelfAttention.o",
+    heads=False,
+)
+# BART, Whisper (fc1/fc2 in the block) and CLIP (mlp.fc1/fc2): head counts come from hidden_size / heads.
+FC_UNITS = Units(("fc1",), ("fc2",), "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                 heads=False)  # fmt: skip
+CLIP_UNITS = Units(
+    ("mlp.fc1",),
+    ("mlp.fc2",),
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    heads=False,
+)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of blocks of a family: its units and the config keys that hold its sizes (a dotted path reaches
+    into a sub-config). ``scope`` is text its block prefix contains ("" when the family has one stack)."""
+
+    units: Units
+    scope: str = ""
+    label: str = ""  # how reports name its blocks ("encoder layer 3"); "" → "layer 3"
+    ffn_width: str = "intermediate_size"
+    heads: str = "num_attention_heads"
+
+
+@dataclass(frozen=True)
+class PruneFamily:
+    """The stacks structured pruning shrinks. ``text``: the model runs on input_ids alone, so its units can be scored
+    by activations on calibration text. Stacks that share a width key are pruned to the same width."""
+
+    stacks: tuple[Stack, ...]
+    text: bool = True
+
+
+def _seq2seq(units_enc: Units, units_dec: Units, enc: tuple[str, str], dec: tuple[str, str]) -> PruneFamily:
+    return PruneFamily(
+        (Stack(units_enc, "encoder.", "encoder", *enc), Stack(units_dec, "decoder.", "decoder", *dec)), text=False
+    )
+
+
+_BART = (("encoder_ffn_dim", "encoder_attention_heads"), ("decoder_ffn_dim", "decoder_attention_heads"))
+PRUNE_FAMILIES: dict[str, PruneFamily] = {
+    **{t: PruneFamily((Stack(u),)) for t, u in UNITS.items()},
+    "vit": PruneFamily((Stack(VIT_UNITS),), text=False),
+    "t5": _seq2seq(T5_ENCODER_UNITS, T5_DECODER_UNITS, ("d_ff", "num_heads"), ("d_ff", "num_heads")),
+    "bart": _seq2seq(FC_UNITS, FC_UNITS, *_BART),
+    "whisper": _seq2seq(FC_UNITS, FC_UNITS, *_BART),
+    "clip": PruneFamily(
+        (
+            Stack(
+                CLIP_UNITS, "text_model.", "text", "text_config.intermediate_size", "text_config.num_attention_heads"
+            ),
+            Stack(
+                CLIP_UNITS,
+                "vision_model.",
+                "vision",
+                "vision_config.intermediate_size",
+                "vision_config.num_attention_heads",
+            ),  # fmt: skip
+        ),
+        text=False,
+    ),
+}
+
+
+def block_prefixes(names: Iterable[str], anchor: str) -> list[str]:
+    """Every name prefix of a block 0's parent whose block holds ``anchor``, in the order the names come."""
+    pattern = re.compile(rf"^(.*?)0\.{re.escape(anchor)}\.weight$")
+    found = [m.group(1) for m in map(pattern.match, names) if m]
+    return list(dict.fromkeys(found))
 
 # Decoder-only families whose base model is an embedding, a rotary embedding, a list of decoder layers called as
 # layer(hidden, **inputs) and a final norm: what calibration one layer at a time (GPTQ) rebuilds from config.json.

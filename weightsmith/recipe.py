@@ -46,6 +46,9 @@ class StepKind:
     source: str | None  # the parameter that receives the running model (None: merge names it with "@previous")
     streams: bool  # reads and writes tensor by tensor (False: builds the model)
     view: str | None = None  # "module:function" giving a lazy view instead of writing, when one exists
+    # "module:function" building the step's config value from its parameter that names the method and the keywords
+    # the function gathers (**): the step is checked by building it, before anything runs
+    config: str | None = None
 
     def resolve(self):
         module, name = self.function.split(":")
@@ -55,7 +58,13 @@ class StepKind:
 STEPS: dict[str, StepKind] = {
     "lora_merge": StepKind("weightsmith.merge.lora:merge", "base", True, view="weightsmith.merge.lora:open_folded"),
     "merge": StepKind("weightsmith.merge:run", None, True),
-    "prune": StepKind("weightsmith.compress.prune:prune", "src", True, view="weightsmith.compress.prune:open_pruned"),
+    "prune": StepKind(
+        "weightsmith.compress.prune:prune",
+        "src",
+        True,
+        view="weightsmith.compress.prune:open_pruned",
+        config="weightsmith.compress.prune:make_method",
+    ),
     "quantize": StepKind(
         "weightsmith.compress.quantize:quantize", "src", True, view="weightsmith.compress.quantize:open_quantized"
     ),
@@ -167,6 +176,8 @@ def _check_params(where: str, step: Step) -> None:
             raise ConfigError(
                 f"{where}: {step.label()}: parameter {name!r} must be {expected}, got {type(value).__name__} {value!r}"
             )
+    if step.row.config is not None:
+        _check_config(where, step, sig, params)
     if step.kind == "lora_merge" and "adapters" in params:
         try:
             _adapters(params["adapters"])
@@ -191,6 +202,18 @@ def _check_params(where: str, step: Step) -> None:
     ]
     if missing:
         raise ConfigError(f"{where}: {step.label()}: missing parameter(s) {', '.join(missing)}")
+
+
+def _check_config(where: str, step: Step, sig: inspect.Signature, params: dict[str, Any]) -> None:
+    """Build the step's config from the parameters the function does not name itself (and its ``method``)."""
+    assert step.row.config is not None
+    module, name = step.row.config.split(":")
+    build = getattr(importlib.import_module(module), name)
+    keywords = {k: v for k, v in params.items() if k not in sig.parameters}
+    try:
+        build(params.get("method"), **keywords)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {step.label()}: {exc}") from None
 
 
 # annotation token -> the YAML value types it admits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from weightsmith.cli.common import add_command, add_output_options
+from weightsmith.compress.prune.methods import keyword_options
 
 
 def register(sub) -> None:
@@ -22,26 +23,9 @@ def register(sub) -> None:
         ],
     )
     p.add_argument("src", help="model directory or weight file")
-    p.add_argument(
-        "--method",
-        choices=["magnitude", "wanda"],
-        default="magnitude",
-        help="score: |W| (magnitude, data-free) or |W|·‖X‖ per output row (wanda, needs --calibration)",
-    )
-    p.add_argument("--sparsity", type=float, help="fraction of weights set to zero, in [0, 1)")
-    p.add_argument(
-        "--scope",
-        choices=["layer", "global"],
-        default="layer",
-        help="magnitude: the sparsity per tensor (layer) or over all pruned tensors (global)",
-    )
-    p.add_argument("--pattern", help="N:M semi-structured sparsity along the input dimension, e.g. 2:4")
-    p.add_argument("--calibration", help="text file (one sample per line) for wanda or activation-scored structured")
-    p.add_argument("--samples", type=int, default=64, help="calibration lines used (default 64)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration line at most (default 128)")
-    p.add_argument("--structured", choices=["ffn", "heads"], help="remove FFN neurons or attention heads")
-    p.add_argument("--ratio", type=float, help="structured: fraction of neurons / heads removed per block")
-    p.add_argument("--keep-heads", type=int, help="structured heads: query heads kept per block")
+    # One flag per keyword of the library's keyword form: the method selectors and the configs' fields.
+    for name, spec in keyword_options().items():
+        p.add_argument("--" + name.replace("_", "-"), type=spec["type"], choices=spec.get("choices"), help=spec["help"])
     p.add_argument(
         "--skip",
         action="append",
@@ -62,23 +46,15 @@ def register(sub) -> None:
 def _prune(args):
     from weightsmith.compress.prune import prune
 
+    keywords = {name: getattr(args, name) for name in keyword_options()}
     return prune(
         args.src,
         args.out,
-        method=args.method,
-        sparsity=args.sparsity,
-        scope=args.scope,
-        pattern=args.pattern,
-        calibration=args.calibration,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        structured=args.structured,
-        ratio=args.ratio,
-        keep_heads=args.keep_heads,
         skip=args.skip,
         default_skip=not args.no_default_skip,
         eval_data=args.eval_data,
         dtype=args.dtype,
         shard_size=args.shard_size,
         force=args.force,
+        **keywords,
     )

@@ -21,24 +21,44 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from weightsmith import architecture
-from weightsmith.architecture import UNITS, Units
+from weightsmith.architecture import LLAMA_UNITS, PRUNE_FAMILIES, PruneFamily, Stack, Units
+from weightsmith.checkpoint import CheckpointWriter, provenance_step
+from weightsmith.compress.prune.methods import StructuredFFN, StructuredHeads
 from weightsmith.errors import ConfigError
+from weightsmith.progress import progress
+from weightsmith.report import Report
+from weightsmith.units import format_size
 
-# The units of each supported family (module names relative to a block) are architecture facts.
+# The stacks and units of each supported family (module names relative to a block) are architecture facts.
 Arch = Units
-ARCHS = UNITS
+FAMILIES = PRUNE_FAMILIES
 # transformers' LlamaConfig refuses a hidden_size that is not a multiple of num_attention_heads, head_dim or not
 HEADS_DIVIDE_HIDDEN = {"llama"}
 
 
+def _get(config: dict, path: str):
+    for part in path.split("."):
+        config = config[part]
+    return config
+
+
+def _set(config: dict, path: str, value) -> dict:
+    """A copy of ``config`` with the dotted ``path`` set (sub-configs copied, never mutated)."""
+    head, _, rest = path.partition(".")
+    new = dict(config)
+    new[head] = _set(config[head], rest, value) if rest else value
+    return new
+
+
 @dataclass
 class Geometry:
-    """The attention and FFN sizes a config describes."""
+    """The attention and FFN sizes a config describes for one stack."""
 
     layers: int
     heads: int
@@ -47,33 +67,41 @@ class Geometry:
     intermediate: int
 
     @classmethod
-    def of(cls, config: dict) -> Geometry:
-        heads = config["num_attention_heads"]
+    def of(cls, config: dict, stack: Stack | None = None, layers: int | None = None) -> Geometry:
+        stack = stack or Stack(LLAMA_UNITS)
+        heads = _get(config, stack.heads)
+        hidden = config.get("hidden_size") or 0
         return cls(
-            layers=config["num_hidden_layers"],
+            layers=layers if layers is not None else config["num_hidden_layers"],
             heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            intermediate=config["intermediate_size"],
+            head_dim=config.get("head_dim") or hidden // heads,
+            intermediate=_get(config, stack.ffn_width),
         )
+
+
+def family_of(config: dict | None, path) -> PruneFamily:
+    model_type = (config or {}).get("model_type")
+    if model_type not in FAMILIES:
+        raise ConfigError(
+            f"{path}: structured pruning supports {', '.join(FAMILIES)} models; this one is "
+            f"{model_type or 'without a config.json model_type'}"
+        )
+    return FAMILIES[model_type]
 
 
 def arch_of(config: dict | None, path) -> Arch:
-    model_type = (config or {}).get("model_type")
-    if model_type not in ARCHS:
-        raise ConfigError(
-            f"{path}: structured pruning supports {', '.join(ARCHS)} models; this one is "
-            f"{model_type or 'without a config.json model_type'}"
-        )
-    return ARCHS[model_type]
+    """The units of a family with one stack."""
+    return family_of(config, path).stacks[0].units
 
 
-def block_prefix(names, arch: Arch, path) -> str:
-    """The name prefix of block 0's parent, e.g. ``model.layers.`` or ``encoder.layer.``."""
-    prefix = architecture.block_prefix(names, arch.q)
+def block_prefix(names, arch: Arch, path, scope: str = "") -> str:
+    """The name prefix of block 0's parent, e.g. ``model.layers.`` or ``encoder.layer.`` (containing ``scope``)."""
+    anchor = arch.ffn_cols[0]
+    prefix = next((p for p in architecture.block_prefixes(names, anchor) if scope in p), None)
     if prefix is not None:
         return prefix
-    raise ConfigError(f"{path}: no tensor named like '<prefix>0.{arch.q}.weight': not the expected layout")
+    raise ConfigError(f"{path}: no tensor named like '<{scope or 'prefix'}>0.{anchor}.weight': not the expected layout")
 
 
 # -- scores (pure) ----------------------------------------------------------------------------------------------
@@ -142,12 +170,30 @@ class BlockPlan:
     kv_heads: Tensor | None = None  # kept KV heads
 
 
-def slice_tensor(name: str, tensor: Tensor, prefix: str, arch: Arch, plans: list[BlockPlan], head_dim: int) -> Tensor:
-    """The tensor with the plan's removed units cut out (unchanged if the plan does not touch it)."""
-    m = re.match(rf"^{re.escape(prefix)}(\d+)\.(.+)\.(weight|bias)$", name)
-    if not m:
-        return tensor
-    plan, module, kind = plans[int(m.group(1))], m.group(2), m.group(3)
+@dataclass
+class StackPlan:
+    """One stack's prefix, sizes, units kept per block and each block's plan."""
+
+    stack: Stack
+    prefix: str
+    geo: Geometry
+    keep: int
+    blocks: list[BlockPlan]
+
+    def label(self, i: int) -> str:
+        return f"{self.stack.label} layer {i}".strip()
+
+
+def slice_tensor(name: str, tensor: Tensor, plans: list[StackPlan]) -> Tensor:
+    """The tensor with the plans' removed units cut out (unchanged if no plan touches it)."""
+    for sp in plans:
+        m = re.match(rf"^{re.escape(sp.prefix)}(\d+)\.(.+)\.(weight|bias)$", name)
+        if m:
+            return _slice_block(tensor, sp.stack.units, sp.blocks[int(m.group(1))], m.group(2), m.group(3), sp.geo)
+    return tensor
+
+
+def _slice_block(tensor: Tensor, arch: Arch, plan: BlockPlan, module: str, kind: str, geo: Geometry) -> Tensor:
     if plan.ffn is not None:
         if module in arch.ffn_rows:
             return tensor.index_select(0, plan.ffn)
@@ -156,74 +202,127 @@ def slice_tensor(name: str, tensor: Tensor, prefix: str, arch: Arch, plans: list
     if plan.q_heads is not None:
         assert plan.kv_heads is not None  # head plans prune query and key/value heads together
         if module == arch.q:
-            return tensor.index_select(0, head_rows(plan.q_heads, head_dim))
+            return tensor.index_select(0, head_rows(plan.q_heads, geo.head_dim))
         if module in (arch.k, arch.v):
-            return tensor.index_select(0, head_rows(plan.kv_heads, head_dim))
+            return tensor.index_select(0, head_rows(plan.kv_heads, geo.head_dim))
         if module == arch.o and kind == "weight":
-            return tensor.index_select(1, head_rows(plan.q_heads, head_dim))
+            return tensor.index_select(1, head_rows(plan.q_heads, geo.head_dim))
     return tensor
 
 
-def rewrite_config(config: dict, geometry: Geometry, plans: list[BlockPlan]) -> dict:
-    """config.json for the smaller model: the new sizes, ``head_dim`` explicit when heads changed."""
+def rewrite_config(config: dict, plans: list[StackPlan]) -> dict:
+    """config.json for the smaller model: each stack's new width, ``head_dim`` explicit when heads changed."""
     new = dict(config)
-    if plans[0].ffn is not None:
-        new["intermediate_size"] = int(plans[0].ffn.numel())
-    if plans[0].q_heads is not None:
-        assert plans[0].kv_heads is not None  # head plans prune query and key/value heads together
-        new["num_attention_heads"] = int(plans[0].q_heads.numel())
-        new["num_key_value_heads"] = int(plans[0].kv_heads.numel())
-        new["head_dim"] = geometry.head_dim
+    for sp in plans:
+        first = sp.blocks[0]
+        if first.ffn is not None:
+            new = _set(new, sp.stack.ffn_width, int(first.ffn.numel()))
+        if first.q_heads is not None:
+            assert first.kv_heads is not None  # head plans prune query and key/value heads together
+            new = _set(new, sp.stack.heads, int(first.q_heads.numel()))
+            if "num_key_value_heads" in config:
+                new["num_key_value_heads"] = int(first.kv_heads.numel())
+            new["head_dim"] = sp.geo.head_dim
     return new
 
 
 # -- the verb's structured branch -------------------------------------------------------------------------------
 
 
-def prune_structured(
-    ckpt,
-    out,
-    *,
-    kind: str,
-    ratio: float | None,
-    keep_heads: int | None,
-    calibration,
-    samples: int,
-    seq_len: int,
-    dtype,
-    shard_size,
-    force: bool,
-):
-    """Remove FFN neurons (``kind="ffn"``) or attention heads (``kind="heads"``) from every block; see the module
-    docstring for the scores. Returns the Report (kept units per block as index ranges in ``details["kept"]``)."""
-    from weightsmith.checkpoint import CheckpointWriter, provenance_step
-    from weightsmith.progress import progress
-    from weightsmith.report import Report
-    from weightsmith.units import format_size
-
-    if kind not in ("ffn", "heads"):
-        raise ConfigError(f"structured {kind!r}: expected ffn or heads")
-    arch = arch_of(ckpt.config, ckpt.path)
-    geo = Geometry.of(ckpt.config)
-    if kind == "heads" and not arch.heads:
-        raise ConfigError(
-            f"{ckpt.path}: head pruning of {ckpt.config['model_type']} is not supported (transformers "
-            f"derives its head size from hidden_size / num_attention_heads); prune its FFN instead"
+def prune_structured(ckpt, out, config: StructuredFFN | StructuredHeads, *, dtype, shard_size, force: bool) -> Report:
+    """Remove FFN neurons (``StructuredFFN``) or attention heads (``StructuredHeads``) from every block of every
+    stack of the family; see the module docstring for the scores. Returns the Report (kept units per block as index
+    ranges in ``details["kept"]``, keyed "layer 3" or, with several stacks, "encoder layer 3")."""
+    kind = "ffn" if isinstance(config, StructuredFFN) else "heads"
+    family = family_of(ckpt.config, ckpt.path)
+    _check_family(ckpt, family, kind, config.calibration)
+    names = list(ckpt)
+    plans = [_stack_plan(ckpt, names, stack, kind, config) for stack in family.stacks]
+    params: dict[str, Any] = {"structured": kind, "ratio": config.ratio, "keep": plans[0].keep}
+    params["calibration"] = config.calibration
+    if len(plans) > 1:
+        params["keep"] = {sp.stack.label: sp.keep for sp in plans}
+    report = Report("prune", output=str(out))
+    norms: dict[str, Tensor] = {}
+    if config.calibration is not None:
+        params.update(samples=config.samples, seq_len=config.seq_len)
+        with report.timed("calibrate"):
+            norms = _dense_norms(ckpt, config.calibration, config.samples, config.seq_len)
+    with report.timed("score"):
+        for sp in plans:
+            sp.blocks = _plan_blocks(ckpt, kind, sp, norms, config.calibration)
+    config_json = rewrite_config(ckpt.config, plans)
+    with report.timed("write"):
+        params_after, size_after = _write_sliced(
+            ckpt, out, params, config_json, plans, dtype=dtype, shard_size=shard_size, force=force
         )
-    if kind == "ffn" and keep_heads is not None:
-        raise ConfigError("`keep_heads` is for `structured` heads")
-    if ratio is not None and keep_heads is not None:
-        raise ConfigError("give `ratio` or `keep_heads`, not both")
-    if ratio is None and keep_heads is None:
-        raise ConfigError(f"`structured` {kind} needs `ratio`" + (" or `keep_heads`" if kind == "heads" else ""))
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"ratio {ratio}: must be in [0, 1)")
+    _summarize(report, ckpt, kind, plans, bool(norms), params_after, size_after)
+    keys = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    report.details["config"] = {k: config_json[k] for k in keys if k in config_json}
+    for sp in plans:
+        if sp.stack.scope:
+            report.details["config"][sp.stack.ffn_width] = _get(config_json, sp.stack.ffn_width)
+    report.details["kept"] = {
+        sp.label(i): _ranges(b.ffn if kind == "ffn" else b.q_heads)  # type: ignore[arg-type]
+        for sp in plans
+        for i, b in enumerate(sp.blocks)
+    }
+    return report
+
+
+def _check_family(ckpt, family: PruneFamily, kind: str, calibration) -> None:
+    """Refuse, in one line naming what is supported, what the family cannot do."""
+    model_type = ckpt.config["model_type"]
+    if kind == "heads" and not all(s.units.heads for s in family.stacks):
+        heads = [t for t, f in FAMILIES.items() if all(s.units.heads for s in f.stacks)]
+        raise ConfigError(
+            f"{ckpt.path}: head pruning of {model_type} is not supported (transformers derives its head size from "
+            f"hidden_size / num_attention_heads); heads: {', '.join(heads)}; prune its FFN instead"
+        )
+    if calibration is not None and not family.text:
+        text = [t for t, f in FAMILIES.items() if f.text]
+        raise ConfigError(
+            f"{ckpt.path}: activation scoring runs calibration text through the model, which {model_type} does not "
+            f"take alone; supported for {', '.join(text)}: prune {model_type} by weights (no `calibration`)"
+        )
+
+
+def _stack_plan(ckpt, names: list[str], stack: Stack, kind: str, config) -> StackPlan:
+    prefix = block_prefix(names, stack.units, ckpt.path, stack.scope)
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    layers = 1 + max(int(m.group(1)) for m in map(pattern.match, names) if m)
+    geo = Geometry.of(ckpt.config, stack, layers)
+    return StackPlan(stack, prefix, geo, _keep_count(ckpt, config, kind, geo), [])
+
+
+def _summarize(report: Report, ckpt, kind: str, plans: list[StackPlan], by_activations, params_after, size_after):
+    params_before = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)
+    before = {sp.stack.label: sp.geo.intermediate if kind == "ffn" else sp.geo.heads for sp in plans}
+    after = {sp.stack.label: sp.keep for sp in plans}
+    one = len(set(before.values())) == 1 and len(set(after.values())) == 1  # one width everywhere: plain numbers
+    report.summary.update(
+        source=str(ckpt.path),
+        structured=kind,
+        scored_by="activations" if by_activations else "weights",
+        units_before=next(iter(before.values())) if one else before,
+        units_after=next(iter(after.values())) if one else after,
+        params_before=params_before,
+        params_after=params_after,
+        params_ratio=round(params_after / params_before, 6),
+        bytes_before=format_size(ckpt.nbytes),
+        bytes_after=format_size(size_after),
+    )
+
+
+def _keep_count(ckpt, config: StructuredFFN | StructuredHeads, kind: str, geo: Geometry) -> int:
+    """Units kept per block, checked against what the family's config and transformers accept."""
     units = geo.intermediate if kind == "ffn" else geo.heads
+    keep_heads = config.keep_heads if isinstance(config, StructuredHeads) else None
     if keep_heads is not None:
         keep = keep_heads
     else:
-        assert ratio is not None  # one of them is given, checked above
-        keep = units - round(ratio * units)
+        assert config.ratio is not None  # the config holds one of them
+        keep = units - round(config.ratio * units)
     if not 0 < keep <= units:
         raise ConfigError(
             f"keeping {keep} of {units} {'neurons' if kind == 'ffn' else 'heads'} per block: "
@@ -235,74 +334,47 @@ def prune_structured(
             f"{ckpt.path}: {model_type} with {keep} heads would not load in transformers (hidden_size "
             f"{hidden} must be a multiple of num_attention_heads)"
         )
-    prefix = block_prefix(ckpt, arch, ckpt.path)
-    params = {
-        "structured": kind,
-        "ratio": ratio,
-        "keep": keep,
-        "calibration": str(calibration) if calibration else None,
-    }
-    report = Report("prune", output=str(out))
+    return keep
 
-    norms = {}
-    if calibration is not None:
-        params.update(samples=samples, seq_len=seq_len)
-        with report.timed("calibrate"):
-            norms = _dense_norms(ckpt, calibration, samples, seq_len)
+
+def _plan_blocks(ckpt, kind: str, sp: StackPlan, norms, calibration) -> list[BlockPlan]:
+    """Each block's kept units: its units scored (by weights, or activations) and the lowest ones dropped."""
     plans: list[BlockPlan] = []
-    with report.timed("score"):
-        for i in range(geo.layers):
-            base = f"{prefix}{i}."
-            if kind == "ffn":
-                down = ckpt[f"{base}{arch.ffn_cols[0]}.weight"]
-                act = _norm_of(norms, f"{base}{arch.ffn_cols[0]}", calibration, ckpt)
-                rows = [] if act is not None else [ckpt[f"{base}{m}.weight"] for m in arch.ffn_rows]
-                scores = ffn_scores(rows, down, act)
-                plans.append(BlockPlan(ffn=keep_lowest_removed(scores, units - keep)))
-            else:
-                act = _norm_of(norms, f"{base}{arch.o}", calibration, ckpt)
-                scores = head_scores(ckpt[f"{base}{arch.q}.weight"], ckpt[f"{base}{arch.o}.weight"], geo.head_dim, act)
-                q, kv = keep_heads_gqa(scores, geo.kv_heads, keep)
-                plans.append(BlockPlan(q_heads=q, kv_heads=kv))
+    arch, geo = sp.stack.units, sp.geo
+    for i in range(geo.layers):
+        base = f"{sp.prefix}{i}."
+        if kind == "ffn":
+            down = ckpt[f"{base}{arch.ffn_cols[0]}.weight"]
+            act = _norm_of(norms, f"{base}{arch.ffn_cols[0]}", calibration, ckpt)
+            ups = [f"{base}{m}.weight" for m in arch.ffn_rows if f"{base}{m}.weight" in ckpt]
+            scores = ffn_scores([] if act is not None else [ckpt[n] for n in ups], down, act)
+            plans.append(BlockPlan(ffn=keep_lowest_removed(scores, geo.intermediate - sp.keep)))
+        else:
+            act = _norm_of(norms, f"{base}{arch.o}", calibration, ckpt)
+            scores = head_scores(ckpt[f"{base}{arch.q}.weight"], ckpt[f"{base}{arch.o}.weight"], geo.head_dim, act)
+            q, kv = keep_heads_gqa(scores, geo.kv_heads, sp.keep)
+            plans.append(BlockPlan(q_heads=q, kv_heads=kv))
+    return plans
 
-    config = rewrite_config(ckpt.config, geo, plans)
-    with report.timed("write"):
-        writer = CheckpointWriter(
-            out,
-            steps=[provenance_step("prune", params, [ckpt])],
-            config=config,
-            carry=ckpt.carry_files,
-            dtype=dtype,
-            shard_size=shard_size,
-            force=force,
-        )
-        params_after = 0
-        with writer:
-            for name in progress(ckpt, total=len(ckpt), desc="prune"):
-                tensor = slice_tensor(name, ckpt[name], prefix, arch, plans, geo.head_dim)
-                params_after += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
-                writer.write(name, tensor)
-    params_before = sum(i.numel for i in ckpt.infos() if i.dtype.is_floating_point)
-    report.summary.update(
-        source=str(ckpt.path),
-        structured=kind,
-        scored_by="activations" if norms else "weights",
-        units_before=units,
-        units_after=keep,
-        params_before=params_before,
-        params_after=params_after,
-        params_ratio=round(params_after / params_before, 6),
-        bytes_before=format_size(ckpt.nbytes),
-        bytes_after=format_size(writer.total_size),
+
+def _write_sliced(ckpt, out, params, config, plans: list[StackPlan], *, dtype, shard_size, force):
+    """Write every tensor with the plans' units cut out; returns (float parameters written, bytes written)."""
+    writer = CheckpointWriter(
+        out,
+        steps=[provenance_step("prune", params, [ckpt])],
+        config=config,
+        carry=ckpt.carry_files,
+        dtype=dtype,
+        shard_size=shard_size,
+        force=force,
     )
-    report.details["config"] = {
-        k: config[k]
-        for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-        if k in config
-    }
-    kept = [p.ffn if kind == "ffn" else p.q_heads for p in plans]
-    report.details["kept"] = {f"layer {i}": _ranges(units) for i, units in enumerate(kept) if units is not None}
-    return report
+    params_after = 0
+    with writer:
+        for name in progress(ckpt, total=len(ckpt), desc="prune"):
+            tensor = slice_tensor(name, ckpt[name], plans)
+            params_after += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
+            writer.write(name, tensor)
+    return params_after, writer.total_size
 
 
 def _norm_of(norms: dict, module: str, calibration, ckpt) -> Tensor | None:

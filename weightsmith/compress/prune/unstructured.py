@@ -23,6 +23,7 @@ from torch import Tensor
 from weightsmith import architecture
 from weightsmith.checkpoint import Checkpoint, CheckpointView, provenance_step, set_config_dtype
 from weightsmith.compress.prune import masks
+from weightsmith.compress.prune.methods import METHODS, NM, SCOPES, Magnitude, Wanda, make_method
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError
 from weightsmith.progress import progress
@@ -34,8 +35,7 @@ DEFAULT_SKIP = (
     r"norm|LayerNorm|(^|\.)ln_",
     r"lm_head|(^|\.)cls\.|classifier|(^|\.)score\.|pooler",
 )
-METHODS = ("magnitude", "wanda")
-SCOPES = ("layer", "global")
+__all__ = ["DEFAULT_SKIP", "METHODS", "SCOPES", "PrunedView", "check_sparsity", "open_pruned", "parse_pattern"]
 
 
 # -- checks -----------------------------------------------------------------------------------------------------
@@ -53,10 +53,8 @@ def skip_patterns(skip: Sequence[str], default_skip: bool) -> list[re.Pattern]:
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
     """``"2:4"`` → (2, 4); refuses anything but 0 < N < M."""
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
-    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise ConfigError(f"pattern {pattern!r}: expected N:M with 0 < N < M, e.g. 2:4")
-    return int(m.group(1)), int(m.group(2))
+    nm = NM.parse(pattern)
+    return nm.n, nm.m
 
 
 def check_sparsity(sparsity: float | None) -> float:
@@ -89,24 +87,15 @@ class PrunePlan:
     params: dict = field(default_factory=dict)  # the provenance parameters
 
 
-def plan_unstructured(
-    ckpt: Checkpoint, *, method: str, sparsity: float | None, scope: str, pattern: str | None, skip: list[re.Pattern]
-) -> PrunePlan:
-    """Check the options against ``ckpt`` (names and shapes only) and pick the tensors to prune."""
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    if scope not in SCOPES:
-        raise ConfigError(f"scope {scope!r}: expected one of {', '.join(SCOPES)}")
-    nm = parse_pattern(pattern) if pattern is not None else None
-    if nm is not None:
-        if sparsity is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ConfigError(f"sparsity {sparsity} contradicts pattern {pattern} (which means {1 - nm[0] / nm[1]})")
-        if scope != "layer":
-            raise ConfigError(f"pattern {pattern} is applied group by group: it has no global scope")
-        sparsity = 1 - nm[0] / nm[1]
-    sparsity = check_sparsity(sparsity)
-    if method == "wanda" and scope == "global":
-        raise ConfigError("wanda compares scores within each output row: it has no global scope")
+def plan_unstructured(ckpt: Checkpoint, config: Magnitude | Wanda | NM, skip: list[re.Pattern]) -> PrunePlan:
+    """Check ``config`` against ``ckpt`` (names and shapes only) and pick the tensors to prune."""
+    if isinstance(config, NM):
+        method, sparsity, scope, pattern = config.criterion, 1 - config.n / config.m, "layer", config.pattern
+        nm: tuple[int, int] | None = (config.n, config.m)
+    else:
+        method, sparsity, scope, pattern, nm = config.name, config.sparsity, "layer", None, None
+        if isinstance(config, Magnitude):
+            scope = config.scope
     targets = [
         n
         for n in ckpt
@@ -260,30 +249,32 @@ class PrunedView(CheckpointView):
 
 def open_pruned(
     src: Checkpoint | str | os.PathLike,
+    method: Magnitude | NM | str | None = None,
     *,
-    method: str = "magnitude",
     sparsity: float | None = None,
-    scope: str = "layer",
+    scope: str | None = None,
     pattern: str | None = None,
     skip: Sequence[str] = (),
     default_skip: bool = True,
     dtype: str | torch.dtype | None = None,
 ) -> PrunedView:
-    """``src`` pruned without data, as a lazy read-only tensor dict: magnitude (``scope`` "layer": each tensor at
-    exactly ``sparsity``; "global": one threshold over all pruned tensors, exact overall) or ``pattern`` "N:M".
+    """``src`` pruned without data, as a lazy read-only tensor dict: ``Magnitude`` (``scope`` "layer": each tensor at
+    exactly ``sparsity``; "global": one threshold over all pruned tensors, exact overall) or ``NM`` by magnitude;
+    ``sparsity``/``scope``/``pattern`` are the keyword form of the same (``make_method``).
 
     Checked now; a global threshold is found now (one or two streamed passes over the pruned tensors, memory: two
     65536-bin histograms). Each tensor's mask is applied when it is read. Wanda needs the model for calibration:
-    use ``prune(..., method="wanda")``.
+    use ``prune(..., Wanda(...))``.
 
-    >>> view = ws.compress.prune.open_pruned("llama", sparsity=0.5, scope="global")  # doctest: +SKIP
-    >>> ws.quantize(view, "llama-50-int8")                                         # doctest: +SKIP
+    >>> view = ws.compress.prune.open_pruned("llama", Magnitude(sparsity=0.5, scope="global"))  # doctest: +SKIP
+    >>> ws.quantize(view, "llama-50-int8")                                                   # doctest: +SKIP
     """
-    if method == "wanda":
+    if method == "wanda" or isinstance(method, Wanda) or (isinstance(method, NM) and method.criterion == "wanda"):
         raise ConfigError("wanda measures activations through the model: it has no lazy view (use prune)")
+    config = make_method(method, sparsity=sparsity, scope=scope, pattern=pattern)
+    if not isinstance(config, (Magnitude, NM)):
+        raise ConfigError(f"{config.name} pruning has no lazy view: magnitude and N:M pruning do (use prune)")
     ckpt = as_checkpoint(src)
-    plan = plan_unstructured(
-        ckpt, method=method, sparsity=sparsity, scope=scope, pattern=pattern, skip=skip_patterns(skip, default_skip)
-    )
-    threshold = global_threshold(ckpt, plan.targets, plan.sparsity) if scope == "global" else None
+    plan = plan_unstructured(ckpt, config, skip_patterns(skip, default_skip))
+    threshold = global_threshold(ckpt, plan.targets, plan.sparsity) if plan.scope == "global" else None
     return PrunedView(ckpt, plan, threshold=threshold, dtype=parse_dtype(dtype))
