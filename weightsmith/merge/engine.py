@@ -105,7 +105,8 @@ def run(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     report = Report("merge", output=str(out))
     job = _prepare(cfg, report, dtype)
-    figures, figs = figures_requested(), dict[str, Any]()  # read here: the worker threads do not see the caller's context
+    # read here: the worker threads do not see the caller's context
+    figures, figs = figures_requested(), dict[str, Any]()
     work = _tensor_worker(cfg, job, seed, figs if figures else None)
     writer = _writer(cfg, job, out, report, seed, shard_size, force)
     rows: list[dict[str, Any]] = []

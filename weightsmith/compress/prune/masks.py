@@ -30,7 +30,8 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     """Unstructured magnitude pruning of one tensor: drop the round(s·numel) entries of smallest |W|.
 
     Han et al. 2015, "Learning both weights and connections". Exactly that many entries are dropped, ties broken by
-    ``torch.topk`` (so the sparsity is exact even when many weights share a value).
+    ``weightsmith.sparsify``'s stated rule (among equal magnitudes the lower flat index goes first), so the sparsity
+    is exact and the same weights go on every torch version even when many weights share a value.
     """
     scores = weight.detach().abs().float()
     return _keep_all_but_lowest(scores, round(sparsity * scores.numel()))

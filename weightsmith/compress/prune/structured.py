@@ -34,6 +34,7 @@ from weightsmith.errors import ConfigError
 from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.units import format_size
+from weightsmith.sparsify import select_indices
 
 # The stacks and units of each supported family (module names relative to a block) are architecture facts.
 Arch = Units
@@ -142,7 +143,7 @@ def keep_heads_gqa(scores: Tensor, kv_heads: int, keep: int) -> tuple[Tensor, Te
     if keep % kv_heads == 0 and keep > 0:
         per = keep // kv_heads
         grid = scores.reshape(kv_heads, group)  # query head h belongs to KV head h // group
-        kept = torch.sort(torch.topk(grid, per, dim=1).indices, dim=1).values
+        kept = torch.sort(select_indices(grid, per, dim=1), dim=1).values
         q = (kept + torch.arange(kv_heads).unsqueeze(1) * group).reshape(-1)
         return q, torch.arange(kv_heads)
     if keep % group == 0 and keep > 0:
