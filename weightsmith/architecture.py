@@ -328,6 +328,7 @@ def block_prefixes(names: Iterable[str], anchor: str) -> list[str]:
     found = [m.group(1) for m in map(pattern.match, names) if m]
     return list(dict.fromkeys(found))
 
+
 # Decoder-only families whose base model is an embedding, a rotary embedding, a list of decoder layers called as
 # layer(hidden, **inputs) and a final norm: what calibration one layer at a time (GPTQ) rebuilds from config.json.
 LAYERWISE_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})

@@ -33,8 +33,8 @@ from weightsmith.compress.prune.methods import StructuredFFN, StructuredHeads
 from weightsmith.errors import ConfigError
 from weightsmith.progress import progress
 from weightsmith.report import Report
-from weightsmith.units import format_size
 from weightsmith.sparsify import select_indices
+from weightsmith.units import format_size
 
 # The stacks and units of each supported family (module names relative to a block) are architecture facts.
 Arch = Units
