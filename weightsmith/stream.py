@@ -81,6 +81,7 @@ def stream(
     force: bool = False,
     prefix: str = "model",
     index_name: str | None = SAFETENSORS_INDEX,
+    timing: str = "total",
 ) -> Report:
     """Write ``transform(name)`` for every name of ``names`` (default: the view's) into ``out``, atomically.
 
@@ -88,14 +89,14 @@ def stream(
     puts first). ``config`` (``"view"``: the view's), ``carry`` (default the view's carried files) and the extra
     ``files`` (called after the last tensor, so that it may use what the transform gathered; it may also raise,
     and then nothing is written) complete the directory. ``summary`` turns the ``Written`` figures into the
-    report's headline; the report (``report`` or a new one) gets the ``total`` time. ``dtype`` casts float tensors
-    at write time; ``prefix``/``index_name``/``shard_size`` name and split the shards.
+    report's headline; the report (``report`` or a new one) gets the time under ``timing`` (default ``total``).
+    ``dtype`` casts float tensors at write time; ``prefix``/``index_name``/``shard_size`` name and split the shards.
     """
     transform = transform or copy(view)
     names = list(view) if names is None else list(names)
     report = report or Report(operation, output=str(out))
     steps = [provenance_step(operation, params, [view] if inputs is None else inputs)]
-    with report.timed("total"):
+    with report.timed(timing):
         writer = CheckpointWriter(
             out,
             steps=steps,

@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.merge.engine import open_input, provenance_sources, tensor_seed
 from weightsmith.merge.gates import cheap_embed_gate, random_gates
 from weightsmith.merge.moe import DENSE_TYPES, Expert, MoEConfig, load_moe_config
 from weightsmith.report import Report
+from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
 
 _MLP = ("gate_proj", "up_proj", "down_proj")  # a dense Llama/Mistral block's MLP; fused in the output
@@ -58,59 +59,61 @@ def run(
     with report.timed("gates"):
         gates = router_weights(cfg, base, base_cfg, seed)  # (layers, experts, hidden) float32
     sources = [base] + [experts[m] for m in dict.fromkeys(e.source_model for e in cfg.experts)]
-    writer = CheckpointWriter(
+    kept = [n for n in base if ".mlp." not in n and not n.endswith("rotary_emb.inv_freq")]
+    layers = {f"model.layers.{layer}.mlp": layer for layer in range(gates.shape[0])}
+
+    def moe_tensors(name: str) -> list[Item]:
+        """The base's tensors but its MLPs (bytes as stored when the dtype is kept), then each layer's router and
+        fused experts."""
+        if name not in layers:
+            return [(name, Stored(base, name) if isinstance(base, Checkpoint) else base[name])]
+        layer, prefix = layers[name], name + "."
+        gate_up, down = layer_experts(cfg, experts, layer, seed, out_dtype)
+        router = gates[layer].to(out_dtype or gates.dtype).contiguous()
+        return [
+            (prefix + "gate.weight", router),
+            (prefix + "experts.gate_up_proj", gate_up),
+            (prefix + "experts.down_proj", down),
+        ]
+
+    written: list[Written] = []
+
+    def remember(figures: Written) -> dict[str, Any]:
+        written.append(figures)
+        return {}  # the summary is built below
+
+    stream(
+        cast(Checkpoint, base),  # a checkpoint, or a lazy view of one (base+adapter)
         out,
-        steps=[provenance_step("merge", {"moe": dict(cfg.parameters), "seed": seed}, provenance_sources(sources))],
+        operation="merge",
+        params={"moe": dict(cfg.parameters), "seed": seed},
+        inputs=provenance_sources(sources),
+        names=kept + list(layers),
+        transform=moe_tensors,
         config=mixtral_config(base_cfg, len(cfg.experts), cfg.experts_per_token),
         carry=list(getattr(base, "carry_files", [])),
+        summary=remember,
+        report=report,
+        desc="merge",
         dtype=out_dtype,
         shard_size=shard_size,
         force=force,
+        timing="merge",
     )
-    with report.timed("merge"), writer:
-        count = _stream(cfg, base, experts, gates, writer, seed, out_dtype)
     report.summary.update(
         method="moe",
         base=cfg.base_model,
         experts=[e.source_model for e in cfg.experts],
         gate_mode=cfg.gate_mode,
         experts_per_token=cfg.experts_per_token,
-        tensors=count,
-        bytes_out=format_size(writer.total_size),
-        shards=writer.num_shards,
+        tensors=written[0].tensors,
+        bytes_out=format_size(written[0].bytes),
+        shards=written[0].shards,
         seed=seed,
     )
     if len(experts) == 1 and len(cfg.experts) > 1:
         report.notes.append("every expert is the same model: the MoE computes what that model does, at more cost")
     return report
-
-
-def _stream(
-    cfg: MoEConfig,
-    base: Any,
-    experts: Mapping[str, Any],
-    gates: torch.Tensor,
-    writer: CheckpointWriter,
-    seed: int,
-    out_dtype: torch.dtype | None,
-) -> int:
-    """Write the base's tensors but its MLPs, then each layer's router and fused experts; returns the count."""
-    count = 0
-    for name in base:
-        if ".mlp." not in name and not name.endswith("rotary_emb.inv_freq"):
-            if isinstance(base, Checkpoint):
-                writer.write_from(base, name)  # bytes as stored when the dtype is kept
-            else:
-                writer.write(name, base[name])
-            count += 1
-    for layer in range(gates.shape[0]):
-        prefix = f"model.layers.{layer}.mlp."
-        gate_up, down = layer_experts(cfg, experts, layer, seed, out_dtype)
-        writer.write(prefix + "gate.weight", gates[layer].to(out_dtype or gates.dtype).contiguous())
-        writer.write(prefix + "experts.gate_up_proj", gate_up)
-        writer.write(prefix + "experts.down_proj", down)
-        count += 3
-    return count
 
 
 def mixtral_config(base_cfg: Mapping[str, Any], experts: int, per_token: int) -> dict:

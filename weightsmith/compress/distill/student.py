@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from weightsmith.architecture import LAYER_COUNT_KEYS, declared_layers, split_layer
-from weightsmith.checkpoint import Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.stream import Stored, stream
 
 _PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per layer (sliding/full attention, …)
 _SECOND_STACK = ("num_decoder_layers",)  # an encoder-decoder's decoder depth (T5): its blocks are kept alike
@@ -70,15 +71,23 @@ def student_config(config: dict, layers: Sequence[int]) -> dict:
     return out
 
 
-def student_tensors(teacher: Checkpoint, layers: Sequence[int]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the student, read lazily: non-layer tensors as they are, kept layers renumbered 0..k-1."""
+def student_names(teacher: Checkpoint, layers: Sequence[int]) -> dict[str, str]:
+    """The student's tensor names → the teacher's: non-layer tensors as they are, kept layers renumbered 0..k-1."""
     new_index = {old: new for new, old in enumerate(layers)}
+    names: dict[str, str] = {}
     for name in teacher:
         split = split_layer(name)
         if split is None:
-            yield name, teacher[name]
+            names[name] = name
         elif split[1] in new_index:
-            yield f"{split[0]}.{new_index[split[1]]}.{split[2]}", teacher[name]
+            names[f"{split[0]}.{new_index[split[1]]}.{split[2]}"] = name
+    return names
+
+
+def student_tensors(teacher: Checkpoint, layers: Sequence[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the student, read lazily (see ``student_names``)."""
+    for name, source in student_names(teacher, layers).items():
+        yield name, teacher[source]
 
 
 def check_first_layer(teacher: Checkpoint, layers: Sequence[int]) -> None:
@@ -101,10 +110,17 @@ def write_student(teacher: Checkpoint, out: str | os.PathLike, layers: Sequence[
     """Write the layer-selected student (weights, rewritten config, the teacher's tokenizer files) atomically."""
     check_first_layer(teacher, layers)
     config = student_config(teacher.config or {}, layers)
-    step = provenance_step("distill.init_student", {"layers": list(layers)}, [teacher])
-    with CheckpointWriter(out, steps=[step], config=config, carry=teacher.carry_files, force=force) as writer:
-        for name, tensor in student_tensors(teacher, layers):
-            writer.write(name, tensor)
+    names = student_names(teacher, layers)
+    stream(
+        teacher,
+        out,
+        operation="distill.init_student",
+        params={"layers": list(layers)},
+        names=list(names),
+        transform=lambda name: [(name, Stored(teacher, names[name]))],  # bytes as stored, renamed
+        config=config,
+        force=force,
+    )
     return Path(out)
 
 

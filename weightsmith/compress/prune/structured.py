@@ -28,12 +28,11 @@ from torch import Tensor
 
 from weightsmith import architecture
 from weightsmith.architecture import LLAMA_UNITS, PRUNE_FAMILIES, PruneFamily, Stack, Units
-from weightsmith.checkpoint import CheckpointWriter, provenance_step
 from weightsmith.compress.prune.methods import StructuredFFN, StructuredHeads
 from weightsmith.errors import ConfigError
-from weightsmith.progress import progress
 from weightsmith.report import Report
 from weightsmith.sparsify import select_indices
+from weightsmith.stream import Item, Written, stream
 from weightsmith.units import format_size
 
 # The stacks and units of each supported family (module names relative to a block) are architecture facts.
@@ -360,22 +359,31 @@ def _plan_blocks(ckpt, kind: str, sp: StackPlan, norms, calibration) -> list[Blo
 
 def _write_sliced(ckpt, out, params, config, plans: list[StackPlan], *, dtype, shard_size, force):
     """Write every tensor with the plans' units cut out; returns (float parameters written, bytes written)."""
-    writer = CheckpointWriter(
+    tally = {"params": 0, "bytes": 0}
+
+    def sliced(name: str) -> list[Item]:
+        tensor = slice_tensor(name, ckpt[name], plans)
+        tally["params"] += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
+        return [(name, tensor)]
+
+    def remember(written: Written) -> dict[str, Any]:
+        tally["bytes"] = written.bytes
+        return {}
+
+    stream(
+        ckpt,
         out,
-        steps=[provenance_step("prune", params, [ckpt])],
+        operation="prune",
+        params=params,
         config=config,
-        carry=ckpt.carry_files,
+        transform=sliced,
+        summary=remember,
+        desc="prune",
         dtype=dtype,
         shard_size=shard_size,
         force=force,
     )
-    params_after = 0
-    with writer:
-        for name in progress(ckpt, total=len(ckpt), desc="prune"):
-            tensor = slice_tensor(name, ckpt[name], plans)
-            params_after += tensor.numel() if tensor.is_floating_point() else 0  # not buffers like position_ids
-            writer.write(name, tensor)
-    return params_after, writer.total_size
+    return tally["params"], tally["bytes"]
 
 
 def _norm_of(norms: dict, module: str, calibration, ckpt) -> Tensor | None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, check_destination, provenance_step
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, check_destination
 from weightsmith.compress.prune.methods import NM, Magnitude, Method, StructuredFFN, StructuredHeads, Wanda, make_method
 from weightsmith.compress.prune.unstructured import (
     PrunedView,
@@ -25,8 +25,8 @@ from weightsmith.compress.prune.unstructured import (
 )
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError
-from weightsmith.progress import progress
 from weightsmith.report import Report
+from weightsmith.stream import Item, Written, stream
 from weightsmith.units import format_size, parse_dtype
 
 
@@ -109,8 +109,7 @@ def _prune_unstructured(
         with report.timed("threshold"):
             threshold = global_threshold(ckpt, plan.targets, plan.sparsity)
     view = PrunedView(ckpt, plan, threshold=threshold, norms=norms, dtype=dtype)
-    with report.timed("write"):
-        _write(view, out, report, shard_size=shard_size, force=force)
+    _write(view, out, report, shard_size=shard_size, force=force)
     return report
 
 
@@ -137,35 +136,49 @@ RUNNERS: dict[type, Callable[..., Report]] = {
 def _write(view: PrunedView, out, report: Report, *, shard_size, force: bool) -> None:
     """Stream ``view`` into ``out``, counting nonzeros before and after each tensor's mask for the report."""
     ckpt, plan = view.source, view.plan
-    rows, kept_total, pruned_total = [], 0, 0
-    nonzero_before = nonzero_after = 0
-    writer = CheckpointWriter(
+    rows: list[dict[str, Any]] = []
+    counts = dict.fromkeys(("kept", "pruned", "nonzero_before", "nonzero_after", "bytes_written"), 0)
+
+    def pruned(name: str) -> list[Item]:
+        original = ckpt[name]
+        tensor = view.pruned(name, original)  # the source's dtype; the writer casts once
+        counts["nonzero_before"] += int(torch.count_nonzero(original)) if original.is_floating_point() else 0
+        counts["nonzero_after"] += int(torch.count_nonzero(tensor)) if tensor.is_floating_point() else 0
+        if tensor is not original:
+            zeros = tensor.numel() - int(torch.count_nonzero(tensor))
+            rows.append(
+                {
+                    "tensor": name,
+                    "shape": "×".join(map(str, tensor.shape)),
+                    "sparsity": round(zeros / tensor.numel(), 6),
+                }
+            )
+            counts["pruned"] += zeros
+            counts["kept"] += tensor.numel()
+        return [(name, tensor)]
+
+    def remember(written: Written) -> dict[str, Any]:
+        counts["bytes_written"] = written.bytes
+        return {}  # the summary is built below, from the whole tally
+
+    stream(
+        ckpt,
         out,
-        steps=[provenance_step("prune", plan.params, [ckpt])],
-        config=ckpt.config,
-        carry=ckpt.carry_files,
+        operation="prune",
+        params=plan.params,
+        names=list(view),
+        transform=pruned,
+        report=report,
+        desc="prune",
         dtype=view.dtype,
         shard_size=shard_size,
         force=force,
+        timing="write",
+        summary=remember,
     )
-    with writer:
-        for name in progress(view, total=len(view), desc="prune"):
-            original = ckpt[name]
-            tensor = view.pruned(name, original)  # the source's dtype; the writer casts once
-            nonzero_before += int(torch.count_nonzero(original)) if original.is_floating_point() else 0
-            nonzero_after += int(torch.count_nonzero(tensor)) if tensor.is_floating_point() else 0
-            if tensor is not original:
-                zeros = tensor.numel() - int(torch.count_nonzero(tensor))
-                rows.append(
-                    {
-                        "tensor": name,
-                        "shape": "×".join(map(str, tensor.shape)),
-                        "sparsity": round(zeros / tensor.numel(), 6),
-                    }
-                )
-                pruned_total += zeros
-                kept_total += tensor.numel()
-            writer.write(name, tensor)
+    kept_total, pruned_total = counts["kept"], counts["pruned"]
+    nonzero_before, nonzero_after = counts["nonzero_before"], counts["nonzero_after"]
+    bytes_written = counts["bytes_written"]
     if plan.nm is not None:
         report.notes.append(
             f"{plan.pattern}: every group of {plan.nm[1]} consecutive inputs keeps {plan.nm[0]} "
@@ -185,7 +198,7 @@ def _write(view: PrunedView, out, report: Report, *, shard_size, force: bool) ->
         nonzero_before=nonzero_before,
         nonzero_after=nonzero_after,
         bytes_before=format_size(ckpt.nbytes),
-        bytes_after=format_size(writer.total_size),
+        bytes_after=format_size(bytes_written),
     )
     report.tensors = rows
     report.notes.append("zeros are stored densely: the file size is unchanged")
