@@ -11,6 +11,7 @@ _ONNX_EXAMPLES = [
     "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx/model.onnx --task feature-extraction",
     "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx-int8/model.onnx --task feature-extraction --quantize int8",
     "weightsmith export onnx ./llama -o ./llama-onnx/model.onnx --task causal-lm --optimize --benchmark --json",
+    "weightsmith export onnx ./llama -o ./llama-kv/model.onnx",
 ]
 _GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = export.to_gguf.TYPES
 _GGUF_EXAMPLES = [
@@ -42,7 +43,9 @@ def register(sub) -> None:
         description="Build the transformers model once, export it with torch.onnx (dynamic batch and "
         "sequence), write the tokenizer beside the .onnx, and keep the file only if "
         "onnxruntime matches PyTorch within --atol at batch 1 and 8, sequence 8 and 128. "
-        "--benchmark also times it against PyTorch.",
+        "Without --task, the task follows the checkpoint's architectures: a causal LM gets "
+        "text-generation-with-past (KV cache in and out, optimum's names), checked by greedy decoding "
+        "through onnxruntime against transformers' generate. --benchmark also times it against PyTorch.",
         examples=_ONNX_EXAMPLES,
     )
     p.add_argument("src", help="model directory (config.json and weights)")

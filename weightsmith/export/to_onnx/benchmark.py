@@ -35,7 +35,7 @@ def latency(wrapper: torch.nn.Module, final_path: Path, float_path: Path | None,
     torch.set_num_threads(LATENCY_THREADS)
     try:
         result: dict[str, Any] = {
-            "shape": f"8x{seq}",
+            "shape": f"8x{config.image_size}²" if "pixel_values" in input_names else f"8x{seq}",
             "threads": LATENCY_THREADS,
             "torch_eager": median_ms(lambda: torch_run(wrapper, feeds)),
         }

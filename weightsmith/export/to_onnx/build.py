@@ -60,14 +60,17 @@ def load_model(ckpt: Checkpoint, task: str):
     return model.eval()
 
 
-def build(ckpt: Checkpoint, task: str):
-    """The model for ``task`` (no KV cache: one forward over the whole sequence), its tokenizer (or None) and the
-    graph's input names."""
+def build(ckpt: Checkpoint, task: str, tokenizer):
+    """The model for ``task`` (no KV cache: one forward over the whole sequence) and the graph's input names (the
+    tokenizer's, or the text inputs the model takes when there is no tokenizer)."""
     model = load_model(ckpt, task)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    tokenizer = load_tokenizer(ckpt.root)
     params = inspect.signature(model.forward).parameters
+    if TASKS[task].inputs == "pixels":
+        if "pixel_values" not in params:
+            raise IncompatibleError(f"{ckpt.path}: model {type(model).__name__} does not take pixel_values")
+        return model, ("pixel_values",)
     if tokenizer is not None:
         names = [n for n in tokenizer.model_input_names if n in params]
     else:  # no tokenizer: token types only where the architecture has them (BERT-likes)
@@ -83,7 +86,7 @@ def build(ckpt: Checkpoint, task: str):
             f"{'takes ' + takes[0] if takes else 'does not take input_ids and attention_mask'}; "
             f"only text models are exported"
         )
-    return model, tokenizer, tuple(names)
+    return model, tuple(names)
 
 
 def load_tokenizer(root: Path):
@@ -120,9 +123,11 @@ def quiet_exporter():
 
 
 def export(wrapper: Wrapper, config, input_names: Sequence[str], path: Path, opset: int | None, big: bool) -> Path:
-    """``torch.onnx.export(dynamo=True)`` with symbolic batch and sequence; one line if the exporter fails."""
+    """``torch.onnx.export(dynamo=True)`` with symbolic batch and sequence (images: batch; their size is the
+    model's); one line if the exporter fails."""
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     example = example_inputs(config, input_names, 2, min(16, max_positions(config)))  # size-1 dims specialise
+    axes = [{0: batch} if n == "pixel_values" else {0: batch, 1: sequence} for n in input_names]
     path.parent.mkdir(parents=True)
     try:
         with quiet_exporter():
@@ -135,7 +140,7 @@ def export(wrapper: Wrapper, config, input_names: Sequence[str], path: Path, ops
                 opset_version=opset,
                 dynamo=True,
                 external_data=big,
-                dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in input_names),),
+                dynamic_shapes=(tuple(axes),),
             )
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; each is one unexportable model
         raise export_error(wrapper.model, exc) from None

@@ -18,6 +18,8 @@ class Task:
     name: str
     auto: str  # transformers auto class, e.g. "AutoModelForCausalLM"
     output: str  # the model output exported, e.g. "logits"
+    with_past: bool = False  # a decoder graph with its KV cache as inputs and outputs
+    inputs: str = "text"  # "text": input_ids, attention_mask (…); "pixels": pixel_values (batch, channels, h, w)
 
 
 TASKS: dict[str, Task] = {
@@ -26,9 +28,38 @@ TASKS: dict[str, Task] = {
         Task(name="feature-extraction", auto="AutoModel", output="last_hidden_state"),
         Task(name="text-classification", auto="AutoModelForSequenceClassification", output="logits"),
         Task(name="causal-lm", auto="AutoModelForCausalLM", output="logits"),
+        Task(name="text-generation-with-past", auto="AutoModelForCausalLM", output="logits", with_past=True),
         Task(name="masked-lm", auto="AutoModelForMaskedLM", output="logits"),
+        Task(name="token-classification", auto="AutoModelForTokenClassification", output="logits"),
+        Task(name="image-classification", auto="AutoModelForImageClassification", output="logits", inputs="pixels"),
     )
 }
+
+# The head class's name ending → the task inferred when none is given. Causal LMs get the cached graph, as
+# optimum infers ``text-generation-with-past``; ``causal-lm`` (no cache) is there on request.
+INFERRED: tuple[tuple[str, str], ...] = (
+    ("ForCausalLM", "text-generation-with-past"),
+    ("LMHeadModel", "text-generation-with-past"),
+    ("ForMaskedLM", "masked-lm"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForImageClassification", "image-classification"),
+    ("Model", "feature-extraction"),
+)
+
+
+def infer_task(config: dict[str, Any], where: str) -> str:
+    """The task of a checkpoint's ``architectures`` (its head class), as ``INFERRED`` maps them."""
+    architectures = config.get("architectures") or []
+    for arch in architectures:
+        for ending, task in INFERRED:
+            if arch.endswith(ending):
+                return task
+    named = ", ".join(architectures) or f"model_type {config.get('model_type', '?')!r} without architectures"
+    raise ConfigError(
+        f"{where}: no export task for {named}; give `task`, one of {', '.join(TASKS)} "
+        f"(inferred for {', '.join('*' + e for e, _ in INFERRED)})"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +89,10 @@ class OnnxExport:
     ``quantize`` also takes a name of ``QUANTIZE`` ("int8"), turned into its scheme with default fields.
     """
 
-    task: str = field(metadata={"help": "which head and output to export", "choices": TASKS})
+    # None: inferred from the checkpoint's architectures (INFERRED) when the export runs
+    task: str | None = field(
+        default=None, metadata={"help": "which head and output to export (default: inferred)", "choices": TASKS}
+    )
     opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: the exporter's, 20 here)"})
     quantize: Int8Dynamic | None = field(
         default=None, metadata={"help": "onnxruntime dynamic int8 quantization, per channel", "choices": QUANTIZE}
@@ -75,7 +109,7 @@ class OnnxExport:
             if self.quantize not in QUANTIZE:
                 raise ConfigError(f"quantize {self.quantize!r}: expected one of {', '.join(QUANTIZE)}")
             object.__setattr__(self, "quantize", QUANTIZE[self.quantize]())
-        if self.task not in TASKS:
+        if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.quantize is not None and not isinstance(self.quantize, Int8Dynamic):
             raise ConfigError(f"quantize {self.quantize!r}: expected one of {', '.join(QUANTIZE)}")

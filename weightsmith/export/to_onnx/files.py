@@ -18,7 +18,9 @@ def write_beside(ckpt: Checkpoint, tokenizer, folder: Path) -> Path:
     folder.mkdir(parents=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    shutil.copy2(ckpt.root / "config.json", folder / "config.json")
+    for name in ("config.json", "preprocessor_config.json"):  # the image processor's settings, where there are any
+        if (ckpt.root / name).is_file():
+            shutil.copy2(ckpt.root / name, folder / name)
     return folder
 
 

@@ -8,10 +8,11 @@ nothing at the destination, not even the folders this export would have created.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from weightsmith.checkpoint.staging import staging_dir, storage_error
 from weightsmith.checkpoint.writer import provenance_record, resolve_steps
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, DestinationError, NumericalError
-from weightsmith.export.to_onnx import benchmark, build, files, quantize, validate
-from weightsmith.export.to_onnx.config import TASKS, OnnxExport
+from weightsmith.export.to_onnx import benchmark, build, decoder, files, quantize, validate
+from weightsmith.export.to_onnx.config import TASKS, OnnxExport, Task, infer_task
 from weightsmith.report import Report
 from weightsmith.units import format_size
 
@@ -32,15 +33,17 @@ from weightsmith.units import format_size
 class _Graph:
     """A float graph exported and validated: what quantize, benchmark and placement need."""
 
-    wrapper: build.Wrapper
+    wrapper: torch.nn.Module
     config: Any  # the transformers config
     tokenizer: Any
     input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
     path: Path
     session: Any
-    inputs: dict[tuple[int, int], dict[str, torch.Tensor]]
+    inputs: dict[Any, dict[str, torch.Tensor]]  # the int8 quality check's feeds
     big: bool
     parity: dict[str, float]
+    facts: dict[str, Any] = field(default_factory=dict)  # summary entries of this kind of graph
 
 
 def run(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, config: OnnxExport, force: bool) -> Report:
@@ -51,50 +54,72 @@ def run(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, config: Onn
         check_destination(path, force)
     ckpt = as_checkpoint(src)
     _check_source(ckpt)
+    assert ckpt.config is not None  # _check_source refused a checkpoint without one
+    if config.task is None:
+        config = dataclasses.replace(config, task=infer_task(ckpt.config, str(ckpt.path)))
+    task = TASKS[str(config.task)]
     report = Report("export onnx", output=str(out))
     with _staged(out) as tmp:
         with report.timed("build"):
             floats = _dequantized(ckpt, tmp / "dequantized", report)
-            model, tokenizer, input_names = build.build(floats, config.task)
+            tokenizer = build.load_tokenizer(floats.root)
         beside = files.write_beside(floats, tokenizer, tmp / "beside")
         files.check_beside(out.parent, beside, force)
-        graph = _float_graph(model, tokenizer, input_names, config, tmp / "float" / out.name, out, report)
+        exporter = _decoder_graph if task.with_past else _float_graph
+        graph = exporter(floats, tokenizer, task, config, tmp / "float" / out.name, out, report)
         final_path = _quantized(graph, config, tmp / "int8" / out.name, out, report) if config.quantize else graph.path
-        if config.benchmark:
+        if config.benchmark and not task.with_past:
             with report.timed("latency"):
                 report.details["latency (median ms)"] = benchmark.latency(
-                    graph.wrapper, final_path, graph.path if config.quantize else None, graph.config, input_names
+                    graph.wrapper, final_path, graph.path if config.quantize else None, graph.config, graph.input_names
                 )
+        elif config.benchmark:
+            report.notes.append("`benchmark`: generation speed is measured by bench/export_bench.py (tokens/s)")
         facts = files.graph_facts(final_path)
         record = provenance_record(resolve_steps([provenance_step("export onnx", config.to_dict(), [ckpt])]))
         staged = tmp / "final" / out.name
         files.stage_graph(final_path, staged, graph.big, record)
         written = files.place({staged: out}, beside, out, graph.big, force)
-    _summarise(report, ckpt, config, graph, facts, out, written)
+    _summarise(report, ckpt, task, config, graph, facts, out, written)
     return report
 
 
 def _summarise(
-    report: Report, ckpt: Checkpoint, config: OnnxExport, graph: _Graph, facts: dict, out: Path, written: list[str]
+    report: Report,
+    ckpt: Checkpoint,
+    task: Task,
+    config: OnnxExport,
+    graph: _Graph,
+    facts: dict,
+    out: Path,
+    written: list[str],
 ) -> None:
     report.summary.update(
         source=str(ckpt.path),
-        task=config.task,
-        exporter="torch.onnx.export (dynamo)",
+        task=task.name,
+        exporter="torch.onnx.export (TorchScript)" if task.with_past else "torch.onnx.export (dynamo)",
         **facts,
         inputs=list(graph.input_names),
-        output=TASKS[config.task].output,
+        output=task.output,
         size=format_size(files.onnx_size(out)),
         quantize=config.quantize_name,
         optimized=config.optimize,
         parity_max_abs=max(graph.parity.values()),
         atol=config.atol,
     )
-    report.details["parity (max |Δ| by batch×sequence)"] = graph.parity
+    key = "batch×past+new" if task.with_past else "batch×sequence"
+    report.details[f"parity (max |Δ| by {key})"] = graph.parity
+    report.summary.update(graph.facts)
     report.details["files"] = written
     assert ckpt.config is not None  # _check_source refused a checkpoint without one
     stored = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32"
-    report.notes.append(f"{stored} checkpoint exported in float32; dynamic axes: batch, sequence; no KV cache")
+    if task.with_past:
+        axes = "batch, sequence, past and total sequence; KV cache as past_key_values.{i}.key/value → present.{i}.*"
+    elif task.inputs == "pixels":
+        axes = "batch (the image size is the model's)"
+    else:
+        axes = "batch, sequence; no KV cache"
+    report.notes.append(f"{stored} checkpoint exported in float32; dynamic axes: {axes}")
 
 
 @contextlib.contextmanager
@@ -145,9 +170,13 @@ def _dequantized(ckpt: Checkpoint, folder: Path, report: Report) -> Checkpoint:
     return Checkpoint(folder)
 
 
-def _float_graph(model, tokenizer, input_names, config: OnnxExport, path: Path, out: Path, report: Report) -> _Graph:
+def _float_graph(
+    ckpt: Checkpoint, tokenizer, task: Task, config: OnnxExport, path: Path, out: Path, report: Report
+) -> _Graph:
     """Export (and optionally optimize) the float graph; refuse it unless ORT matches PyTorch within ``atol``."""
-    output = TASKS[config.task].output
+    with report.timed("build"):
+        model, input_names = build.build(ckpt, task.name, tokenizer)
+    output = task.output
     wrapper = build.Wrapper(model, input_names, output).eval()
     big = sum(p.numel() * 4 for p in model.parameters()) > files.EXTERNAL_DATA_BYTES
     with report.timed("export"):
@@ -155,18 +184,57 @@ def _float_graph(model, tokenizer, input_names, config: OnnxExport, path: Path, 
     if config.optimize:
         with report.timed("optimize"):
             float_path = build.ort_optimize(float_path, path.parent.parent / "optimized" / path.name, big)
-    shapes = validate.validation_shapes(model.config)
+    shapes = validate.validation_shapes(model.config, input_names)
     inputs = {shape: validate.example_inputs(model.config, input_names, *shape) for shape in shapes}
     with report.timed("validate"):
         sess = validate.session(float_path)
         parity = validate.parity(wrapper, sess, inputs)
+    _check_parity(parity, config, output, out, "batch×sequence")
+    return _Graph(
+        wrapper, model.config, tokenizer, tuple(input_names), (output,), float_path, sess, inputs, big, parity
+    )
+
+
+def _check_parity(parity: dict[str, float], config: OnnxExport, output: str, out: Path, key: str) -> None:
     worst_shape, worst = max(parity.items(), key=lambda kv: kv[1])
     if not worst <= config.atol:  # also catches NaN
         raise NumericalError(
             f"{out}: ONNX output {output!r} differs from PyTorch by max |Δ| {worst:.3g} "
-            f"> atol {config.atol:g} at batch×sequence {worst_shape}; nothing written"
+            f"> atol {config.atol:g} at {key} {worst_shape}; nothing written"
         )
-    return _Graph(wrapper, model.config, tokenizer, tuple(input_names), float_path, sess, inputs, big, parity)
+
+
+def _decoder_graph(
+    ckpt: Checkpoint, tokenizer, task: Task, config: OnnxExport, path: Path, out: Path, report: Report
+) -> _Graph:
+    """The causal LM with its KV cache: parity of logits and presents on first and cached steps, then greedy
+    decoding through onnxruntime against transformers' ``generate`` token for token."""
+    with report.timed("build"):
+        model = build.load_model(ckpt, task.name)
+        shape = decoder.cache_shape(model)
+    wrapper = decoder.CachedDecoder(model, shape).eval()
+    big = sum(p.numel() * 4 for p in model.parameters()) > files.EXTERNAL_DATA_BYTES
+    vocab = model.config.vocab_size
+    with report.timed("export"):
+        float_path = decoder.export(wrapper, vocab, path, config.opset)
+    if config.optimize:
+        with report.timed("optimize"):
+            float_path = build.ort_optimize(float_path, path.parent.parent / "optimized" / path.name, big)
+    with report.timed("validate"):
+        sess = validate.session(float_path)
+        parity = decoder.parity(wrapper, sess, vocab)
+        _check_parity(parity, config, "logits", out, "batch×past+new")
+        agreement = validate.greedy_agreement(model, sess, vocab)
+    if agreement["mismatch"]:
+        raise NumericalError(f"{out}: greedy decoding through onnxruntime {agreement['mismatch']}; nothing written")
+    quality_feeds = {f"{b}x{s}": decoder.example_feeds(shape, vocab, b, 0, s, seed=2) for b, s in ((1, 8), (4, 16))}
+    facts = {
+        "generation": agreement["summary"],
+        "kv_cache": f"{shape.layers} layers × {shape.heads} heads × {shape.head_dim}",
+    }
+    names = tuple(shape.input_names())
+    outputs = ("logits", *shape.present_names())
+    return _Graph(wrapper, model.config, tokenizer, names, outputs, float_path, sess, quality_feeds, big, parity, facts)
 
 
 def _quantized(graph: _Graph, config: OnnxExport, path: Path, out: Path, report: Report) -> Path:
@@ -176,12 +244,18 @@ def _quantized(graph: _Graph, config: OnnxExport, path: Path, out: Path, report:
     with report.timed("quantize"):
         int8_path = quantize.quantize_int8(graph.path, path, scheme, graph.big)
         text = quantize.text_inputs(graph.tokenizer, graph.config, graph.input_names)
+        kind = "pixel values" if "pixel_values" in graph.input_names else "token ids"
         quality: dict[str, Any] = {
             **quantize.int8_quality(
                 graph.session, validate.session(int8_path), [text] if text else graph.inputs.values()
             ),
-            "inputs": f"{len(quantize.QUALITY_TEXT)} sentences" if text else "random token ids",
+            "inputs": f"{len(quantize.QUALITY_TEXT)} sentences" if text else f"random {kind}",
         }
+        if "generation" in graph.facts:  # how far greedy decoding with the int8 graph follows the float graph
+            limit = validate.max_positions(graph.config)
+            quality["greedy_token_agreement"] = validate.greedy_token_agreement(
+                graph.session, validate.session(int8_path), graph.config.vocab_size, limit
+            )
     float_size = files.onnx_size(graph.path)
     report.details["int8"] = {
         **quality,

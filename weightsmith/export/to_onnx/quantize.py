@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from weightsmith.export.to_onnx.config import Int8Dynamic
-from weightsmith.export.to_onnx.validate import max_positions, ort_run, real_positions
+from weightsmith.export.to_onnx.validate import mask_of, max_positions, ort_run, real_positions
 
 # Text for the int8 check when the model has a tokenizer (random ids exaggerate activation outliers).
 QUALITY_TEXT = (
@@ -58,7 +58,7 @@ def int8_quality(float_sess, int8_sess, inputs) -> dict[str, float]:
     for per-position outputs also the cosine of their mean over the non-pad positions (a sentence embedding)."""
     cosines, pooled, err, norm = [], [], 0.0, 0.0
     for feeds in inputs:
-        mask = feeds["attention_mask"]
+        mask = mask_of(feeds)
         f = real_positions(torch.from_numpy(ort_run(float_sess, feeds)).double(), mask)
         q = real_positions(torch.from_numpy(ort_run(int8_sess, feeds)).double(), mask)
         cosines.append(torch.nn.functional.cosine_similarity(q, f, dim=-1))
