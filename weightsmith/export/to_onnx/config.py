@@ -93,7 +93,7 @@ class OnnxExport:
     task: str | None = field(
         default=None, metadata={"help": "which head and output to export (default: inferred)", "choices": TASKS}
     )
-    opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: the exporter's, 20 here)"})
+    opset: int | None = field(default=None, metadata={"help": "ONNX opset (default 20; 17 for the cached decoder)"})
     quantize: Int8Dynamic | None = field(
         default=None, metadata={"help": "onnxruntime dynamic int8 quantization, per channel", "choices": QUANTIZE}
     )
