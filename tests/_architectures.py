@@ -57,14 +57,14 @@ class Arch:
 ARCHS = {
     a.name: a
     for a in [
-        Arch("llama", "LlamaForCausalLM", "decoder", "causal-lm"),
+        Arch("llama", "LlamaForCausalLM", "decoder", "text-generation-with-past"),
         Arch("mistral", "MistralForCausalLM", "decoder", "causal-lm"),
         Arch("mixtral", "MixtralForCausalLM", "decoder", "causal-lm"),
         Arch("qwen2", "Qwen2ForCausalLM", "decoder", "causal-lm"),
         Arch("qwen3", "Qwen3ForCausalLM", "decoder", "causal-lm"),
         Arch("gemma2", "Gemma2ForCausalLM", "decoder", "causal-lm"),
         Arch("phi3", "Phi3ForCausalLM", "decoder", "causal-lm"),
-        Arch("gpt2", "GPT2LMHeadModel", "decoder", "causal-lm"),
+        Arch("gpt2", "GPT2LMHeadModel", "decoder", "text-generation-with-past"),
         Arch("gpt_neox", "GPTNeoXForCausalLM", "decoder", "causal-lm"),
         Arch("opt", "OPTForCausalLM", "decoder", "causal-lm"),
         Arch("bert", "BertForMaskedLM", "encoder", "masked-lm"),
@@ -73,7 +73,7 @@ ARCHS = {
         Arch("t5", "T5ForConditionalGeneration", "seq2seq", None),
         Arch("bart", "BartForConditionalGeneration", "seq2seq", None),
         Arch("whisper", "WhisperForConditionalGeneration", "speech", None),
-        Arch("vit", "ViTForImageClassification", "vision", None),
+        Arch("vit", "ViTForImageClassification", "vision", "image-classification"),
         Arch("clip", "CLIPModel", "clip", None),
         Arch("llava", "LlavaForConditionalGeneration", "vlm", None),
         Arch("mamba", "MambaForCausalLM", "decoder", "causal-lm"),

@@ -40,7 +40,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("llava", "lora merge"): "target(s) missing from the base",
     **{(a, "export onnx"): "torch.onnx.export failed" for a in ("mixtral", "t5")},
     **{(a, "export onnx"): "only text models are exported" for a in ("whisper", "clip", "llava")},
-    ("vit", "export onnx"): "is it the right task for this model?",
 }
 # Architectures mergekit 0.1.5 merges as transformers 5 writes them. Its definitions for the others expect tensors
 # these checkpoints lack: GPT-NeoX's attention.bias buffers, BERT's pooler (a BertForMaskedLM has none), T5 v1.1's
@@ -57,7 +56,6 @@ WHY = {
     "renames on load; PEFT names the adapter's targets after the new modules",
     "torch.onnx.export failed": "torch.onnx.export cannot export the model (MoE routing; T5's encoder-decoder)",
     "only text models are exported": "not a text model: the export takes input_ids and attention_mask only",
-    "is it the right task for this model?": "no text task: an image classifier has no feature-extraction export",
 }
 # (architecture, verb) → why the cell fails today: the verb neither works nor refuses in one line. The cell must
 # keep failing (a fix makes it fail here, to be moved out), and the table shows it as failing.

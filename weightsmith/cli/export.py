@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from weightsmith.cli.common import add_command, add_output_options, add_report_option, declare_inputs
 
-_TASKS = ("feature-extraction", "text-classification", "causal-lm", "masked-lm")  # = export.to_onnx.TASKS
 _ONNX_EXAMPLES = [
     "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx/model.onnx --task feature-extraction",
     "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx-int8/model.onnx --task feature-extraction --quantize int8",
-    "weightsmith export onnx ./llama -o ./llama-onnx/model.onnx --task causal-lm --optimize --json",
+    "weightsmith export onnx ./llama -o ./llama-onnx/model.onnx --task causal-lm --optimize --benchmark --json",
+    "weightsmith export onnx ./llama -o ./llama-kv/model.onnx",
 ]
 _GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = export.to_gguf.TYPES
 _GGUF_EXAMPLES = [
@@ -41,16 +42,15 @@ def register(sub) -> None:
         help="export to ONNX and validate it against PyTorch with onnxruntime",
         description="Build the transformers model once, export it with torch.onnx (dynamic batch and "
         "sequence), write the tokenizer beside the .onnx, and keep the file only if "
-        "onnxruntime matches PyTorch within --atol at batch 1 and 8, sequence 8 and 128.",
+        "onnxruntime matches PyTorch within --atol at batch 1 and 8, sequence 8 and 128. "
+        "Without --task, the task follows the checkpoint's architectures: a causal LM gets "
+        "text-generation-with-past (KV cache in and out, optimum's names), checked by greedy decoding "
+        "through onnxruntime against transformers' generate. --benchmark also times it against PyTorch.",
         examples=_ONNX_EXAMPLES,
     )
     p.add_argument("src", help="model directory (config.json and weights)")
     p.add_argument("-o", "--out", required=True, help="the .onnx file to write (tokenizer and config go beside it)")
-    p.add_argument("--task", required=True, choices=_TASKS, help="which head and output to export")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20 with torch 2.13)")
-    p.add_argument("--quantize", choices=("int8",), help="onnxruntime dynamic int8 quantization, per channel")
-    p.add_argument("--optimize", action="store_true", help="save onnxruntime's graph optimizations into the file")
-    p.add_argument("--atol", type=float, default=1e-4, help="max |Δ| allowed between ORT and PyTorch (default 1e-4)")
+    _add_config_flags(p)
     p.add_argument("--force", action="store_true", help="replace existing output files")
     add_report_option(p)
     declare_inputs(p, "src")
@@ -88,19 +88,29 @@ def register(sub) -> None:
     p.set_defaults(handler=_safetensors)
 
 
-def _onnx(args):
-    from weightsmith.export import onnx
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``OnnxExport`` field: its help, default and choices (the task and scheme registries)."""
+    from weightsmith.export.to_onnx.config import OnnxExport
 
-    return onnx(
-        args.src,
-        args.out,
-        task=args.task,
-        opset=args.opset,
-        quantize=args.quantize,
-        optimize=args.optimize,
-        atol=args.atol,
-        force=args.force,
-    )
+    for field in dataclasses.fields(OnnxExport):
+        flag, meta = "--" + field.name.replace("_", "-"), field.metadata
+        required = field.default is dataclasses.MISSING
+        default = None if required else field.default
+        if field.type == "bool":
+            p.add_argument(flag, action="store_true", help=meta["help"])
+        elif "choices" in meta:
+            p.add_argument(flag, required=required, choices=tuple(meta["choices"]), help=meta["help"])
+        else:
+            kind = float if field.type == "float" else int
+            shown = f" (default {default:g})" if isinstance(default, float) else ""
+            p.add_argument(flag, type=kind, default=default, help=meta["help"] + shown)
+
+
+def _onnx(args):
+    from weightsmith.export.to_onnx import OnnxExport, onnx
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(OnnxExport)}
+    return onnx(args.src, args.out, OnnxExport(**fields), force=args.force)
 
 
 def _gguf(args):

@@ -1,0 +1,54 @@
+"""``export onnx``: a transformers checkpoint as an ONNX graph, always validated with onnxruntime against PyTorch.
+
+One module per job: ``config`` (the task registry and ``OnnxExport``, torch-free), ``build`` (the model and
+``torch.onnx.export``), ``validate`` (onnxruntime vs PyTorch), ``quantize`` (onnxruntime dynamic int8 and its
+quality figure), ``benchmark`` (opt-in latency), ``files`` (staging and placement) and ``pipeline`` (the verb end
+to end). Importing this package imports neither torch nor onnx: the CLI reads the config from here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from weightsmith.export.to_onnx.config import QUANTIZE, TASKS, Int8Dynamic, OnnxExport, Task
+
+if TYPE_CHECKING:
+    from weightsmith.checkpoint import Checkpoint
+    from weightsmith.report import Report
+
+__all__ = ["QUANTIZE", "TASKS", "Int8Dynamic", "OnnxExport", "Task", "onnx"]
+
+
+def onnx(
+    src: Checkpoint | str | os.PathLike,
+    out: str | os.PathLike,
+    config: OnnxExport | None = None,
+    *,
+    force: bool = False,
+    **options: Any,
+) -> Report:
+    """Export ``src`` to the ONNX file ``out`` and validate it; the tokenizer and config go beside it.
+
+    ``config``: an ``OnnxExport``; or its fields as ``options`` (``task``, ``opset``, ``quantize``, ``optimize``,
+    ``atol``, ``benchmark``). Validation: onnxruntime vs PyTorch (float32) on batch {1, 8} × sequence {8, 128}
+    (clipped to the model's positions), padded rows included, max |Δ| over non-pad positions; above ``atol`` the
+    export is refused and nothing is written. ``quantize="int8"`` (``Int8Dynamic()``): onnxruntime
+    ``quantize_dynamic`` (QInt8 weights per output channel, activations quantized per call: MatMulInteger), checked
+    against the float graph by cosine and relative error ‖q − f‖ / ‖f‖ (on built-in sentences when there is a
+    tokenizer); refused below a mean per-position cosine of ``min_cosine`` (0.98). ``optimize``: onnxruntime's
+    extended graph optimizations (constant folding, fusions of LayerNorm, GELU, attention) saved into the file.
+    ``benchmark``: median latency of ORT vs PyTorch eager at 8×128 with one thread each. The report gives opset,
+    nodes, size and parity.
+
+    >>> ws.export.onnx(  # doctest: +SKIP
+    ...     "all-MiniLM-L6-v2/", "minilm/model.onnx", task="feature-extraction", quantize="int8")
+    """
+    from weightsmith.errors import ConfigError
+    from weightsmith.export.to_onnx.pipeline import run
+
+    if config is None:
+        config = OnnxExport(**options)
+    elif options:
+        raise ConfigError(f"options {', '.join(sorted(options))}: give them in `config`, not beside it")
+    return run(src, out, config, force)
