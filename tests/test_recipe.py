@@ -147,6 +147,15 @@ BAD = [
     ({"steps": [{"export": {"format": "tflite", "task": "causal-lm"}}]}, "format 'tflite'"),
     ({"steps": [{"lora_merge": {"adapters": [{"weight": 1}]}}]}, "recipe step 0 (lora_merge): adapters"),
     ({"steps": [{"prune": {"sparsity": 1.5}}]}, "recipe step 0 (prune): sparsity"),
+    # steps whose verb takes a config value are checked by building it
+    ({"steps": [{"quantize": {"scheme": "nf4", "group_size": 7}}]}, "recipe step 0 (quantize): nf4: group_size 7"),
+    ({"steps": [{"quantize": {"scheme": "int8", "bits": 3}}]}, "recipe step 0 (quantize)"),
+    (
+        {"steps": [{"distill": {"data": "d.txt", "stepz": 3}}]},
+        "recipe step 0 (distill): distill: unknown option(s) stepz",
+    ),
+    ({"steps": [{"export": {"task": "causal-lm", "opset": 3}}]}, "recipe step 0 (export): opset 3"),
+    ({"steps": [{"export": {"tsk": "causal-lm"}}]}, "recipe step 0 (export): unknown ONNX export option(s) tsk"),
 ]
 
 

@@ -13,7 +13,8 @@ into a following step that streams too, without an intermediate checkpoint; othe
 temporary work directory unless they are last. Relative paths are relative to the working directory. Steps that
 need the network (Wanda or structured pruning, distillation, ONNX export) build the model once from their input.
 In a ``merge`` step, ``"@previous"`` names the output of the step before it.
-Everything is checked before the first step runs; one Report covers the run, and every step's provenance ends up in
+Everything is checked before the first step runs (a prune, quantize, distill or export step by building its config
+value, the others against the verb's signature); one Report covers the run, and every step's provenance ends up in
 the output's metadata (safetensors, or the ONNX graph's).
 """
 
@@ -46,9 +47,11 @@ class StepKind:
     source: str | None  # the parameter that receives the running model (None: merge names it with "@previous")
     streams: bool  # reads and writes tensor by tensor (False: builds the model)
     view: str | None = None  # "module:function" giving a lazy view instead of writing, when one exists
-    # "module:function" building the step's config value from its parameter that names the method and the keywords
-    # the function gathers (**): the step is checked by building it, before anything runs
+    # "module:function" building the step's config value from its parameter ``config_key`` (the method or scheme,
+    # when the verb names one) and the keywords the function gathers (**): the step is checked by building it,
+    # before anything runs
     config: str | None = None
+    config_key: str | None = "method"
 
     def resolve(self):
         module, name = self.function.split(":")
@@ -66,10 +69,23 @@ STEPS: dict[str, StepKind] = {
         config="weightsmith.compress.prune:make_method",
     ),
     "quantize": StepKind(
-        "weightsmith.compress.quantize:quantize", "src", True, view="weightsmith.compress.quantize:open_quantized"
+        "weightsmith.compress.quantize:quantize",
+        "src",
+        True,
+        view="weightsmith.compress.quantize:open_quantized",
+        config="weightsmith.compress.quantize.schemes:make_scheme",
+        config_key="scheme",
     ),
-    "distill": StepKind("weightsmith.compress.distill:distill", "teacher", False),
-    "export": StepKind("weightsmith.export:onnx", "src", False),
+    "distill": StepKind(
+        "weightsmith.compress.distill:distill",
+        "teacher",
+        False,
+        config="weightsmith.compress.distill.config:make_config",
+        config_key=None,
+    ),
+    "export": StepKind(
+        "weightsmith.export:onnx", "src", False, config="weightsmith.export.to_onnx.config:make_export", config_key=None
+    ),
     "export_safetensors": StepKind("weightsmith.export:safetensors", "src", True),
     "export_gguf": StepKind("weightsmith.export:gguf", "src", True),
     "convert": StepKind("weightsmith.conversion:convert", "src", True),
@@ -205,13 +221,17 @@ def _check_params(where: str, step: Step) -> None:
 
 
 def _check_config(where: str, step: Step, sig: inspect.Signature, params: dict[str, Any]) -> None:
-    """Build the step's config from the parameters the function does not name itself (and its ``method``)."""
+    """Build the step's config from the parameters the function does not name itself (and the one naming its
+    method or scheme)."""
     assert step.row.config is not None
     module, name = step.row.config.split(":")
     build = getattr(importlib.import_module(module), name)
     keywords = {k: v for k, v in params.items() if k not in sig.parameters}
+    key = step.row.config_key
+    default = sig.parameters[key].default if key in sig.parameters else None
+    named = params.get(key, None if default is inspect.Parameter.empty else default) if key is not None else None
     try:
-        build(params.get("method"), **keywords)
+        build(named, **keywords)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {step.label()}: {exc}") from None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from weightsmith.export.to_onnx.config import QUANTIZE, TASKS, Int8Dynamic, OnnxExport, Task
+from weightsmith.export.to_onnx.config import QUANTIZE, TASKS, Int8Dynamic, OnnxExport, Task, make_export
 
 if TYPE_CHECKING:
     from weightsmith.checkpoint import Checkpoint
@@ -44,11 +44,6 @@ def onnx(
     >>> ws.export.onnx(  # doctest: +SKIP
     ...     "all-MiniLM-L6-v2/", "minilm/model.onnx", task="feature-extraction", quantize="int8")
     """
-    from weightsmith.errors import ConfigError
     from weightsmith.export.to_onnx.pipeline import run
 
-    if config is None:
-        config = OnnxExport(**options)
-    elif options:
-        raise ConfigError(f"options {', '.join(sorted(options))}: give them in `config`, not beside it")
-    return run(src, out, config, force)
+    return run(src, out, make_export(config, **options), force)

@@ -131,3 +131,18 @@ class OnnxExport:
                 **{f.name: getattr(self.quantize, f.name) for f in fields(self.quantize)},
             }
         return values
+
+
+def make_export(config: OnnxExport | dict | None = None, **options: Any) -> OnnxExport:
+    """An ``OnnxExport`` from a value, its dict (recipes, JSON) or keyword options; an option it does not have is
+    refused with the ones it has."""
+    if isinstance(config, OnnxExport):
+        if options:
+            raise ConfigError(f"options {', '.join(sorted(options))}: give them in `config`, not beside it")
+        return config
+    options = {**(config or {}), **options}
+    valid = [f.name for f in fields(OnnxExport)]
+    unknown = sorted(k for k in options if k not in valid)
+    if unknown:
+        raise ConfigError(f"unknown ONNX export option(s) {', '.join(unknown)} (expected {', '.join(valid)})")
+    return OnnxExport(**options)
