@@ -20,7 +20,14 @@ from typing import Any
 
 from weightsmith.errors import CheckpointError, ConfigError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
 IMAGE_SUFFIXES = (".png", ".npy")
 
 
@@ -122,12 +129,15 @@ def load_model(model_dir: str | os.PathLike, *, dtype: Any = "float32"):
     return cls.from_pretrained(path, dtype=dtype).eval()
 
 
-def ort_session(path: str | os.PathLike, *, threads: int = 1):
-    """An onnxruntime CPU session for an ONNX file (``threads`` intra-op threads: 1 keeps runs comparable)."""
+def ort_session(path: str | os.PathLike, *, threads: int | None = 1):
+    """An onnxruntime CPU session for an ONNX file (``threads`` intra-op threads: 1 keeps runs comparable; None:
+    onnxruntime's default, every core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: its notes on unused initializers are not the user's concern
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from weightsmith.export.to_onnx.validate import example_inputs, max_positions, ort_run, session, torch_run
+from weightsmith import hf
+from weightsmith.export.to_onnx.validate import example_inputs, max_positions, ort_run, torch_run
 
 LATENCY_THREADS = 1  # fixed for torch and onnxruntime: with 2 shared cores more threads only add noise
 LATENCY_REPEATS = 3  # after one warm-up run; the median of three
@@ -43,7 +44,7 @@ def latency(wrapper: torch.nn.Module, final_path: Path, float_path: Path | None,
         torch.set_num_threads(previous)
     graphs = {"ort_float": float_path, "ort_int8": final_path} if float_path else {"ort_float": final_path}
     for key, path in graphs.items():
-        sess = session(path, LATENCY_THREADS)
+        sess = hf.ort_session(path, threads=LATENCY_THREADS)
         result[key] = median_ms(functools.partial(ort_run, sess, feeds))
     result["ort_speedup_vs_torch"] = round(result["torch_eager"] / result[list(graphs)[-1]], 3)
     return result

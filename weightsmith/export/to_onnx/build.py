@@ -89,14 +89,6 @@ def build(ckpt: Checkpoint, task: str, tokenizer):
     return model, tuple(names)
 
 
-def load_tokenizer(root: Path):
-    if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(root)
-
-
 class Wrapper(torch.nn.Module):
     """Positional tensors in ``input_names`` order → the one exported output (no cache, no dict)."""
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from weightsmith import hf
 from weightsmith.checkpoint import Checkpoint, check_destination, provenance_step
 from weightsmith.checkpoint.staging import staging_dir, storage_error
 from weightsmith.checkpoint.writer import provenance_record, resolve_steps
@@ -62,7 +63,7 @@ def run(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, config: Onn
     with _staged(out) as tmp:
         with report.timed("build"):
             floats = _dequantized(ckpt, tmp / "dequantized", report)
-            tokenizer = build.load_tokenizer(floats.root)
+            tokenizer = hf.load_tokenizer(floats.root) if hf.has_tokenizer(floats.root) else None
         beside = files.write_beside(floats, tokenizer, tmp / "beside")
         files.check_beside(out.parent, beside, force)
         exporter = _decoder_graph if task.with_past else _float_graph
@@ -187,7 +188,7 @@ def _float_graph(
     shapes = validate.validation_shapes(model.config, input_names)
     inputs = {shape: validate.example_inputs(model.config, input_names, *shape) for shape in shapes}
     with report.timed("validate"):
-        sess = validate.session(float_path)
+        sess = hf.ort_session(float_path, threads=None)
         parity = validate.parity(wrapper, sess, inputs)
     _check_parity(parity, config, output, out, "batch×sequence")
     return _Graph(
@@ -221,7 +222,7 @@ def _decoder_graph(
         with report.timed("optimize"):
             float_path = build.ort_optimize(float_path, path.parent.parent / "optimized" / path.name, big)
     with report.timed("validate"):
-        sess = validate.session(float_path)
+        sess = hf.ort_session(float_path, threads=None)
         parity = decoder.parity(wrapper, sess, vocab)
         _check_parity(parity, config, "logits", out, "batch×past+new")
         agreement = validate.greedy_agreement(model, sess, vocab)
@@ -247,14 +248,14 @@ def _quantized(graph: _Graph, config: OnnxExport, path: Path, out: Path, report:
         kind = "pixel values" if "pixel_values" in graph.input_names else "token ids"
         quality: dict[str, Any] = {
             **quantize.int8_quality(
-                graph.session, validate.session(int8_path), [text] if text else graph.inputs.values()
+                graph.session, hf.ort_session(int8_path, threads=None), [text] if text else graph.inputs.values()
             ),
             "inputs": f"{len(quantize.QUALITY_TEXT)} sentences" if text else f"random {kind}",
         }
         if "generation" in graph.facts:  # how far greedy decoding with the int8 graph follows the float graph
             limit = validate.max_positions(graph.config)
             quality["greedy_token_agreement"] = validate.greedy_token_agreement(
-                graph.session, validate.session(int8_path), graph.config.vocab_size, limit
+                graph.session, hf.ort_session(int8_path, threads=None), graph.config.vocab_size, limit
             )
     float_size = files.onnx_size(graph.path)
     report.details["int8"] = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,16 +39,6 @@ def example_inputs(config, input_names: Sequence[str], batch: int, seq: int, see
     if "token_type_ids" in input_names:
         feeds["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     return {n: feeds[n] for n in input_names}
-
-
-def session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def torch_run(wrapper: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
