@@ -227,9 +227,10 @@ def _check_config(where: str, step: Step, sig: inspect.Signature, params: dict[s
     module, name = step.row.config.split(":")
     build = getattr(importlib.import_module(module), name)
     keywords = {k: v for k, v in params.items() if k not in sig.parameters}
-    key = step.row.config_key
-    default = sig.parameters[key].default if key in sig.parameters else None
-    named = params.get(key, None if default is inspect.Parameter.empty else default) if key is not None else None
+    key, named = step.row.config_key, None
+    if key is not None:
+        default = sig.parameters[key].default if key in sig.parameters else None
+        named = params.get(key, None if default is inspect.Parameter.empty else default)
     try:
         build(named, **keywords)
     except ConfigError as exc:
