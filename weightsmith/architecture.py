@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -240,6 +240,7 @@ class ModelFacts:
     linear: frozenset[str]  # modules that are nn.Linear
     conv1d: frozenset[str]  # modules that are transformers' Conv1D
     output_head: str | None  # the module ``get_output_embeddings()`` returns
+    saved: dict[str, str] = field(default_factory=dict)  # {name in memory: name in the checkpoint}, where they differ
 
 
 def model_facts(config: Mapping | None) -> ModelFacts | None:
@@ -291,5 +292,48 @@ def _facts(config_json: str) -> ModelFacts | None:
         | set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     )
     return ModelFacts(
-        type(model).__name__, tied, tuple(keep), frozenset(modules), frozenset(linear), frozenset(conv1d), output_head
+        type(model).__name__,
+        tied,
+        tuple(keep),
+        frozenset(modules),
+        frozenset(linear),
+        frozenset(conv1d),
+        output_head,
+        _saved_names(model),
     )
+
+
+def _saved_names(model) -> dict[str, str]:
+    """``{parameter name in memory: its name in a saved checkpoint}`` for the names transformers renames on save: its
+    weight-conversion mapping (``get_model_conversion_mapping``, reversed as ``save_pretrained`` reverses it) applied
+    to each state-dict key. Keys that a converter fuses or splits (MoE experts) have no one-to-one name and are left
+    out; so are the names saved unchanged."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, apply_renamings
+    except ImportError:  # transformers before its conversion mapping: names are saved as they are in memory
+        return {}
+    forward = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    reverse = [c.reverse_transform() for c in forward[::-1]]
+    renamings = [c for c in reverse if isinstance(c, WeightRenaming)]
+    converters = [c for c in reverse if isinstance(c, WeightConverter)]
+    saved = {}
+    for key in model.state_dict():
+        if any(c.rename_source_key(key)[1] is not None for c in converters):
+            continue
+        name = apply_renamings(key, renamings)
+        if name != key:
+            saved[key] = name
+    return saved
+
+
+def checkpoint_names(config: Mapping | None) -> dict[str, str]:
+    """``{parameter name in memory: name in the checkpoint}`` for ``config``'s model class, where the two differ.
+
+    transformers 5 renames some families' modules in memory but saves and loads the legacy names (ViT:
+    ``vit.layers.0.attention.q_proj.weight`` is stored as ``vit.encoder.layer.0.attention.attention.query.weight``;
+    LLaVA: ``model.language_model.…`` as ``language_model.model.…``; GPT-NeoX: ``lm_head`` as ``embed_out``), so
+    anything named after the model in memory (a PEFT adapter's targets) is matched to a checkpoint through this. Empty
+    without a config or for a model type transformers does not know. Imports transformers (seconds)."""
+    facts = model_facts(config)
+    return dict(facts.saved) if facts is not None else {}
