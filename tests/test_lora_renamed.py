@@ -139,3 +139,21 @@ def test_a_target_no_name_explains_is_still_refused(saved, tmp_path):
     with pytest.raises(IncompatibleError, match=r"1 target\(s\) missing from the base .*layers\.7\."):
         ws.lora.merge(base, [adapter], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_quantize_ignores_renamed_modules_by_their_names_in_memory(saved, tmp_path, scheme):
+    """The same mapping in quantize: a pattern naming ViT's modules as transformers has them in memory keeps their
+    legacy-named weights float, and the ignore list names them as the loader sees them."""
+    base = saved("vit")
+    ws.quantize(base, tmp_path / "q", scheme=scheme, ignore=["classifier", "q_proj"])
+    ignored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    ignored = ignored.get("ignore") or ignored.get("llm_int8_skip_modules")
+    assert {"vit.layers.0.attention.q_proj", "vit.layers.1.attention.q_proj"} <= set(ignored)
+    stored = _tensors(tmp_path / "q")
+    query = "vit.encoder.layer.0.attention.attention.query.weight"
+    assert torch.equal(stored[query], _tensors(base)[query])  # kept float, unchanged
+    key = "vit.encoder.layer.0.attention.attention.key.weight"
+    assert key not in stored or stored[key].dtype != torch.float32  # the others are quantized
+    model = load_checked(model_class("vit"), tmp_path / "q")
+    assert model.vit.layers[0].attention.q_proj.weight.dtype == torch.float32
