@@ -11,9 +11,11 @@ Two tiers, so that the streaming verbs keep their start-up (torch and numpy only
   silently.
 - **transformers' own facts** (``model_facts``): built lazily from the model class a config.json names, instantiated
   on the meta device (no memory, ~50 ms) — the weights transformers ties (``_tied_weights_keys`` as the config
-  resolves them), the modules it keeps in float32 (``_keep_in_fp32_modules``, gathered over sub-models), and which
-  modules are ``nn.Linear`` and ``Conv1D``. Importing transformers and the model's module costs seconds, so only a
-  verb whose output transformers must load exactly as it expects (``quantize``) asks for them.
+  resolves them), the modules it keeps in float32 (``_keep_in_fp32_modules``, gathered over sub-models), which
+  modules are ``nn.Linear`` and ``Conv1D``, and the parameters it saves under older names than it has in memory
+  (``checkpoint_names``: ViT, LLaVA, GPT-NeoX's head; from its weight-conversion mapping). Importing transformers
+  and the model's module costs seconds, so only a verb whose output transformers must load exactly as it expects
+  (``quantize``), or a fold whose adapter names a target the checkpoint lacks, asks for them.
 
 Orientation: every 2-D weight is ``[out, in]`` except transformers' ``Conv1D`` (GPT-2, GPT, ImageGPT, Decision
 Transformer: ``c_attn``, ``q_attn``, ``c_proj``, ``c_fc``), stored ``[in, out]``.
