@@ -34,10 +34,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("gpt2", "quantize int8"): "no 2-D Linear weights to quantize",
     ("gpt2", "quantize nf4"): "no 2-D Linear weights to quantize",
     ("mixtral", "quantize int8"): "stores its experts one by one",
-    # the file keeps the tensor names of older transformers (vit.encoder.layer.0.attention.attention.query), which
-    # transformers 5 renames on load; PEFT names the adapter's targets after the new modules
-    ("vit", "lora merge"): "target(s) missing from the base",
-    ("llava", "lora merge"): "target(s) missing from the base",
     **{(a, "export onnx"): "torch.onnx.export failed" for a in ("mixtral", "t5")},
     **{(a, "export onnx"): "only text models are exported" for a in ("whisper", "clip", "llava")},
 }
@@ -52,8 +48,6 @@ WHY = {
     "stores its experts one by one": "transformers fuses per-expert weights on load, which its compressed-tensors "
     "loader cannot do beside quantized modules (nf4 works)",
     "no 2-D Linear weights to quantize": "Conv1D projections are not nn.Linear; neither format quantizes them",
-    "target(s) missing from the base": "the file keeps the tensor names of older transformers, which transformers 5 "
-    "renames on load; PEFT names the adapter's targets after the new modules",
     "torch.onnx.export failed": "torch.onnx.export cannot export the model (MoE routing; T5's encoder-decoder)",
     "only text models are exported": "not a text model: the export takes input_ids and attention_mask only",
 }

@@ -11,9 +11,11 @@ Two tiers, so that the streaming verbs keep their start-up (torch and numpy only
   silently.
 - **transformers' own facts** (``model_facts``): built lazily from the model class a config.json names, instantiated
   on the meta device (no memory, ~50 ms) — the weights transformers ties (``_tied_weights_keys`` as the config
-  resolves them), the modules it keeps in float32 (``_keep_in_fp32_modules``, gathered over sub-models), and which
-  modules are ``nn.Linear`` and ``Conv1D``. Importing transformers and the model's module costs seconds, so only a
-  verb whose output transformers must load exactly as it expects (``quantize``) asks for them.
+  resolves them), the modules it keeps in float32 (``_keep_in_fp32_modules``, gathered over sub-models), which
+  modules are ``nn.Linear`` and ``Conv1D``, and the parameters it saves under older names than it has in memory
+  (``checkpoint_names``: ViT, LLaVA, GPT-NeoX's head; from its weight-conversion mapping). Importing transformers
+  and the model's module costs seconds, so only a verb whose output transformers must load exactly as it expects
+  (``quantize``), or a fold whose adapter names a target the checkpoint lacks, asks for them.
 
 Orientation: every 2-D weight is ``[out, in]`` except transformers' ``Conv1D`` (GPT-2, GPT, ImageGPT, Decision
 Transformer: ``c_attn``, ``q_attn``, ``c_proj``, ``c_fc``), stored ``[in, out]``.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -348,6 +350,7 @@ class ModelFacts:
     linear: frozenset[str]  # modules that are nn.Linear
     conv1d: frozenset[str]  # modules that are transformers' Conv1D
     output_head: str | None  # the module ``get_output_embeddings()`` returns
+    saved: dict[str, str] = field(default_factory=dict)  # {name in memory: name in the checkpoint}, where they differ
 
 
 def model_facts(config: Mapping | None) -> ModelFacts | None:
@@ -399,5 +402,48 @@ def _facts(config_json: str) -> ModelFacts | None:
         | set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     )
     return ModelFacts(
-        type(model).__name__, tied, tuple(keep), frozenset(modules), frozenset(linear), frozenset(conv1d), output_head
+        type(model).__name__,
+        tied,
+        tuple(keep),
+        frozenset(modules),
+        frozenset(linear),
+        frozenset(conv1d),
+        output_head,
+        _saved_names(model),
     )
+
+
+def _saved_names(model) -> dict[str, str]:
+    """``{parameter name in memory: its name in a saved checkpoint}`` for the names transformers renames on save: its
+    weight-conversion mapping (``get_model_conversion_mapping``, reversed as ``save_pretrained`` reverses it) applied
+    to each state-dict key. Keys that a converter fuses or splits (MoE experts) have no one-to-one name and are left
+    out; so are the names saved unchanged."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, apply_renamings
+    except ImportError:  # transformers before its conversion mapping: names are saved as they are in memory
+        return {}
+    forward = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    reverse = [c.reverse_transform() for c in forward[::-1]]
+    renamings = [c for c in reverse if isinstance(c, WeightRenaming)]
+    converters = [c for c in reverse if isinstance(c, WeightConverter)]
+    saved = {}
+    for key in model.state_dict():
+        if any(c.rename_source_key(key)[1] is not None for c in converters):
+            continue
+        name = apply_renamings(key, renamings)
+        if name != key:
+            saved[key] = name
+    return saved
+
+
+def checkpoint_names(config: Mapping | None) -> dict[str, str]:
+    """``{parameter name in memory: name in the checkpoint}`` for ``config``'s model class, where the two differ.
+
+    transformers 5 renames some families' modules in memory but saves and loads the legacy names (ViT:
+    ``vit.layers.0.attention.q_proj.weight`` is stored as ``vit.encoder.layer.0.attention.attention.query.weight``;
+    LLaVA: ``model.language_model.…`` as ``language_model.model.…``; GPT-NeoX: ``lm_head`` as ``embed_out``), so
+    anything named after the model in memory (a PEFT adapter's targets) is matched to a checkpoint through this. Empty
+    without a config or for a model type transformers does not know. Imports transformers (seconds)."""
+    facts = model_facts(config)
+    return dict(facts.saved) if facts is not None else {}

@@ -46,22 +46,27 @@ def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
     # which it keeps in float32, which heads it ties (and builds although the file lacks them)
     facts = architecture.model_facts(ckpt.config)
     keep_fp32 = facts.keep_fp32 if facts is not None else ()
+    # the facts name modules as the model has them in memory; a file may store some under older names
+    in_memory = {
+        c.removesuffix(".weight"): m.removesuffix(".weight") for m, c in (facts.saved if facts else {}).items()
+    }
     targets, kept, used, conv1d = [], [], set(), False
     for name in ckpt:
         info = ckpt.info(name)
         if not name.endswith(".weight") or len(info.shape) != 2 or not info.dtype.is_floating_point:
             continue
         module = name.removesuffix(".weight")
-        hits = [p for p in patterns if matches(module, p)]
+        own = in_memory.get(module, module)  # its name in memory
+        hits = [p for p in patterns if matches(module, p) or matches(own, p)]
         used.update(hits)
         # Conv1D ([in, out], GPT-2 style) is not nn.Linear: neither format targets it
         conv1d = conv1d or architecture.is_conv1d(ckpt.config, name)
-        if facts is not None and module in facts.modules:  # a module the model class has under this name
-            linear = module in facts.linear
-        else:  # renamed on load, or no model class: judged by name
+        if facts is not None and own in facts.modules:  # a module the model class has
+            linear = own in facts.linear
+        else:  # converted on load (fused experts), or no model class: judged by name
             linear = architecture.is_linear_weight(ckpt.config, name, info.shape, True)
-        if hits or not linear or any(matches(module, p) for p in keep_fp32):
-            kept.append(module)
+        if hits or not linear or any(matches(module, p) or matches(own, p) for p in keep_fp32):
+            kept.append(own)  # the loader skips modules by their names in memory
         else:
             targets.append(name)
     if ignore is not None:
@@ -74,7 +79,7 @@ def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
     if facts is not None:
         # the loader builds these as Linear whatever the file holds: heads tied to an embedding (absent from the
         # file) and the output head (stored under an older name, e.g. GPT-NeoX's embed_out); they stay float
-        quantized = {t.removesuffix(".weight") for t in targets}
+        quantized = {in_memory.get(m, m) for m in (t.removesuffix(".weight") for t in targets)}
         heads = [t.removesuffix(".weight") for t in facts.tied] + ([facts.output_head] if facts.output_head else [])
         kept += [m for m in heads if m in facts.linear and m not in quantized and m not in kept]
         if keep_fp32:

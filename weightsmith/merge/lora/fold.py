@@ -61,7 +61,7 @@ from weightsmith.merge.lora.peft_types import (
     update_delta,
 )
 from weightsmith.merge.lora.quantized import dequantized
-from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter
+from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter, to_checkpoint_names
 from weightsmith.report import Report, figures_requested
 from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
@@ -468,8 +468,21 @@ def _open(base, adapters, *, dtype, invert: bool) -> FoldedCheckpoint:
     for src, weight in _adapter_specs(adapters):
         adapter = read_adapter(src, base=ckpt)
         check_finite(adapter)
+        _match_names(adapter, ckpt)
         parsed.append((adapter, -weight if invert else weight))
     return FoldedCheckpoint(ckpt, parsed, dtype=parse_dtype(dtype), invert=invert)
+
+
+def _match_names(adapter: Adapter, base: Checkpoint) -> None:
+    """Targets named as transformers 5 has the model in memory (``vit.layers.0.attention.q_proj``) matched to the
+    legacy names the base checkpoint stores (``vit.encoder.layer.0.attention.attention.query``). transformers is
+    imported only when some target is missing from the base and the base has a config."""
+    present = {*base, *base.tied_weights}
+    if base.config is None or all(n in present for n in (*adapter.modules, *adapter.replacements, *adapter.updates)):
+        return
+    from weightsmith.architecture import checkpoint_names
+
+    to_checkpoint_names(adapter, present, checkpoint_names(base.config))
 
 
 def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shard_size, force) -> Report:

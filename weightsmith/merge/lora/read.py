@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -221,6 +222,42 @@ def _check_config(path, cfg: dict) -> None:
     for key, what in _UNFOLDABLE_FIELDS.items():
         if cfg.get(key):
             raise IncompatibleError(f"{path}: {what} cannot be folded into a plain checkpoint")
+
+
+def to_checkpoint_names(adapter: Adapter, base: Container[str], saved: Mapping[str, str]) -> int:
+    """Rename the adapter's targets that ``base`` lacks to the names a checkpoint stores them under.
+
+    A PEFT adapter names modules as the model has them in memory; transformers 5 saves some families under older
+    names (``saved``: ``architecture.checkpoint_names``, {name in memory: name in the checkpoint}). A target is
+    renamed only when ``base`` lacks its own name and ``saved`` knows it; the rest are left for the fold to report.
+    Returns how many targets were renamed."""
+
+    def renamed(name: str) -> str | None:
+        new = saved.get(name)
+        return new if new is not None and name not in base and new in base else None
+
+    count = 0
+    for name, mod in list(adapter.modules.items()):
+        new = renamed(name)
+        if new is not None:
+            del adapter.modules[name]
+            mod.module = new.removesuffix(".weight")
+            adapter.modules[new] = mod
+            count += 1
+    for name, tensor in list(adapter.replacements.items()):
+        new = renamed(name)
+        if new is not None:
+            del adapter.replacements[name]
+            adapter.replacements[new] = tensor
+            count += 1
+    for name, upd in list(adapter.updates.items()):
+        new = renamed(name)
+        if new is not None:
+            del adapter.updates[name]
+            upd.module = new.removesuffix(".weight")
+            adapter.updates[new] = upd
+            count += 1
+    return count
 
 
 def check_finite(adapter: Adapter) -> None:
