@@ -192,7 +192,7 @@ def _skeleton(ckpt: Checkpoint) -> tuple[nn.Module, str, nn.ModuleList, Any]:
     config = transformers.AutoConfig.for_model(**dict(ckpt.config or {}))
     arch = next((a for a in (ckpt.config or {}).get("architectures") or [] if hasattr(transformers, a)), None)
     if arch is None:
-        raise IncompatibleError(f"{ckpt.path}: config.json names no transformers model class in `architectures`")
+        raise IncompatibleError(f"{ckpt.path}: config.json names no transformers model class in 'architectures'")
     with torch.device("meta"):
         model = getattr(transformers, arch)(config)
     base = model.base_model

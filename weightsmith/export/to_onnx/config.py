@@ -138,7 +138,7 @@ def make_export(config: OnnxExport | dict | None = None, **options: Any) -> Onnx
     refused with the ones it has."""
     if isinstance(config, OnnxExport):
         if options:
-            raise ConfigError(f"options {', '.join(sorted(options))}: give them in `config`, not beside it")
+            raise ConfigError(f"options {', '.join(sorted(options))}: give them in the config value, not beside it")
         return config
     options = {**(config or {}), **options}
     valid = [f.name for f in fields(OnnxExport)]

@@ -266,6 +266,6 @@ def _quantized(graph: _Graph, config: OnnxExport, path: Path, out: Path, report:
     if not quality["cosine_mean"] >= scheme.min_cosine:
         raise NumericalError(
             f"{out}: int8 graph's outputs have mean cosine {quality['cosine_mean']:.4f} to "
-            f"the float graph, below `min_cosine` {scheme.min_cosine}; nothing written"
+            f"the float graph, below the int8 scheme's min_cosine {scheme.min_cosine}; nothing written"
         )
     return int8_path
