@@ -127,6 +127,21 @@ def run(cmd: list[str]):
     return result, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+# the figures of one fold, weightsmith against PEFT (the LoRA table's and the adapter types' columns)
+COLUMNS = [
+    "weightsmith wall s",
+    "PEFT wall s",
+    "wall speed-up",
+    "weightsmith CPU s",
+    "PEFT CPU s",
+    "CPU ratio",
+    "weightsmith RSS MB",
+    "PEFT RSS MB",
+    "RSS ratio",
+    "max ulp vs PEFT",
+]
+
+
 def main() -> None:
     WORK.mkdir(exist_ok=True)
     rows, ours_rss = [], []
@@ -171,22 +186,7 @@ def main() -> None:
         "adapter on all 7 linears of every layer. weightsmith = `weightsmith lora merge` CLI; PEFT = "
         "`from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`. One run each, "
         "fresh process, start-up included, 2 shared CPU cores.\n\n"
-        + table(
-            [
-                "base",
-                "weightsmith wall s",
-                "PEFT wall s",
-                "wall speed-up",
-                "weightsmith CPU s",
-                "PEFT CPU s",
-                "CPU ratio",
-                "weightsmith RSS MB",
-                "PEFT RSS MB",
-                "RSS ratio",
-                "max ulp vs PEFT",
-            ],
-            rows,
-        )
+        + table(["base", *COLUMNS], rows)
         + f"\n\nLoad average during the run: {load:.1f} on 2 cores (other jobs share the machine), so wall times "
         f"include waiting for a CPU; CPU time (user + sys) is the work each tool did."
         f" weightsmith peak RSS {ours_rss[0]:.0f} → {ours_rss[1]:.0f} MB when the model doubles "
@@ -245,22 +245,7 @@ def main_types(types: tuple[str, ...] = ALL_TYPES, layers: int = 9) -> None:
         f"The {size_gb:.2f} GB bf16 Llama-shaped base above ({layers} layers); each type on all 7 linears of every "
         "layer (AdaLoRA init_r 16, LoHa/LoKr r 8, VeRA r 16, OFT block 32, IA³ with down_proj as feed-forward). "
         "Same protocol as the LoRA table: one run each, fresh process, start-up included.\n\n"
-        + table(
-            [
-                "type",
-                "weightsmith wall s",
-                "PEFT wall s",
-                "wall speed-up",
-                "weightsmith CPU s",
-                "PEFT CPU s",
-                "CPU ratio",
-                "weightsmith RSS MB",
-                "PEFT RSS MB",
-                "RSS ratio",
-                "max ulp vs PEFT",
-            ],
-            rows,
-        )
+        + table(["type", *COLUMNS], rows)
         + f"\n\nLoad average during the run: {load:.1f} on 2 cores (shared machine)."
     )
     write_section("lora-types", md)
