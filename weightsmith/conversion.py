@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, TensorSource
 from weightsmith.report import Report
 from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
@@ -17,12 +17,12 @@ from weightsmith.units import format_size, parse_dtype
 TensorPlan = Mapping[str, Callable[[], torch.Tensor] | None]
 
 
-def as_checkpoint(source: Checkpoint | str | os.PathLike) -> Checkpoint:
-    return source if isinstance(source, Checkpoint) else Checkpoint(source)
+def as_checkpoint(source: TensorSource | str | os.PathLike) -> TensorSource:
+    return source if isinstance(source, TensorSource) else Checkpoint(source)
 
 
 def convert(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = None,
@@ -39,7 +39,7 @@ def convert(
 
 
 def copy_through(
-    ckpt: Checkpoint,
+    ckpt: TensorSource,
     out: str | os.PathLike,
     *,
     operation: str,

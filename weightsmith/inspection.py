@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import Checkpoint, TensorSource
 from weightsmith.conversion import as_checkpoint
 from weightsmith.progress import progress
 from weightsmith.report import Report, figures_requested
@@ -27,7 +27,7 @@ _ARCH_KEYS = (
 )
 
 
-def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stats: bool = False) -> Report:
+def inspect(path: TensorSource | str | os.PathLike, *, tensors: bool = False, stats: bool = False) -> Report:
     """Describe a checkpoint without loading it: format, files, architecture, parameters, dtypes, tied weights.
 
     ``tensors`` adds a row per tensor (name, shape, dtype, bytes); ``stats`` reads every tensor and adds min, max,
@@ -87,7 +87,7 @@ def inspect(path: Checkpoint | str | os.PathLike, *, tensors: bool = False, stat
     return report
 
 
-def adapter_summary(ckpt: Checkpoint) -> dict:
+def adapter_summary(ckpt: TensorSource) -> dict:
     """The facts of a PEFT adapter: type, rank, alpha, targets and variants (rsLoRA, DoRA, patterns…)."""
     cfg = ckpt.adapter_config or {}
     variants = [
@@ -115,14 +115,14 @@ def adapter_summary(ckpt: Checkpoint) -> dict:
     }
 
 
-def gguf_facts(ckpt: Checkpoint) -> dict:
+def gguf_facts(ckpt: TensorSource) -> dict:
     """A GGUF file's own facts: its llama.cpp architecture, tensor types, tokenizer and selected metadata."""
     from weightsmith.checkpoint.gguf_file import GGUFFile
     from weightsmith.checkpoint.view import CheckpointView
 
     while isinstance(ckpt, CheckpointView):  # a view's file facts are its source's
         ckpt = ckpt.source
-    wf = ckpt._files[0]
+    wf = ckpt._files[0] if isinstance(ckpt, Checkpoint) else None
     if not isinstance(wf, GGUFFile):
         return {}
     meta = wf.gguf_metadata
@@ -139,14 +139,14 @@ def gguf_facts(ckpt: Checkpoint) -> dict:
     }
 
 
-def _quantization_facts(ckpt: Checkpoint) -> dict | None:
+def _quantization_facts(ckpt: TensorSource) -> dict | None:
     from weightsmith.compress.quantize.detect import describe
 
     return describe(ckpt)
 
 
-def _float_view(ckpt: Checkpoint):
-    from weightsmith.compress.quantize.detect import float_view
+def _float_view(ckpt: TensorSource):
+    from weightsmith.compress.quantize.dequantize import float_view
 
     return float_view(ckpt)
 
@@ -171,7 +171,7 @@ def tensor_stats(t: torch.Tensor) -> dict:
     return stats
 
 
-def diff(a: Checkpoint | str | os.PathLike, b: Checkpoint | str | os.PathLike) -> Report:
+def diff(a: TensorSource | str | os.PathLike, b: TensorSource | str | os.PathLike) -> Report:
     """Compare two checkpoints tensor by tensor: missing/extra names, shape/dtype mismatches, max |Δ|,
     relative Frobenius norm ‖A−B‖/‖A‖ and cosine, computed in fp32 (fp64 for fp64 tensors).
 

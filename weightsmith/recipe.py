@@ -246,7 +246,7 @@ _TOKENS: dict[str, tuple[type, ...]] = {
     "None": (type(None),),
     "os.PathLike": (str,),
     "torch.dtype": (str,),
-    "Checkpoint": (str,),
+    "TensorSource": (str,),
     "Scheme": (str,),
 }
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, SAFETENSORS_INDEX
-from weightsmith.checkpoint.reader import Checkpoint
+from weightsmith.checkpoint.reader import TensorSource
 from weightsmith.checkpoint.writer import CheckpointWriter, provenance_step
 from weightsmith.progress import progress
 from weightsmith.report import Report
@@ -39,7 +39,7 @@ from weightsmith.report import Report
 class Stored:
     """An output tensor that is ``source``'s tensor ``name`` as stored: copied without decoding where it can be."""
 
-    source: Checkpoint
+    source: TensorSource
     name: str
 
 
@@ -56,20 +56,20 @@ class Written:
     shards: int
 
 
-def copy(view: Checkpoint) -> Transform:
+def copy(view: TensorSource) -> Transform:
     """The default transform: each name of ``view`` written under its own name, unchanged."""
     return lambda name: [(name, Stored(view, name))]
 
 
 def stream(
-    view: Checkpoint,
+    view: TensorSource,
     out: str | os.PathLike,
     *,
     operation: str,
     params: Mapping[str, Any],
     transform: Transform | None = None,
     names: Iterable[str] | None = None,
-    inputs: Sequence[Checkpoint | str | Path] | None = None,
+    inputs: Sequence[TensorSource | str | Path] | None = None,
     config: dict | None | Literal["view"] = "view",
     carry: Sequence[Path] | None = None,
     files: Callable[[], Mapping[str, str | bytes]] | None = None,

@@ -8,7 +8,8 @@ temporary sibling directory that is renamed into place only when everything succ
 
 from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, TensorInfo
 from weightsmith.checkpoint.reader import Checkpoint, open
-from weightsmith.checkpoint.view import CheckpointView, TensorSource
+from weightsmith.checkpoint.source import TensorSource
+from weightsmith.checkpoint.view import CheckpointView
 from weightsmith.checkpoint.writer import CheckpointWriter, check_destination, provenance_step, save, set_config_dtype
 from weightsmith.digests import file_sha256
 

@@ -1,4 +1,4 @@
-"""``Checkpoint``: a lazy, read-only tensor dict over a model directory, a weight file or a PEFT adapter (its lazy
+"""``Checkpoint``: the ``TensorSource`` over files — a model directory, a weight file or a PEFT adapter (its lazy
 transforms, ``CheckpointView``, live in ``checkpoint.view``)."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from weightsmith.architecture import tied_heads
 from weightsmith.checkpoint.files import (
     ADAPTER_CONFIG,
     MANIFEST,
@@ -25,6 +24,7 @@ from weightsmith.checkpoint.files import (
     parse_json_object,
 )
 from weightsmith.checkpoint.gguf_file import GGUFFile
+from weightsmith.checkpoint.source import TensorSource
 from weightsmith.digests import file_sha256
 from weightsmith.errors import CheckpointError
 
@@ -104,7 +104,7 @@ def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str
     return shards
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
+class Checkpoint(TensorSource):
     """A read-only, lazy tensor dict over a model directory, a weight file or a PEFT adapter directory.
 
     ``ckpt[name]`` reads that tensor (a fresh, writable tensor each time); ``ckpt.info(name)`` gives its shape and
@@ -201,9 +201,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def __contains__(self, name: object) -> bool:
         return name in self._where
 
-    def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
-
     # -- facts without reading data -------------------------------------------------------------------------------
 
     def info(self, name: str) -> TensorInfo:
@@ -220,13 +217,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if isinstance(wf, SafetensorsFile):
             wf.check_unchanged(fd, name)
 
-    def infos(self) -> list[TensorInfo]:
-        return [self.info(n) for n in self._order]
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.adapter_config is not None
-
     @property
     def format(self) -> str:
         if isinstance(self._files[0], SafetensorsFile):
@@ -241,10 +231,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def metadata(self) -> dict[str, str]:
         """The safetensors ``__metadata__`` of the first weight file (provenance lives here)."""
         return dict(self._files[0].metadata)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(i.nbytes for i in self.infos())
 
     @property
     def carry_files(self) -> list[Path]:
@@ -266,11 +252,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             elif entry.is_dir() and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in entry.rglob("*")):
                 out.append(entry)
         return out
-
-    @property
-    def tied_weights(self) -> dict[str, str]:
-        """Output-embedding names that are not stored because they share the input embedding: {missing: stored}."""
-        return tied_heads(self.config, self._order)
 
     def digest(self) -> str:
         """sha256 of the weights: of the file itself for a single file, else of the per-file digests."""

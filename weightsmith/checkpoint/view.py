@@ -1,66 +1,49 @@
-"""``TensorSource``: what every reader of checkpoint data relies on (a lazy tensor mapping with its location,
-config, carried files and history); ``CheckpointView``: a lazy transform of one, composed over its ``source``.
+"""``CheckpointView``: a lazy transform of a ``TensorSource``, composed over its ``source``.
 
-A view reads its source only through ``TensorSource``: names, ``info``, ``location``, ``check_unchanged``,
-``digest``, ``config``, ``carry_files``, ``history``. It keeps ``Checkpoint``'s reader interface (a view is accepted
-wherever a Checkpoint is), but holds none of a file reader's state: no weight files, no index, no name table.
+A view reads its source only through the ``TensorSource`` interface (names, ``info``, ``location``,
+``check_unchanged``, ``digest``, ``config``, the files' facts, ``history``) and holds none of a file reader's state:
+no weight files, no index, no name table of files. It is a ``TensorSource`` itself, so views chain and every verb,
+the writer and ``stream`` take one wherever they take a checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 
 from weightsmith.checkpoint.files import TensorInfo
-from weightsmith.checkpoint.reader import Checkpoint
+from weightsmith.checkpoint.source import TensorSource
 
 
-@runtime_checkable
-class TensorSource(Protocol):
-    """A lazy tensor mapping that knows where it came from: a ``Checkpoint``, a view, any reader the writer and the
-    verbs stream from."""
-
-    path: Path
-    config: dict | None
-    history: list[dict]
-
-    def __getitem__(self, name: str) -> torch.Tensor: ...
-    def __iter__(self) -> Iterator[str]: ...
-    def __len__(self) -> int: ...
-    def __contains__(self, name: object) -> bool: ...
-    def info(self, name: str) -> TensorInfo: ...
-    def location(self, name: str) -> tuple[Path, int, int] | None: ...
-    def check_unchanged(self, name: str, fd: int) -> None: ...
-    def digest(self) -> str: ...
-
-    @property
-    def carry_files(self) -> list[Path]: ...
-
-
-class CheckpointView(Checkpoint):
+class CheckpointView(TensorSource):
     """A lazy transform of a checkpoint with the same reader interface: tensors are computed when read.
 
-    This is how streamed steps chain without intermediate files: a view is accepted wherever a Checkpoint is, and
-    the writer records the view's steps in the output's provenance. A subclass overrides ``__getitem__`` and
+    This is how streamed steps chain without intermediate files: the writer records the view's steps in the
+    output's provenance. A subclass overrides ``__getitem__`` and
     ``_changed`` (the tensors it computes); ``dtype`` casts float tensors; where names or shapes change it also
     overrides ``_source_name``, ``_order``, ``info`` and ``config``. Files, carried files and digests are the source's,
-    read through ``source`` (never ``Checkpoint.__init__``'s state, which a view does not have).
+    read through ``source``.
     """
 
     dtype: torch.dtype | None = None  # float tensors come out in this dtype (None: each source tensor's own)
 
-    def __init__(self, source: Checkpoint, step: dict):  # a view reads no files: no Checkpoint.__init__
+    def __init__(self, source: TensorSource, step: dict):
         self.source = source
         self.path, self.root = source.path, source.root
-        self.config, self.adapter_config, self.index_file = source.config, source.adapter_config, None
+        self.config, self.adapter_config = source.config, source.adapter_config
         self._order = list(source)
         self.history = [*source.history, step]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.source[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
 
     def __contains__(self, name: object) -> bool:
         return name in self._order
@@ -105,10 +88,6 @@ class CheckpointView(Checkpoint):
     @property
     def carry_files(self) -> list[Path]:
         return self.source.carry_files
-
-    @property
-    def tied_weights(self) -> dict[str, str]:
-        return self.source.tied_weights
 
     def digest(self) -> str:
         return self.source.digest()

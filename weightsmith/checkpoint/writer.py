@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, MANIFEST, SAFETENSORS_INDEX, ST_CODES, TensorInfo
-from weightsmith.checkpoint.reader import Checkpoint
+from weightsmith.checkpoint.reader import TensorSource
 from weightsmith.checkpoint.staging import DestinationLock, move_into_place, staging_dir, storage_errors, sweep
 from weightsmith.checkpoint.view import CheckpointView
 from weightsmith.errors import CheckpointError, DestinationError, StorageError, WeightsmithError
@@ -27,7 +27,7 @@ from weightsmith.units import parse_size
 MANIFEST_FORMAT = "weightsmith-manifest/1"
 
 
-def provenance_step(operation: str, parameters: Mapping[str, Any], inputs: Sequence[Checkpoint | str | Path]) -> dict:
+def provenance_step(operation: str, parameters: Mapping[str, Any], inputs: Sequence[TensorSource | str | Path]) -> dict:
     """One step of an output's history: what was done, with which parameters, to which inputs."""
     return {"operation": operation, "parameters": dict(parameters), "inputs": list(inputs)}
 
@@ -44,7 +44,7 @@ def resolve_steps(steps: Sequence[dict], submit: Callable[..., Future] | None = 
             if isinstance(item, dict):  # already resolved (a step recorded in an input's metadata)
                 inputs.append(item)
                 continue
-            ckpt = item if isinstance(item, Checkpoint) else None
+            ckpt = item if isinstance(item, TensorSource) else None
             entry: dict[str, Any] = {
                 "path": str(ckpt.path if ckpt else item),
                 "sha256": submit(ckpt.digest) if ckpt else None,
@@ -285,7 +285,7 @@ class CheckpointWriter:
         with storage_errors(self.out):
             self._shard_for(name, tensor.numel() * tensor.element_size()).write(name, tensor)
 
-    def write_from(self, source: Checkpoint, name: str, as_name: str | None = None) -> None:
+    def write_from(self, source: TensorSource, name: str, as_name: str | None = None) -> None:
         """Copy one tensor of ``source`` unchanged (except for the writer's cast), without decoding it when the
         bytes can be copied as they are; ``as_name`` renames it in the output."""
         info = source.info(name)
@@ -413,7 +413,7 @@ def _with_history(steps: Sequence[dict]) -> list[dict]:
     out: list[dict] = []
     for step in steps:
         for item in step.get("inputs", []):
-            if isinstance(item, Checkpoint):
+            if isinstance(item, TensorSource):
                 out.extend(h for h in _with_history(item.history) if not any(h is o for o in out))
         out.append(step)
     return out
@@ -439,7 +439,7 @@ def save(
     config: dict | None = None,
     operation: str = "save",
     parameters: Mapping[str, Any] | None = None,
-    inputs: Sequence[Checkpoint | str | Path] = (),
+    inputs: Sequence[TensorSource | str | Path] = (),
     **writer_options: Any,
 ) -> Path:
     """Write a tensor dict (any Mapping, lazy ones included) as a transformers-style directory, atomically.

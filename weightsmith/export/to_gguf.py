@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightsmith.checkpoint import Checkpoint, check_destination
+from weightsmith.checkpoint import TensorSource, check_destination
 from weightsmith.checkpoint.gguf_file import ARCHS, is_norm, permute_qk, qk_heads, to_gguf_name
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, DestinationError, IncompatibleError, NumericalError
@@ -42,7 +42,7 @@ _FILE_TYPES = {  # llama.cpp's general.file_type for each --outtype (gguf.LlamaF
 
 
 def gguf(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     *,
     type: str = "f16",  # noqa: A002 - llama.cpp's name for it (--outtype)
@@ -59,7 +59,7 @@ def gguf(
     """
     import gguf as gg
 
-    from weightsmith.compress.quantize.detect import float_view
+    from weightsmith.compress.quantize.dequantize import float_view
     from weightsmith.export.gguf_vocab import read_vocab, write_vocab
 
     kind = str(type).lower()
@@ -117,7 +117,7 @@ def _write_tensor_infos(writer: Any, names: dict[str, str], plans: dict[str, Any
 
 
 def _summarise(
-    report: Report, source: Checkpoint, ckpt: Any, arch: Any, kind: str, rows: list[dict[str, Any]], vocab: Any
+    report: Report, source: TensorSource, ckpt: Any, arch: Any, kind: str, rows: list[dict[str, Any]], vocab: Any
 ) -> None:
     """The export's headline (sizes, tokenizer, errors of block types) and its note on a missing vocabulary."""
     size = Path(report.output or "").stat().st_size
@@ -140,7 +140,7 @@ def _summarise(
         report.notes.append("no tokenizer.json beside the weights: the file has no vocabulary, llama.cpp needs one")
 
 
-def _source(src: Checkpoint | str | os.PathLike) -> tuple[Checkpoint, dict, str, Any]:
+def _source(src: TensorSource | str | os.PathLike) -> tuple[TensorSource, dict, str, Any]:
     """The checkpoint to export, its config, model type and GGUF architecture; refused when it has none."""
     source = as_checkpoint(src)
     if source.is_adapter:
@@ -236,7 +236,7 @@ def _rope_theta(config: dict) -> float | None:
     return float(rp["rope_theta"]) if rp.get("rope_theta") is not None else None
 
 
-def _write_metadata(writer: Any, gg: Any, config: dict, arch: Any, source: Checkpoint, kind: str) -> None:
+def _write_metadata(writer: Any, gg: Any, config: dict, arch: Any, source: TensorSource, kind: str) -> None:
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // heads)

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, TensorSource
 from weightsmith.conversion import as_checkpoint, copy_through
 from weightsmith.errors import ConfigError, IncompatibleError
 from weightsmith.report import Report
@@ -31,7 +31,7 @@ def prune_fold(orig: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (orig.float() * mask.float()).to(orig.dtype)
 
 
-def plan_model_tensors(ckpt: Checkpoint) -> tuple[dict, list[dict]]:
+def plan_model_tensors(ckpt: TensorSource) -> tuple[dict, list[dict]]:
     """The output tensors of ``ckpt`` (name → producer, storage order) and one row per tensor dropped or folded.
 
     ``<p>_orig`` + ``<p>_mask`` become ``<p>`` = orig ⊙ mask; if ``<p>`` is stored as well they are leftovers and
@@ -74,7 +74,7 @@ def _pruned_base(name: str, present: set[str]) -> str | None:
 
 
 def safetensors(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = None,

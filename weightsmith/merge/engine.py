@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, provenance_step
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, TensorSource, provenance_step
 from weightsmith.checkpoint.hub import locate
 from weightsmith.errors import CheckpointError, ConfigError, NumericalError
 from weightsmith.merge.card import model_card
@@ -55,15 +55,15 @@ def open_input(spec: str) -> Mapping[str, torch.Tensor]:
 class _Copy:
     """A tensor to copy byte for byte from its checkpoint rather than decode."""
 
-    source: Checkpoint
+    source: TensorSource
     name: str
 
 
-def provenance_sources(inputs: list[Any]) -> list[Checkpoint | str]:
+def provenance_sources(inputs: list[Any]) -> list[TensorSource | str]:
     """What the provenance names for opened inputs: a checkpoint, or both sources of a folded base+adapter."""
     sources: list = []
     for c in inputs:
-        sources += [c] if isinstance(c, Checkpoint) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
+        sources += [c] if isinstance(c, TensorSource) else list(getattr(c, "inputs", [str(getattr(c, "path", c))]))
     return sources
 
 
@@ -180,7 +180,7 @@ def _tensor_worker(
         if not vocab and row.identity is not None and row.identity(task.shared, task.per_model):  # bytes as stored
             source, name = opened[task.inputs[0][0]], task.inputs[0][1]
             stored = source.info(name).dtype
-            if isinstance(source, Checkpoint) and in_dtype in (None, stored) and task.dtype == stored:
+            if isinstance(source, TensorSource) and in_dtype in (None, stored) and task.dtype == stored:
                 return _Copy(source, name), None  # file to file, never decoded
             return _load(source, name, in_dtype, True).to(task.dtype), None
         if vocab:  # token rows re-indexed into the output vocabulary (float32)

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, TensorSource
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.merge.engine import open_input, provenance_sources, tensor_seed
 from weightsmith.merge.gates import cheap_embed_gate, random_gates
@@ -66,7 +66,7 @@ def run(
         """The base's tensors but its MLPs (bytes as stored when the dtype is kept), then each layer's router and
         fused experts."""
         if name not in layers:
-            return [(name, Stored(base, name) if isinstance(base, Checkpoint) else base[name])]
+            return [(name, Stored(base, name) if isinstance(base, TensorSource) else base[name])]
         layer, prefix = layers[name], name + "."
         gate_up, down = layer_experts(cfg, experts, layer, seed, out_dtype)
         router = gates[layer].to(out_dtype or gates.dtype).contiguous()
@@ -83,7 +83,7 @@ def run(
         return {}  # the summary is built below
 
     stream(
-        cast(Checkpoint, base),  # a checkpoint, or a lazy view of one (base+adapter)
+        cast(TensorSource, base),  # a checkpoint, or a lazy view of one (base+adapter)
         out,
         operation="merge",
         params={"moe": dict(cfg.parameters), "seed": seed},

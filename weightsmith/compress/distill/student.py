@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from weightsmith.architecture import LAYER_COUNT_KEYS, declared_layers, split_layer
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import TensorSource
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.stream import Stored, stream
 
@@ -71,7 +71,7 @@ def student_config(config: dict, layers: Sequence[int]) -> dict:
     return out
 
 
-def student_names(teacher: Checkpoint, layers: Sequence[int]) -> dict[str, str]:
+def student_names(teacher: TensorSource, layers: Sequence[int]) -> dict[str, str]:
     """The student's tensor names → the teacher's: non-layer tensors as they are, kept layers renumbered 0..k-1."""
     new_index = {old: new for new, old in enumerate(layers)}
     names: dict[str, str] = {}
@@ -84,13 +84,13 @@ def student_names(teacher: Checkpoint, layers: Sequence[int]) -> dict[str, str]:
     return names
 
 
-def student_tensors(teacher: Checkpoint, layers: Sequence[int]) -> Iterator[tuple[str, torch.Tensor]]:
+def student_tensors(teacher: TensorSource, layers: Sequence[int]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the student, read lazily (see ``student_names``)."""
     for name, source in student_names(teacher, layers).items():
         yield name, teacher[source]
 
 
-def check_first_layer(teacher: Checkpoint, layers: Sequence[int]) -> None:
+def check_first_layer(teacher: TensorSource, layers: Sequence[int]) -> None:
     """Refuse to drop layer 0 when it holds tensors no other layer has (T5's relative attention bias lives in the
     first block only: a student without it would load with that weight missing)."""
     if not layers or layers[0] == 0:
@@ -106,7 +106,7 @@ def check_first_layer(teacher: Checkpoint, layers: Sequence[int]) -> None:
         raise ConfigError(f"{teacher.path}: layer 0 alone holds {only[0]}; `layers` must keep layer 0")
 
 
-def write_student(teacher: Checkpoint, out: str | os.PathLike, layers: Sequence[int], *, force: bool = False) -> Path:
+def write_student(teacher: TensorSource, out: str | os.PathLike, layers: Sequence[int], *, force: bool = False) -> Path:
     """Write the layer-selected student (weights, rewritten config, the teacher's tokenizer files) atomically."""
     check_first_layer(teacher, layers)
     config = student_config(teacher.config or {}, layers)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith import hf
-from weightsmith.checkpoint import Checkpoint, CheckpointWriter, check_destination, provenance_step
+from weightsmith.checkpoint import Checkpoint, CheckpointWriter, TensorSource, check_destination, provenance_step
 from weightsmith.compress.distill import data as D
 from weightsmith.compress.distill import student as S
 from weightsmith.compress.distill.config import DistillConfig, make_config
@@ -24,7 +24,7 @@ __all__ = ["distill"]
 
 
 def distill(
-    teacher: Checkpoint | str | os.PathLike,
+    teacher: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     data: str | os.PathLike,
     config: DistillConfig | dict | None = None,
@@ -135,12 +135,12 @@ def _train_and_write(
 class _Setup:
     """Everything ``distill`` resolved and checked before any training starts."""
 
-    teacher: Checkpoint
+    teacher: TensorSource
     kind: Kind
     model_class: Any
     teacher_layers: int
     kept: list[int] | None  # teacher layers the student is built from (None: a student checkpoint)
-    student: Checkpoint | None
+    student: TensorSource | None
     student_layers: int
     pairs: list[tuple[int, int]]  # (student layer, teacher layer) of the feature loss
     tokenizer: Any
@@ -213,7 +213,7 @@ def _prepare(teacher, out: Path, data, cfg: DistillConfig, force: bool) -> _Setu
     )
 
 
-def _choose_student(t_ckpt: Checkpoint, t_layers: int, kind: Kind, cfg: DistillConfig):
+def _choose_student(t_ckpt: TensorSource, t_layers: int, kind: Kind, cfg: DistillConfig):
     """(kept teacher layers or None, the student checkpoint or None, the student's layer count)."""
     if cfg.student is not None:
         s_ckpt = as_checkpoint(cfg.student)
@@ -277,14 +277,14 @@ def _load_tokenizer(path: Path, kind: Kind):
         raise CheckpointError(f"{exc}; pass `tokenizer`") from None
 
 
-def _embedding_rows(ckpt: Checkpoint) -> int | None:
+def _embedding_rows(ckpt: TensorSource) -> int | None:
     for name in ckpt:
         if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")):
             return ckpt.info(name).shape[0]
     return None
 
 
-def _check_student(teacher: Checkpoint, student: Checkpoint, kind: Kind) -> None:
+def _check_student(teacher: TensorSource, student: TensorSource, kind: Kind) -> None:
     """Refuse a student that cannot learn from this teacher: another vocabulary, another kind of model."""
     if student.config is None:
         raise CheckpointError(f"{student.path}: no config.json; the student must be a transformers model directory")
@@ -342,7 +342,7 @@ def _world_size() -> int:
     return process_state().num_processes
 
 
-def _float_dtype(ckpt: Checkpoint):
+def _float_dtype(ckpt: TensorSource):
     import torch
 
     for info in ckpt.infos():
@@ -352,7 +352,7 @@ def _float_dtype(ckpt: Checkpoint):
 
 
 def _write(
-    model, tok, source: Checkpoint, inputs: list[Checkpoint], out: Path, dtype, force: bool, params: dict
+    model, tok, source: TensorSource, inputs: list[TensorSource], out: Path, dtype, force: bool, params: dict
 ) -> None:
     """The trained student as a transformers directory: weights (tied copies once), config, tokenizer, carried files.
 

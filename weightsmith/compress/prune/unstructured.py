@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from weightsmith import architecture
-from weightsmith.checkpoint import Checkpoint, CheckpointView, provenance_step, set_config_dtype
+from weightsmith.checkpoint import CheckpointView, TensorSource, provenance_step, set_config_dtype
 from weightsmith.compress.prune import masks
 from weightsmith.compress.prune.methods import METHODS, NM, SCOPES, Magnitude, Wanda, make_method
 from weightsmith.conversion import as_checkpoint
@@ -65,12 +65,12 @@ def check_sparsity(sparsity: float | None) -> float:
     return float(sparsity)
 
 
-def as_rows(ckpt: Checkpoint, name: str, tensor: Tensor) -> Tensor:
+def as_rows(ckpt: TensorSource, name: str, tensor: Tensor) -> Tensor:
     """The [out, in] view of a 2-D weight (Conv1D's [in, out] transposed: ``architecture``)."""
     return architecture.as_rows(ckpt.config, name, tensor)
 
 
-def in_features(ckpt: Checkpoint, name: str) -> int:
+def in_features(ckpt: TensorSource, name: str) -> int:
     return architecture.in_features(ckpt.config, name, tuple(ckpt.info(name).shape))
 
 
@@ -87,7 +87,7 @@ class PrunePlan:
     params: dict = field(default_factory=dict)  # the provenance parameters
 
 
-def plan_unstructured(ckpt: Checkpoint, config: Magnitude | Wanda | NM, skip: list[re.Pattern]) -> PrunePlan:
+def plan_unstructured(ckpt: TensorSource, config: Magnitude | Wanda | NM, skip: list[re.Pattern]) -> PrunePlan:
     """Check ``config`` against ``ckpt`` (names and shapes only) and pick the tensors to prune."""
     if isinstance(config, NM):
         method, sparsity, scope, pattern = config.criterion, 1 - config.n / config.m, "layer", config.pattern
@@ -124,7 +124,7 @@ def plan_unstructured(ckpt: Checkpoint, config: Magnitude | Wanda | NM, skip: li
     return PrunePlan(method, sparsity, scope, pattern, nm, targets, params)
 
 
-def mask_of(ckpt: Checkpoint, name: str, weight: Tensor, plan: PrunePlan, norm: Tensor | None = None) -> Tensor:
+def mask_of(ckpt: TensorSource, name: str, weight: Tensor, plan: PrunePlan, norm: Tensor | None = None) -> Tensor:
     """The per-tensor keep-mask of ``weight`` (layer scope): magnitude, N:M, or Wanda given its input norms."""
     rows = as_rows(ckpt, name, weight)  # (out, in)
     if plan.method == "wanda":
@@ -136,7 +136,7 @@ def mask_of(ckpt: Checkpoint, name: str, weight: Tensor, plan: PrunePlan, norm: 
     return as_rows(ckpt, name, mask)
 
 
-def global_threshold(ckpt: Checkpoint, targets: list[str], sparsity: float) -> tuple[int, int] | None:
+def global_threshold(ckpt: TensorSource, targets: list[str], sparsity: float) -> tuple[int, int] | None:
     """Radix selection of the k-th smallest |w| over all targets, k = round(s·N), with two 65536-bin histograms.
 
     Pass 1 counts the high 16 bits of each |w| as float32 (its bfloat16 prefix); if the inputs hold more precision
@@ -169,7 +169,7 @@ def _summed(histograms: Iterable[Tensor]) -> Tensor:
 
 class PrunedView(CheckpointView):
     """``source`` with its pruning masks applied lazily: ``pruned[name]`` reads that tensor and zeroes its pruned
-    entries (cast to ``dtype`` if given). A CheckpointView: accepted wherever a Checkpoint is.
+    entries (cast to ``dtype`` if given). A CheckpointView, so it streams into the next step.
 
     ``threshold`` (global scope) is ``global_threshold``'s result; ``norms`` (Wanda) maps each target's module name
     to its input norms [in]. Ties at a global threshold are dropped in storage order whatever order tensors are read
@@ -178,7 +178,7 @@ class PrunedView(CheckpointView):
 
     def __init__(
         self,
-        source: Checkpoint,
+        source: TensorSource,
         plan: PrunePlan,
         *,
         threshold: tuple[int, int] | None = None,
@@ -248,7 +248,7 @@ class PrunedView(CheckpointView):
 
 
 def open_pruned(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     method: Magnitude | NM | str | None = None,
     *,
     sparsity: float | None = None,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, check_destination
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, TensorSource, check_destination
 from weightsmith.compress.prune.methods import NM, Magnitude, Method, StructuredFFN, StructuredHeads, Wanda, make_method
 from weightsmith.compress.prune.unstructured import (
     PrunedView,
@@ -31,7 +31,7 @@ from weightsmith.units import format_size, parse_dtype
 
 
 def prune(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     method: Method | str | None = None,
     *,
@@ -72,7 +72,7 @@ def prune(
 # -- checks -----------------------------------------------------------------------------------------------------
 
 
-def _eval_texts(ckpt: Checkpoint, eval_data) -> list[str] | None:
+def _eval_texts(ckpt: TensorSource, eval_data) -> list[str] | None:
     if eval_data is None:
         return None
     from weightsmith.evaluation import read_texts, require_tokenizer
@@ -86,7 +86,7 @@ def _eval_texts(ckpt: Checkpoint, eval_data) -> list[str] | None:
 
 
 def _prune_unstructured(
-    ckpt: Checkpoint,
+    ckpt: TensorSource,
     out,
     config: Magnitude | Wanda | NM,
     *,
@@ -114,7 +114,7 @@ def _prune_unstructured(
 
 
 def _prune_structured(
-    ckpt: Checkpoint, out, config: StructuredFFN | StructuredHeads, *, skip: list[str], default_skip: bool, **options
+    ckpt: TensorSource, out, config: StructuredFFN | StructuredHeads, *, skip: list[str], default_skip: bool, **options
 ) -> Report:
     if skip or not default_skip:
         raise ConfigError("`skip` chooses the tensors of unstructured pruning: structured pruning removes whole units")
@@ -204,7 +204,7 @@ def _write(view: PrunedView, out, report: Report, *, shard_size, force: bool) ->
     report.notes.append("zeros are stored densely: the file size is unchanged")
 
 
-def _wanda_norms(ckpt: Checkpoint, calibration, samples: int, seq_len: int, plan: PrunePlan) -> dict[str, Tensor]:
+def _wanda_norms(ckpt: TensorSource, calibration, samples: int, seq_len: int, plan: PrunePlan) -> dict[str, Tensor]:
     """Input norms of every Linear, gathered block by block with each block pruned before the next one runs."""
     from weightsmith.compress.prune.wanda import input_norms
     from weightsmith.evaluation import encode, load_model, load_tokenizer, read_texts
@@ -228,7 +228,7 @@ def _wanda_norms(ckpt: Checkpoint, calibration, samples: int, seq_len: int, plan
     return input_norms(model, batches, prune_block)
 
 
-def _quality(ckpt: Checkpoint, out, texts: list[str]) -> dict:
+def _quality(ckpt: TensorSource, out, texts: list[str]) -> dict:
     """Perplexity before/after for a causal LM; embedding cosine to the original for an encoder."""
     from weightsmith import evaluation as evaluate
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, TensorSource
 from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.dequantize import DequantizedView, dequantize, open_dequantized
 from weightsmith.compress.quantize.schemes import FP8, GPTQ, NF4, SCHEMES, Int4, Int8, Scheme, make_scheme
@@ -58,7 +58,7 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 
 def quantize(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     scheme: str | Scheme = "int8",
     *,

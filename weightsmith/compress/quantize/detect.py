@@ -1,23 +1,20 @@
-"""Recognise a quantized checkpoint (compressed-tensors int8, bitsandbytes NF4) and view it as float tensors.
-
-``FloatView(ckpt)`` is a lazy Mapping over the float model's names: a quantized module's stored tensors appear as
-one dequantized ``<m>.weight``; every other tensor passes through. ``inspect``, ``diff`` and ``dequantize`` use it.
+"""Recognise a quantized checkpoint (compressed-tensors int8/int4/fp8, bitsandbytes NF4): ``detect`` gives its
+``QuantizedLayout`` (scheme, format, each quantized module's stored tensors); ``describe`` gives inspect's facts.
+The float checkpoint it stands for is ``dequantize.DequantizedView``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from weightsmith.checkpoint import Checkpoint, TensorInfo
+from weightsmith.checkpoint import TensorSource
 from weightsmith.compress.quantize import int8, nf4
 from weightsmith.compress.quantize.codecs import COMPRESSED_TENSORS, REGISTRY
 from weightsmith.compress.quantize.schemes import NF4, Int4, Scheme
-from weightsmith.errors import CheckpointError
 
 
 @dataclass
@@ -36,7 +33,7 @@ class QuantizedLayout:
         return nf4 if self.method == "bitsandbytes" else int8
 
 
-def _group(ckpt: Checkpoint, marker: str, suffixes: tuple[str, ...]) -> dict[str, dict[str, str]]:
+def _group(ckpt: TensorSource, marker: str, suffixes: tuple[str, ...]) -> dict[str, dict[str, str]]:
     modules = {}
     for name in ckpt:
         if name.endswith("." + marker):
@@ -45,7 +42,7 @@ def _group(ckpt: Checkpoint, marker: str, suffixes: tuple[str, ...]) -> dict[str
     return modules
 
 
-def detect(ckpt: Checkpoint) -> QuantizedLayout | None:
+def detect(ckpt: TensorSource) -> QuantizedLayout | None:
     """The quantization layout of ``ckpt``, from config.json's ``quantization_config`` or, for a bare weight file,
     from its tensor names; None for a float checkpoint."""
     qc = (ckpt.config or {}).get("quantization_config")
@@ -91,7 +88,7 @@ def _ct_scheme(qc: dict) -> Scheme | None:
     return None
 
 
-def _int8_from_tensors(ckpt: Checkpoint, modules: dict[str, dict[str, str]]):
+def _int8_from_tensors(ckpt: TensorSource, modules: dict[str, dict[str, str]]):
     if not modules:
         return None
     parts = next(iter(modules.values()))
@@ -103,88 +100,7 @@ def _int8_from_tensors(ckpt: Checkpoint, modules: dict[str, dict[str, str]]):
     return int8.Int8(weight_only=weight_only, group_size=None if scale[1] == 1 else width // scale[1])
 
 
-class FloatView(Mapping[str, torch.Tensor]):
-    """A quantized checkpoint seen as the float checkpoint it stands for, dequantizing one module at a time."""
-
-    def __init__(self, ckpt: Checkpoint, layout: QuantizedLayout):
-        if layout.scheme is None:
-            raise CheckpointError(
-                f"{ckpt.path}: quantized with {layout.method} in a form weightsmith does not read "
-                f"(supported: compressed-tensors int8/int4/fp8, bitsandbytes NF4)"
-            )
-        self.ckpt, self.layout, self.path = ckpt, layout, ckpt.path
-        self.config = (
-            {k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}
-            if ckpt.config is not None
-            else None
-        )
-        owner = {name: module for module, parts in layout.modules.items() for name in parts.values()}
-        self._infos: dict[str, TensorInfo] = {}
-        self._module_of: dict[str, str] = {}
-        for name in ckpt:
-            module = owner.get(name)
-            if module is None:
-                self._infos[name] = ckpt.info(name)
-            elif f"{module}.weight" not in self._infos:
-                weight = f"{module}.weight"
-                shape, dtype = self._float_info(module)
-                self._infos[weight] = TensorInfo(weight, shape, dtype, ckpt.info(name).file)
-                self._module_of[weight] = module
-
-    def _float_info(self, module: str) -> tuple[tuple[int, ...], torch.dtype]:
-        parts = self.layout.modules[module]
-        if self.layout.method == "bitsandbytes":
-            state = nf4.read_quant_state(self.ckpt[parts[nf4.QUANT_STATE]])
-            return tuple(state["shape"]), getattr(torch, state["dtype"])
-        dtype = self.ckpt.info(parts["weight_scale"]).dtype
-        if "weight_shape" in parts:
-            return tuple(int(d) for d in self.ckpt[parts["weight_shape"]].tolist()), dtype
-        return self.ckpt.info(parts["weight"]).shape, dtype
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        module = self._module_of.get(name)
-        if module is None:
-            if name not in self._infos:
-                raise KeyError(name)
-            return self.ckpt[name]
-        parts = {suffix: self.ckpt[full] for suffix, full in self.layout.modules[module].items()}
-        return self.layout.codec.dequantize_module(parts)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        return self._infos[name]
-
-    def is_quantized(self, name: str) -> bool:
-        return name in self._module_of
-
-    @property
-    def nbytes(self) -> int:
-        return sum(i.nbytes for i in self._infos.values())
-
-    @property
-    def carry_files(self):
-        return self.ckpt.carry_files
-
-    def digest(self) -> str:
-        return self.ckpt.digest()
-
-
-def float_view(ckpt: Checkpoint) -> Checkpoint | FloatView:
-    """``ckpt`` itself if it is float (or quantized in a form weightsmith does not read), else its dequantizing
-    view."""
-    layout = detect(ckpt)
-    return ckpt if layout is None or layout.scheme is None else FloatView(ckpt, layout)
-
-
-def describe(ckpt: Checkpoint) -> dict | None:
+def describe(ckpt: TensorSource) -> dict | None:
     """inspect's facts on a quantized checkpoint: scheme, bits, groups, ignored modules, compression ratio."""
     layout = detect(ckpt)
     if layout is None:
@@ -197,7 +113,9 @@ def describe(ckpt: Checkpoint) -> dict | None:
     }
     if layout.scheme is None:
         return facts
-    view = FloatView(ckpt, layout)
+    from weightsmith.compress.quantize.dequantize import DequantizedView  # it builds on this module
+
+    view = DequantizedView(ckpt, layout)
     facts.update(
         bits=layout.scheme.bits,
         group_size=layout.scheme.group_size,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from weightsmith.architecture import LAYERWISE_DECODERS, layer_index, model_type
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import TensorSource
 from weightsmith.compress.quantize.gptq import gptq_int4, output_error
 from weightsmith.compress.quantize.int4 import dequantize_int4, pack_module, quantize_int4
 from weightsmith.compress.quantize.schemes import GPTQ, Int4
@@ -35,7 +35,7 @@ from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError
 __all__ = ["GPTQView", "LayerwiseGPTQ", "check_calibrated"]
 
 
-def check_calibrated(ckpt: Checkpoint, scheme: Int4) -> None:
+def check_calibrated(ckpt: TensorSource, scheme: Int4) -> None:
     """Every refusal of a GPTQ run, before anything is computed: the family, the tokenizer, the calibration file."""
     from weightsmith.evaluation import is_causal_lm, read_texts, require_tokenizer
 
@@ -54,7 +54,7 @@ class GPTQView(QuantizedView):
     """``QuantizedView`` whose decoder layers are quantized by GPTQ (``LayerwiseGPTQ``); weights outside the decoder
     layers that are quantized at all (none with the default ``ignore``) are rounded to nearest."""
 
-    def __init__(self, source: Checkpoint, scheme: Int4, selection: Plan, ignore: Sequence[str] | None, device: str):
+    def __init__(self, source: TensorSource, scheme: Int4, selection: Plan, ignore: Sequence[str] | None, device: str):
         super().__init__(source, scheme, selection, ignore)
         self.int4, self.device = scheme, device
         self._driver: LayerwiseGPTQ | None = None
@@ -109,7 +109,7 @@ class LayerwiseGPTQ:
     """The calibration state of one GPTQ run over ``ckpt``: the activations entering the next layer, and the stored
     int4 tensors of the layer computed last. ``layer(i)`` advances through the layers up to ``i``."""
 
-    def __init__(self, ckpt: Checkpoint, scheme: Int4, targets: Sequence[str], *, device: str = "cpu"):
+    def __init__(self, ckpt: TensorSource, scheme: Int4, targets: Sequence[str], *, device: str = "cpu"):
         assert scheme.gptq is not None
         self.ckpt, self.scheme, self.gptq, self.device = ckpt, scheme, scheme.gptq, torch.device(device)
         self.targets = set(targets)
@@ -184,7 +184,7 @@ class LayerwiseGPTQ:
         return pack_module(q.cpu(), scale.cpu(), None if zero is None else zero.cpu())
 
 
-def _skeleton(ckpt: Checkpoint) -> tuple[nn.Module, str, nn.ModuleList, Any]:
+def _skeleton(ckpt: TensorSource) -> tuple[nn.Module, str, nn.ModuleList, Any]:
     """The checkpoint's base model on the meta device with everything outside the decoder layers materialised;
     the name prefix of the layers (``model.layers.``) and the layer list."""
     import transformers
@@ -233,7 +233,7 @@ def _rebuild_buffers(base: nn.Module, layers_name: str, config: Any) -> None:
         setattr(base.get_submodule(parent) if parent else base, attr, fresh)
 
 
-def _calibration_ids(ckpt: Checkpoint, gptq: GPTQ) -> list[torch.Tensor]:
+def _calibration_ids(ckpt: TensorSource, gptq: GPTQ) -> list[torch.Tensor]:
     from weightsmith.evaluation import encode, load_tokenizer, read_texts
 
     texts = read_texts(gptq.calibration, what="calibration file")
@@ -278,7 +278,7 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _load_layer(layer: nn.Module, ckpt: Checkpoint, prefix: str, device: torch.device) -> None:
+def _load_layer(layer: nn.Module, ckpt: TensorSource, prefix: str, device: torch.device) -> None:
     """The layer's parameters read from the checkpoint (float32, on ``device``) into the meta module."""
     names = list(layer.state_dict())
     missing = [f"{prefix}{k}" for k in names if f"{prefix}{k}" not in ckpt]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from weightsmith import architecture
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import TensorSource
 from weightsmith.errors import ConfigError
 
 # Output heads stay float by default (transformers keeps the output embedding out of bnb quantization and
@@ -38,7 +38,7 @@ class Plan:
     per_expert: bool = False  # MoE expert weights stored one expert at a time (transformers fuses them on load)
 
 
-def plan(ckpt: Checkpoint, ignore: Sequence[str] | None) -> Plan:
+def plan(ckpt: TensorSource, ignore: Sequence[str] | None) -> Plan:
     """The weights to quantize. ``ignore`` = None means DEFAULT_IGNORE; a user pattern that matches nothing is an
     error (a typo would silently quantize the module the user meant to keep)."""
     patterns = list(DEFAULT_IGNORE if ignore is None else ignore)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step
+from weightsmith.checkpoint import CheckpointView, TensorInfo, TensorSource, provenance_step
 from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.detect import detect
 from weightsmith.compress.quantize.schemes import NF4, Int4, Scheme, make_scheme
@@ -38,7 +38,7 @@ class QuantizedView(CheckpointView):
     quantizes it once.
     """
 
-    def __init__(self, source: Checkpoint, scheme: Scheme, selection: Plan, ignore: Sequence[str] | None):
+    def __init__(self, source: TensorSource, scheme: Scheme, selection: Plan, ignore: Sequence[str] | None):
         self.params = {**scheme.to_dict(), "ignore": list(DEFAULT_IGNORE if ignore is None else ignore)}
         super().__init__(source, provenance_step("quantize", self.params, [source]))
         self.scheme, self.codec, self.selection = scheme, REGISTRY[type(scheme)], selection
@@ -120,7 +120,7 @@ class QuantizedView(CheckpointView):
 
 
 def open_quantized(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     scheme: str | Scheme = "int8",
     *,
     ignore: Sequence[str] | None = None,

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 from weightsmith.export.to_onnx.config import QUANTIZE, TASKS, Int8Dynamic, OnnxExport, Task, make_export
 
 if TYPE_CHECKING:
-    from weightsmith.checkpoint import Checkpoint
+    from weightsmith.checkpoint import TensorSource
     from weightsmith.report import Report
 
 __all__ = ["QUANTIZE", "TASKS", "Int8Dynamic", "OnnxExport", "Task", "onnx"]
 
 
 def onnx(
-    src: Checkpoint | str | os.PathLike,
+    src: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     config: OnnxExport | None = None,
     *,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import TensorSource
 from weightsmith.errors import IncompatibleError, WeightsmithError
 from weightsmith.export.to_onnx.config import TASKS
 from weightsmith.export.to_onnx.validate import example_inputs, max_positions
@@ -27,7 +27,7 @@ from weightsmith.export.to_onnx.validate import example_inputs, max_positions
 _TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def load_model(ckpt: Checkpoint, task: str):
+def load_model(ckpt: TensorSource, task: str):
     """The transformers model for ``task`` in float32 with eager attention (eval mode); refusals in one line."""
     import transformers
 
@@ -60,7 +60,7 @@ def load_model(ckpt: Checkpoint, task: str):
     return model.eval()
 
 
-def build(ckpt: Checkpoint, task: str, tokenizer):
+def build(ckpt: TensorSource, task: str, tokenizer):
     """The model for ``task`` (no KV cache: one forward over the whole sequence) and the graph's input names (the
     tokenizer's, or the text inputs the model takes when there is no tokenizer)."""
     model = load_model(ckpt, task)

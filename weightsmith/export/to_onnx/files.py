@@ -7,13 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
-from weightsmith.checkpoint import Checkpoint, check_destination
+from weightsmith.checkpoint import TensorSource, check_destination
 from weightsmith.errors import DestinationError
 
 EXTERNAL_DATA_BYTES = 2 * 10**9 - 2**26  # protobuf's 2 GiB limit, less headroom for the graph itself
 
 
-def write_beside(ckpt: Checkpoint, tokenizer, folder: Path) -> Path:
+def write_beside(ckpt: TensorSource, tokenizer, folder: Path) -> Path:
     """The tokenizer (if any) and config.json, staged in ``folder``."""
     folder.mkdir(parents=True)
     if tokenizer is not None:

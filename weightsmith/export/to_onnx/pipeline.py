@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from weightsmith import hf
-from weightsmith.checkpoint import Checkpoint, check_destination, provenance_step
+from weightsmith.checkpoint import Checkpoint, TensorSource, check_destination, provenance_step
 from weightsmith.checkpoint.staging import staging_dir, storage_error
 from weightsmith.checkpoint.writer import provenance_record, resolve_steps
 from weightsmith.conversion import as_checkpoint
@@ -47,7 +47,7 @@ class _Graph:
     facts: dict[str, Any] = field(default_factory=dict)  # summary entries of this kind of graph
 
 
-def run(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, config: OnnxExport, force: bool) -> Report:
+def run(src: TensorSource | str | os.PathLike, out: str | os.PathLike, config: OnnxExport, force: bool) -> Report:
     out = Path(out)
     if out.suffix != ".onnx":
         raise ConfigError(f"{out}: the output must be a .onnx file path (the tokenizer is written beside it)")
@@ -87,7 +87,7 @@ def run(src: Checkpoint | str | os.PathLike, out: str | os.PathLike, config: Onn
 
 def _summarise(
     report: Report,
-    ckpt: Checkpoint,
+    ckpt: TensorSource,
     task: Task,
     config: OnnxExport,
     graph: _Graph,
@@ -146,14 +146,14 @@ def _staged(out: Path) -> Iterator[Path]:
                 folder.rmdir()  # only if still empty
 
 
-def _check_source(ckpt: Checkpoint) -> None:
+def _check_source(ckpt: TensorSource) -> None:
     if ckpt.is_adapter:
         raise ConfigError(f"{ckpt.path}: a PEFT adapter; fold it into its base first (weightsmith lora merge)")
     if ckpt.config is None:
         raise ConfigError(f"{ckpt.path}: no config.json; ONNX export builds the model and needs a model directory")
 
 
-def _dequantized(ckpt: Checkpoint, folder: Path, report: Report) -> Checkpoint:
+def _dequantized(ckpt: TensorSource, folder: Path, report: Report) -> TensorSource:
     """A compressed-tensors int8 / bitsandbytes NF4 checkpoint written out as float32 (W = q·s, or bnb's
     dequantize_4bit) with weightsmith's own ``dequantize``; float checkpoints pass through."""
     assert ckpt.config is not None  # _check_source refused a checkpoint without one
@@ -172,7 +172,7 @@ def _dequantized(ckpt: Checkpoint, folder: Path, report: Report) -> Checkpoint:
 
 
 def _float_graph(
-    ckpt: Checkpoint, tokenizer, task: Task, config: OnnxExport, path: Path, out: Path, report: Report
+    ckpt: TensorSource, tokenizer, task: Task, config: OnnxExport, path: Path, out: Path, report: Report
 ) -> _Graph:
     """Export (and optionally optimize) the float graph; refuse it unless ORT matches PyTorch within ``atol``."""
     with report.timed("build"):
@@ -206,7 +206,7 @@ def _check_parity(parity: dict[str, float], config: OnnxExport, output: str, out
 
 
 def _decoder_graph(
-    ckpt: Checkpoint, tokenizer, task: Task, config: OnnxExport, path: Path, out: Path, report: Report
+    ckpt: TensorSource, tokenizer, task: Task, config: OnnxExport, path: Path, out: Path, report: Report
 ) -> _Graph:
     """The causal LM with its KV cache: parity of logits and presents on first and cached steps, then greedy
     decoding through onnxruntime against transformers' ``generate`` token for token."""

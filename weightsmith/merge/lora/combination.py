@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import TensorSource
 from weightsmith.errors import ConfigError, IncompatibleError
 from weightsmith.merge.lora.extraction import unit_scale_config
 from weightsmith.merge.lora.math import truncated_factors
@@ -68,7 +68,7 @@ def _delta(term: _Term) -> Tensor:
     return term.b.reshape(term.b.shape[0], -1).double() @ term.a.reshape(term.a.shape[0], -1).double()
 
 
-def _read(specs: Sequence[tuple[Checkpoint | str | os.PathLike, float]], verb: str) -> list[tuple[Adapter, float]]:
+def _read(specs: Sequence[tuple[TensorSource | str | os.PathLike, float]], verb: str) -> list[tuple[Adapter, float]]:
     parsed = []
     for src, weight in specs:
         adapter = read_adapter(src)
@@ -179,7 +179,7 @@ def _adapter_config(adapters: Sequence[tuple[Adapter, float]], ranks: dict[str, 
 
 
 def combine(
-    adapters: Sequence[tuple[Checkpoint | str | os.PathLike, float] | Checkpoint | str | os.PathLike],
+    adapters: Sequence[tuple[TensorSource | str | os.PathLike, float] | TensorSource | str | os.PathLike],
     out: str | os.PathLike,
     *,
     method: str = "cat",
@@ -285,7 +285,7 @@ def _mean(rows: list[dict]) -> float | None:
 
 
 def resize(
-    adapter: Checkpoint | str | os.PathLike,
+    adapter: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     *,
     rank: int | None = None,

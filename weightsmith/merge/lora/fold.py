@@ -28,13 +28,7 @@ import torch
 from torch import Tensor
 
 from weightsmith.architecture import is_conv1d, model_type
-from weightsmith.checkpoint import (
-    DEFAULT_SHARD_SIZE,
-    Checkpoint,
-    CheckpointView,
-    TensorInfo,
-    provenance_step,
-)
+from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, CheckpointView, TensorInfo, TensorSource, provenance_step
 from weightsmith.conversion import as_checkpoint
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 from weightsmith.inspection import change_figures
@@ -66,7 +60,7 @@ from weightsmith.report import Report, figures_requested
 from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
 
-AdapterSpec = Checkpoint | str | os.PathLike | tuple[Checkpoint | str | os.PathLike, float]
+AdapterSpec = TensorSource | str | os.PathLike | tuple[TensorSource | str | os.PathLike, float]
 
 
 @dataclass
@@ -101,13 +95,13 @@ _NONLINEAR = ("dora", "scale", "rotate")
 class FoldedCheckpoint(CheckpointView):
     """A base checkpoint with adapters folded in, lazily: ``folded[name]`` reads and folds that tensor only.
 
-    A CheckpointView: accepted wherever a Checkpoint is, so a fold streams straight into the next step. All checks
+    A CheckpointView, so a fold streams straight into the next step. All checks
     happen when it is opened; reading a tensor can only fail on NaN/Inf in a result.
     """
 
     def __init__(
         self,
-        base: Checkpoint,
+        base: TensorSource,
         adapters: Sequence[tuple[Adapter, float]],
         *,
         dtype: torch.dtype | None = None,
@@ -404,7 +398,7 @@ class FoldedCheckpoint(CheckpointView):
         return self._tied
 
     @property
-    def inputs(self) -> list[Checkpoint]:
+    def inputs(self) -> list[TensorSource]:
         """The checkpoints this view reads (for provenance)."""
         return [self.base, *(a.ckpt for a, _ in self.adapters)]
 
@@ -422,8 +416,10 @@ def _untied_config(config: dict) -> dict:
     return out
 
 
-def _adapter_specs(adapters: Sequence[AdapterSpec] | AdapterSpec) -> list[tuple[Checkpoint | str | os.PathLike, float]]:
-    if isinstance(adapters, (str, os.PathLike, Checkpoint)) or (
+def _adapter_specs(
+    adapters: Sequence[AdapterSpec] | AdapterSpec,
+) -> list[tuple[TensorSource | str | os.PathLike, float]]:
+    if isinstance(adapters, (str, os.PathLike, TensorSource)) or (
         isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[1], (int, float))
     ):
         adapters = [adapters]
@@ -443,8 +439,8 @@ def _adapter_specs(adapters: Sequence[AdapterSpec] | AdapterSpec) -> list[tuple[
 
 
 def open_folded(
-    base: Checkpoint | str | os.PathLike,
-    adapters: Sequence[tuple[Checkpoint | str | os.PathLike, float]] | Sequence[AdapterSpec],
+    base: TensorSource | str | os.PathLike,
+    adapters: Sequence[tuple[TensorSource | str | os.PathLike, float]] | Sequence[AdapterSpec],
     *,
     dtype: str | torch.dtype | None = None,
 ) -> FoldedCheckpoint:
@@ -473,7 +469,7 @@ def _open(base, adapters, *, dtype, invert: bool) -> FoldedCheckpoint:
     return FoldedCheckpoint(ckpt, parsed, dtype=parse_dtype(dtype), invert=invert)
 
 
-def _match_names(adapter: Adapter, base: Checkpoint) -> None:
+def _match_names(adapter: Adapter, base: TensorSource) -> None:
     """Targets named as transformers 5 has the model in memory (``vit.layers.0.attention.q_proj``) matched to the
     legacy names the base checkpoint stores (``vit.encoder.layer.0.attention.attention.query``). transformers is
     imported only when some target is missing from the base and the base has a config."""
@@ -543,7 +539,7 @@ def _fold_summary(folded: FoldedCheckpoint, written: Written) -> dict:
 
 
 def merge(
-    base: Checkpoint | str | os.PathLike,
+    base: TensorSource | str | os.PathLike,
     adapters: Sequence[AdapterSpec] | AdapterSpec,
     out: str | os.PathLike,
     *,
@@ -576,8 +572,8 @@ def merge(
 
 
 def unmerge(
-    merged: Checkpoint | str | os.PathLike,
-    adapter: Checkpoint | str | os.PathLike | tuple,
+    merged: TensorSource | str | os.PathLike,
+    adapter: TensorSource | str | os.PathLike | tuple,
     out: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = None,
@@ -601,8 +597,8 @@ def unmerge(
 
 
 def extract(
-    base: Checkpoint | str | os.PathLike,
-    tuned: Checkpoint | str | os.PathLike,
+    base: TensorSource | str | os.PathLike,
+    tuned: TensorSource | str | os.PathLike,
     out: str | os.PathLike,
     *,
     rank: int | None = None,

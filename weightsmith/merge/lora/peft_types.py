@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import Checkpoint, CheckpointView, TensorInfo, provenance_step
+from weightsmith.checkpoint import CheckpointView, TensorInfo, TensorSource, provenance_step
 from weightsmith.errors import IncompatibleError
 from weightsmith.merge.lora import kinds
 from weightsmith.merge.lora.math import CONV1D, EMBEDDING, from_rows, stored_factors, to_rows
@@ -122,7 +122,7 @@ class LoraForm(CheckpointView):
     """An AdaLoRA or VeRA adapter seen as the plain LoRA adapter it equals: ``<module>.lora_A.weight`` and
     ``.lora_B.weight`` are computed when read (float32); other tensors pass through."""
 
-    def __init__(self, source: Checkpoint, peft_type: str, factors: dict[str, tuple[Callable[[], Tensor], tuple]]):
+    def __init__(self, source: TensorSource, peft_type: str, factors: dict[str, tuple[Callable[[], Tensor], tuple]]):
         super().__init__(source, provenance_step(f"read {peft_type} as LoRA factors", {}, [source]))
         self._factors = factors  # name -> (compute, shape)
         self._order = [*factors, *(n for n in source if _kept(n, peft_type))]
@@ -148,7 +148,7 @@ def _kept(name: str, peft_type: str) -> bool:
     return not any(name.endswith("." + p) for p in _PARTS[peft_type])
 
 
-def read_typed(ckpt: Checkpoint, cfg: dict, base: Checkpoint | None = None) -> Adapter:
+def read_typed(ckpt: TensorSource, cfg: dict, base: TensorSource | None = None) -> Adapter:
     """Parse a non-LORA PEFT adapter (see the module docstring); refuse what cannot be folded, with the reason."""
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type in NOT_FOLDABLE:
@@ -208,7 +208,7 @@ def _rank_alpha(adapter: Adapter, module: str, alpha_key: str, default_alpha: fl
     return r, alpha
 
 
-def _read_adalora(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+def _read_adalora(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorSource | None) -> None:
     """AdaLoRA: ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, ``lora_E`` ``[r, 1]``; a saved ``rank_pattern`` has
     already cut the pruned triplets out of the tensors, and ranknum stays ``init_r`` (PEFT copies it back)."""
     cfg, ck = adapter.config, adapter.ckpt
@@ -232,15 +232,15 @@ def _read_adalora(adapter: Adapter, parts: dict[str, dict[str, str]], base: Chec
     _as_lora(adapter, "ADALORA", factors)
 
 
-def _adalora_a(ck: Checkpoint, a: str, e: str) -> Tensor:
+def _adalora_a(ck: TensorSource, a: str, e: str) -> Tensor:
     return kinds.adalora_a(ck[a], ck[e])
 
 
-def _float(ck: Checkpoint, name: str) -> Tensor:
+def _float(ck: TensorSource, name: str) -> Tensor:
     return ck[name].float()
 
 
-def _read_vera(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+def _read_vera(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorSource | None) -> None:
     """VeRA: per layer ``vera_lambda_b`` ``[out]`` and ``vera_lambda_d`` ``[r]``; the shared ``base_model.vera_A``
     ``[r, max in]`` and ``vera_B`` ``[max out, r]`` are saved (``save_projection``, the default) or regenerated from
     ``projection_prng_key``. A layer's input size, which slices A, is read from the base weight."""
@@ -295,7 +295,7 @@ def _as_lora(adapter: Adapter, peft_type: str, factors: dict) -> None:
     adapter.peft_type = peft_type
 
 
-def _read_loha(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+def _read_loha(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorSource | None) -> None:
     """LoHa: ``hada_w{1,2}_a`` ``[out, r]``, ``hada_w{1,2}_b`` ``[r, in·∏k]``; effective conv adds ``hada_t{1,2}``
     ``[r, r, k1, k2]`` with ``hada_w{1,2}_a`` ``[r, out]``, ``hada_w{1,2}_b`` ``[r, in]``. Scale α/r."""
     for module, got in parts.items():
@@ -317,7 +317,7 @@ def _read_loha(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpo
     adapter.peft_type = "LOHA"
 
 
-def _read_lokr(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+def _read_lokr(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorSource | None) -> None:
     """LoKr: W1 (``lokr_w1`` ``[a, c]`` or ``lokr_w1_a·lokr_w1_b``) ⊗ W2 (``lokr_w2`` ``[b, d(, k…)]``,
     ``lokr_w2_a·lokr_w2_b``, or conv ``lokr_t2`` with ``lokr_w2_a`` ``[r, b]``, ``lokr_w2_b`` ``[r, d]``). Scale α/r."""
     for module, got in parts.items():
@@ -354,7 +354,7 @@ def _feedforward(cfg: dict, module: str) -> bool:
     return any(module.endswith(t) for t in ff or [])
 
 
-def _read_ia3(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+def _read_ia3(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorSource | None) -> None:
     """IA³: ``ia3_l`` ``[out, 1]`` (attention: the output is scaled, and the bias with it) or ``[1, in]``
     (feed-forward: the input is scaled); conv ``[1, n, 1, 1]``."""
     for module, got in parts.items():
@@ -374,7 +374,7 @@ def _read_ia3(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoi
     adapter.peft_type = "IA3"
 
 
-def _read_oft(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+def _read_oft(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorSource | None) -> None:
     """OFT: ``oft_R.weight`` ``[n, b(b−1)/2]`` (n blocks of size b; n = 1 with ``block_share``), or
     ``oft_embedding_R.weight`` for embeddings (rotating the embedding dimension)."""
     cfg = adapter.config
@@ -406,7 +406,7 @@ def _read_oft(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoi
     adapter.peft_type = "OFT"
 
 
-def _read_boft(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpoint | None) -> None:
+def _read_boft(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorSource | None) -> None:
     """BOFT: ``boft_R`` ``[N, D, H, H]`` (N butterfly factors of D blocks of size H; D·H = the layer's input size,
     flattened over the kernel for conv) and ``boft_s`` ``[out, 1]`` (conv ``[1, out]``), the output scale."""
     for module, got in parts.items():
@@ -467,7 +467,7 @@ def probe_shapes(upd: Update, shape: tuple[int, ...]) -> tuple[tuple[int, ...], 
     return (1, fan_in), (upd.out, 1)
 
 
-def check_invertible(upd: Update, ckpt: Checkpoint, weight: float, path) -> None:
+def check_invertible(upd: Update, ckpt: TensorSource, weight: float, path) -> None:
     """Refuse an unmerge that cannot be exact: an IA³ factor or a BOFT scale of zero erased what it scaled; BOFT at a
     weight w ≠ 1 mixes W with a rotated and scaled W, whose inverse is no rotation."""
     if upd.how == "scale":
@@ -487,7 +487,7 @@ def check_invertible(upd: Update, ckpt: Checkpoint, weight: float, path) -> None
             raise IncompatibleError(f"{path}: BOFT scale of {upd.module!r} has zeros: the fold erased those rows")
 
 
-def update_delta(upd: Update, ckpt: Checkpoint, kind: str, shape: tuple[int, ...]) -> Tensor:
+def update_delta(upd: Update, ckpt: TensorSource, kind: str, shape: tuple[int, ...]) -> Tensor:
     """ΔW of a LoHa/LoKr module in the base weight's stored layout ``shape`` (float32)."""
     t = {role: ckpt[name] for role, name in upd.tensors.items()}
     if upd.peft_type == "LOHA":
@@ -512,7 +512,7 @@ def update_delta(upd: Update, ckpt: Checkpoint, kind: str, shape: tuple[int, ...
 def apply_update(
     w: Tensor,
     upd: Update,
-    ckpt: Checkpoint,
+    ckpt: TensorSource,
     kind: str,
     *,
     weight: float = 1.0,
@@ -537,14 +537,14 @@ def apply_update(
     return from_rows(kinds.rotate_by(rows, m), kind, shape)
 
 
-def _oft_blocks(upd: Update, ckpt: Checkpoint) -> Tensor:
+def _oft_blocks(upd: Update, ckpt: TensorSource) -> Tensor:
     o = upd.options
     return kinds.oft_blocks(
         ckpt[upd.tensors["R"]], o["block"], neumann=o["neumann"], terms=o["terms"], coft=o["coft"], eps=o["eps"]
     )
 
 
-def _boft_parts(upd: Update, ckpt: Checkpoint) -> tuple[Tensor, Tensor]:
+def _boft_parts(upd: Update, ckpt: TensorSource) -> tuple[Tensor, Tensor]:
     """BOFT's orthogonal blocks ``[N, D, H, H]`` and its output scale ``[out]`` (float32)."""
     return kinds.boft_blocks(ckpt[upd.tensors["boft_R"]]), ckpt[upd.tensors["boft_s"]].float().reshape(-1)
 
@@ -561,7 +561,7 @@ RowKernel = Callable[[Tensor, int, int], None]
 
 
 def row_kernel(
-    upd: Update, ckpt: Checkpoint, kind: str, shape: tuple[int, ...], *, weight: float = 1.0, inverse: bool = False
+    upd: Update, ckpt: TensorSource, kind: str, shape: tuple[int, ...], *, weight: float = 1.0, inverse: bool = False
 ) -> RowKernel | None:
     """The update as an in-place kernel on a float32 block of the stored weight's rows (``math.in_row_blocks_``):
     ``kernel(block, i, j)`` turns rows i..j of W into those of W + w·ΔW (delta), W ⊙ c (IA³, c = 1 + w·(l − 1)) or
@@ -603,7 +603,7 @@ def _scale_kernel(factor: Tensor, *, per_row: bool) -> RowKernel:
     return scale
 
 
-def _delta_kernel(upd: Update, ckpt: Checkpoint, kind: str, shape: tuple[int, ...], weight: float) -> RowKernel:
+def _delta_kernel(upd: Update, ckpt: TensorSource, kind: str, shape: tuple[int, ...], weight: float) -> RowKernel:
     """W + w·ΔW on stored rows, ΔW's rows computed per block from the factors: LoHa's two products row block by row
     block, LoKr's Kronecker product from the rows of W1 that cover the block; an effective-conv LoHa (Tucker) is
     built whole once. Products as PEFT takes them (``kinds.loha_delta``/``lokr_delta``), in float32."""

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import TensorSource
 from weightsmith.errors import IncompatibleError
 from weightsmith.progress import progress
 from weightsmith.report import Report
@@ -29,7 +29,7 @@ from weightsmith.stream import Item, Stored, stream
 from weightsmith.units import format_size
 
 
-def dequantized(ckpt: Checkpoint) -> Checkpoint:
+def dequantized(ckpt: TensorSource) -> TensorSource:
     """``ckpt`` itself when it is float, else its ``DequantizedView`` (``compress.quantize.dequantize``)."""
     from weightsmith.compress.quantize.dequantize import dequantized as _dequantized
 
@@ -107,10 +107,10 @@ def _loss_summary(rows: list[dict], key: str) -> dict:
 
 
 def routes(
-    quantized_base: Checkpoint | str | os.PathLike,
+    quantized_base: TensorSource | str | os.PathLike,
     adapters: Sequence,
     *,
-    float_base: Checkpoint | str | os.PathLike | None = None,
+    float_base: TensorSource | str | os.PathLike | None = None,
     dtype: str | None = None,
 ) -> Report:
     """Measure the three routes for folding a QLoRA adapter (module docstring) without writing anything.
@@ -139,7 +139,7 @@ def routes(
     report = Report("lora routes", output=None)
     with report.timed("total"):
         for name in progress(list(folded.changed), desc="lora routes"):
-            if not base.floats.is_quantized(name):
+            if not base.is_quantized(name):
                 continue
             trained = folded[name].float()  # Ŵ + ΔW
             delta = trained - base[name].float()

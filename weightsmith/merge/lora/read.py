@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weightsmith.checkpoint import Checkpoint
+from weightsmith.checkpoint import Checkpoint, TensorSource
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 from weightsmith.merge.lora.math import lora_scaling
 
@@ -71,7 +71,7 @@ class LoraModule:
 class Adapter:
     """A parsed PEFT LoRA adapter: per-module LoRA factors plus whole tensors that replace base tensors."""
 
-    ckpt: Checkpoint
+    ckpt: TensorSource
     config: dict
     modules: dict[str, LoraModule] = field(default_factory=dict)  # base weight name -> module
     replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor name
@@ -96,12 +96,12 @@ def pattern_value(patterns: dict | None, module: str, default):
     return default
 
 
-def read_adapter(source: Checkpoint | str | os.PathLike, base: Checkpoint | None = None) -> Adapter:
+def read_adapter(source: TensorSource | str | os.PathLike, base: TensorSource | None = None) -> Adapter:
     """Open and validate a PEFT adapter directory (refusing what cannot be folded, with one clear line).
 
     LORA adapters are read here; the other types by ``peft_types.read_typed`` (VeRA needs ``base`` for its layers'
     sizes)."""
-    ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    ckpt = source if isinstance(source, TensorSource) else Checkpoint(source)
     cfg = ckpt.adapter_config
     if cfg is None:
         raise IncompatibleError(f"{ckpt.path}: not a PEFT adapter (no adapter_config.json)")
