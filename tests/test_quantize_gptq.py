@@ -161,6 +161,53 @@ def test_layer_at_a_time_equals_the_fully_loaded_model(llama, quantized):
         assert int((q.int() - q_ref.int()).abs().max()) <= 1, name
 
 
+@pytest.fixture(scope="module")
+def bert(llama) -> Path:
+    """A tiny BERT encoder (2 layers, hidden 64, pooler) with correlated input features, and the byte-level tokenizer:
+    a text encoder like all-MiniLM-L6-v2, calibrated on the same text."""
+    import transformers as tf
+
+    config = tf.BertConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = tf.BertModel(config).eval()
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.add_(torch.randn(1, 64) * 0.05)
+    model.save_pretrained(llama / "bert")
+    byte_level_tokenizer(llama / "bert")
+    return llama / "bert"
+
+
+def test_gptq_on_a_text_encoder(llama, bert):
+    """Encoders are calibrated layer by layer too: each encoder layer's output (in transformers' BertModel, with the
+    dequantized weights) is closer to the float model's with GPTQ than with RTN; the output loads as a BertModel
+    with no bad key and computes what its dequantized float model computes."""
+    report = ws.quantize(bert, llama / "bert-gptq", scheme=_scheme(llama))
+    ws.quantize(bert, llama / "bert-rtn", scheme=Int4(group_size=GROUP))
+    assert len(report.details["gptq"]["tensors"]) == 12  # q, k, v, attention output, intermediate, output × 2
+    models = {"float": load_checked("BertModel", bert)}
+    for label in ("gptq", "rtn"):
+        ws.dequantize(llama / f"bert-{label}", llama / f"bert-{label}-float", force=True)
+        models[label] = load_checked("BertModel", llama / f"bert-{label}-float")
+    errors = {"gptq": [0.0, 0.0], "rtn": [0.0, 0.0]}
+    with torch.no_grad():
+        for ids in _ids(llama):
+            ref = models["float"](input_ids=ids, output_hidden_states=True).hidden_states
+            for label in ("gptq", "rtn"):
+                hidden = models[label](input_ids=ids, output_hidden_states=True).hidden_states
+                for layer in range(2):
+                    errors[label][layer] += float(torch.sum((hidden[layer + 1] - ref[layer + 1]) ** 2))
+    for layer in range(2):
+        assert errors["gptq"][layer] < 0.9 * errors["rtn"][layer], (layer, errors)
+    loaded = load_checked("BertModel", llama / "bert-gptq")  # compressed-tensors decompresses on load
+    ids = _ids(llama)[0]
+    with torch.no_grad():
+        a, b = loaded(input_ids=ids).last_hidden_state, models["gptq"](input_ids=ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
 def test_act_order_loads_and_beats_round_to_nearest(llama, tmp_path):
     report = ws.quantize(llama / "llama", tmp_path / "out", scheme=_scheme(llama, act_order=True))
     assert report.details["gptq"]["output_error_vs_rtn"] < 0.95
@@ -212,8 +259,8 @@ def test_scheme_from_flat_options_and_json():
 
 
 def test_refusals_name_the_problem(llama, tiny_model, tmp_path):
-    with pytest.raises(IncompatibleError, match="decoder-only"):
-        ws.quantize(tiny_model("bert"), tmp_path / "a", scheme=_scheme(llama))
+    with pytest.raises(IncompatibleError, match="decoder-only language models and text encoders"):
+        ws.quantize(tiny_model("gemma"), tmp_path / "a", scheme=_scheme(llama))
     with pytest.raises(CheckpointError, match="no tokenizer"):
         ws.quantize(tiny_model("llama"), tmp_path / "b", scheme=_scheme(llama))
     with pytest.raises(ConfigError, match="calibration file not found"):

@@ -334,6 +334,9 @@ def block_prefixes(names: Iterable[str], anchor: str) -> list[str]:
 # Decoder-only families whose base model is an embedding, a rotary embedding, a list of decoder layers called as
 # layer(hidden, **inputs) and a final norm: what calibration one layer at a time (GPTQ) rebuilds from config.json.
 LAYERWISE_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Encoder families whose base model is embeddings, a list of encoder layers called as layer(hidden, mask, …) and an
+# optional pooler: calibrated the same way (GPTQ of sentence encoders such as all-MiniLM-L6-v2).
+LAYERWISE_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta"})
 
 
 # -- transformers' own facts ------------------------------------------------------------------------------------------

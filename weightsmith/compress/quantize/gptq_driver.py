@@ -1,5 +1,5 @@
-"""GPTQ over a whole checkpoint, one decoder layer at a time: only that layer's weights and the calibration
-activations are in memory.
+"""GPTQ over a whole checkpoint, one layer at a time (the decoder layers of a causal LM, the encoder layers of a text
+encoder): only that layer's weights and the calibration activations are in memory.
 
 1. The model's class is built on the meta device from config.json (no memory). The modules before the first decoder
    layer (the token embedding, the rotary embedding) are materialised from the checkpoint, and the calibration
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightsmith.architecture import LAYERWISE_DECODERS, layer_index, model_type
+from weightsmith.architecture import LAYERWISE_DECODERS, LAYERWISE_ENCODERS, layer_index, model_type
 from weightsmith.checkpoint import TensorSource
 from weightsmith.compress.quantize.gptq import gptq_int4, output_error
 from weightsmith.compress.quantize.int4 import dequantize_int4, pack_module, quantize_int4
@@ -41,10 +41,12 @@ def check_calibrated(ckpt: TensorSource, scheme: Int4) -> None:
 
     assert scheme.gptq is not None
     family = model_type(ckpt.config)
-    if ckpt.config is None or family not in LAYERWISE_DECODERS or not is_causal_lm(ckpt.config):
+    decoder = family in LAYERWISE_DECODERS and is_causal_lm(ckpt.config)
+    if ckpt.config is None or not (decoder or family in LAYERWISE_ENCODERS):
+        families = ", ".join(sorted(LAYERWISE_DECODERS | LAYERWISE_ENCODERS))
         raise IncompatibleError(
-            f"{ckpt.path}: GPTQ runs decoder-only language models layer by layer "
-            f"({', '.join(sorted(LAYERWISE_DECODERS))}); this is {family or 'a model without config.json'}"
+            f"{ckpt.path}: GPTQ runs decoder-only language models and text encoders layer by layer "
+            f"({families}); this is {family or 'a model without config.json'}"
         )
     require_tokenizer(ckpt.path)
     read_texts(scheme.gptq.calibration, what="calibration file")
@@ -201,11 +203,12 @@ def _skeleton(ckpt: TensorSource) -> tuple[nn.Module, str, nn.ModuleList, Any]:
         prefix = ""  # a base model saved without its head
     n = config.num_hidden_layers
     layers_name = next(
-        (name for name, m in base.named_children() if isinstance(m, nn.ModuleList) and len(m) == n), None
-    )
+        (name for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n), None
+    )  # ``layers`` of a decoder, ``encoder.layer`` of an encoder
     if layers_name is None:
-        raise IncompatibleError(f"{ckpt.path}: cannot find the {n} decoder layers of {type(base).__name__}")
-    layers = getattr(base, layers_name)
+        raise IncompatibleError(f"{ckpt.path}: cannot find the {n} layers of {type(base).__name__}")
+    layers = base.get_submodule(layers_name)
+    _rebuild_buffers(base, layers_name, config)  # before the weights: a rebuilt module starts from fresh ones
     outside = {}
     for name, _ in base.named_parameters():
         if not name.startswith(f"{layers_name}."):
@@ -214,7 +217,6 @@ def _skeleton(ckpt: TensorSource) -> tuple[nn.Module, str, nn.ModuleList, Any]:
                 raise CheckpointError(f"{ckpt.path}: tensor {stored!r} is missing (needed to run the calibration)")
             outside[name] = ckpt[stored].float()
     base.load_state_dict(outside, strict=False, assign=True)
-    _rebuild_buffers(base, layers_name, config)
     return base, f"{prefix}{layers_name}.", layers, config
 
 
