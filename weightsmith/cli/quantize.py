@@ -64,7 +64,7 @@ def register(sub) -> None:
 
 def _gptq_options(p) -> None:
     """GPTQ's flags, one per field of the library's GPTQ config (tests/test_quantize_gptq.py checks the match)."""
-    g = p.add_argument_group("int4 GPTQ (calibrated rounding, one decoder layer at a time)")
+    g = p.add_argument_group("int4 GPTQ (calibrated rounding, one layer at a time)")
     g.add_argument("--gptq", action="store_true", help="int4: GPTQ instead of round-to-nearest (needs --calibration)")
     g.add_argument("--calibration", help="GPTQ: text file, one sample per line, tokenised with the model's tokenizer")
     g.add_argument("--damp", type=float, help="GPTQ: diagonal damping as a fraction of mean(diag H) (default 0.01)")

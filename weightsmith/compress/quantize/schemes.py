@@ -92,7 +92,7 @@ class NF4:
 class GPTQ:
     """Calibrated int4 rounding (Frantar et al. 2023, "GPTQ"): each Linear's rounding errors fed back into the
     columns not yet rounded, weighted by the inverse Hessian H = 2XXᵀ of its calibration inputs. The calibration text
-    runs through the model one decoder layer at a time (``gptq_driver.py``); the output layout is plain int4's."""
+    runs through the model one layer at a time (``gptq_driver.py``); the output layout is plain int4's."""
 
     # A UTF-8 text file, one sample per non-empty line, tokenised with the checkpoint's tokenizer.
     calibration: str
