@@ -147,6 +147,14 @@ BAD = [
     ({"steps": [{"export": {"format": "tflite", "task": "causal-lm"}}]}, "format 'tflite'"),
     ({"steps": [{"lora_merge": {"adapters": [{"weight": 1}]}}]}, "recipe step 0 (lora_merge): adapters"),
     ({"steps": [{"prune": {"sparsity": 1.5}}]}, "recipe step 0 (prune): sparsity"),
+    # the other steps against the types of their function's parameters
+    ({"steps": [{"convert": {"dtype": 3}}]}, "recipe step 0 (convert): parameter 'dtype' must be a string or null"),
+    ({"steps": [{"lora_merge": {"adapters": ["a"], "requantize": "yes"}}]}, "'requantize' must be a boolean"),
+    ({"steps": [{"merge": {"merge_method": "linear", "workers": 1.5}}]}, "'workers' must be an integer, got float"),
+    (
+        {"steps": [{"export_gguf": {"type": ["q8_0"]}}]},
+        "recipe step 0 (export_gguf): parameter 'type' must be a string",
+    ),
     # steps whose verb takes a config value are checked by building it
     ({"steps": [{"quantize": {"scheme": "nf4", "group_size": 7}}]}, "recipe step 0 (quantize): nf4: group_size 7"),
     ({"steps": [{"quantize": {"scheme": "int8", "bits": 3}}]}, "recipe step 0 (quantize)"),

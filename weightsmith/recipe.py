@@ -14,8 +14,8 @@ temporary work directory unless they are last. Relative paths are relative to th
 need the network (Wanda or structured pruning, distillation, ONNX export) build the model once from their input.
 In a ``merge`` step, ``"@previous"`` names the output of the step before it.
 Everything is checked before the first step runs (a prune, quantize, distill or export step by building its config
-value, the others against the verb's signature); one Report covers the run, and every step's provenance ends up in
-the output's metadata (safetensors, or the ONNX graph's).
+value, the others against the types of the verb's parameters); one Report covers the run, and every step's
+provenance ends up in the output's metadata (safetensors, or the ONNX graph's).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import importlib
 import inspect
 import os
 import shutil
+from collections import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from weightsmith.checkpoint import check_destination
 from weightsmith.checkpoint.staging import staging_dir, storage_errors
@@ -172,6 +174,7 @@ def _check_params(where: str, step: Step) -> None:
     """Names and simple types against the step function's own signature (the command's parameters)."""
     fn = step.row.resolve()
     sig = inspect.signature(fn)
+    hints = get_type_hints(fn, localns=_type_checking_names())
     reserved = {"out", "force", *([step.row.source] if step.row.source else [])}
     if step.kind == "merge":
         params = {k: v for k, v in step.params.items() if k in _MERGE_RUN_OPTIONS}
@@ -187,7 +190,7 @@ def _check_params(where: str, step: Step) -> None:
                 continue
             accepted = [p for p in sig.parameters if p not in reserved and p != "config"]
             raise ConfigError(f"{where}: {step.label()}: unknown parameter {name!r} (accepted: {', '.join(accepted)})")
-        expected = _accepts(param.annotation, value)
+        expected = _accepts(hints.get(name, Any), value)
         if expected is not None:
             raise ConfigError(
                 f"{where}: {step.label()}: parameter {name!r} must be {expected}, got {type(value).__name__} {value!r}"
@@ -237,54 +240,48 @@ def _check_config(where: str, step: Step, sig: inspect.Signature, params: dict[s
         raise ConfigError(f"{where}: {step.label()}: {exc}") from None
 
 
-# annotation token -> the YAML value types it admits
-_TOKENS: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (int, float),
-    "str": (str,),
-    "bool": (bool,),
-    "None": (type(None),),
-    "os.PathLike": (str,),
-    "torch.dtype": (str,),
-    "TensorSource": (str,),
-    "Scheme": (str,),
+def _type_checking_names() -> dict[str, Any]:
+    """The names step modules import under ``TYPE_CHECKING`` only (so that ``--help`` stays free of torch), for
+    resolving their annotations here, where the steps are about to run."""
+    from weightsmith.checkpoint import TensorSource
+    from weightsmith.report import Report
+
+    return {"TensorSource": TensorSource, "Report": Report}
+
+
+_SCALARS: dict[type, tuple[tuple[type, ...], str]] = {  # a parameter's type -> the YAML values it admits
+    bool: ((bool,), "a boolean"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+    type(None): ((type(None),), "null"),
 }
 
 
-def _accepts(annotation: Any, value: Any) -> str | None:
-    """None when ``value`` fits the (string) annotation, else a description of what is expected."""
-    text = str(annotation).replace("typing.", "")
+def _accepts(hint: Any, value: Any) -> str | None:
+    """None when the YAML ``value`` fits the parameter's type ``hint`` (resolved by ``typing.get_type_hints``), else
+    what is expected. Lists and mappings are checked as such (their items by the function); any other class (a path,
+    a checkpoint, a dtype, a scheme) is spelled in YAML as a string."""
+    members = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
     allowed: list[type] = []
-    names = []
-    for token in (t.strip() for t in _split_union(text)):
-        base = token.split("[", 1)[0]
-        if base in ("Sequence", "list", "tuple"):
-            allowed.append(list)
-            names.append("a list")
-        elif base in ("Mapping", "dict"):
-            allowed.append(dict)
-            names.append("a mapping")
-        elif base in _TOKENS:
-            allowed.extend(_TOKENS[base])
-            names.append({"None": "null", "os.PathLike": "a path"}.get(base, base))
+    names: list[str] = []
+    for member in members:
+        origin = get_origin(member) or member
+        if member in _SCALARS:
+            types_, name = _SCALARS[member]
+        elif origin in (list, tuple, abc.Sequence):
+            types_, name = (list,), "a list"
+        elif origin in (dict, abc.Mapping):
+            types_, name = (dict,), "a mapping"
+        elif isinstance(origin, type):
+            types_, name = (str,), "a string"  # its YAML spelling: a path, a dtype name, a scheme name
         else:
-            return None  # a type we cannot judge from YAML: let the function check it
+            return None  # Any, a type variable, a callable: the function checks it
+        allowed.extend(types_)
+        names.append(name)
     if isinstance(value, bool) and bool not in allowed:
         return " or ".join(dict.fromkeys(names))
     return None if isinstance(value, tuple(allowed)) else " or ".join(dict.fromkeys(names))
-
-
-def _split_union(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "|" and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    return [*parts, current]
 
 
 def _mentions_previous(value: Any) -> bool:
