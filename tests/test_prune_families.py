@@ -35,6 +35,12 @@ FFN = {
         "text": ("text_model.encoder.layers.{i}.mlp.fc2", "text_config.intermediate_size"),
         "vision": ("vision_model.encoder.layers.{i}.mlp.fc2", "vision_config.intermediate_size"),
     },
+    "qwen3": {"": ("model.layers.{i}.mlp.down_proj", "intermediate_size")},
+    "gemma2": {"": ("model.layers.{i}.mlp.down_proj", "intermediate_size")},
+    "opt": {"": ("model.decoder.layers.{i}.fc2", "ffn_dim")},
+    "roberta": {"": ("roberta.encoder.layer.{i}.output.dense", "intermediate_size")},
+    "distilbert": {"": ("distilbert.transformer.layer.{i}.ffn.lin2", "hidden_dim")},
+    "gpt_neox": {"": ("gpt_neox.layers.{i}.mlp.dense_4h_to_h", "intermediate_size")},
 }
 
 
@@ -102,13 +108,27 @@ def test_vit_heads_pruned_loads_and_equals_the_masked_original(tmp_path):
     assert float((output(small.eval(), batch) - output(ref, batch)).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma2"])
+def test_decoder_heads_pruned_loads_and_equals_the_masked_original(name, tmp_path):
+    """Qwen3 (per-head q/k norms) and Gemma 2 (explicit head_dim) lose query heads within each key/value group: 4
+    query heads over 2 key/value heads keep one query head per group."""
+    src = _saved(name, tmp_path)
+    report = ws.prune(src, tmp_path / "out", StructuredHeads(keep_heads=2))
+    small = load_checked(model_class(name), tmp_path / "out")
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 2)
+    ref = model_class(name).from_pretrained(src).eval()
+    _zero_removed(ref, report.details["kept"], "", "model.layers.{i}.self_attn.o_proj", 4, head_dim=16)
+    batch = inputs(name)
+    assert float((output(small.eval(), batch) - output(ref, batch)).abs().max()) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "name, config, message",
     [
         ("t5", StructuredHeads(ratio=0.5), "head pruning of t5 is not supported"),
-        ("clip", StructuredHeads(ratio=0.5), "heads: llama, mistral, qwen2, vit"),
+        ("clip", StructuredHeads(ratio=0.5), "heads: llama, mistral, qwen2, qwen3, gemma, gemma2, vit"),
         ("vit", StructuredFFN(ratio=0.5, calibration="c.txt"), "activation scoring runs calibration text"),
-        ("gpt2", StructuredFFN(ratio=0.5), "structured pruning supports llama, mistral, qwen2, bert, vit, t5, bart"),
+        ("gpt2", StructuredFFN(ratio=0.5), "structured pruning supports llama, mistral, qwen2, qwen3, gemma, gemma2"),
     ],
 )
 def test_unsupported_combinations_refuse_in_one_line(name, config, message, tmp_path):

@@ -225,7 +225,10 @@ BERT_UNITS = Units(
     "attention.output.dense",
     heads=False,
 )
-UNITS = {"llama": LLAMA_UNITS, "mistral": LLAMA_UNITS, "qwen2": LLAMA_UNITS, "bert": BERT_UNITS}
+UNITS = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), LLAMA_UNITS),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta"), BERT_UNITS),
+}
 # ViT's files keep BERT-style names (transformers 5 renames them on load); its head size is read from `head_dim`
 # when the config has one, so fewer heads load.
 VIT_UNITS = Units(
@@ -261,6 +264,26 @@ T5_DECODER_UNITS = Units(
 # BART, Whisper (fc1/fc2 in the block) and CLIP (mlp.fc1/fc2): head counts come from hidden_size / heads.
 FC_UNITS = Units(("fc1",), ("fc2",), "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                  heads=False)  # fmt: skip
+# OPT's decoder blocks hold fc1/fc2 beside self_attn.*_proj, as BART's do; its width key is `ffn_dim`.
+DISTILBERT_UNITS = Units(
+    ("ffn.lin1",),
+    ("ffn.lin2",),
+    "attention.q_lin",
+    "attention.k_lin",
+    "attention.v_lin",
+    "attention.out_lin",
+    heads=False,
+)
+# GPT-NeoX fuses q, k and v into one projection: its FFN is pruned, its heads are not.
+NEOX_UNITS = Units(
+    ("mlp.dense_h_to_4h",),
+    ("mlp.dense_4h_to_h",),
+    "attention.query_key_value",
+    "attention.query_key_value",
+    "attention.query_key_value",
+    "attention.dense",
+    heads=False,
+)
 CLIP_UNITS = Units(
     ("mlp.fc1",),
     ("mlp.fc2",),
@@ -303,6 +326,9 @@ _BART = (("encoder_ffn_dim", "encoder_attention_heads"), ("decoder_ffn_dim", "de
 PRUNE_FAMILIES: dict[str, PruneFamily] = {
     **{t: PruneFamily((Stack(u),)) for t, u in UNITS.items()},
     "vit": PruneFamily((Stack(VIT_UNITS),), text=False),
+    "opt": PruneFamily((Stack(FC_UNITS, ffn_width="ffn_dim"),)),
+    "distilbert": PruneFamily((Stack(DISTILBERT_UNITS, ffn_width="hidden_dim", heads="n_heads"),)),
+    "gpt_neox": PruneFamily((Stack(NEOX_UNITS),)),
     "t5": _seq2seq(T5_ENCODER_UNITS, T5_DECODER_UNITS, ("d_ff", "num_heads"), ("d_ff", "num_heads")),
     "bart": _seq2seq(FC_UNITS, FC_UNITS, *_BART),
     "whisper": _seq2seq(FC_UNITS, FC_UNITS, *_BART),
