@@ -20,7 +20,13 @@ from _common import ENV, PY, WORK, measure, table, write_section
 HERE = Path(__file__).resolve().parent
 SRC = WORK / "gguf_llama_500m"
 LLAMACPP = WORK / "llamacpp"
-LLAMA_CPP_SITE = LLAMACPP / "site"  # `pip install --target` of the sdist (built in the background: minutes)
+# `pip install --target` of the sdist and of diskcache, which llama_cpp imports (a build of ~30 minutes on 2 cores,
+# started by hand, not by this bench):
+#   CMAKE_ARGS="-DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1 \
+#     -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DGGML_OPENMP=OFF" \
+#   .venv/bin/python -m pip install --no-deps --target bench/_work/llamacpp/site \
+#     bench/_work/llamacpp/llama_cpp_python-*/ diskcache
+LLAMA_CPP_SITE = LLAMACPP / "site"
 TRAINED = WORK / "gguf_greedy"  # a copy of quantize_bench's trained byte-level Llama, with its byte tokenizer
 
 
