@@ -165,3 +165,31 @@ def test_docs_method_table_is_the_table():
     embedded = doc.split("<!-- method-table:start -->\n", 1)[1].split("\n<!-- method-table:end -->", 1)[0]
     assert embedded == table.markdown()
     assert set(table.names()) >= {"sce", "karcher", "multislerp", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+
+
+def test_block_wise_selection_matches_mergekit_on_a_large_tensor():
+    """Past the size where the thresholds are found from a sample and a bracket (sparsify.count_cut), SCE's variance
+    selection and Arcee Fusion's quantiles still equal mergekit's own helpers (float32 inputs: bf16 ones tie at SCE's
+    variance threshold, where mergekit keeps whichever torch.topk returns and weightsmith the lower index)."""
+    if not mergekit_available():
+        pytest.skip("mergekit is not installed")
+    from mergekit.merge_methods.arcee_fusion import DynamicThresholdFusion, _compute_importance
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.merge_methods.sce import sce_mask, sce_weight
+
+    g = torch.Generator().manual_seed(0)
+    base = 0.02 * torch.randn(640, 1000, generator=g)  # 640k entries: above count_cut's exact size
+    tuned = [base + 0.002 * torch.randn(640, 1000, generator=g) for _ in range(3)]
+    b, ts = base, tuned
+
+    tvs = torch.stack([t - b for t in ts])
+    tvs = tvs * sce_mask(tvs, 0.4, torch.float32).unsqueeze(0)
+    erased = sce_weight(tvs).view(-1, 1, 1) * get_mask(tvs, method="sum", mask_dtype=torch.float32)
+    expected = b + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+    got = selective.sce(base, tuned, select_topk=0.4)
+    assert (got - expected).abs().max() <= 1e-6
+
+    got = selective.arcee_fusion(base.bfloat16(), tuned[0].bfloat16(), out_dtype=torch.bfloat16)
+    b16, t16 = base.bfloat16().float(), tuned[0].bfloat16().float()  # bf16 in and out: mergekit in float32 on them
+    mask, _ = DynamicThresholdFusion().compute_fusion_mask(_compute_importance(t16, b16))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (b16 + (t16 - b16) * mask).bfloat16())

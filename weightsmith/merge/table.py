@@ -336,6 +336,7 @@ _ROWS += [
 _ROWS += [
     Method(
         name="sce",
+        native=True,
         function="weightsmith.merge.selective:sce",
         shape="base_models",
         base="required",
@@ -350,6 +351,7 @@ _ROWS += [
     ),
     Method(
         name="karcher",
+        native=True,
         function="weightsmith.merge.spherical:karcher",
         shape="models",
         base="input",
@@ -363,6 +365,7 @@ _ROWS += [
     ),
     Method(
         name="multislerp",
+        native=True,
         function="weightsmith.merge.spherical:multislerp",
         shape="models",
         base="optional",
@@ -378,6 +381,7 @@ _ROWS += [
     ),
     Method(
         name="nearswap",
+        native=True,
         function="weightsmith.merge.selective:nearswap",
         shape="base_other",
         base="required",
@@ -388,6 +392,7 @@ _ROWS += [
     ),
     Method(
         name="arcee_fusion",
+        native=True,
         function="weightsmith.merge.selective:arcee_fusion",
         shape="base_other",
         base="required",
@@ -397,6 +402,7 @@ _ROWS += [
     ),
     Method(
         name="ram",
+        native=True,
         function="weightsmith.merge.selective:ram",
         shape="base_models",
         base="required",
@@ -407,6 +413,7 @@ _ROWS += [
     ),
     Method(
         name="ramplus_tl",
+        native=True,
         function="weightsmith.merge.selective:ramplus_tl",
         shape="base_models",
         base="required",

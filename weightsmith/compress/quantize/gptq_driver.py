@@ -1,5 +1,5 @@
-"""GPTQ over a whole checkpoint, one layer at a time (the decoder layers of a causal LM, the encoder layers of a text
-encoder): only that layer's weights and the calibration activations are in memory.
+"""GPTQ over a whole checkpoint, one decoder layer at a time: only that layer's weights and the calibration
+activations are in memory (the layer-at-a-time machinery is ``weightsmith.layerwise``).
 
 1. The model's class is built on the meta device from config.json (no memory). The modules before the first decoder
    layer (the token embedding, the rotary embedding) are materialised from the checkpoint, and the calibration
@@ -30,7 +30,8 @@ from weightsmith.compress.quantize.int4 import dequantize_int4, pack_module, qua
 from weightsmith.compress.quantize.schemes import GPTQ, Int4
 from weightsmith.compress.quantize.targets import Plan
 from weightsmith.compress.quantize.view import QuantizedView
-from weightsmith.errors import CheckpointError, ConfigError, IncompatibleError
+from weightsmith.errors import ConfigError, IncompatibleError
+from weightsmith.layerwise import capture, layer_output, load_layer, skeleton
 
 __all__ = ["GPTQView", "LayerwiseGPTQ", "check_calibrated"]
 
@@ -87,26 +88,6 @@ def _layer_major(names: list[str]) -> list[str]:
     return names[:first] + in_layers + [name for name in rest if layer_index(name) is None]
 
 
-class _Stop(Exception):
-    """Raised by the last layer's catcher: the calibration pass needs nothing after the decoder layers."""
-
-
-class _Catcher(nn.Module):
-    """Decoder layer ``index``'s stand-in during the capture pass: records its inputs, passes the hidden states on."""
-
-    def __init__(self, index: int, last: bool, layer: nn.Module, record: list[dict[str, Any]]):
-        super().__init__()
-        self.index, self.last, self.record = index, last, record
-        if hasattr(layer, "attention_type"):  # models that pick the layer's mask by its attention type
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden, *args, **kwargs):
-        self.record.append({"hidden": hidden, "args": args, "kwargs": kwargs})
-        if self.last:
-            raise _Stop
-        return hidden
-
-
 class LayerwiseGPTQ:
     """The calibration state of one GPTQ run over ``ckpt``: the activations entering the next layer, and the stored
     int4 tensors of the layer computed last. ``layer(i)`` advances through the layers up to ``i``."""
@@ -115,10 +96,10 @@ class LayerwiseGPTQ:
         assert scheme.gptq is not None
         self.ckpt, self.scheme, self.gptq, self.device = ckpt, scheme, scheme.gptq, torch.device(device)
         self.targets = set(targets)
-        base, self.prefix, self.layers, config = _skeleton(ckpt)
+        base, self.prefix, self.layers, config = skeleton(ckpt)
         samples = _calibration_ids(ckpt, self.gptq)
         self.tokens = sum(int(ids.shape[1]) for ids in samples)
-        self.hidden, self.inputs = _capture(base, self.layers, samples, self.device)
+        self.hidden, self.inputs = capture(base, self.layers, samples, self.device)
         del base
         self.next = 0
         self.parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -147,7 +128,7 @@ class LayerwiseGPTQ:
 
     def _run(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
         layer = self.layers[index]
-        _load_layer(layer, self.ckpt, f"{self.prefix}{index}.", self.device)
+        load_layer(layer, self.ckpt, f"{self.prefix}{index}.", self.device)
         linears = {
             f"{self.prefix}{index}.{name}.weight": module
             for name, module in layer.named_modules()
@@ -159,7 +140,7 @@ class LayerwiseGPTQ:
         for name, module in linears.items():
             parts[name] = self._quantize(name, module, hessians.pop(name))
         with torch.no_grad():
-            self.hidden = [_output(layer(h, *x["args"], **x["kwargs"])) for h, x in zip(self.hidden, inputs)]
+            self.hidden = [layer_output(layer(h, *x["args"], **x["kwargs"])) for h, x in zip(self.hidden, inputs)]
         self.inputs[index] = []
         self.layers[index] = layer.to("meta")  # free the layer's weights
         return parts
@@ -186,55 +167,6 @@ class LayerwiseGPTQ:
         return pack_module(q.cpu(), scale.cpu(), None if zero is None else zero.cpu())
 
 
-def _skeleton(ckpt: TensorSource) -> tuple[nn.Module, str, nn.ModuleList, Any]:
-    """The checkpoint's base model on the meta device with everything outside the decoder layers materialised;
-    the name prefix of the layers (``model.layers.``) and the layer list."""
-    import transformers
-
-    config = transformers.AutoConfig.for_model(**dict(ckpt.config or {}))
-    arch = next((a for a in (ckpt.config or {}).get("architectures") or [] if hasattr(transformers, a)), None)
-    if arch is None:
-        raise IncompatibleError(f"{ckpt.path}: config.json names no transformers model class in 'architectures'")
-    with torch.device("meta"):
-        model = getattr(transformers, arch)(config)
-    base = model.base_model
-    prefix = f"{model.base_model_prefix}." if base is not model else ""
-    if not any(name.startswith(prefix) for name in ckpt):
-        prefix = ""  # a base model saved without its head
-    n = config.num_hidden_layers
-    layers_name = next(
-        (name for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n), None
-    )  # ``layers`` of a decoder, ``encoder.layer`` of an encoder
-    if layers_name is None:
-        raise IncompatibleError(f"{ckpt.path}: cannot find the {n} layers of {type(base).__name__}")
-    layers = base.get_submodule(layers_name)
-    _rebuild_buffers(base, layers_name, config)  # before the weights: a rebuilt module starts from fresh ones
-    outside = {}
-    for name, _ in base.named_parameters():
-        if not name.startswith(f"{layers_name}."):
-            stored = f"{prefix}{name}"
-            if stored not in ckpt:
-                raise CheckpointError(f"{ckpt.path}: tensor {stored!r} is missing (needed to run the calibration)")
-            outside[name] = ckpt[stored].float()
-    base.load_state_dict(outside, strict=False, assign=True)
-    return base, f"{prefix}{layers_name}.", layers, config
-
-
-def _rebuild_buffers(base: nn.Module, layers_name: str, config: Any) -> None:
-    """Modules outside the layers whose buffers are computed at construction (rotary ``inv_freq``), built again on
-    the CPU: the meta device left them without values."""
-    for name, module in list(base.named_modules()):
-        if name.startswith(layers_name) or not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        parent, _, attr = name.rpartition(".")
-        try:
-            fresh = type(module)(config=config)
-        except TypeError as exc:
-            why = f"{type(base).__name__}: cannot rebuild {name!r} off the meta device ({exc})"
-            raise IncompatibleError(why) from None
-        setattr(base.get_submodule(parent) if parent else base, attr, fresh)
-
-
 def _calibration_ids(ckpt: TensorSource, gptq: GPTQ) -> list[torch.Tensor]:
     from weightsmith.evaluation import encode, load_tokenizer, read_texts
 
@@ -243,53 +175,6 @@ def _calibration_ids(ckpt: TensorSource, gptq: GPTQ) -> list[torch.Tensor]:
     if not samples:
         raise ConfigError(f"{gptq.calibration}: calibration file encodes to no tokens")
     return samples
-
-
-def _capture(
-    base: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor], device: torch.device
-) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
-    """Run the samples through the materialised embedding with every layer a catcher: the hidden states entering
-    layer 0 (one [1, T, hidden] per sample) and each layer's other inputs per sample, all on ``device``."""
-    records: list[list[dict[str, Any]]] = [[] for _ in layers]
-    originals = list(layers)
-    for i, layer in enumerate(originals):
-        layers[i] = _Catcher(i, i == len(originals) - 1, layer, records[i])
-    try:
-        with torch.no_grad():
-            for ids in samples:
-                try:
-                    base(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    hidden = [_to(r["hidden"], device) for r in records[0]]
-    inputs = [[{"args": _to(r["args"], device), "kwargs": _to(r["kwargs"], device)} for r in rec] for rec in records]
-    return hidden, inputs
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    """Tensors inside tuples, lists and dicts moved to ``device`` (other values as they are)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _load_layer(layer: nn.Module, ckpt: TensorSource, prefix: str, device: torch.device) -> None:
-    """The layer's parameters read from the checkpoint (float32, on ``device``) into the meta module."""
-    names = list(layer.state_dict())
-    missing = [f"{prefix}{k}" for k in names if f"{prefix}{k}" not in ckpt]
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: tensor {missing[0]!r} is missing ({len(missing)} of the layer's)")
-    state = {k: ckpt[f"{prefix}{k}"].to(device=device, dtype=torch.float32) for k in names}
-    layer.load_state_dict(state, strict=True, assign=True)
-    if any(b.is_meta for b in layer.buffers()):
-        raise IncompatibleError(f"{ckpt.path}: layer {prefix!r} holds buffers that are not in the checkpoint")
 
 
 def _hessians(
@@ -316,7 +201,3 @@ def _hessians(
         for handle in handles:
             handle.remove()
     return {name: 2 * sums[name] / counts[name] for name in linears}
-
-
-def _output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
