@@ -1,7 +1,7 @@
 """GGUF export: `weightsmith export gguf` against llama.cpp's own `convert_hf_to_gguf.py` (from the llama-cpp-python
 sdist, with the gguf-py it vendors) on a Llama-shaped bf16 checkpoint of ~500 MB built here: wall, peak RSS and file
 bytes for f16 and q8_0. Then, where llama-cpp-python has been built (bench/_work/llamacpp/site, see
-``LLAMA_CPP_SITE``), the greedy tokens llama.cpp generates from weightsmith's F16 and Q8_0 files of a small trained
+``LLAMA_CPP_SITE``), the greedy tokens llama.cpp generates from weightsmith's F16 and Q8_0 files of a small
 model against transformers' own greedy generation.
 
 Run: .venv/bin/python bench/gguf_bench.py   (updates the "gguf" section of bench/RESULTS.md)
@@ -27,7 +27,6 @@ LLAMACPP = WORK / "llamacpp"
 #   .venv/bin/python -m pip install --no-deps --target bench/_work/llamacpp/site \
 #     bench/_work/llamacpp/llama_cpp_python-*/ diskcache
 LLAMA_CPP_SITE = LLAMACPP / "site"
-TRAINED = WORK / "gguf_greedy"  # a copy of quantize_bench's trained byte-level Llama, with its byte tokenizer
 
 
 def converter() -> Path | None:
@@ -132,24 +131,37 @@ print(json.dumps(out))
 """
 
 
+GREEDY_MODEL = """
+import sys, torch, transformers as tf
+sys.path.insert(0, sys.argv[2])
+from _tokenizers import byte_level_tokenizer
+cfg = tf.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                     tie_word_embeddings=False, initializer_range=0.08)
+torch.manual_seed(0)
+tf.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
+byte_level_tokenizer(sys.argv[1])
+"""
+
+
 def greedy_table() -> str:
-    """llama.cpp's greedy tokens from weightsmith's F16 / Q8_0 GGUF of a small trained model vs transformers'."""
+    """llama.cpp's greedy tokens from weightsmith's F16 / Q8_0 GGUF of a small Llama (random weights, byte-level
+    BPE tokenizer with merges) vs transformers' own greedy generation."""
     if not (LLAMA_CPP_SITE / "llama_cpp").is_dir():
-        status = (LLAMACPP / "build.status").read_text().strip() if (LLAMACPP / "build.status").exists() else "absent"
-        return f"llama-cpp-python is not built here (build status: {status}): no greedy-generation check."
-    trained = WORK / "gptq_quality" / "float"
-    if not (trained / "config.json").is_file():
-        return "The trained model of quantize_bench.py's GPTQ section is absent: run that first."
+        return "llama-cpp-python is not built here (see LLAMA_CPP_SITE in bench/gguf_bench.py): no greedy check."
+    model = WORK / "gguf_greedy_llama"
+    if not (model / "config.json").is_file():
+        subprocess.run([PY, "-c", GREEDY_MODEL, str(model), str(HERE.parent / "tests")], check=True, env=ENV)
     files = []
     for kind in ("f16", "q8_0"):
         f = WORK / f"greedy_{kind}.gguf"
-        subprocess.run([PY, "-m", "weightsmith.cli", "export", "gguf", str(trained), "-o", str(f), "--type", kind,
+        subprocess.run([PY, "-m", "weightsmith.cli", "export", "gguf", str(model), "-o", str(f), "--type", kind,
                         "--force"], check=True, env=ENV, capture_output=True)  # fmt: skip
         files.append(str(f))
     env = {**ENV, "PYTHONPATH": str(LLAMA_CPP_SITE)}
     rows = []
-    for prompt in ("The function returns", "Parameters\n----------\n"):
-        proc = subprocess.run([PY, "-c", GREEDY, str(trained), prompt, "32", *files], env=env, capture_output=True,
+    for prompt in ("The function returns", "Parameters of the model", "A tokenizer splits text"):
+        proc = subprocess.run([PY, "-c", GREEDY, str(model), prompt, "32", *files], env=env, capture_output=True,
                               text=True)  # fmt: skip
         if proc.returncode:
             return f"llama.cpp greedy check failed: {proc.stderr.strip().splitlines()[-1][:300]}"
@@ -172,9 +184,10 @@ def main() -> None:
         "tokenizer. Whole process (imports included), one run each, 2 shared CPU cores."
     )
     greedy_intro = (
-        "Greedy generation: the byte-level Llama trained by quantize_bench.py (0.9M parameters), exported by "
-        "weightsmith, run by llama-cpp-python (built here from its sdist), 32 new tokens against transformers' "
-        "`generate(do_sample=False)`."
+        "Greedy generation: a Llama built here (4 layers, hidden 256, GQA 8/4, random weights) with a byte-level "
+        "BPE tokenizer of 320 tokens, exported by weightsmith, run by llama-cpp-python (built here from its sdist): "
+        "32 new tokens against transformers' `generate(do_sample=False)` in float32. Q8_0 rounds the weights, so "
+        "its tokens may part from float32's where two logits are close."
     )
     write_section(
         "gguf",

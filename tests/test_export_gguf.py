@@ -206,6 +206,34 @@ def test_refuses_architectures_llama_cpp_does_not_know(tiny_model, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_refuses_a_bpe_vocabulary_without_merges(tiny_model, tmp_path):
+    """llama.cpp refuses to load a BPE vocabulary without the merges key, and gguf-py cannot write an empty one: the
+    export says so in one line instead of writing a file llama.cpp will not open."""
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), src)
+    byte_level_tokenizer(src, vocab_size=256)  # the 256 byte tokens alone: no merges
+    assert json.loads((src / "tokenizer.json").read_text())["model"]["merges"] == []
+    with pytest.raises(IncompatibleError, match="a BPE vocabulary without merges, which llama.cpp cannot load"):
+        ws.export.gguf(src, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    "value, kind, message", [(float("nan"), "q8_0", "holds NaN or Inf"), (1e6, "f16", "overflows float16")]
+)
+def test_refuses_values_the_type_cannot_hold(tiny_model, tmp_path, value, kind, message):
+    """A NaN, or a value past float16's range in an F16 export, is refused by name while the tensor is being written
+    (a chunk at a time); the partial file is removed."""
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), src)
+    tensors = dict(ws.open(src).items())
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    ws.save(tensors, src, config=ws.open(src).config, force=True)
+    with pytest.raises(ws.WeightsmithError, match=rf"'model.layers.1.mlp.down_proj.weight' {message}"):
+        ws.export.gguf(src, tmp_path / "m.gguf", type=kind)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_refuses_existing_file_without_force(tiny_model, tmp_path):
     out = tmp_path / "x.gguf"
     out.write_bytes(b"keep")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightsmith.errors import CheckpointError
+from weightsmith.errors import CheckpointError, IncompatibleError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -101,6 +101,10 @@ def read_vocab(directory: Path, model_type: str, vocab_size: int) -> Vocab | Non
     merges = None
     if not spm:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        if not merges:  # gguf-py does not write an empty array, and llama.cpp will not load a BPE without the key
+            raise IncompatibleError(
+                f"{directory / 'tokenizer.json'}: a BPE vocabulary without merges, which llama.cpp cannot load"
+            )
     add_bos, add_eos = tc.get("add_bos_token"), tc.get("add_eos_token")
     if add_bos is None:  # not in tokenizer_config.json: what tokenizer.json's post-processor does
         add_bos = _template_adds(tj.get("post_processor"), _content(tc.get("bos_token")), first=True)

@@ -2,8 +2,9 @@
 ``GGUFWriter`` — the llama.cpp project's own writer.
 
 Streamed: the header, metadata and tensor infos are written first (every tensor's type and byte count is known from
-its shape), then each tensor is read, transformed, quantised and appended; memory stays at about one tensor. The
-file is written beside the destination and renamed into place at the end.
+its shape), then each tensor is read, transformed and appended, quantised a chunk of rows at a time; memory stays at
+one tensor as stored plus a 16 MB float32 chunk. The file is written beside the destination and renamed into place
+at the end.
 
 Types are llama.cpp's ``--outtype`` values: f32, f16, bf16 and the block quantisations gguf-py computes (q8_0,
 q4_0, q4_1, q5_0, q5_1; 32 weights per block). Norms and biases stay f32, as llama.cpp keeps them; a 2-D weight whose
@@ -195,16 +196,13 @@ def _plans(gg: Any, ckpt: Any, names: dict[str, str], kind: str) -> tuple[dict[s
 def _write_tensor(
     gg: Any, writer: Any, path: Path, name: str, target: str, tensor: torch.Tensor, plan: Any, arch: Any, config: dict
 ) -> dict[str, Any]:
-    """Encode one tensor in its planned type and append it to the file; returns its report row."""
+    """Encode one tensor in its planned type and append it to the file, a chunk of rows at a time; returns its
+    report row."""
     t, _, nbytes = plan
-    w = _to_llama_cpp(name, tensor, arch, config)
-    if not torch.isfinite(w).all():
-        raise NumericalError(f"{path}: tensor {name!r} holds NaN or Inf; refusing to export it")
-    data, rel = _encode(gg, w, t)
-    if t == gg.GGMLQuantizationType.F16 and not np.isfinite(data).all():
-        raise NumericalError(f"{path}: tensor {name!r} overflows float16; use `type` bf16 or f32")
-    writer.write_tensor_data(data)
+    encoded = _Encoded(gg, path, name, _to_llama_cpp(name, tensor, arch, config), t, nbytes)
+    writer.write_tensor_data(encoded)
     row = {"name": name, "gguf": target, "type": t.name, "bytes": nbytes}
+    rel = encoded.rel_error()
     if rel is not None:
         row["rel_error"] = rel
     return row
@@ -291,41 +289,60 @@ def _write_special_ids(writer: Any, config: dict, vocab: Any) -> None:
 
 
 def _to_llama_cpp(name: str, w: torch.Tensor, arch: Any, config: dict) -> torch.Tensor:
-    """A transformers tensor in llama.cpp's convention, float32: q/k rows permuted (Llama), norms + 1 (Gemma)."""
-    w = w.float()
+    """A transformers tensor in llama.cpp's convention, in its stored dtype: q/k rows permuted (Llama), norms + 1
+    (Gemma, in float32: the norms are small)."""
     heads = qk_heads(name, config) if arch.permute_qk else None
     if heads is not None:
         w = permute_qk(w, heads)
     if arch.norm_offset and is_norm(name):
-        w = w + arch.norm_offset
+        w = w.float() + arch.norm_offset
     return w.contiguous()
 
 
-_CHUNK = 4 * 2**20  # elements per quantisation chunk (16 MB of float32): gguf-py's temporaries stay this size
+_CHUNK = 4 * 2**20  # elements per chunk (16 MB of float32): the float copies of a large embedding stay this size
 
 
-def _encode(gg: Any, w: torch.Tensor, t: Any) -> tuple[np.ndarray, float | None]:
-    """The bytes (or float array) gguf-py writes for ``w`` as type ``t``, and the relative error of a block type.
+class _Encoded:
+    """One tensor's GGUF bytes, computed and written a chunk of rows at a time when gguf-py's writer asks for them
+    (``write_tensor_data`` needs only ``nbytes`` and ``tofile``), so no float32 copy of a whole embedding is made.
 
-    Block types are quantised a chunk of rows at a time (blocks never straddle rows, so the bytes are those of one
-    ``gguf.quantize`` call on the whole tensor) to keep gguf-py's float temporaries small next to a large embedding.
-    """
-    x = w.numpy()
-    if t == gg.GGMLQuantizationType.F32:
-        return x, None
-    if t == gg.GGMLQuantizationType.F16:
-        return x.astype(np.float16), None
-    rows = x.reshape(-1, x.shape[-1])
-    step = max(1, _CHUNK // rows.shape[1])
-    parts, err2, norm2 = [], 0.0, 0.0
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start : start + step]
+    Each chunk is cast to float32, checked finite, then written as F32, F16 (checked for overflow) or quantised by
+    ``gguf.quantize`` (blocks never straddle rows, so the bytes are those of one call on the whole tensor); block
+    types also sum the squared error for the report's ‖W − Q(W)‖/‖W‖."""
+
+    def __init__(self, gg: Any, path: Path, name: str, w: torch.Tensor, t: Any, nbytes: int):
+        self.gg, self.path, self.name, self.w, self.t, self.nbytes = gg, path, name, w, t, nbytes
+        self.err2, self.norm2 = 0.0, 0.0
+
+    def tofile(self, fout: Any) -> None:
+        rows = self.w.reshape(-1, self.w.shape[-1]) if self.w.dim() else self.w.reshape(1, 1)
+        step = max(1, _CHUNK // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            self._encode(rows[start : start + step].float().numpy()).tofile(fout)
+
+    def _encode(self, chunk: np.ndarray) -> np.ndarray:
+        gg, t = self.gg, self.t
+        if not np.isfinite(chunk).all():
+            raise NumericalError(f"{self.path}: tensor {self.name!r} holds NaN or Inf; refusing to export it")
+        if t == gg.GGMLQuantizationType.F32:
+            return chunk
+        if t == gg.GGMLQuantizationType.F16:
+            half = chunk.astype(np.float16)
+            if not np.isfinite(half).all():
+                raise NumericalError(f"{self.path}: tensor {self.name!r} overflows float16; use `type` bf16 or f32")
+            return half
         q = gg.quantize(chunk, t)
-        parts.append(q)
         if t != gg.GGMLQuantizationType.BF16:
-            err2 += float(np.square(chunk - gg.dequantize(q, t), dtype=np.float64).sum())
-            norm2 += float(np.square(chunk, dtype=np.float64).sum())
-    data = np.concatenate(parts).reshape(*x.shape[:-1], -1)
-    if t == gg.GGMLQuantizationType.BF16:
-        return data, None
-    return data, (float(np.sqrt(err2 / norm2)) if norm2 else (0.0 if err2 == 0 else float("inf")))
+            self.err2 += float(np.square(chunk - gg.dequantize(q, t), dtype=np.float64).sum())
+            self.norm2 += float(np.square(chunk, dtype=np.float64).sum())
+        return q
+
+    def rel_error(self) -> float | None:
+        """‖W − Q(W)‖ / ‖W‖ of a block type (None for F32, F16, BF16); known once the tensor is written."""
+        if self.t in (self.gg.GGMLQuantizationType.F32, self.gg.GGMLQuantizationType.F16):
+            return None
+        if self.t == self.gg.GGMLQuantizationType.BF16:
+            return None
+        if self.norm2:
+            return float(np.sqrt(self.err2 / self.norm2))
+        return 0.0 if self.err2 == 0 else float("inf")
