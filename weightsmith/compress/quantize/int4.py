@@ -13,6 +13,8 @@ W ≈ (q − z)·s.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from weightsmith.compress.quantize.int8 import ct_args, ct_quantization_config
@@ -68,25 +70,32 @@ def dequantize_int4(
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 codes [rows, cols] in [−8, 7] → int32 [rows, ⌈cols/8⌉]: q + 8 in four bits, code j of a word at bits
-    4j…4j+3 (little-endian nibbles), rows padded with zero codes; compressed-tensors' ``pack_to_int32(q, 4)``."""
+    4j…4j+3 (little-endian nibbles), rows padded with zero nibbles; compressed-tensors' ``pack_to_int32(q, 4)``.
+
+    Two codes per byte (the even one in the low nibble), four bytes per word read as one little-endian int32: byte
+    operations on the codes, no 64-bit temporaries."""
     rows, cols = q.shape
-    u = (q.to(torch.int64) + 8) & 0xF
+    u = (q + 8).to(torch.uint8)  # [0, 15]
     pad = -cols % 8
     if pad:
-        u = torch.nn.functional.pad(u, (0, pad))
-    u = u.reshape(rows, -1, 8)
-    word = torch.zeros(u.shape[:2], dtype=torch.int64)
-    for j in range(8):
-        word |= u[..., j] << (4 * j)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+        u = torch.nn.functional.pad(u, (0, pad))  # zero nibbles, as compressed-tensors pads
+    byte = u[:, 0::2] | (u[:, 1::2] << 4)  # [rows, cols/2]
+    return _as_little_endian(byte.contiguous()).view(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The inverse of ``pack_int4``: int32 [rows, ⌈cols/8⌉] → int8 codes ``shape``."""
     rows, cols = shape
-    word = packed.to(torch.int64) & 0xFFFFFFFF
-    u = torch.stack([(word >> (4 * j)) & 0xF for j in range(8)], dim=-1).reshape(rows, -1)
-    return (u[:, :cols] - 8).to(torch.int8)
+    byte = _as_little_endian(packed.contiguous().view(torch.uint8)).reshape(rows, -1)
+    u = torch.stack([byte & 0xF, byte >> 4], dim=-1).reshape(rows, -1)
+    return u[:, :cols].to(torch.int8) - 8
+
+
+def _as_little_endian(byte: torch.Tensor) -> torch.Tensor:
+    """``byte`` as is: the int32 ↔ byte views above assume a little-endian machine (every platform torch ships)."""
+    if sys.byteorder != "little":
+        raise NotImplementedError("int4 packing assumes a little-endian machine")
+    return byte
 
 
 # -- the format -------------------------------------------------------------------------------------------------
