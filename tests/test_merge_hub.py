@@ -398,3 +398,67 @@ def test_a_sliced_hub_merge_requests_only_the_shards_it_reads(sharded, requests,
     ours, theirs = load(tmp_path / "out"), load(tmp_path / "local")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert config_json(tmp_path / "out")["num_hidden_layers"] == 2
+
+
+@pytest.fixture
+def online(published, monkeypatch):
+    """The online path without a network: the Hub's listing, file download and remote header reads are fakes that
+    serve the published snapshots and record what is asked."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from weightsmith.checkpoint.files import ST_CODES, SafetensorsFile
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(published["cache"]))
+    snapshots = {"org/sharded": published["src"], "org/sharded-ft": published["ft"]}
+    asked: list[str] = []
+
+    def list_repo_files(repo_id, revision=None, **kwargs):
+        return sorted(p.name for p in snapshots[repo_id].iterdir())
+
+    def hf_hub_download(repo_id, filename, revision=None, cache_dir=None, local_files_only=False, **kwargs):
+        assert not local_files_only
+        asked.append(f"{repo_id}/{filename}")
+        return str(snapshots[repo_id] / filename)
+
+    def get_safetensors_metadata(repo_id, revision=None, **kwargs):
+        asked.append(f"{repo_id}/headers")
+        files = {}
+        for shard in sorted(snapshots[repo_id].glob("*.safetensors")):
+            entries = SafetensorsFile(shard, shard.name).entries
+            tensors = {
+                n: SimpleNamespace(dtype=ST_CODES[i.dtype], shape=list(i.shape)) for n, (i, _, _) in entries.items()
+            }
+            files[shard.name] = SimpleNamespace(tensors=tensors)
+        return SimpleNamespace(files_metadata=files)
+
+    for name, fake in (("list_repo_files", list_repo_files), ("hf_hub_download", hf_hub_download),
+                       ("get_safetensors_metadata", get_safetensors_metadata)):  # fmt: skip
+        monkeypatch.setattr(huggingface_hub, name, fake)
+    return asked
+
+
+def test_online_headers_come_from_the_hub_and_only_the_needed_shards_are_downloaded(published, online, tmp_path):
+    """Online, the headers are read with get_safetensors_metadata (no shard downloaded for them), and the merge then
+    downloads the shards of layers 2–3 and of the tensors outside the layers only; the result equals the local
+    merge."""
+    cfg = {
+        "merge_method": "linear",
+        "slices": [{"sources": [{"model": "org/sharded", "layer_range": [2, 4], "parameters": {"weight": 0.3}},
+                                {"model": "org/sharded-ft", "layer_range": [2, 4], "parameters": {"weight": 0.7}}]}],
+    }  # fmt: skip
+    assert main(["merge", str(write_yaml(cfg, tmp_path / "c.yml")), "-o", str(tmp_path / "out")]) == 0
+    weight_map = published["index"]["weight_map"]
+    read = {n for n in weight_map if ".layers." not in n or n.split(".layers.")[1].split(".")[0] in ("2", "3")}
+    needed = {weight_map[n] for n in read}
+    assert _shards(online, "org/sharded") == needed and _shards(online, "org/sharded-ft") == needed
+    first_shard = min(i for i, a in enumerate(online) if a.endswith(".safetensors"))
+    assert {"org/sharded/headers", "org/sharded-ft/headers"} <= set(online[:first_shard])  # headers, then shards
+    local = copy.deepcopy(cfg)
+    for source, path in zip(local["slices"][0]["sources"], (published["src"], published["ft"])):
+        source["model"] = str(path)
+    assert main(["merge", str(write_yaml(local, tmp_path / "l.yml")), "-o", str(tmp_path / "local")]) == 0
+    ours, theirs = load(tmp_path / "out"), load(tmp_path / "local")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
