@@ -148,7 +148,8 @@ class _Job:
 
 
 def _prepare(cfg: MergeConfig, report: Report, dtype: str | torch.dtype | None) -> _Job:
-    """Open the inputs, plan every output tensor and build the output vocabulary (headers only)."""
+    """Open the inputs, plan every output tensor and build the output vocabulary (headers only), then fetch the
+    shards of Hub inputs that hold the tensors the plan reads (none before every check has passed)."""
     with report.timed("open"):
         refs: list[ModelRef] = _references(cfg)
         # Hub ids: configs, tokenizers and headers only; the shards come after every check has passed
