@@ -134,25 +134,24 @@ class HubHeaders(Mapping[str, "torch.Tensor"]):
 
 
 def open_headers(ref: str) -> HubHeaders | None:
-    """The ``HubHeaders`` of a Hub id whose weights are safetensors; None for a path, or a repository whose weights
-    are ``.bin`` files (``locate`` then downloads them whole). Downloads the configs, the index and the tokenizer
-    files only."""
+    """The ``HubHeaders`` of a Hub id whose weights are ``model.safetensors`` or sharded safetensors with their index;
+    None for a path, an adapter, or a repository with other weights (``.bin``: ``locate`` then downloads them whole).
+    Downloads the configs, the index and the tokenizer files only."""
     if Path(ref).exists() or not is_hub_id(ref):
         return None
     repo, revision = split_revision(ref)
     with _hub_errors(ref, revision):
         files = _repo_files(repo, revision)
-        weights = [f for f in files if f.endswith(".safetensors") and "/" not in f]
-        if not weights:
-            return None
+        sharded = "model.safetensors.index.json" in files
+        if "adapter_config.json" in files or not (sharded or "model.safetensors" in files):
+            return None  # an adapter, or weights under other names: opened (and refused) as before
         meta = [f for f in files if "/" not in f and any(fnmatch(f, p) for p in _META)]
         root = Path(_fetch(repo, meta[0], revision)).parent if meta else None
         for f in meta[1:]:
             _fetch(repo, f, revision)
         if root is None:
             raise CheckpointError(f"{ref}: Hub id: no config.json or index beside its weights")
-        sharded = (root / "model.safetensors.index.json").is_file()
-        infos = _headers(repo, revision, weights if not sharded else _index_files(root), root)
+        infos = _headers(repo, revision, _index_files(root) if sharded else ["model.safetensors"], root)
     return HubHeaders(ref, root, infos, sharded)
 
 
@@ -205,6 +204,8 @@ def _headers(repo: str, revision: str | None, files: list[str], root: Path) -> d
 
     meta = get_safetensors_metadata(repo, revision=revision)
     for f, header in meta.files_metadata.items():
+        if f not in files:
+            continue  # another file's header (a consolidated copy of the weights)
         for name, t in header.tensors.items():
             if t.dtype not in ST_DTYPES:
                 raise CheckpointError(f"{repo}/{f}: tensor {name!r} has the unsupported dtype {t.dtype!r}")
