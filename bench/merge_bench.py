@@ -3,8 +3,8 @@
 Inputs, built here at run time into bench/_work/merge: a Llama-shaped base of ~700 MB in bf16 (22 layers, hidden
 1024, vocab 32000, untied head) and three fine-tunes (base + small Gaussian noise). One run per tool and method,
 each in a fresh process (start-up included, as a user sees it). Usage: ``python bench/merge_bench.py [--small]
-[METHOD…]``; ``--small`` builds 4-layer models with a 8000-token vocabulary (~90 MB), where mergekit's slowest
-methods (sce, karcher, ramplus_tl) finish in a minute or two.
+[METHOD…]``; ``--small`` builds 4-layer models with a 8000-token vocabulary (~120 MB), where mergekit's slowest
+methods (sce, karcher, ramplus_tl) finish in a minute or three.
 """
 
 from __future__ import annotations
@@ -203,8 +203,10 @@ def main(methods: list[str]) -> None:
 
 def _write(rows: list, size_mb: float) -> None:
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    small = HERE.name.endswith("small")
+    title = "merge, new methods" if small else "merge"
     md = (
-        f"## merge: weightsmith vs mergekit 0.1.5\n\nThree bf16 fine-tunes + base, {size_mb:.0f} MB each "
+        f"## {title}: weightsmith vs mergekit 0.1.5\n\nThree bf16 fine-tunes + base, {size_mb:.0f} MB each "
         f"(Llama shape, {CONFIG['num_hidden_layers']} layers, hidden 1024, vocab {CONFIG['vocab_size']}); "
         "same YAML; one fresh process per run, start-up "
         f"included; 2 CPU cores (load average {load} at the end: the machine was shared); weightsmith with "
@@ -213,7 +215,7 @@ def _write(rows: list, size_mb: float) -> None:
             ["method", "mergekit s", "weightsmith s", "speed-up", "mergekit MB", "weightsmith MB", "RSS ratio"], rows
         )
     )
-    write_section("merge_bench_small" if HERE.name.endswith("small") else "merge_bench", md)
+    write_section("merge_bench_small" if small else "merge_bench", md)
     (HERE / "results.json").write_text(json.dumps(rows))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from _merge_utils import config_json, load, make_finetune, mergekit_available, run_mergekit, write_yaml
 
+import weightsmith as ws
 from weightsmith.cli import main
 
 LLAMA = [
@@ -299,3 +301,164 @@ def test_bad_hub_config_fails_before_any_weight_is_read(offline, no_weight_read,
         assert err.endswith(": merge models of one architecture and size (a slice's layer_range picks layers; "
                             "tokenizer_source merges different vocabularies)")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def requests(monkeypatch):
+    """Every file the merge asks huggingface_hub for (``hf_hub_download``; ``snapshot_download`` with patterns),
+    recorded on the way to the real functions, which serve them from the local cache."""
+    import huggingface_hub
+
+    asked: list[str] = []
+    real_file, real_snapshot = huggingface_hub.hf_hub_download, huggingface_hub.snapshot_download
+
+    def file(repo_id, filename, *args, **kwargs):
+        asked.append(f"{repo_id}/{filename}")
+        return real_file(repo_id, filename, *args, **kwargs)
+
+    def snapshot(repo_id, *args, **kwargs):
+        asked.append(f"{repo_id}/*")  # a whole snapshot: what the merge must no longer ask for
+        return real_snapshot(repo_id, *args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    return asked
+
+
+@pytest.fixture(scope="module")
+def published(hub, tmp_path_factory):
+    """A 4-layer Llama in 6 KB shards published as org/sharded, and a fine-tune of it as org/sharded-ft."""
+    import transformers as tf
+
+    torch.manual_seed(5)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=32, tie_word_embeddings=False)  # fmt: skip
+    work = tmp_path_factory.mktemp("sharded")
+    whole, src = work / "whole", work / "sharded-src"
+    tf.LlamaForCausalLM(cfg).save_pretrained(whole)
+    config = json.loads((whole / "config.json").read_text())
+    ws.save(ws.open(whole), src, config=config, shard_size="6KB")
+    ft = work / "sharded-ft-src"
+    ws.save(ws.open(make_finetune(whole, work / "ft-whole", seed=40)), ft, config=config, shard_size="6KB")
+    hub_put(hub["cache"], "org/sharded", src)
+    hub_put(hub["cache"], "org/sharded-ft", ft)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    return {"src": src, "ft": ft, "index": index, "cache": hub["cache"]}
+
+
+@pytest.fixture
+def sharded(published, offline):
+    return published
+
+
+def _shards(asked: list[str], repo: str) -> set[str]:
+    return {a.removeprefix(repo + "/") for a in asked if a.startswith(repo + "/") and a.endswith(".safetensors")}
+
+
+def test_a_bad_hub_config_fails_before_any_shard_is_requested(sharded, requests, tmp_path, capsys):
+    """Shapes that disagree are found from the configs, the index and the headers: no shard is requested and
+    no snapshot is downloaded whole."""
+    import transformers as tf
+
+    wide = tmp_path / "wide-src"
+    tf.LlamaForCausalLM(
+        tf.LlamaConfig(vocab_size=64, hidden_size=24, num_hidden_layers=4, num_attention_heads=2,
+                       num_key_value_heads=1, intermediate_size=32, tie_word_embeddings=False)
+    ).save_pretrained(wide, max_shard_size="40KB")  # fmt: skip
+    hub_put(sharded["cache"], "org/wide-sharded", wide)
+    cfg = {"merge_method": "linear", "models": [{"model": "org/sharded"}, {"model": "org/wide-sharded"}],
+           "parameters": {"weight": 1}}  # fmt: skip
+    capsys.readouterr()
+    assert main(["merge", str(write_yaml(cfg, tmp_path / "c.yml")), "-o", str(tmp_path / "out")]) == 2
+    assert "inputs do not match" in capsys.readouterr().err
+    assert "org/sharded/config.json" in requests and "org/sharded/model.safetensors.index.json" in requests
+    assert [a for a in requests if a.endswith(".safetensors") or a.endswith("/*")] == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sliced_hub_merge_requests_only_the_shards_it_reads(sharded, requests, tmp_path):
+    """A linear merge of layers 2–3 of two 4-layer sharded models fetches the shards holding those layers and the
+    tensors outside the layers, no other; the output equals the same merge of the local directories."""
+    weight_map = sharded["index"]["weight_map"]
+    cfg = {
+        "merge_method": "linear",
+        "slices": [{"sources": [{"model": "org/sharded", "layer_range": [2, 4], "parameters": {"weight": 0.5}},
+                                {"model": "org/sharded-ft", "layer_range": [2, 4], "parameters": {"weight": 0.5}}]}],
+    }  # fmt: skip
+    assert main(["merge", str(write_yaml(cfg, tmp_path / "c.yml")), "-o", str(tmp_path / "out")]) == 0
+    read = {n for n in weight_map if ".layers." not in n or n.split(".layers.")[1].split(".")[0] in ("2", "3")}
+    needed = {weight_map[n] for n in read}
+    assert len(needed) < len(set(weight_map.values()))  # the slice leaves some shards out
+    assert _shards(requests, "org/sharded") == needed and _shards(requests, "org/sharded-ft") == needed
+    assert not [a for a in requests if a.endswith("/*")]
+    local = copy.deepcopy(cfg)
+    for source, path in zip(local["slices"][0]["sources"], (sharded["src"], sharded["ft"])):
+        source["model"] = str(path)
+    assert main(["merge", str(write_yaml(local, tmp_path / "l.yml")), "-o", str(tmp_path / "local")]) == 0
+    ours, theirs = load(tmp_path / "out"), load(tmp_path / "local")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert config_json(tmp_path / "out")["num_hidden_layers"] == 2
+
+
+@pytest.fixture
+def online(published, monkeypatch):
+    """The online path without a network: the Hub's listing, file download and remote header reads are fakes that
+    serve the published snapshots and record what is asked."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from weightsmith.checkpoint.files import ST_CODES, SafetensorsFile
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(published["cache"]))
+    snapshots = {"org/sharded": published["src"], "org/sharded-ft": published["ft"]}
+    asked: list[str] = []
+
+    def list_repo_files(repo_id, revision=None, **kwargs):
+        return sorted(p.name for p in snapshots[repo_id].iterdir())
+
+    def hf_hub_download(repo_id, filename, revision=None, cache_dir=None, local_files_only=False, **kwargs):
+        assert not local_files_only
+        asked.append(f"{repo_id}/{filename}")
+        return str(snapshots[repo_id] / filename)
+
+    def get_safetensors_metadata(repo_id, revision=None, **kwargs):
+        asked.append(f"{repo_id}/headers")
+        files = {}
+        for shard in sorted(snapshots[repo_id].glob("*.safetensors")):
+            entries = SafetensorsFile(shard, shard.name).entries
+            tensors = {
+                n: SimpleNamespace(dtype=ST_CODES[i.dtype], shape=list(i.shape)) for n, (i, _, _) in entries.items()
+            }
+            files[shard.name] = SimpleNamespace(tensors=tensors)
+        return SimpleNamespace(files_metadata=files)
+
+    for name, fake in (("list_repo_files", list_repo_files), ("hf_hub_download", hf_hub_download),
+                       ("get_safetensors_metadata", get_safetensors_metadata)):  # fmt: skip
+        monkeypatch.setattr(huggingface_hub, name, fake)
+    return asked
+
+
+def test_online_headers_come_from_the_hub_and_only_the_needed_shards_are_downloaded(published, online, tmp_path):
+    """Online, the headers are read with get_safetensors_metadata (no shard downloaded for them), and the merge then
+    downloads the shards of layers 2–3 and of the tensors outside the layers only; the result equals the local
+    merge."""
+    cfg = {
+        "merge_method": "linear",
+        "slices": [{"sources": [{"model": "org/sharded", "layer_range": [2, 4], "parameters": {"weight": 0.3}},
+                                {"model": "org/sharded-ft", "layer_range": [2, 4], "parameters": {"weight": 0.7}}]}],
+    }  # fmt: skip
+    assert main(["merge", str(write_yaml(cfg, tmp_path / "c.yml")), "-o", str(tmp_path / "out")]) == 0
+    weight_map = published["index"]["weight_map"]
+    read = {n for n in weight_map if ".layers." not in n or n.split(".layers.")[1].split(".")[0] in ("2", "3")}
+    needed = {weight_map[n] for n in read}
+    assert _shards(online, "org/sharded") == needed and _shards(online, "org/sharded-ft") == needed
+    first_shard = min(i for i, a in enumerate(online) if a.endswith(".safetensors"))
+    assert {"org/sharded/headers", "org/sharded-ft/headers"} <= set(online[:first_shard])  # headers, then shards
+    local = copy.deepcopy(cfg)
+    for source, path in zip(local["slices"][0]["sources"], (published["src"], published["ft"])):
+        source["model"] = str(path)
+    assert main(["merge", str(write_yaml(local, tmp_path / "l.yml")), "-o", str(tmp_path / "local")]) == 0
+    ours, theirs = load(tmp_path / "out"), load(tmp_path / "local")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

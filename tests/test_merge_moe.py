@@ -83,8 +83,15 @@ needs_mergekit = pytest.mark.skipif(not mergekit_available(), reason="mergekit 0
 @needs_mergekit
 @pytest.mark.parametrize(
     "gate_mode, extra",
-    [("cheap_embed", {}), ("random", {}), ("uniform_random", {}), ("cheap_embed", {"residual_scale": 0.5})],
-    ids=["cheap_embed", "random", "uniform_random", "residual_scale"],
+    [
+        ("cheap_embed", {}),
+        ("random", {}),
+        ("uniform_random", {}),
+        ("cheap_embed", {"residual_scale": 0.5}),
+        ("hidden", {}),
+        ("hidden_avg", {}),
+    ],
+    ids=["cheap_embed", "random", "uniform_random", "residual_scale", "hidden", "hidden_avg"],
 )
 def test_equals_mergekit_moe(models, gate_mode, extra, tmp_path):
     config = _config(models, gate_mode, **extra)
@@ -120,6 +127,31 @@ def test_experts_and_routers_are_what_they_should_be(models, tmp_path):
     ids = tok(tok.bos_token + "def main(): return 0", add_special_tokens=False)["input_ids"]
     v = base["model.embed_tokens.weight"][ids].sum(0)
     assert torch.allclose(gate[2], v / v.norm(), atol=1e-6)
+
+
+def test_hidden_routers_run_one_layer_at_a_time(models, tmp_path, monkeypatch):
+    """gate_mode hidden: each layer's router rows differ (they come from that layer's input states), are unit
+    vectors, and the base's decoder layers are read one at a time, in order, never two at once."""
+    from weightsmith import layerwise
+
+    loaded: list[str] = []
+    real = layerwise.load_layer
+
+    def spy(layer, ckpt, prefix, *args, **kwargs):
+        loaded.append(prefix)
+        resident = [n for n, p in layer.named_parameters() if not p.is_meta]
+        assert resident == []  # the layer arrives empty: nothing of an earlier layer is kept in it
+        return real(layer, ckpt, prefix, *args, **kwargs)
+
+    import weightsmith.merge.hidden as hidden
+
+    monkeypatch.setattr(hidden, "load_layer", spy)
+    ws.merge.run(_config(models, "hidden"), tmp_path / "out")
+    out = load(tmp_path / "out")
+    g0, g1 = out["model.layers.0.mlp.gate.weight"], out["model.layers.1.mlp.gate.weight"]
+    assert g0.shape == (3, 32) and not torch.allclose(g0, g1, atol=1e-3)
+    assert torch.allclose(g1.norm(dim=1), torch.ones(3), atol=1e-2)  # unit rows (rounded in bfloat16)
+    assert loaded == ["model.layers.0."]  # layer 1's input is layer 0's output; the last layer is never run
 
 
 def test_loads_as_mixtral_and_generates(models, tmp_path):
@@ -159,7 +191,7 @@ def _read_nothing(monkeypatch):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("hidden", "gate_mode 'hidden' is not supported (it runs the base model on the prompts): use one of"),
+        ("hidden", "gate_mode 'hidden_first' is not supported: use one of hidden, hidden_avg, hidden_last"),
         ("per_token", "experts_per_token 4: must be between 1 and the number of experts (3)"),
         ("same_prompts", "experts: every expert has the same prompts, so the router cannot tell them apart"),
         ("no_prompts", "experts[1]: gate_mode cheap_embed needs positive_prompts for every expert"),
@@ -170,7 +202,7 @@ def _read_nothing(monkeypatch):
 def test_bad_config_refused_in_one_line(models, case, message, tmp_path, capsys, monkeypatch):
     config = _config(models)
     if case == "hidden":
-        config["gate_mode"] = "hidden"
+        config["gate_mode"] = "hidden_first"
     elif case == "per_token":
         config["experts_per_token"] = 4
     elif case == "same_prompts":

@@ -14,6 +14,7 @@ Used by GPTQ (``compress.quantize.gptq_driver``) and by the MoE merge's ``hidden
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,9 +46,9 @@ class _Catcher(nn.Module):
         return hidden
 
 
-def skeleton(ckpt: TensorSource) -> tuple[nn.Module, str, nn.ModuleList, Any]:
-    """The checkpoint's base model on the meta device with everything outside the decoder layers materialised;
-    the name prefix of the layers (``model.layers.``) and the layer list."""
+def skeleton(ckpt: TensorSource, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, str, nn.ModuleList, Any]:
+    """The checkpoint's base model on the meta device with everything outside the decoder layers materialised (in
+    ``dtype``); the name prefix of the layers (``model.layers.``) and the layer list."""
     import transformers
 
     config = transformers.AutoConfig.for_model(**dict(ckpt.config or {}))
@@ -74,7 +75,7 @@ def skeleton(ckpt: TensorSource) -> tuple[nn.Module, str, nn.ModuleList, Any]:
             stored = f"{prefix}{name}"
             if stored not in ckpt:
                 raise CheckpointError(f"{ckpt.path}: tensor {stored!r} is missing (needed to run the calibration)")
-            outside[name] = ckpt[stored].float()
+            outside[name] = ckpt[stored].to(dtype)
     base.load_state_dict(outside, strict=False, assign=True)
     return base, f"{prefix}{layers_name}.", layers, config
 
@@ -95,19 +96,20 @@ def _rebuild_buffers(base: nn.Module, layers_name: str, config: Any) -> None:
 
 
 def capture(
-    base: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor], device: torch.device
+    base: nn.Module, layers: nn.ModuleList, samples: Sequence[torch.Tensor | Mapping[str, Any]], device: torch.device
 ) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
-    """Run the samples through the materialised embedding with every layer a catcher: the hidden states entering
-    layer 0 (one [1, T, hidden] per sample) and each layer's other inputs per sample, all on ``device``."""
+    """Run the samples (token ids [B, T], or the model's keyword arguments: ids and attention mask) through the
+    materialised embedding with every layer a catcher: the hidden states entering layer 0 (one [B, T, hidden] per
+    sample) and each layer's other inputs per sample, all on ``device``."""
     records: list[list[dict[str, Any]]] = [[] for _ in layers]
     originals = list(layers)
     for i, layer in enumerate(originals):
         layers[i] = _Catcher(i, i == len(originals) - 1, layer, records[i])
     try:
         with torch.no_grad():
-            for ids in samples:
+            for sample in samples:
                 try:
-                    base(input_ids=ids, use_cache=False)
+                    base(**(sample if isinstance(sample, Mapping) else {"input_ids": sample}), use_cache=False)
                 except _Stop:
                     pass
     finally:
@@ -132,13 +134,15 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def load_layer(layer: nn.Module, ckpt: TensorSource, prefix: str, device: torch.device) -> None:
-    """The layer's parameters read from the checkpoint (float32, on ``device``) into the meta module."""
+def load_layer(
+    layer: nn.Module, ckpt: TensorSource, prefix: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> None:
+    """The layer's parameters read from the checkpoint (in ``dtype``, on ``device``) into the meta module."""
     names = list(layer.state_dict())
     missing = [f"{prefix}{k}" for k in names if f"{prefix}{k}" not in ckpt]
     if missing:
         raise CheckpointError(f"{ckpt.path}: tensor {missing[0]!r} is missing ({len(missing)} of the layer's)")
-    state = {k: ckpt[f"{prefix}{k}"].to(device=device, dtype=torch.float32) for k in names}
+    state = {k: ckpt[f"{prefix}{k}"].to(device=device, dtype=dtype) for k in names}
     layer.load_state_dict(state, strict=True, assign=True)
     if any(b.is_meta for b in layer.buffers()):
         raise IncompatibleError(f"{ckpt.path}: layer {prefix!r} holds buffers that are not in the checkpoint")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,9 @@ def _check_config(path: Path, config: dict) -> dict:
     return config
 
 
-def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str]]]:
+def _shards_from_index(
+    root: Path, index_path: Path, only: Collection[str] | None = None
+) -> list[tuple[Path, set[str]]]:
     index = _read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -98,6 +100,8 @@ def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str
             raise CheckpointError(f"{index_path}: shard {rel!r} lies outside the checkpoint directory")
         if not target.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
             raise CheckpointError(f"{index_path}: shard {rel!r} is not a .safetensors or .bin file")
+        if only is not None and rel not in only:
+            continue
         if not target.is_file():
             raise CheckpointError(f"{index_path}: names shard {rel!r}, which is missing")
         shards.append((root / rel, names))
@@ -115,8 +119,11 @@ class Checkpoint(TensorSource):
     (32000, 4096)
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, shards: Collection[str] | None = None):
+        """``shards``: of a sharded directory, open only these files of its index (a partial download); the
+        tensors of the other shards are then absent."""
         self.path = Path(path)
+        self._only = shards
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
         self.root = self.path if self.path.is_dir() else self.path.parent
@@ -157,7 +164,7 @@ class Checkpoint(TensorSource):
         for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
             if (p / index_name).is_file():
                 self.index_file = p / index_name
-                self._index_shards = _shards_from_index(p, self.index_file)
+                self._index_shards = _shards_from_index(p, self.index_file, self._only)
                 return [shard for shard, _ in self._index_shards]
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (p / name).is_file():

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, CheckpointWriter, TensorSource, provenance_step
-from weightsmith.checkpoint.hub import locate
+from weightsmith.checkpoint.hub import HubHeaders, locate, open_headers
 from weightsmith.errors import CheckpointError, ConfigError, NumericalError
 from weightsmith.merge.card import model_card
 from weightsmith.merge.config import MergeConfig, ModelRef, load_config
@@ -148,10 +148,12 @@ class _Job:
 
 
 def _prepare(cfg: MergeConfig, report: Report, dtype: str | torch.dtype | None) -> _Job:
-    """Open the inputs, plan every output tensor and build the output vocabulary (headers only)."""
+    """Open the inputs, plan every output tensor and build the output vocabulary (headers only), then fetch the
+    shards of Hub inputs that hold the tensors the plan reads (none before every check has passed)."""
     with report.timed("open"):
         refs: list[ModelRef] = _references(cfg)
-        opened: dict[str, Any] = {ref.path: open_input(ref.path) for ref in refs}
+        # Hub ids: configs, tokenizers and headers only; the shards come after every check has passed
+        opened: dict[str, Any] = {ref.path: open_headers(ref.path) or open_input(ref.path) for ref in refs}
     out_dtype = parse_dtype(dtype or cfg.out_dtype or cfg.dtype)
     with report.timed("plan"):
         tasks, out_config = plan(cfg, opened, out_dtype)
@@ -160,7 +162,19 @@ def _prepare(cfg: MergeConfig, report: Report, dtype: str | torch.dtype | None) 
         with report.timed("tokenizer"):
             vocabulary = _vocabulary(cfg, refs, opened)
         out_config = {**(out_config or {}), "vocab_size": vocabulary.size}
+    with report.timed("download"):
+        opened = _download(opened, tasks)
     return _Job(refs, opened, tasks, out_config, out_dtype, parse_dtype(cfg.dtype), vocabulary)
+
+
+def _download(opened: dict[str, Any], tasks: list[Task]) -> dict[str, Any]:
+    """Each Hub input known from its headers only becomes the checkpoint over the shards holding the tensors the
+    tasks read (the others are never downloaded)."""
+    read: dict[str, set[str]] = {}
+    for task in tasks:
+        for path, name in ([task.base] if task.base is not None else []) + list(task.inputs):
+            read.setdefault(path, set()).add(name)
+    return {p: c.download(read.get(p, ())) if isinstance(c, HubHeaders) else c for p, c in opened.items()}
 
 
 def _tensor_worker(

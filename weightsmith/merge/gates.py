@@ -1,7 +1,8 @@
 """Router (gate) weights of a mixture-of-experts merge: pure functions on tensors, as mergekit-moe 0.1.5 makes them.
 
 A Mixtral router scores a token's hidden state h against one row per expert, logits = W·h (W: (experts, hidden)).
-mergekit-moe fills W from prompts (``cheap_embed``: the same row for every layer) or at random.
+mergekit-moe fills W from prompts (``cheap_embed``: the same row for every layer; ``hidden``: each layer's input
+hidden states on the prompts) or at random.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def cheap_embed_gate(embed: Tensor, positive: Sequence[Sequence[int]], negative:
     if negative:
         v = v - prompt_embedding(embed, negative)
     return _unit(v)
+
+
+def hidden_gate(positive: Tensor, negative: Tensor | None) -> Tensor:
+    """g = v / ‖v‖ per layer with v = h(positive) − h(negative) (v = h(positive) without negative prompts), h the
+    prompts' hidden states entering each layer (``merge.hidden.prompt_states``)  — one expert's router rows,
+    (layers, hidden), computed in the states' dtype (bfloat16, as mergekit-moe's ``hidden`` gate mode)."""
+    v = positive - negative if negative is not None else positive
+    return v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=_EPS)
 
 
 def random_gates(layers: int, experts: int, hidden: int, seed: int, uniform: bool = False) -> Tensor:

@@ -28,7 +28,9 @@ from typing import Any
 from weightsmith.errors import ConfigError
 from weightsmith.yamltext import load_mapping, parse_mapping
 
-GATE_MODES = ("cheap_embed", "random", "uniform_random")  # mergekit's `hidden` needs a forward pass: refused
+# mergekit-moe's gate modes; the hidden ones run the base model on the prompts (``merge.hidden``)
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")  # the modes that read the prompts
 DENSE_TYPES = ("llama", "mistral")  # the model types a Mixtral block can take the MLP of (mergekit's rule)
 _TOP_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture")
 _EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
@@ -52,17 +54,14 @@ class MoEConfig:
 
     base_model: str
     experts: tuple[Expert, ...]
-    gate_mode: str = "hidden"  # mergekit-moe's default, refused here: a config must choose one of GATE_MODES
+    gate_mode: str = "hidden"  # mergekit-moe's default
     dtype: str | None = None  # None: the base's config dtype, else each tensor's stored dtype
     experts_per_token: int = 2  # mergekit-moe's default: Mixtral's top-2 routing
     parameters: Mapping[str, Any] = field(default_factory=dict)  # the YAML as given, for provenance
 
     def __post_init__(self) -> None:
         if self.gate_mode not in GATE_MODES:
-            hint = " (it runs the base model on the prompts)" if self.gate_mode in ("hidden", "hidden_avg") else ""
-            raise ConfigError(
-                f"gate_mode {self.gate_mode!r} is not supported{hint}: use one of {', '.join(GATE_MODES)}"
-            )
+            raise ConfigError(f"gate_mode {self.gate_mode!r} is not supported: use one of {', '.join(GATE_MODES)}")
         if not self.experts:
             raise ConfigError("experts: give at least one expert")
         if not 1 <= self.experts_per_token <= len(self.experts):
@@ -70,11 +69,11 @@ class MoEConfig:
                 f"experts_per_token {self.experts_per_token}: must be between 1 and the number of experts "
                 f"({len(self.experts)})"
             )
-        if self.gate_mode != "cheap_embed":
+        if self.gate_mode not in PROMPT_MODES:
             return
         for i, e in enumerate(self.experts):
             if not e.positive_prompts:
-                raise ConfigError(f"experts[{i}]: gate_mode cheap_embed needs positive_prompts for every expert")
+                raise ConfigError(f"experts[{i}]: gate_mode {self.gate_mode} needs positive_prompts for every expert")
         prompts = {(e.positive_prompts, e.negative_prompts) for e in self.experts}
         if len(self.experts) > 1 and len(prompts) == 1:
             raise ConfigError(

@@ -2,7 +2,8 @@
 then write the base's tensors and each layer's stacked experts (see ``moe`` for the config).
 
 Peak memory is one layer's experts (every expert's MLP of that layer, stacked) plus the routers
-(layers × experts × hidden float32) and, for ``cheap_embed``, the base's token embedding once.
+(layers × experts × hidden float32) and, for ``cheap_embed`` and the ``hidden`` modes, the base's token embedding
+once (the ``hidden`` modes then hold one decoder layer of the base at a time, ``merge.hidden``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, TensorSource
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.merge.engine import open_input, provenance_sources, tensor_seed
-from weightsmith.merge.gates import cheap_embed_gate, random_gates
-from weightsmith.merge.moe import DENSE_TYPES, Expert, MoEConfig, load_moe_config
+from weightsmith.merge.gates import cheap_embed_gate, hidden_gate, random_gates
+from weightsmith.merge.moe import DENSE_TYPES, PROMPT_MODES, Expert, MoEConfig, load_moe_config
 from weightsmith.report import Report
 from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
@@ -142,8 +143,8 @@ def check_inputs(cfg: MoEConfig, base: Any, experts: Mapping[str, Any]) -> dict:
             f"base_model: {cfg.base_model} has projection biases ({biases[0]}, …) that a Mixtral block has no "
             "place for: use a base without them"
         )
-    if cfg.gate_mode == "cheap_embed" and _EMBED not in base:
-        raise CheckpointError(f"base_model: {cfg.base_model} has no {_EMBED} for gate_mode cheap_embed")
+    if cfg.gate_mode in PROMPT_MODES and _EMBED not in base:
+        raise CheckpointError(f"base_model: {cfg.base_model} has no {_EMBED} for gate_mode {cfg.gate_mode}")
     layers, hidden, inter = (base_cfg[k] for k in _SHAPE_KEYS)
     want = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
     for i, e in enumerate(cfg.experts):
@@ -196,32 +197,60 @@ def router_weights(cfg: MoEConfig, base: Any, base_cfg: Mapping[str, Any], seed:
     layers, hidden = base_cfg["num_hidden_layers"], base_cfg["hidden_size"]
     if cfg.gate_mode in ("random", "uniform_random"):
         return random_gates(layers, len(cfg.experts), hidden, seed, uniform=cfg.gate_mode == "uniform_random")
+    if cfg.gate_mode != "cheap_embed":
+        return _hidden_routers(cfg, base)
     embed = base[_EMBED]  # (vocab, hidden)
     tokenize = _tokenizer(cfg.base_model, base, embed.shape[0])
     rows = [cheap_embed_gate(embed, tokenize(e.positive_prompts), tokenize(e.negative_prompts)) for e in cfg.experts]
     return torch.stack(rows).unsqueeze(0).expand(layers, -1, -1)  # the same router in every layer
 
 
-def _tokenizer(ref: str, base: Any, rows: int):
-    """A function from prompts to token ids as mergekit-moe tokenizes them: the BOS token's text, then the prompt,
-    with no other special token added."""
+def _hidden_routers(cfg: MoEConfig, base: Any) -> torch.Tensor:
+    """The ``hidden`` modes' routers, (layers, experts, hidden) float32: the base run on every expert's prompt
+    batches in one pass over its layers."""
+    from weightsmith.merge.hidden import batch, prompt_states
+
+    tok = _load_tokenizer(cfg.base_model, base)
+    rows = base.info(_EMBED).shape[0] if hasattr(base, "info") else base[_EMBED].shape[0]
+    batches = []
+    for e in cfg.experts:
+        for prompts in (e.positive_prompts, e.negative_prompts):
+            if prompts:
+                batches.append(batch(tok, prompts))
+                _check_ids(cfg.base_model, prompts, batches[-1]["input_ids"].tolist(), rows)
+    states = iter(prompt_states(base, batches, cfg.gate_mode))
+    gates = [hidden_gate(next(states), next(states) if e.negative_prompts else None) for e in cfg.experts]
+    return torch.stack(gates, dim=1).float()
+
+
+def _load_tokenizer(ref: str, base: Any) -> Any:
     from transformers import AutoTokenizer
 
     root = Path(getattr(base, "root", getattr(base, "path", ref)))
     try:
-        tok = AutoTokenizer.from_pretrained(str(root))
+        return AutoTokenizer.from_pretrained(str(root))
     except (OSError, ValueError) as exc:
         raise CheckpointError(
             f"base_model: {ref}: no tokenizer to read the prompts with ({str(exc).splitlines()[0]})"
         ) from None
 
+
+def _check_ids(ref: str, prompts: tuple[str, ...], ids: list[list[int]], rows: int) -> None:
+    for p, row in zip(prompts, ids):
+        if row and max(row) >= rows:
+            raise CheckpointError(
+                f"base_model: {ref}: prompt {p!r} has token id {max(row)}, past the {rows} rows of {_EMBED}"
+            )
+
+
+def _tokenizer(ref: str, base: Any, rows: int):
+    """A function from prompts to token ids as mergekit-moe tokenizes them: the BOS token's text, then the prompt,
+    with no other special token added."""
+    tok = _load_tokenizer(ref, base)
+
     def tokenize(prompts: tuple[str, ...]) -> list[list[int]]:
         ids = [tok((tok.bos_token or "") + p, add_special_tokens=False)["input_ids"] for p in prompts]
-        for p, row in zip(prompts, ids):
-            if row and max(row) >= rows:
-                raise CheckpointError(
-                    f"base_model: {ref}: prompt {p!r} has token id {max(row)}, past the {rows} rows of {_EMBED}"
-                )
+        _check_ids(ref, prompts, ids, rows)
         return ids
 
     return tokenize

@@ -2,8 +2,9 @@
 Pure functions on tensors, which know nothing about files.
 
 Inputs come in any float dtype (as stored) and are worked a block of rows at a time in float32, rounding once to
-``out_dtype``. The scratch is a few blocks: a whole-tensor statistic (SCE's variance threshold, Arcee Fusion's
-quantiles) is found by passes over the blocks, never from a stack of every model's task vector.
+``out_dtype``. The scratch is a few blocks, plus SCE's variances (one float32 tensor): a whole-tensor statistic
+(SCE's variance threshold, Arcee Fusion's quantiles) is found by passes over the blocks and selection, never from a
+stack of every model's task vector.
 
 Notation as in ``methods``: θ_b the base tensor, θᵢ the models' tensors, δᵢ = θᵢ − θ_b their task vectors.
 """
@@ -33,7 +34,8 @@ class _Blocks:
         """(rows, θ_b block, [δᵢ block]) for each block of rows."""
         for s, e in self.spans:
             b = self.base[s:e].float()
-            yield slice(s, e), b, [torch.sub(t[s:e], b) for t in self.tuned]
+            # up-cast, then subtract: a mixed-dtype subtraction is several times slower on CPU
+            yield slice(s, e), b, [t[s:e].to(torch.float32, copy=True).sub_(b) for t in self.tuned]
 
     def output(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """An empty output of the input's shape and its 2-D row view."""
@@ -52,9 +54,9 @@ def sce(
     the selected δ (1/N when that sum is below 1e−6). Erase: keep the entries whose sign equals sign(Σᵢ δᵢ) (≥ 0 → +;
     zeros never agree). θ = θ_b + Σᵢ ηᵢ mᵢ δᵢ / max(Σᵢ ηᵢ mᵢ, 1e−6).
 
-    Passes over the blocks: when selecting, the count of nonzero variances and the selection of the threshold
+    Passes over the blocks: when selecting, the variances (one float32 tensor) and the selection of their threshold
     (``sparsify.count_cut``; among variances equal at it the lower flat index is kept); then the energies; then the
-    output. The variances are recomputed block by block, never held whole.
+    output.
     """
     blocks, n = _Blocks(base, tuned), len(tuned)
     select = _top_variance(blocks, select_topk) if select_topk < 1 else None
@@ -85,27 +87,31 @@ def sce(
 
 def _top_variance(blocks: _Blocks, density: float) -> Callable[[], Callable[[slice], Tensor]]:
     """A fresh pass (called once per pass over the blocks, in order): rows → the bool mask of the
-    ⌊density · #nonzero⌋ entries of largest variance across the models in those rows. The variances are recomputed
-    block by block, never held whole; the threshold is found by selection (``sparsify.count_cut``), and among
-    variances equal at it the lower flat index is kept (the module's one tie rule)."""
-
-    def variances() -> Iterator[Tensor]:
-        for _, _, deltas in blocks:
-            yield torch.var(torch.stack(deltas), dim=0, unbiased=False)
-
-    def strided(step: int) -> Tensor:
-        flat_b = blocks.base.reshape(-1)[::step].float()
-        return torch.var(torch.stack([t.reshape(-1)[::step] - flat_b for t in blocks.tuned]), dim=0, unbiased=False)
-
-    nonzero = sum(int(torch.count_nonzero(v)) for v in variances())
-    k = int(nonzero * density) if density > 0 else 0
-    cut = sp.count_cut(variances, strided, blocks.base.numel(), k, largest=True)
+    ⌊density · #nonzero⌋ entries of largest variance across the models in those rows. The variances are one float32
+    tensor of the input's size, computed block by block; the threshold is found by selection
+    (``sparsify.count_cut``), and among variances equal at it the lower flat index is kept (the module's tie rule)."""
+    var = torch.empty(blocks.base.shape, dtype=torch.float32)
+    for rows, _, deltas in blocks:
+        var[rows] = _variance(deltas)
+    flat = var.view(-1)
+    k = int(int(torch.count_nonzero(var)) * density) if density > 0 else 0
+    cut = sp.count_cut(lambda: (var[s:e] for s, e in blocks.spans), lambda step: flat[::step], flat.numel(), k, True)
 
     def fresh() -> Callable[[slice], Tensor]:
-        c, var = copy.copy(cut), variances()  # a pass counts the ties it takes
-        return lambda rows: c.mask(next(var))
+        c = copy.copy(cut)  # a pass counts the ties it takes
+        return lambda rows: c.mask(var[rows])
 
     return fresh
+
+
+def _variance(deltas: list[Tensor]) -> Tensor:
+    """Population variance across the models, entry by entry: Σᵢ (δᵢ − δ̄)² / N, as elementwise operations (a
+    reduction over dim 0 of a stack is several times slower)."""
+    mean = _sum(deltas).div_(len(deltas))
+    total = torch.zeros_like(mean)
+    for d in deltas:
+        total.add_(torch.sub(d, mean).square_())
+    return total.div_(len(deltas))
 
 
 def ram(base: Tensor, tuned: Sequence[Tensor], epsilon: float = 1e-5, out_dtype: torch.dtype = torch.float32) -> Tensor:

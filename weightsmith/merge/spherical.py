@@ -160,7 +160,9 @@ class _Vectors:
     def __iter__(self) -> Iterator[tuple[slice, list[Tensor]]]:
         for rows, _ in self.spans():
             b = self.base[rows].float() if self.base is not None else None
-            xs = [t[rows].float() if b is None else torch.sub(t[rows], b) for t in self.tensors]
+            xs = [t[rows].to(torch.float32, copy=True) for t in self.tensors]  # fresh: callers may write
+            if b is not None:
+                xs = [x.sub_(b) for x in xs]
             if self.scales is not None:
                 xs = [x / s for x, s in zip(xs, self.scales)]
             yield rows, xs
