@@ -217,11 +217,14 @@ def quality_table() -> str:
 
 
 GPTQ_ROOT = WORK / "gptq_quality"
-GPTQ_GROUP, GPTQ_SAMPLES, GPTQ_SEQ = 32, 128, 512
+GPTQ_GROUP, GPTQ_SAMPLES, GPTQ_SEQ = 128, 128, 512  # group 32 leaves round-to-nearest within 1% of float here
 
 LLMC_GPTQ = """
-import torch, transformers as tf
+import uuid, torch, transformers as tf
+import datasets.fingerprint
 from datasets import Dataset
+# datasets fingerprints a map's function with dill, which cannot pickle pyarrow 26's types: a random fingerprint
+datasets.fingerprint.Hasher.hash = classmethod(lambda cls, value: uuid.uuid4().hex)
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 src, out, calib, n, seq, group = {src!r}, {out!r}, {calib!r}, {n}, {seq}, {group}
