@@ -33,7 +33,7 @@ from weightsmith import hf  # noqa: E402
 
 ROOT = WORK / "vision"
 SIZE = 16
-PRETRAIN_EPOCHS, LORA_EPOCHS, BATCH = 40, 10, 64
+PRETRAIN_EPOCHS, LORA_EPOCHS, BATCH = 12, 8, 64
 LATENCY_RUNS = 50
 
 
