@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from weightsmith.checkpoint import Checkpoint
-from weightsmith.errors import IncompatibleError, WeightsmithError
-from weightsmith.export.to_onnx.config import TASKS
+from weightsmith.errors import ConfigError, IncompatibleError, WeightsmithError
+from weightsmith.export.to_onnx.config import TASKS, infer_task
 from weightsmith.export.to_onnx.validate import example_inputs, max_positions
 
 _TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -44,7 +44,7 @@ def load_model(ckpt: Checkpoint, task: str):
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise IncompatibleError(
-                f"{ckpt.path}: task {task} is not supported for model_type {model_type!r}"
+                f"{ckpt.path}: task {task} is not supported for model_type {model_type!r}{_natural(ckpt.config)}"
             ) from None
         raise
     finally:
@@ -58,6 +58,15 @@ def load_model(ckpt: Checkpoint, task: str):
             f"lacks, e.g. {missing[0]!r} (is it the right task for this model?)"
         )
     return model.eval()
+
+
+def _natural(config: dict) -> str:
+    """``" (T5ForConditionalGeneration exports as text2text-generation)"``: the task its head infers, if any."""
+    try:
+        task = infer_task(config, "")
+    except ConfigError:
+        return ""
+    return f" ({config['architectures'][0]} exports as {task})"
 
 
 def build(ckpt: Checkpoint, task: str, tokenizer):

@@ -27,7 +27,7 @@ def quantize_int8(src: Path, path: Path, scheme: Int8Dynamic, big: bool) -> Path
     """onnxruntime ``quantize_dynamic``: QInt8 weights (per output channel by default), activation scales per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # its advice to pre-process is for static (calibrated) quantization
     try:

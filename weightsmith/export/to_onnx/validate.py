@@ -136,3 +136,89 @@ def greedy_token_agreement(float_sess, int8_sess, vocab: int, limit: int) -> flo
         same += int((f[:, ids.shape[1] :] == q[:, ids.shape[1] :]).sum())
         total += f[:, ids.shape[1] :].size
     return round(same / total, 4)
+
+
+def seq2seq_prompts(shape, limit: int) -> list[dict[str, torch.Tensor]]:
+    """Encoder inputs of the seq2seq greedy check: each prompt alone, then the last two right-padded into one batch
+    (speech: random features, one by one and three as a batch)."""
+    from weightsmith.export.to_onnx.seq2seq import encoder_feeds
+
+    if shape.speech:
+        return [encoder_feeds(shape, 1, 0, seed=k) for k in range(3)] + [encoder_feeds(shape, 3, 0, seed=3)]
+    gen = torch.Generator().manual_seed(5)
+    lengths = [min(n, limit) for n in GREEDY_PROMPTS]
+    prompts = [torch.randint(3, shape.vocab, (1, n), generator=gen) for n in lengths]
+    single = [{"input_ids": p, "attention_mask": torch.ones_like(p)} for p in prompts]
+    a, b = prompts[-1], prompts[-2]
+    pad = a.shape[1] - b.shape[1]
+    ids = torch.cat([a, torch.cat([b, torch.zeros(1, pad, dtype=torch.long)], 1)])
+    mask = torch.cat([torch.ones_like(a), torch.cat([torch.ones_like(b), torch.zeros(1, pad, dtype=torch.long)], 1)])
+    return [*single, {"input_ids": ids, "attention_mask": mask}]
+
+
+def seq2seq_new_tokens(config) -> int:
+    limit = getattr(config, "max_target_positions", None) or max_positions(config)
+    return max(1, min(GREEDY_TOKENS, limit - 1))
+
+
+def seq2seq_greedy_agreement(model: Any, shape, sessions: dict[str, Any]) -> dict[str, Any]:
+    """Greedy decoding through onnxruntime (``generate.greedy_seq2seq``, three graphs) against transformers'
+    ``GenerationMixin.generate(do_sample=False)`` from the decoder start token, token for token, with no stop token
+    and no logits processor (forced EOS, suppressed tokens: rules of the caller's loop, not of the graphs), so that
+    every row runs the whole length. A summary line, and the first mismatch ("" if none)."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    from weightsmith.export.to_onnx.generate import greedy_seq2seq
+    from weightsmith.export.to_onnx.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER
+
+    new, start = seq2seq_new_tokens(model.config), model.config.decoder_start_token_id
+    plain = GenerationConfig(decoder_start_token_id=start, pad_token_id=model.config.pad_token_id, do_sample=False)
+    saved, model.generation_config = model.generation_config, plain  # generate fills unset fields from the model's
+    prompts = seq2seq_prompts(shape, max_positions(model.config))
+    try:
+        for k, enc in enumerate(prompts):
+            batch = next(iter(enc.values())).shape[0]
+            start_ids = torch.full((batch, 1), start, dtype=torch.long)
+            with torch.no_grad():
+                expected = GenerationMixin.generate(
+                    model, **enc, decoder_input_ids=start_ids, max_new_tokens=new, min_new_tokens=new
+                )
+            got = greedy_seq2seq(
+                sessions[ENCODER],
+                sessions[DECODER],
+                sessions[DECODER_WITH_PAST],
+                {n: t.numpy() for n, t in enc.items()},
+                start_ids.numpy(),
+                max_new_tokens=new,
+            )
+            if got.shape != tuple(expected.shape) or not (got == expected.numpy()).all():
+                at = next(
+                    (
+                        i
+                        for i in range(min(got.shape[1], expected.shape[1]))
+                        if (got[:, i] != expected[:, i].numpy()).any()
+                    ),
+                    None,
+                )
+                return {"summary": "", "mismatch": f"differs from transformers' generate on input {k} at position {at}"}
+    finally:
+        model.generation_config = saved
+    return {"summary": f"greedy = transformers generate on {len(prompts)} inputs × {new} tokens", "mismatch": ""}
+
+
+def seq2seq_token_agreement(float_sessions: dict[str, Any], int8_sessions: dict[str, Any], shape, config) -> float:
+    """Fraction of generated tokens on which greedy decoding with the int8 graphs agrees with the float graphs."""
+    from weightsmith.export.to_onnx.generate import greedy_seq2seq
+    from weightsmith.export.to_onnx.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER
+
+    new, same, total = seq2seq_new_tokens(config), 0, 0
+    for enc in seq2seq_prompts(shape, max_positions(config)):
+        feeds = {n: t.numpy() for n, t in enc.items()}
+        start = torch.full((next(iter(enc.values())).shape[0], 1), config.decoder_start_token_id).numpy()
+        f, q = (
+            greedy_seq2seq(s[ENCODER], s[DECODER], s[DECODER_WITH_PAST], feeds, start, max_new_tokens=new)
+            for s in (float_sessions, int8_sessions)
+        )
+        same += int((f[:, 1:] == q[:, 1:]).sum())
+        total += f[:, 1:].size
+    return round(same / total, 4)
