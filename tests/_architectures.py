@@ -74,7 +74,7 @@ ARCHS = {
         Arch("bart", "BartForConditionalGeneration", "seq2seq", "text2text-generation"),
         Arch("whisper", "WhisperForConditionalGeneration", "speech", "automatic-speech-recognition"),
         Arch("vit", "ViTForImageClassification", "vision", "image-classification"),
-        Arch("clip", "CLIPModel", "clip", None),
+        Arch("clip", "CLIPModel", "clip", "zero-shot-image-classification"),
         Arch("llava", "LlavaForConditionalGeneration", "vlm", None),
         Arch("mamba", "MambaForCausalLM", "decoder", "causal-lm"),
     ]

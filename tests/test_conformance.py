@@ -35,7 +35,7 @@ REFUSED: dict[tuple[str, str], str] = {
     ("gpt2", "quantize nf4"): "no 2-D Linear weights to quantize",
     ("mixtral", "quantize int8"): "stores its experts one by one",
     ("mixtral", "export onnx"): "torch.onnx.export failed",
-    **{(a, "export onnx"): "only text models are exported" for a in ("clip", "llava")},
+    ("llava", "export onnx"): "only text models are exported",
 }
 # Architectures mergekit 0.1.5 merges as transformers 5 writes them. Its definitions for the others expect tensors
 # these checkpoints lack: GPT-NeoX's attention.bias buffers, BERT's pooler (a BertForMaskedLM has none), T5 v1.1's

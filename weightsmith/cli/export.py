@@ -48,7 +48,8 @@ def register(sub) -> None:
         "text-generation-with-past (KV cache in and out, optimum's names), checked by greedy decoding "
         "through onnxruntime against transformers' generate. T5, BART and Whisper get optimum's three graphs "
         "(encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx) in the folder of -o, held to "
-        "generate the same way. --benchmark also times it against PyTorch.",
+        "generate the same way. CLIP (zero-shot: scores and both embeddings) and question answering (start and end "
+        "logits) export every output of their heads. --benchmark also times it against PyTorch.",
         examples=_ONNX_EXAMPLES,
     )
     p.add_argument("src", help="model directory (config.json and weights)")

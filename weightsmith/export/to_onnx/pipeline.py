@@ -120,7 +120,7 @@ def _summarise(
         exporter="torch.onnx.export (TorchScript)" if task.with_past else "torch.onnx.export (dynamo)",
         **facts,
         inputs=list(graph.input_names),
-        output=task.output,
+        output=task.output if len(task.outputs) == 1 else list(task.outputs),
         size=format_size(sum(files.onnx_size(out.parent / name) for name in graph.files)),
         quantize=config.quantize_name,
         optimized=config.optimize,
@@ -142,6 +142,8 @@ def _summarise(
         axes = "batch, sequence, past and total sequence; KV cache as past_key_values.{i}.key/value → present.{i}.*"
     elif task.inputs == "pixels":
         axes = "batch (the image size is the model's)"
+    elif task.inputs == "text+pixels":
+        axes = "text batch, sequence and image batch (scores: images × texts); the image size is the model's"
     else:
         axes = "batch, sequence; no KV cache"
     report.notes.append(f"{stored} checkpoint exported in float32; dynamic axes: {axes}")
@@ -201,8 +203,7 @@ def _float_graph(
     """Export (and optionally optimize) the float graph; refuse it unless ORT matches PyTorch within ``atol``."""
     with report.timed("build"):
         model, input_names = build.build(ckpt, task.name, tokenizer)
-    output = task.output
-    wrapper = build.Wrapper(model, input_names, output).eval()
+    wrapper = build.Wrapper(model, input_names, task.outputs).eval()
     big = sum(p.numel() * 4 for p in model.parameters()) > files.EXTERNAL_DATA_BYTES
     with report.timed("export"):
         float_path = build.export(wrapper, model.config, input_names, path, config.opset, big)
@@ -214,9 +215,9 @@ def _float_graph(
     with report.timed("validate"):
         sess = hf.ort_session(float_path, threads=None)
         parity = validate.parity(wrapper, sess, inputs)
-    _check_parity(parity, config, output, out, "batch×sequence")
+    _check_parity(parity, config, ", ".join(task.outputs), out, "batch×sequence")
     return _Graph(
-        wrapper, model.config, tokenizer, tuple(input_names), (output,), float_path, sess, inputs, big, parity
+        wrapper, model.config, tokenizer, tuple(input_names), task.outputs, float_path, sess, inputs, big, parity
     )
 
 
@@ -324,7 +325,9 @@ def _quantized(graph: _Graph, config: OnnxExport, folder: Path, out: Path, repor
 def _int8_quality(graph: _Graph, int8: dict[str, Path]) -> dict[str, Any]:
     (int8_path,) = int8.values()
     text = quantize.text_inputs(graph.tokenizer, graph.config, graph.input_names)
-    kind = "pixel values" if "pixel_values" in graph.input_names else "token ids"
+    kind = " and ".join(
+        k for n, k in (("input_ids", "token ids"), ("pixel_values", "pixel values")) if n in graph.input_names
+    )
     quality: dict[str, Any] = {
         **quantize.int8_quality(
             graph.session, hf.ort_session(int8_path, threads=None), [text] if text else graph.inputs.values()

@@ -219,7 +219,7 @@ def parity(encoder: Encoder, decoder: Decoder, sessions: dict[str, object]) -> d
             mask = enc.get("attention_mask", torch.ones(batch, 1, dtype=torch.long))
             got = torch.from_numpy(ort_run(sessions[ENCODER], enc))
             length = shape.features[1] if shape.speech else seq  # speech: the model's frames
-            result[f"encoder {batch}x{length}"] = max_abs(got, torch_run(encoder, enc), mask)
+            result[f"encoder {batch}x{length}"] = max_abs(got, torch_run(encoder, enc)[0], mask)
         feeds = decoder_feeds(encoder, decoder, enc, past, new, seed=1)
         module, name = (cached, DECODER_WITH_PAST) if past else (decoder, DECODER)
         with torch.no_grad():

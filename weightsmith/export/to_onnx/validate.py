@@ -13,41 +13,62 @@ VALIDATION_BATCHES = (1, 8)
 VALIDATION_SEQUENCES = (8, 128)  # clipped to the model's max_position_embeddings
 
 
+def text_config(config):
+    """The text tower's config of a dual encoder (CLIP, SigLIP: ``text_config``); the config itself otherwise."""
+    return getattr(config, "text_config", None) or config
+
+
+def image_config(config):
+    """The vision tower's config of a dual encoder (``vision_config``); the config itself otherwise."""
+    return getattr(config, "vision_config", None) or config
+
+
 def max_positions(config) -> int:
-    return architecture.max_positions(config if isinstance(config, dict) else config.to_dict())
+    return architecture.max_positions(config if isinstance(config, dict) else text_config(config).to_dict())
 
 
 def validation_shapes(config, input_names: Sequence[str]) -> list[tuple[int, int]]:
-    """(batch, sequence) pairs; for images (batch, image size)."""
-    if "pixel_values" in input_names:
-        return [(b, config.image_size) for b in VALIDATION_BATCHES]
+    """(batch, sequence) pairs; for images alone (batch, image size)."""
+    if "input_ids" not in input_names:
+        return [(b, image_config(config).image_size) for b in VALIDATION_BATCHES]
     limit = max_positions(config)
     sequences = sorted({min(s, limit) for s in VALIDATION_SEQUENCES})
     return [(b, s) for b in VALIDATION_BATCHES for s in sequences]
 
 
-def example_inputs(config, input_names: Sequence[str], batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(
+    config, input_names: Sequence[str], batch: int, seq: int, seed: int = 0, images: int | None = None
+) -> dict[str, torch.Tensor]:
     """Random token ids; right padding with rows shortened down to half length (row 0 full) when batch > 1.
-    Images: standard-normal pixel values (batch, channels, size, size), ``seq`` unused."""
+    Images: standard-normal pixel values (``images`` or ``batch``, channels, size, size); ``seq`` unused for a
+    model of images alone."""
     gen = torch.Generator().manual_seed(seed * 1000 + batch * 1009 + seq)
+    feeds = {}
     if "pixel_values" in input_names:
-        size, channels = config.image_size, getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(batch, channels, size, size, generator=gen)}
-    feeds = {"input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=gen)}
-    lengths = [seq - (i * seq) // (2 * batch) for i in range(batch)]  # (batch,) from seq down to ~seq/2
-    feeds["attention_mask"] = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
-    if "token_type_ids" in input_names:
+        vision = image_config(config)
+        size, channels = vision.image_size, getattr(vision, "num_channels", 3)
+        feeds["pixel_values"] = torch.randn(images or batch, channels, size, size, generator=gen)
+    if "input_ids" in input_names:
+        feeds["input_ids"] = torch.randint(0, text_config(config).vocab_size, (batch, seq), generator=gen)
+        lengths = [seq - (i * seq) // (2 * batch) for i in range(batch)]  # (batch,) from seq down to ~seq/2
+        feeds["attention_mask"] = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
         feeds["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     return {n: feeds[n] for n in input_names}
 
 
-def torch_run(wrapper: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+def torch_run(wrapper: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Every output of the wrapper, as float32."""
     with torch.no_grad():
-        return wrapper(*feeds.values()).float()
+        out = wrapper(*feeds.values())
+    return tuple(t.float() for t in (out if isinstance(out, tuple) else (out,)))
+
+
+def ort_outputs(sess, feeds: dict[str, torch.Tensor]) -> list:
+    return sess.run(None, {n: t.numpy() for n, t in feeds.items()})
 
 
 def ort_run(sess, feeds: dict[str, torch.Tensor]):
-    return sess.run(None, {n: t.numpy() for n, t in feeds.items()})[0]
+    return ort_outputs(sess, feeds)[0]
 
 
 def mask_of(feeds: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -71,12 +92,14 @@ def max_abs(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> fl
 
 
 def parity(wrapper: torch.nn.Module, sess, inputs: dict[tuple[int, int], dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Max |Δ| over non-pad positions of ORT vs PyTorch, per batch×sequence."""
+    """Max |Δ| over non-pad positions of ORT vs PyTorch, per batch×sequence, over every output."""
     result = {}
     for (b, s), feeds in inputs.items():
-        expected = torch_run(wrapper, feeds)
-        got = torch.from_numpy(ort_run(sess, feeds))
-        result[f"{b}x{s}"] = max_abs(got, expected, mask_of(feeds))
+        expected, got = torch_run(wrapper, feeds), ort_outputs(sess, feeds)
+        worst = 0.0 if len(got) == len(expected) else float("inf")
+        for g, e in zip(got, expected):
+            worst = max(worst, max_abs(torch.from_numpy(g), e, mask_of(feeds)))
+        result[f"{b}x{s}"] = worst
     return result
 
 
