@@ -171,3 +171,19 @@ def test_a_task_the_model_cannot_serve_is_refused_in_one_line(name, task, words,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and task in err and words in err, err
     assert not out.parent.exists()
+
+
+def test_existing_graphs_are_refused_then_replaced_with_force_and_optimize(exported, capsys):
+    """An earlier export's graphs in the folder: refused in one line without --force (nothing touched); with
+    --force and --optimize the three graphs are replaced by onnxruntime-optimized ones that still pass."""
+    src, folder = exported("t5")
+    before = {g: (folder / g).read_bytes() for g in GRAPHS}
+    capsys.readouterr()
+    assert main(["export", "onnx", str(src), "-o", str(folder / "model.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "encoder_model.onnx" in err and "already exists" in err
+    assert all((folder / g).read_bytes() == data for g, data in before.items())
+    report = ws.export.onnx(src, folder / "model.onnx", optimize=True, force=True)
+    assert report.summary["optimized"] is True and report.summary["parity_max_abs"] <= 1e-4
+    assert any((folder / g).read_bytes() != data for g, data in before.items())
+    assert not (folder / "model.onnx").exists()

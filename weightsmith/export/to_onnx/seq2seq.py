@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.errors import IncompatibleError
 from weightsmith.export.to_onnx.build import export_error, quiet_exporter
 from weightsmith.export.to_onnx.decoder import TORCHSCRIPT_OPSET
 
@@ -36,6 +37,7 @@ class Seq2SeqShape:
     d_model: int
     vocab: int
     speech: bool  # Whisper: input_features (batch, mel bins, frames) in, no encoder attention mask
+    start: int  # the decoder start token the greedy checks begin from
     features: tuple[int, int] = (0, 0)  # (mel bins, frames) of a speech encoder
 
     def past_names(self) -> list[str]:
@@ -59,7 +61,11 @@ def seq2seq_shape(model: Any) -> Seq2SeqShape:
     layers = layers or config.num_layers  # T5 without num_decoder_layers: the encoder's count
     speech = getattr(model, "main_input_name", "input_ids") == "input_features"  # Whisper
     features = (config.num_mel_bins, 2 * config.max_source_positions) if speech else (0, 0)
-    return Seq2SeqShape(int(layers), config.d_model, config.vocab_size, speech, features)
+    start = config.decoder_start_token_id
+    start = start if start is not None else getattr(model.generation_config, "decoder_start_token_id", None)
+    if start is None:
+        raise IncompatibleError(f"model {type(model).__name__}: no decoder_start_token_id in its config to decode from")
+    return Seq2SeqShape(int(layers), config.d_model, config.vocab_size, speech, int(start), features)
 
 
 class Encoder(torch.nn.Module):

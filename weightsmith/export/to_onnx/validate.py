@@ -194,7 +194,7 @@ def seq2seq_greedy_agreement(model: Any, shape, sessions: dict[str, Any]) -> dic
     from weightsmith.export.to_onnx.generate import greedy_seq2seq
     from weightsmith.export.to_onnx.seq2seq import DECODER, DECODER_WITH_PAST, ENCODER
 
-    new, start = seq2seq_new_tokens(model.config), model.config.decoder_start_token_id
+    new, start = seq2seq_new_tokens(model.config), shape.start
     plain = GenerationConfig(decoder_start_token_id=start, pad_token_id=model.config.pad_token_id, do_sample=False)
     saved, model.generation_config = model.generation_config, plain  # generate fills unset fields from the model's
     prompts = seq2seq_prompts(shape, max_positions(model.config))
@@ -237,7 +237,7 @@ def seq2seq_token_agreement(float_sessions: dict[str, Any], int8_sessions: dict[
     new, same, total = seq2seq_new_tokens(config), 0, 0
     for enc in seq2seq_prompts(shape, max_positions(config)):
         feeds = {n: t.numpy() for n, t in enc.items()}
-        start = torch.full((next(iter(enc.values())).shape[0], 1), config.decoder_start_token_id).numpy()
+        start = torch.full((next(iter(enc.values())).shape[0], 1), shape.start).numpy()
         f, q = (
             greedy_seq2seq(s[ENCODER], s[DECODER], s[DECODER_WITH_PAST], feeds, start, max_new_tokens=new)
             for s in (float_sessions, int8_sessions)
