@@ -187,3 +187,13 @@ def test_existing_graphs_are_refused_then_replaced_with_force_and_optimize(expor
     assert report.summary["optimized"] is True and report.summary["parity_max_abs"] <= 1e-4
     assert any((folder / g).read_bytes() != data for g, data in before.items())
     assert not (folder / "model.onnx").exists()
+
+
+def test_a_graph_off_pytorch_is_refused_and_nothing_written(tmp_path, capsys):
+    src, out = tmp_path / "bart", tmp_path / "x" / "model.onnx"
+    build("bart").save_pretrained(src)
+    capsys.readouterr()
+    assert main(["export", "onnx", str(src), "-o", str(out), "--atol", "1e-30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "differs from PyTorch" in err and "graph batch×sequence:past+new" in err
+    assert not out.parent.exists()
