@@ -3,7 +3,7 @@ examples use, and exits 0.
 
 The folder is built once: a tiny Llama with a byte-level BPE tokenizer (32 query heads over 8 KV heads, so the head
 pruning example has heads to keep; widths of 128 and 256 for the group-size example), its fine-tunes and LoRA
-adapters, GPT-2, BERT, a 6-layer BERT sentence encoder with a tokenizer under MiniLM's names (the examples' training
+adapters, GPT-2, BERT, T5, a 6-layer BERT sentence encoder with a tokenizer under MiniLM's names (the examples' training
 steps then take seconds), a mergekit config, a recipe and text files. An example's output is removed before it
 runs, so examples that share an output name do not refuse each other.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _architectures import build as build_arch
 from _distill_utils import char_tokenizer, write_corpus
 from _lora_utils import make_adapter
 from _tokenizers import byte_level_tokenizer
@@ -117,6 +118,7 @@ def workspace(tmp_path_factory) -> Path:
     _save(build_model("bert_cls", seed=0), root / "bert")
     _save(build_model("bert_cls", seed=1), root / "bert-tuned")
     _save(build_model("qwen2"), root / "qwen2")
+    _save(build_arch("t5"), root / "t5")  # the encoder-decoder export example
 
     encoder = _save(_encoder(), root / "minilm", char_tokenizer(causal=False))  # with a pooler, as MiniLM
     shutil.copytree(encoder, root / "all-MiniLM-L6-v2")

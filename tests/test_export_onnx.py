@@ -201,7 +201,8 @@ def test_external_data_layout(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(files, "EXTERNAL_DATA_BYTES", 0)
     src, out = tiny_model("gpt2"), tmp_path / "big" / "model.onnx"
     ws.export.onnx(src, out, task="causal-lm")
-    assert sorted(p.name for p in out.parent.iterdir()) == ["config.json", "model.onnx", "model.onnx.data"]
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.onnx", "model.onnx.data"]
     locations = {
         e.value
         for t in onnx.load(str(out), load_external_data=False).graph.initializer

@@ -12,6 +12,7 @@ _ONNX_EXAMPLES = [
     "weightsmith export onnx ./all-MiniLM-L6-v2 -o ./onnx-int8/model.onnx --task feature-extraction --quantize int8",
     "weightsmith export onnx ./llama -o ./llama-onnx/model.onnx --task causal-lm --optimize --benchmark --json",
     "weightsmith export onnx ./llama -o ./llama-kv/model.onnx",
+    "weightsmith export onnx ./t5 -o ./t5-onnx/model.onnx",
 ]
 _GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = export.to_gguf.TYPES
 _GGUF_EXAMPLES = [
@@ -45,7 +46,10 @@ def register(sub) -> None:
         "onnxruntime matches PyTorch within --atol at batch 1 and 8, sequence 8 and 128. "
         "Without --task, the task follows the checkpoint's architectures: a causal LM gets "
         "text-generation-with-past (KV cache in and out, optimum's names), checked by greedy decoding "
-        "through onnxruntime against transformers' generate. --benchmark also times it against PyTorch.",
+        "through onnxruntime against transformers' generate. T5, BART and Whisper get optimum's three graphs "
+        "(encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx) in the folder of -o, held to "
+        "generate the same way. CLIP (zero-shot: scores and both embeddings) and question answering (start and end "
+        "logits) export every output of their heads. --benchmark also times it against PyTorch.",
         examples=_ONNX_EXAMPLES,
     )
     p.add_argument("src", help="model directory (config.json and weights)")

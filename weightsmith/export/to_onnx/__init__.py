@@ -1,9 +1,11 @@
 """``export onnx``: a transformers checkpoint as an ONNX graph, always validated with onnxruntime against PyTorch.
 
 One module per job: ``config`` (the task registry and ``OnnxExport``, torch-free), ``build`` (the model and
-``torch.onnx.export``), ``validate`` (onnxruntime vs PyTorch), ``quantize`` (onnxruntime dynamic int8 and its
-quality figure), ``benchmark`` (opt-in latency), ``files`` (staging and placement) and ``pipeline`` (the verb end
-to end). Importing this package imports neither torch nor onnx: the CLI reads the config from here.
+``torch.onnx.export``), ``decoder`` (a causal LM with its KV cache), ``seq2seq`` (an encoder-decoder's three
+graphs), ``generate`` (greedy loops through onnxruntime), ``validate`` (onnxruntime vs PyTorch), ``quantize``
+(onnxruntime dynamic int8 and its quality figure), ``benchmark`` (opt-in latency), ``files`` (staging and
+placement) and ``pipeline`` (the verb end to end). Importing this package imports neither torch nor onnx: the CLI
+reads the config from here.
 """
 
 from __future__ import annotations

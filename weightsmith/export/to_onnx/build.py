@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from weightsmith.checkpoint import TensorSource
-from weightsmith.errors import IncompatibleError, WeightsmithError
-from weightsmith.export.to_onnx.config import TASKS
+from weightsmith.errors import ConfigError, IncompatibleError, WeightsmithError
+from weightsmith.export.to_onnx.config import TASKS, infer_task
 from weightsmith.export.to_onnx.validate import example_inputs, max_positions
 
 _TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -45,6 +45,7 @@ def load_model(ckpt: TensorSource, task: str):
         if "Unrecognized configuration class" in str(exc):
             raise IncompatibleError(
                 f"{ckpt.path}: task {task} is not supported for model_type {model_type!r}"
+                + (f" ({natural})" if (natural := _natural(ckpt.config)) else "")
             ) from None
         raise
     finally:
@@ -55,9 +56,19 @@ def load_model(ckpt: TensorSource, task: str):
         missing = sorted(info["missing_keys"])
         raise IncompatibleError(
             f"{ckpt.path}: task {task} needs {len(missing)} tensor(s) this {model_type} checkpoint "
-            f"lacks, e.g. {missing[0]!r} (is it the right task for this model?)"
+            f"lacks, e.g. {missing[0]!r} (is it the right task for this model?"
+            + (f" {natural})" if (natural := _natural(ckpt.config)) else ")")
         )
     return model.eval()
+
+
+def _natural(config: dict) -> str:
+    """``"T5ForConditionalGeneration exports as text2text-generation"``: the task its head infers ("" if none)."""
+    try:
+        task = infer_task(config, "")
+    except ConfigError:
+        return ""
+    return f"{config['architectures'][0]} exports as {task}"
 
 
 def build(ckpt: TensorSource, task: str, tokenizer):
@@ -67,9 +78,10 @@ def build(ckpt: TensorSource, task: str, tokenizer):
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     params = inspect.signature(model.forward).parameters
-    if TASKS[task].inputs == "pixels":
-        if "pixel_values" not in params:
-            raise IncompatibleError(f"{ckpt.path}: model {type(model).__name__} does not take pixel_values")
+    kind = TASKS[task].inputs
+    if kind in ("pixels", "text+pixels") and "pixel_values" not in params:
+        raise IncompatibleError(f"{ckpt.path}: model {type(model).__name__} does not take pixel_values")
+    if kind == "pixels":
         return model, ("pixel_values",)
     if tokenizer is not None:
         names = [n for n in tokenizer.model_input_names if n in params]
@@ -79,6 +91,8 @@ def build(ckpt: TensorSource, task: str, tokenizer):
             for n in _TOKENIZER_INPUTS
             if n in params and (n != "token_type_ids" or bool(getattr(model.config, "type_vocab_size", 0)))
         ]
+    if kind == "text+pixels":
+        return model, (*names, "pixel_values")
     takes = [p for p in ("pixel_values", "input_features") if p in params]
     if "input_ids" not in names or "attention_mask" not in names or takes:
         raise IncompatibleError(
@@ -90,36 +104,43 @@ def build(ckpt: TensorSource, task: str, tokenizer):
 
 
 class Wrapper(torch.nn.Module):
-    """Positional tensors in ``input_names`` order → the one exported output (no cache, no dict)."""
+    """Positional tensors in ``input_names`` order → the exported output, or a tuple of them (no cache, no dict)."""
 
-    def __init__(self, model: torch.nn.Module, input_names: Sequence[str], output_name: str):
+    def __init__(self, model: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str]):
         super().__init__()
-        self.model, self.input_names, self.output_name = model, tuple(input_names), output_name
+        self.model, self.input_names, self.output_names = model, tuple(input_names), tuple(output_names)
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(zip(self.input_names, tensors))
-        return self.model(**kwargs, return_dict=True)[self.output_name]
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.model(**dict(zip(self.input_names, tensors)), return_dict=True)
+        return out[self.output_names[0]] if len(self.output_names) == 1 else tuple(out[n] for n in self.output_names)
 
 
 @contextlib.contextmanager
 def quiet_exporter():
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # notes about torchvision ops this graph never uses
+    # notes about torchvision ops this graph never uses; onnxscript's about constant folding it skipped
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter prints progress and warns about axis renames
             yield
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 def export(wrapper: Wrapper, config, input_names: Sequence[str], path: Path, opset: int | None, big: bool) -> Path:
     """``torch.onnx.export(dynamo=True)`` with symbolic batch and sequence (images: batch; their size is the
-    model's); one line if the exporter fails."""
+    model's; texts and images together: a batch of each, as zero-shot scores any number of labels per image); one
+    line if the exporter fails."""
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    example = example_inputs(config, input_names, 2, min(16, max_positions(config)))  # size-1 dims specialise
-    axes = [{0: batch} if n == "pixel_values" else {0: batch, 1: sequence} for n in input_names]
+    both = "pixel_values" in input_names and "input_ids" in input_names
+    images = torch.export.Dim("image_batch") if both else batch
+    # size-1 dims specialise; 2 texts and 3 images keep the two batches apart
+    example = example_inputs(config, input_names, 2, min(16, max_positions(config)), images=3 if both else None)
+    axes = [{0: images} if n == "pixel_values" else {0: batch, 1: sequence} for n in input_names]
     path.parent.mkdir(parents=True)
     try:
         with quiet_exporter():
@@ -128,7 +149,7 @@ def export(wrapper: Wrapper, config, input_names: Sequence[str], path: Path, ops
                 tuple(example.values()),
                 str(path),
                 input_names=list(input_names),
-                output_names=[wrapper.output_name],
+                output_names=list(wrapper.output_names),
                 opset_version=opset,
                 dynamo=True,
                 external_data=big,

@@ -18,8 +18,16 @@ class Task:
     name: str
     auto: str  # transformers auto class, e.g. "AutoModelForCausalLM"
     output: str  # the model output exported, e.g. "logits"
+    also: tuple[str, ...] = ()  # further outputs, in the graph's order after ``output``
     with_past: bool = False  # a decoder graph with its KV cache as inputs and outputs
-    inputs: str = "text"  # "text": input_ids, attention_mask (…); "pixels": pixel_values (batch, channels, h, w)
+    # "text": input_ids, attention_mask (…); "pixels": pixel_values (batch, channels, h, w); "text+pixels": both (a
+    # dual encoder); "features": a speech encoder's input_features (batch, mel bins, frames)
+    inputs: str = "text"
+    seq2seq: bool = False  # three graphs under optimum's names: encoder, decoder, decoder with past
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output, *self.also)
 
 
 TASKS: dict[str, Task] = {
@@ -32,6 +40,25 @@ TASKS: dict[str, Task] = {
         Task(name="masked-lm", auto="AutoModelForMaskedLM", output="logits"),
         Task(name="token-classification", auto="AutoModelForTokenClassification", output="logits"),
         Task(name="image-classification", auto="AutoModelForImageClassification", output="logits", inputs="pixels"),
+        Task(
+            name="zero-shot-image-classification",
+            auto="AutoModelForZeroShotImageClassification",
+            output="logits_per_image",
+            also=("logits_per_text", "text_embeds", "image_embeds"),
+            inputs="text+pixels",
+        ),
+        Task(
+            name="question-answering", auto="AutoModelForQuestionAnswering", output="start_logits", also=("end_logits",)
+        ),
+        Task(name="text2text-generation", auto="AutoModelForSeq2SeqLM", output="logits", with_past=True, seq2seq=True),
+        Task(
+            name="automatic-speech-recognition",
+            auto="AutoModelForSpeechSeq2Seq",
+            output="logits",
+            with_past=True,
+            inputs="features",
+            seq2seq=True,
+        ),
     )
 }
 
@@ -44,6 +71,12 @@ INFERRED: tuple[tuple[str, str], ...] = (
     ("ForSequenceClassification", "text-classification"),
     ("ForTokenClassification", "token-classification"),
     ("ForImageClassification", "image-classification"),
+    ("WhisperForConditionalGeneration", "automatic-speech-recognition"),
+    ("T5ForConditionalGeneration", "text2text-generation"),  # T5, mT5, UMT5, LongT5
+    ("BartForConditionalGeneration", "text2text-generation"),  # BART, mBART
+    ("ForQuestionAnswering", "question-answering"),
+    ("CLIPModel", "zero-shot-image-classification"),
+    ("SiglipModel", "zero-shot-image-classification"),
     ("Model", "feature-extraction"),
 )
 
@@ -93,7 +126,9 @@ class OnnxExport:
     task: str | None = field(
         default=None, metadata={"help": "which head and output to export (default: inferred)", "choices": TASKS}
     )
-    opset: int | None = field(default=None, metadata={"help": "ONNX opset (default 20; 17 for the cached decoder)"})
+    opset: int | None = field(
+        default=None, metadata={"help": "ONNX opset (default 20; 17 for cached decoders and encoder-decoders)"}
+    )
     quantize: Int8Dynamic | None = field(
         default=None, metadata={"help": "onnxruntime dynamic int8 quantization, per channel", "choices": QUANTIZE}
     )

@@ -18,7 +18,8 @@ def write_beside(ckpt: TensorSource, tokenizer, folder: Path) -> Path:
     folder.mkdir(parents=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    for name in ("config.json", "preprocessor_config.json"):  # the image processor's settings, where there are any
+    # the image or feature processor's settings and the generation defaults (decoder start token), where there are any
+    for name in ("config.json", "generation_config.json", "preprocessor_config.json"):
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, folder / name)
     return folder

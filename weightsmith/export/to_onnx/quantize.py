@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from weightsmith.export.to_onnx.config import Int8Dynamic
-from weightsmith.export.to_onnx.validate import mask_of, max_positions, ort_run, real_positions
+from weightsmith.export.to_onnx.validate import mask_of, max_positions, ort_outputs, real_positions
 
 # Text for the int8 check when the model has a tokenizer (random ids exaggerate activation outliers).
 QUALITY_TEXT = (
@@ -27,7 +27,7 @@ def quantize_int8(src: Path, path: Path, scheme: Int8Dynamic, big: bool) -> Path
     """onnxruntime ``quantize_dynamic``: QInt8 weights (per output channel by default), activation scales per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # its advice to pre-process is for static (calibrated) quantization
     try:
@@ -55,19 +55,25 @@ def text_inputs(tokenizer, config, input_names) -> dict[str, torch.Tensor] | Non
 
 def int8_quality(float_sess, int8_sess, inputs) -> dict[str, float]:
     """Per-position cosine (mean, min) and ‖q − f‖ / ‖f‖ of the int8 graph's outputs against the float graph's;
-    for per-position outputs also the cosine of their mean over the non-pad positions (a sentence embedding)."""
+    for per-position outputs also the cosine of their mean over the non-pad positions (a sentence embedding).
+    Every output counts (question answering's start and end logits, CLIP's scores and embeddings), except, beside
+    others, one holding a single number per row (CLIP's scores for one image), whose cosine is only a sign."""
     cosines, pooled, err, norm = [], [], 0.0, 0.0
     for feeds in inputs:
         mask = mask_of(feeds)
-        f = real_positions(torch.from_numpy(ort_run(float_sess, feeds)).double(), mask)
-        q = real_positions(torch.from_numpy(ort_run(int8_sess, feeds)).double(), mask)
-        cosines.append(torch.nn.functional.cosine_similarity(q, f, dim=-1))
-        if f.shape[0] == int(mask.sum()):  # per-position rows: pool each sequence's rows
-            owner = torch.arange(mask.shape[0]).repeat_interleave(mask.sum(1))  # (n,) row → sequence
-            sums = [torch.zeros(mask.shape[0], f.shape[1], dtype=f.dtype).index_add_(0, owner, x) for x in (q, f)]
-            pooled.append(torch.nn.functional.cosine_similarity(sums[0], sums[1], dim=-1))
-        err += (q - f).pow(2).sum().item()
-        norm += f.pow(2).sum().item()
+        outputs = list(zip(ort_outputs(float_sess, feeds), ort_outputs(int8_sess, feeds)))
+        for f_out, q_out in outputs:
+            f = real_positions(torch.from_numpy(f_out).double(), mask)
+            q = real_positions(torch.from_numpy(q_out).double(), mask)
+            if len(outputs) > 1 and f.shape[1] == 1:
+                continue
+            cosines.append(torch.nn.functional.cosine_similarity(q, f, dim=-1))
+            if f.shape[0] == int(mask.sum()):  # per-position rows: pool each sequence's rows
+                owner = torch.arange(mask.shape[0]).repeat_interleave(mask.sum(1))  # (n,) row → sequence
+                sums = [torch.zeros(mask.shape[0], f.shape[1], dtype=f.dtype).index_add_(0, owner, x) for x in (q, f)]
+                pooled.append(torch.nn.functional.cosine_similarity(sums[0], sums[1], dim=-1))
+            err += (q - f).pow(2).sum().item()
+            norm += f.pow(2).sum().item()
     cos = torch.cat(cosines)
     quality = {
         "cosine_mean": round(cos.mean().item(), 6),
