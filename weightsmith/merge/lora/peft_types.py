@@ -252,7 +252,7 @@ def _read_vera(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpo
     for module, got in parts.items():
         _need(adapter, module, got, "vera_lambda_b", "vera_lambda_d")
         (out,), (rank,) = _shape(adapter, got["vera_lambda_b"]), _shape(adapter, got["vera_lambda_d"])
-        weight = f"{module}.weight"
+        weight = _stored_name(base, f"{module}.weight")
         shape = tuple(base.info(weight).shape) if weight in base else ()
         if rank != r or len(shape) != 2 or out not in shape:
             raise IncompatibleError(
@@ -288,6 +288,17 @@ def _read_vera(adapter: Adapter, parts: dict[str, dict[str, str]], base: Checkpo
         factors[b_name] = (partial(factor, 1), (out, r))
         adapter.modules[f"{module}.weight"] = LoraModule(module, a=a_name, b=b_name, scaling=1.0, r=r)
     _as_lora(adapter, "VERA", factors)
+
+
+def _stored_name(base: Checkpoint, weight: str) -> str:
+    """``weight`` as the base checkpoint stores it: an adapter names modules as the model has them in memory, which
+    transformers 5 saves under legacy names for some families (``architecture.checkpoint_names``; transformers is
+    imported only for a name the base lacks)."""
+    if weight in base or base.config is None:
+        return weight
+    from weightsmith.architecture import checkpoint_names
+
+    return checkpoint_names(base.config).get(weight, weight)
 
 
 def _as_lora(adapter: Adapter, peft_type: str, factors: dict) -> None:
