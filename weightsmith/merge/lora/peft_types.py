@@ -677,21 +677,23 @@ def _loha_rows(t: dict[str, Tensor], kind: str, scale: float) -> DeltaRows:
 
 def _lokr_rows(t: dict[str, Tensor], kind: str, scale: float) -> DeltaRows:
     """LoKr's ΔW rows start..stop of W1 ⊗ W2 (``w1`` ``[a, c]``, ``w2`` ``[b, d(, k…)]``): stored row i·b + k is
-    W1[i, j]·W2[k, ·] for j = 0..c−1, so the block is W1's rows i times W2's rows k, broadcast into a buffer
-    (no Kronecker product of whole rows of W1 that the block only partly covers), then scaled by α/r."""
+    W1[i, ·] ⊗ W2[k, ·], so with each factor's rows laid out once per stored row (``[a·b, c]`` and ``[a·b, d·∏k]``,
+    a small fraction of the weight) a block is one broadcast product of two slices into a buffer (no Kronecker product
+    of whole W1 rows that a block cuts through), then scaled by α/r."""
     w1 = kinds.lokr_factor(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"))
     w2 = kinds.lokr_factor(t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
     if kind in (CONV1D, EMBEDDING):  # (W1 ⊗ W2)ᵀ = W1ᵀ ⊗ W2ᵀ
         w1, w2 = w1.t(), w2.t()
-    b, c = w2.shape[0], w1.shape[1]
-    w2 = w2.reshape(b, -1)  # [b, d·∏k]: a conv kernel's positions stay with their input channel
+    a, b = w1.shape[0], w2.shape[0]
     dtype = torch.promote_types(w1.dtype, w2.dtype)
+    left = w1.to(dtype).repeat_interleave(b, dim=0).unsqueeze(2)  # [a·b, c, 1]: row i·b + k is W1[i]
+    right = w2.to(dtype).reshape(b, -1).repeat(a, 1).unsqueeze(1)  # [a·b, 1, d·∏k]: row i·b + k is W2[k]
     scratch: list[Tensor] = []
 
     def rows(block: Tensor, start: int, stop: int) -> Tensor:
-        index = torch.arange(start, stop)
-        out = _buffer(scratch, stop - start, c * w2.shape[1], dtype).view(stop - start, c, w2.shape[1])
-        torch.mul(w1[index // b].unsqueeze(2), w2[index % b].unsqueeze(1), out=out)
-        return out.view(stop - start, -1).mul_(scale)
+        n = stop - start
+        out = _buffer(scratch, n, left.shape[1] * right.shape[2], dtype).view(n, left.shape[1], right.shape[2])
+        torch.mul(left[start:stop], right[start:stop], out=out)
+        return out.view(n, -1).mul_(scale)
 
     return rows
