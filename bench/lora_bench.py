@@ -207,9 +207,9 @@ def main_types(types: tuple[str, ...] = ALL_TYPES, layers: int = 9) -> None:
         build = BUILD.format(h=H, i=FFN, L=layers, heads=HEADS, kv=KV, V=V, r=R)
         measure([PY, "-c", build, str(base), str(WORK / f"lora_adapter_{layers}L")])
     rows = []
-    for peft_type in types:
-        adapter = WORK / f"lora_{peft_type.lower()}_{layers}L"
-        if not (adapter / "adapter_config.json").exists():
+    for peft_type in ("LORA", *types):  # plain LoRA first: the reference cost of a fold on this base, same run
+        adapter = WORK / (f"lora_adapter_{layers}L" if peft_type == "LORA" else f"lora_{peft_type.lower()}_{layers}L")
+        if peft_type != "LORA" and not (adapter / "adapter_config.json").exists():
             typed = TYPED.format(h=H, i=FFN, heads=HEADS, kv=KV)
             subprocess.run([PY, "-c", typed, peft_type, str(adapter), str(layers)], check=True, capture_output=True)
         out_ws, out_peft = WORK / "lora_out_ws", WORK / "lora_out_peft"
@@ -244,7 +244,8 @@ def main_types(types: tuple[str, ...] = ALL_TYPES, layers: int = 9) -> None:
         "## PEFT adapter types (`bench/lora_bench.py --types`)\n\n"
         f"The {size_gb:.2f} GB bf16 Llama-shaped base above ({layers} layers); each type on all 7 linears of every "
         "layer (AdaLoRA init_r 16, LoHa/LoKr r 8, VeRA r 16, OFT block 32, IA³ with down_proj as feed-forward). "
-        "Same protocol as the LoRA table: one run each, fresh process, start-up included.\n\n"
+        "Same protocol as the LoRA table: one run each, fresh process, start-up included; the first row is the "
+        "plain rank-16 LoRA adapter of that table, folded in the same run for reference.\n\n"
         + table(["type", *COLUMNS], rows)
         + f"\n\nLoad average during the run: {load:.1f} on 2 cores (shared machine)."
     )

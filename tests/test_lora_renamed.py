@@ -157,3 +157,32 @@ def test_quantize_ignores_renamed_modules_by_their_names_in_memory(saved, tmp_pa
     assert key not in stored or stored[key].dtype != torch.float32  # the others are quantized
     model = load_checked(model_class("vit"), tmp_path / "q")
     assert model.vit.layers[0].attention.q_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vit_vera_sizes_its_layers_from_the_legacy_names(saved, tmp_path, save_projection):
+    """VeRA reads each layer's input size from the base weight, named in memory by the adapter and stored under the
+    legacy name by the checkpoint: the size is found through the same mapping, and the fold equals PEFT's."""
+    from peft import VeraConfig, get_peft_model
+
+    base = saved("vit")
+    torch.manual_seed(1)
+    config = VeraConfig(r=8, target_modules=["q_proj", "v_proj", "fc1"], save_projection=save_projection)
+    peft_model = get_peft_model(build("vit"), config)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:  # lambda_b starts at 0 (no change): give every trained vector values
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(".layers.0.attention.q_proj.vera_lambda_b" in k for k in keys)  # named after the modules in memory
+    report = ws.lora.merge(base, [tmp_path / "adapter"], tmp_path / "out")
+    assert report.summary["types"] == ["VERA"]
+    ours, theirs = _tensors(tmp_path / "out"), _peft_saved("vit", base, tmp_path / "adapter", tmp_path / "peft")
+    assert ours.keys() == theirs.keys() == _tensors(base).keys()
+    original = _tensors(base)
+    changed = [n for n in ours if not torch.equal(ours[n], original[n])]
+    assert len(changed) == 6, changed  # 3 modules × 2 blocks
+    assert max(float((ours[n] - theirs[n]).abs().max()) for n in ours) <= 1e-6
+    load_checked(model_class("vit"), tmp_path / "out")

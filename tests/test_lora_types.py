@@ -6,6 +6,7 @@ model's outputs; then unmerge, mixed types in one fold, and the refusals."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 
@@ -127,6 +128,27 @@ def test_adalora_rank_pattern_matches_peft(tiny_model, tmp_path):
     assert worst <= 1e-6, (where, worst)
     name = "model.layers.0.self_attn.v_proj.weight"
     assert torch.equal(ours[name], ws.open(base)[name])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adalora_fold_is_bit_identical_to_peft(dtype, tiny_model, tmp_path):
+    """PEFT scales AdaLoRA's product by α and then divides by ranknum + 1e-5, each step rounded in float32; the fold
+    takes the same two steps (one scale α/d would differ in the last bit of some elements, and on a half-precision
+    base by several units in the last place where W + ΔW nearly cancels)."""
+    from weightsmith.merge.lora import kinds
+
+    base = tiny_model("llama", dtype=dtype)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapter = make_typed(build_model("llama"), tmp_path / "a", "ADALORA", targets, lora_alpha=7, scale=0.2)
+    ws.lora.merge(base, [adapter], tmp_path / "m")
+    ours, theirs = dict(ws.open(tmp_path / "m")), peft_merged("llama", base, adapter, dtype=getattr(torch, dtype))
+    assert all(torch.equal(ours[n], t) for n, t in theirs.items())
+    # the one-factor scale is not PEFT's rounding: somewhere its ΔW differs
+    alpha, d = kinds.adalora_scaling(7.0, 6)
+    ad, prefix = ws.open(adapter), "base_model.model.model.layers.0.self_attn.q_proj."
+    a, b, e = (ad[prefix + p] for p in ("lora_A", "lora_B", "lora_E"))
+    product = b @ kinds.adalora_a(a, e)
+    assert not torch.equal(product * (alpha / d), product * alpha / torch.tensor(d))
 
 
 ALL_TYPES = ["ADALORA", "IA3", "LOHA", "LOKR", "VERA", "OFT", "BOFT"]
@@ -354,3 +376,44 @@ def test_every_peft_type_is_folded_or_refused_with_its_reason(tiny_model, tmp_pa
             ws.lora.merge(base, [adapter], tmp_path / f"out-{name}")
         assert not (tmp_path / f"out-{name}").exists()
     assert len(NOT_FOLDABLE) >= 11 and all("weight" in why or "input" in why for why in NOT_FOLDABLE.values())
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "kind", "shape"),
+    [
+        ("LOKR", "linear", (24, 20)),
+        ("LOKR", "conv1d", (20, 24)),
+        ("LOKR", "embedding", (20, 24)),
+        ("LOKR", "conv", (24, 10, 3, 3)),
+        ("LOHA", "linear", (24, 20)),
+        ("LOHA", "conv1d", (20, 24)),
+    ],
+)
+def test_row_kernels_equal_the_whole_delta_in_any_blocks(peft_type, kind, shape, monkeypatch):
+    """The row-block kernels of LoKr (W1's rows times W2's rows, broadcast) and LoHa (the block's rows of both
+    products) give exactly ΔW built whole as PEFT builds it, for blocks that cut W1's row groups anywhere."""
+    from weightsmith.merge.lora import math as lora_math
+    from weightsmith.merge.lora.peft_types import Update, row_kernel, update_delta
+
+    g = torch.Generator().manual_seed(0)
+    out, fan_in = (shape[1], shape[0]) if kind in ("conv1d", "embedding") else (shape[0], math.prod(shape[1:]))
+    if peft_type == "LOKR":  # W1 [4, 2] ⊗ W2 [6, in/2(, 3, 3)]; W2 low rank on linear kinds
+        tensors = {"lokr_w1": torch.randn(4, 2, generator=g)}
+        if kind == "conv":
+            tensors["lokr_w2"] = torch.randn(6, shape[1] // 2, *shape[2:], generator=g)
+        else:
+            tensors["lokr_w2_a"], tensors["lokr_w2_b"] = torch.randn(6, 3, generator=g), torch.randn(3, 10, generator=g)
+    else:
+        tensors = {p: torch.randn(s, generator=g) for p, s in (("hada_w1_a", (out, 3)), ("hada_w1_b", (3, fan_in)))}
+        tensors |= {p: torch.randn(s, generator=g) for p, s in (("hada_w2_a", (out, 3)), ("hada_w2_b", (3, fan_in)))}
+    upd = Update("m", "delta", peft_type, {p: p for p in tensors}, out=out, fan_in=fan_in, scaling=0.7)
+    weight = torch.randn(shape, generator=g)
+    want = weight + update_delta(upd, tensors, kind, shape)
+    for elements in (7 * shape[-1] if len(shape) == 2 else 7 * fan_in, 5 * fan_in, 1):
+        monkeypatch.setattr(lora_math, "_BLOCK_ELEMENTS", elements)  # 7, 5 or 1 rows a block
+        got = weight.clone().reshape(shape[0], -1)
+        lora_math.in_row_blocks_(got, got, row_kernel(upd, tensors, kind, shape))
+        if peft_type == "LOHA" and kind == "conv1d":  # products of the transposed factors: rank terms summed in
+            torch.testing.assert_close(got.reshape(shape), want, rtol=1e-6, atol=1e-6)  # another order
+        else:
+            assert torch.equal(got.reshape(shape), want)

@@ -38,6 +38,7 @@ from weightsmith.merge.lora.math import (
     EMBEDDING,
     LINEAR,
     add_lora_,
+    add_product_,
     dora_rows,
     from_rows,
     in_row_blocks_,
@@ -333,15 +334,12 @@ class FoldedCheckpoint(CheckpointView):
             return None
         if lora:
             acc = torch.float64 if dtype == torch.float64 else torch.float32  # in_row_blocks_' block dtype
-            factors = []
-            for t in lora:
-                a, b = t.lora.factors
-                left, right = stored_factors(t.adapter.ckpt[a], t.adapter.ckpt[b], t.kind, acc)
-                factors.append((left, right, t.lora.scaling * t.weight))
+            factors = [_lora_factors(t, acc) for t in lora]
+            scratch: list[Tensor] = []
 
             def add(block: Tensor, start: int, stop: int) -> None:
-                for left, right, scale in factors:
-                    block.addmm_(left[start:stop], right, alpha=scale)
+                for left, right, scale, divisor in factors:
+                    add_product_(block, left[start:stop], right, scale, divisor, scratch)
 
             kernels.append(add)
         for t in terms:
@@ -355,11 +353,7 @@ class FoldedCheckpoint(CheckpointView):
     @staticmethod
     def _add_lora(src: Tensor, dst: Tensor, terms: list[_Term]) -> None:
         acc = torch.float64 if src.dtype == torch.float64 else torch.float32
-        factors = []
-        for t in terms:
-            a, b = t.lora.factors
-            left, right = stored_factors(t.adapter.ckpt[a], t.adapter.ckpt[b], t.kind, acc)
-            factors.append((left, right, t.lora.scaling * t.weight))
+        factors = [_lora_factors(t, acc) for t in terms]
         add_lora_(src.reshape(src.shape[0], -1), dst.reshape(dst.shape[0], -1), factors)
 
     def _apply(self, w: Tensor, t: _Term) -> Tensor:
@@ -406,6 +400,16 @@ class FoldedCheckpoint(CheckpointView):
     def changed(self) -> dict[str, list[str]]:
         """{tensor name: how each adapter changes it} for every tensor the fold touches."""
         return {n: [t.how for t in terms] for n, terms in self._terms.items()}
+
+
+def _lora_factors(t: _Term, acc: torch.dtype) -> tuple[Tensor, Tensor, float, float | None]:
+    """A LoRA term as ``add_product_`` takes it: stored factors (L, R), scale and divisor, the adapter weight folded
+    into the scale (AdaLoRA at weight 1: α and d one after the other, as PEFT rounds them)."""
+    a, b = t.lora.factors
+    left, right = stored_factors(t.adapter.ckpt[a], t.adapter.ckpt[b], t.kind, acc)
+    if t.lora.split_scale is not None and t.weight == 1:
+        return left, right, *t.lora.split_scale
+    return left, right, t.lora.scaling * t.weight, None
 
 
 def _untied_config(config: dict) -> dict:

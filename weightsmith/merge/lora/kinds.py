@@ -38,11 +38,12 @@ def adalora_a(a: Tensor, e: Tensor) -> Tensor:
     return _acc(a) * _acc(e)
 
 
-def adalora_scaling(alpha: float, ranknum: int) -> float:
-    """α / (ranknum + 1e-5), the denominator rounded to float32 as PEFT holds ranknum in a float32 parameter;
-    α ≤ 0 means α = ranknum (PEFT's ``scaling = lora_alpha if lora_alpha > 0 else float(r)``)."""
+def adalora_scaling(alpha: float, ranknum: int) -> tuple[float, float]:
+    """AdaLoRA's scale as (α, d): ΔW = (B·(A ⊙ E))·α / d, d = ranknum + 1e-5 rounded to float32 as PEFT holds
+    ranknum in a float32 parameter; α ≤ 0 means α = ranknum (PEFT's ``scaling = lora_alpha if lora_alpha > 0 else
+    float(r)``). PEFT multiplies by α and then divides by d, each step rounded; α/d is the one-factor scale."""
     denominator = float(torch.tensor(float(ranknum)) + 1e-5)
-    return (alpha if alpha > 0 else float(ranknum)) / denominator
+    return (alpha if alpha > 0 else float(ranknum)), denominator
 
 
 def vera_factors(

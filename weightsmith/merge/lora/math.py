@@ -74,26 +74,60 @@ def in_row_blocks_(src: Tensor, dst: Tensor, apply: Callable[[Tensor, int, int],
     ``src`` and ``dst`` are the stored weight flattened to 2-D (they may be the same tensor: the fold then happens
     in place). ``apply(block, i, j)`` changes the float32 block of rows i..j in place (float64 stays float64).
     Blocks are about a megabyte, so no float32 copy of the weight ever exists whole and the work stays in the CPU
-    cache; a float32 ``src`` that is ``dst`` is changed in place without a copy.
+    cache; one block buffer serves every block (a fresh megabyte per block costs an allocation each, and the
+    allocator's churn shows in peak RSS); a float32 ``src`` is changed in place without a copy.
     """
-    step = max(1, _BLOCK_ELEMENTS // max(1, src.shape[1]))
+    step = block_rows(src.shape[1])
     acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    buffer = None if src.dtype == acc else torch.empty((min(step, src.shape[0]), src.shape[1]), dtype=acc)
     for start in range(0, src.shape[0], step):
         stop = min(start + step, src.shape[0])
-        block = src[start:stop].to(acc)  # a view when src is already float32: changed in place
+        if buffer is None:
+            block = src[start:stop]  # already float32 (or float64): changed in place
+        else:
+            block = buffer[: stop - start]
+            block.copy_(src[start:stop])
         apply(block, start, stop)
         out = dst[start:stop]
         if block.data_ptr() != out.data_ptr():
             out.copy_(block)
 
 
-def add_lora_(src: Tensor, dst: Tensor, terms: list[tuple[Tensor, Tensor, float]]) -> None:
-    """dst = src + Σ sᵢ·Lᵢ·Rᵢ by ``in_row_blocks_``; ``terms`` are ``stored_factors`` with their scale, accumulated
-    with a fused ``addmm_``, the product taken before the scale as PEFT's ``get_delta_weight`` does."""
+def block_rows(columns: int) -> int:
+    """Rows per block of ``in_row_blocks_`` for a weight of ``columns`` columns (row view flattened to 2-D)."""
+    return max(1, _BLOCK_ELEMENTS // max(1, columns))
+
+
+def add_product_(
+    block: Tensor,
+    left: Tensor,
+    right: Tensor,
+    scale: float,
+    divisor: float | None = None,
+    scratch: list[Tensor] | None = None,
+) -> None:
+    """block += s·(L·R), the product rounded before the scale as PEFT's ``get_delta_weight`` takes it (a fused
+    ``addmm_``); with ``divisor`` d, block += (s·(L·R)) / d, each step rounded as PEFT's AdaLoRA does
+    (``B @ (A*E) * scaling / (ranknum + 1e-5)``), so that the result is bit-identical to its merge. ``scratch``
+    (a list, empty at first) keeps the product's buffer from one block to the next."""
+    if divisor is None:
+        block.addmm_(left, right, alpha=scale)
+        return
+    if scratch is not None and (not scratch or scratch[0].shape[0] < block.shape[0] or scratch[0].dtype != block.dtype):
+        scratch[:] = [torch.empty(block.shape, dtype=block.dtype)]
+    out = scratch[0][: block.shape[0]] if scratch else None
+    block.addcdiv_(torch.mm(left, right, out=out), torch.tensor(divisor, dtype=block.dtype), value=scale)
+
+
+def add_lora_(src: Tensor, dst: Tensor, terms: list[tuple[Tensor, Tensor, float, float | None]]) -> None:
+    """dst = src + Σ sᵢ·Lᵢ·Rᵢ by ``in_row_blocks_``; ``terms`` are ``stored_factors`` with their scale and divisor
+    (``add_product_``)."""
+
+    scratch: list[Tensor] = []
 
     def add(block: Tensor, start: int, stop: int) -> None:
-        for left, right, scale in terms:
-            block.addmm_(left[start:stop], right, alpha=scale)
+        for left, right, scale, divisor in terms:
+            add_product_(block, left[start:stop], right, scale, divisor, scratch)
 
     in_row_blocks_(src, dst, add)
 

@@ -213,7 +213,7 @@ def _read_adalora(adapter: Adapter, parts: dict[str, dict[str, str]], base: Tens
     already cut the pruned triplets out of the tensors, and ranknum stays ``init_r`` (PEFT copies it back)."""
     cfg, ck = adapter.config, adapter.ckpt
     ranknum = int(cfg.get("init_r") or cfg.get("r") or 0)
-    scaling = kinds.adalora_scaling(float(cfg.get("lora_alpha", 8)), ranknum)
+    split = kinds.adalora_scaling(float(cfg.get("lora_alpha", 8)), ranknum)  # (α, d)
     factors: dict[str, tuple[Callable[[], Tensor], tuple]] = {}
     for module, got in parts.items():
         _need(adapter, module, got, "lora_A", "lora_B", "lora_E")
@@ -228,7 +228,9 @@ def _read_adalora(adapter: Adapter, parts: dict[str, dict[str, str]], base: Tens
         a_name, b_name = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
         factors[a_name] = (partial(_adalora_a, ck, got["lora_A"], got["lora_E"]), a_shape)
         factors[b_name] = (partial(_float, ck, got["lora_B"]), b_shape)
-        adapter.modules[f"{module}.weight"] = LoraModule(module, a=a_name, b=b_name, scaling=scaling, r=a_shape[0])
+        adapter.modules[f"{module}.weight"] = LoraModule(
+            module, a=a_name, b=b_name, scaling=split[0] / split[1], r=a_shape[0], split_scale=split
+        )
     _as_lora(adapter, "ADALORA", factors)
 
 
@@ -252,7 +254,7 @@ def _read_vera(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorS
     for module, got in parts.items():
         _need(adapter, module, got, "vera_lambda_b", "vera_lambda_d")
         (out,), (rank,) = _shape(adapter, got["vera_lambda_b"]), _shape(adapter, got["vera_lambda_d"])
-        weight = f"{module}.weight"
+        weight = _stored_name(base, f"{module}.weight")
         shape = tuple(base.info(weight).shape) if weight in base else ()
         if rank != r or len(shape) != 2 or out not in shape:
             raise IncompatibleError(
@@ -288,6 +290,17 @@ def _read_vera(adapter: Adapter, parts: dict[str, dict[str, str]], base: TensorS
         factors[b_name] = (partial(factor, 1), (out, r))
         adapter.modules[f"{module}.weight"] = LoraModule(module, a=a_name, b=b_name, scaling=1.0, r=r)
     _as_lora(adapter, "VERA", factors)
+
+
+def _stored_name(base: TensorSource, weight: str) -> str:
+    """``weight`` as the base checkpoint stores it: an adapter names modules as the model has them in memory, which
+    transformers 5 saves under legacy names for some families (``architecture.checkpoint_names``; transformers is
+    imported only for a name the base lacks)."""
+    if weight in base or base.config is None:
+        return weight
+    from weightsmith.architecture import checkpoint_names
+
+    return checkpoint_names(base.config).get(weight, weight)
 
 
 def _as_lora(adapter: Adapter, peft_type: str, factors: dict) -> None:
@@ -592,57 +605,95 @@ def row_kernel(
 
 
 def _scale_kernel(factor: Tensor, *, per_row: bool) -> RowKernel:
-    """W ⊙ c on stored rows: c per stored row, or per stored column (repeated over a conv kernel's positions)."""
+    """W ⊙ c on stored rows: c per stored row, or per stored column (repeated over a conv kernel's positions, once:
+    every block has the same columns)."""
+    columns: list[Tensor] = []
 
     def scale(block: Tensor, start: int, stop: int) -> None:
         if per_row:
             block.mul_(factor[start:stop].unsqueeze(1))
-        else:
-            block.mul_(factor.repeat_interleave(block.shape[1] // factor.numel()).unsqueeze(0))
+            return
+        if not columns:
+            columns.append(factor.repeat_interleave(block.shape[1] // factor.numel()).unsqueeze(0).to(block.dtype))
+        block.mul_(columns[0])
 
     return scale
 
 
 def _delta_kernel(upd: Update, ckpt: TensorSource, kind: str, shape: tuple[int, ...], weight: float) -> RowKernel:
-    """W + w·ΔW on stored rows, ΔW's rows computed per block from the factors: LoHa's two products row block by row
-    block, LoKr's Kronecker product from the rows of W1 that cover the block; an effective-conv LoHa (Tucker) is
-    built whole once. Products as PEFT takes them (``kinds.loha_delta``/``lokr_delta``), in float32."""
+    """W + w·ΔW on stored rows, ΔW's rows computed per block from the factors into one reused buffer
+    (``_loha_rows``, ``_lokr_rows``); an effective-conv LoHa (Tucker) is built whole once. Products and roundings
+    as PEFT takes them (``kinds.loha_delta``/``lokr_delta``: the product, then the scale, then the sum), in
+    float32."""
     t = {role: ckpt[name] for role, name in upd.tensors.items()}
-    transposed = kind in (CONV1D, EMBEDDING)
     if upd.peft_type == "LOHA" and "hada_t1" not in t:
-        # stored_factors: (W1a, W1b) or, stored transposed, (W1bᵀ, W1aᵀ)
-        l1, r1 = stored_factors(t["hada_w1_b"], t["hada_w1_a"], kind, torch.float32)
-        l2, r2 = stored_factors(t["hada_w2_b"], t["hada_w2_a"], kind, torch.float32)
-
-        def rows(start: int, stop: int) -> Tensor:
-            return kinds.loha_delta(l1[start:stop], r1, l2[start:stop], r2, upd.scaling)
-
+        rows = _loha_rows(t, kind, upd.scaling)
     elif upd.peft_type == "LOKR":
-        w1 = kinds.lokr_factor(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"))
-        w2 = kinds.lokr_factor(t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
-        if transposed:  # (W1 ⊗ W2)ᵀ = W1ᵀ ⊗ W2ᵀ
-            w1, w2 = w1.t(), w2.t()
-        b = w2.shape[0]
-
-        def rows(start: int, stop: int) -> Tensor:
-            first = start // b  # the rows of W1 whose Kronecker rows cover start..stop
-            part = kinds.lokr_delta(w1[first : -(-stop // b)], w2, upd.scaling)
-            return part.reshape(part.shape[0], -1)[start - first * b : stop - first * b]
-
+        rows = _lokr_rows(t, kind, upd.scaling)
     else:
         whole: list[Tensor] = []
 
-        def rows(start: int, stop: int) -> Tensor:
+        def rows(block: Tensor, start: int, stop: int) -> Tensor:
             if not whole:
                 delta = update_delta(upd, ckpt, kind, shape)
                 whole.append(delta.reshape(delta.shape[0], -1))
             return whole[0][start:stop]
 
     def add(block: Tensor, start: int, stop: int) -> None:
-        delta = rows(start, stop)
+        delta = rows(block, start, stop)
         if weight == 1:
             block += delta
         else:
             block.add_(delta, alpha=weight)
 
     return add
+
+
+DeltaRows = Callable[[Tensor, int, int], Tensor]
+
+
+def _buffer(store: list[Tensor], rows: int, columns: int, dtype: torch.dtype) -> Tensor:
+    """A scratch ``[rows, columns]`` tensor, allocated for the first (largest) block and reused for the others."""
+    if not store or store[0].shape[0] < rows or store[0].shape[1] != columns or store[0].dtype != dtype:
+        store[:] = [torch.empty((rows, columns), dtype=dtype)]
+    return store[0][:rows]
+
+
+def _loha_rows(t: dict[str, Tensor], kind: str, scale: float) -> DeltaRows:
+    """LoHa's ΔW rows start..stop: ((W1a·W1b) ⊙ (W2a·W2b))·α/r, the two products of the block's rows only."""
+    # stored_factors: (W1a, W1b) or, stored transposed, (W1bᵀ, W1aᵀ)
+    l1, r1 = stored_factors(t["hada_w1_b"], t["hada_w1_a"], kind, torch.float32)
+    l2, r2 = stored_factors(t["hada_w2_b"], t["hada_w2_a"], kind, torch.float32)
+    first: list[Tensor] = []
+    second: list[Tensor] = []
+
+    def rows(block: Tensor, start: int, stop: int) -> Tensor:
+        p1 = torch.mm(l1[start:stop], r1, out=_buffer(first, stop - start, r1.shape[1], r1.dtype))
+        p2 = torch.mm(l2[start:stop], r2, out=_buffer(second, stop - start, r2.shape[1], r2.dtype))
+        return p1.mul_(p2).mul_(scale)
+
+    return rows
+
+
+def _lokr_rows(t: dict[str, Tensor], kind: str, scale: float) -> DeltaRows:
+    """LoKr's ΔW rows start..stop of W1 ⊗ W2 (``w1`` ``[a, c]``, ``w2`` ``[b, d(, k…)]``): stored row i·b + k is
+    W1[i, ·] ⊗ W2[k, ·], so with each factor's rows laid out once per stored row (``[a·b, c]`` and ``[a·b, d·∏k]``,
+    a small fraction of the weight) a block is one broadcast product of two slices into a buffer (no Kronecker product
+    of whole W1 rows that a block cuts through), then scaled by α/r."""
+    w1 = kinds.lokr_factor(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"))
+    w2 = kinds.lokr_factor(t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
+    if kind in (CONV1D, EMBEDDING):  # (W1 ⊗ W2)ᵀ = W1ᵀ ⊗ W2ᵀ
+        w1, w2 = w1.t(), w2.t()
+    a, b = w1.shape[0], w2.shape[0]
+    dtype = torch.promote_types(w1.dtype, w2.dtype)
+    left = w1.to(dtype).repeat_interleave(b, dim=0).unsqueeze(2)  # [a·b, c, 1]: row i·b + k is W1[i]
+    right = w2.to(dtype).reshape(b, -1).repeat(a, 1).unsqueeze(1)  # [a·b, 1, d·∏k]: row i·b + k is W2[k]
+    scratch: list[Tensor] = []
+
+    def rows(block: Tensor, start: int, stop: int) -> Tensor:
+        n = stop - start
+        out = _buffer(scratch, n, left.shape[1] * right.shape[2], dtype).view(n, left.shape[1], right.shape[2])
+        torch.mul(left[start:stop], right[start:stop], out=out)
+        return out.view(n, -1).mul_(scale)
+
+    return rows

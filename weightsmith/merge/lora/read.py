@@ -55,6 +55,9 @@ class LoraModule:
     embedding: bool = False
     scaling: float = 1.0
     r: int = 0
+    # AdaLoRA: (α, d), ΔW = (B·A)·α / d with α and d applied one after the other as PEFT rounds them; ``scaling``
+    # = α/d serves every other use (weighted folds, combine, resize)
+    split_scale: tuple[float, float] | None = None
 
     @property
     def weight(self) -> str:
