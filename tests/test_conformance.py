@@ -36,6 +36,7 @@ REFUSED: dict[tuple[str, str], str] = {
     ("mixtral", "quantize int8"): "stores its experts one by one",
     ("mixtral", "export onnx"): "torch.onnx.export failed",
     ("llava", "export onnx"): "only text models are exported",
+    ("mamba", "export onnx"): "the exported graph does not run on inputs of shape",
 }
 # Architectures mergekit 0.1.5 merges as transformers 5 writes them. Its definitions for the others expect tensors
 # these checkpoints lack: GPT-NeoX's attention.bias buffers, BERT's pooler (a BertForMaskedLM has none), T5 v1.1's
@@ -50,12 +51,12 @@ WHY = {
     "no 2-D Linear weights to quantize": "Conv1D projections are not nn.Linear; neither format quantizes them",
     "torch.onnx.export failed": "torch.onnx.export cannot export the model (MoE routing)",
     "only text models are exported": "not a text model: the export takes input_ids and attention_mask only",
+    "the exported graph does not run on inputs of shape": "the traced graph fixes the sequence length, so the "
+    "validation refuses it (Mamba; with a cache: no attention keys and values to export)",
 }
 # (architecture, verb) → why the cell fails today: the verb neither works nor refuses in one line. The cell must
 # keep failing (a fix makes it fail here, to be moved out), and the table shows it as failing.
-KNOWN: dict[tuple[str, str], str] = {
-    ("mamba", "export onnx"): "the exported graph fixes the sequence length; onnxruntime rejects other lengths",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 RESULTS: dict[str, dict[str, str]] = {}
 

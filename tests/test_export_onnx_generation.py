@@ -94,3 +94,21 @@ def test_an_architecture_without_an_exporter_is_refused_naming_the_supported(tmp
     assert not out.parent.exists()
     with pytest.raises(ConfigError, match="task 'seq2seq'"):
         ws.export.onnx(src, out, task="seq2seq")
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        (None, "MambaForCausalLM: its cache is not attention keys and values"),
+        ("causal-lm", "the exported graph does not run on inputs of shape input_ids (1, 8)"),
+    ],
+)
+def test_a_state_space_model_is_refused_in_one_line(tmp_path, task, message):
+    """Mamba's cache holds convolution and SSM states, not keys and values; traced without one, its graph takes only
+    the traced sequence length, which the validation's other lengths find. Either way: one line, nothing written."""
+    build("mamba").save_pretrained(tmp_path / "mamba")
+    options = {} if task is None else {"task": task}
+    with pytest.raises(ws.WeightsmithError) as caught:
+        ws.export.onnx(tmp_path / "mamba", tmp_path / "out" / "model.onnx", **options)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from weightsmith.errors import IncompatibleError
 from weightsmith.export.to_onnx.build import export_error, quiet_exporter
 
 # The TorchScript exporter's default here is 18; 17 is what onnxruntime's int8 quantizer and optimum's decoders use.
@@ -50,6 +51,12 @@ def cache_shape(model: torch.nn.Module) -> CacheShape:
     """Read from one forward with a cache (head counts and widths differ by architecture: GQA, head_dim ≠ h/n)."""
     with torch.no_grad():
         cache = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).cache
+    if not all(hasattr(layer, "keys") for layer in cache.layers):
+        kind = type(next(layer for layer in cache.layers if not hasattr(layer, "keys"))).__name__
+        raise IncompatibleError(
+            f"{type(model).__name__}: its cache is not attention keys and values ({kind}); the ONNX export with a "
+            "cache covers attention decoders"
+        )
     keys = [layer.keys for layer in cache.layers]  # (1, kv_heads, 1, head_dim) each
     positions = "position_ids" in inspect.signature(model.forward).parameters
     return CacheShape(len(keys), keys[0].shape[1], keys[0].shape[3], positions)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from weightsmith import architecture
+from weightsmith.errors import IncompatibleError
 
 VALIDATION_BATCHES = (1, 8)
 VALIDATION_SEQUENCES = (8, 128)  # clipped to the model's max_position_embeddings
@@ -64,7 +65,16 @@ def torch_run(wrapper: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> tuple
 
 
 def ort_outputs(sess, feeds: dict[str, torch.Tensor]) -> list:
-    return sess.run(None, {n: t.numpy() for n, t in feeds.items()})
+    """The graph's outputs for ``feeds``; refused in one line when onnxruntime rejects their shapes (a model whose
+    code fixes a dimension while tracing exports a graph that takes only that size)."""
+    try:
+        return sess.run(None, {n: t.numpy() for n, t in feeds.items()})
+    except Exception as exc:  # onnxruntime's own error types (InvalidArgument, Fail, …) come from its C++ module
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in feeds.items())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IncompatibleError(f"the exported graph does not run on inputs of shape {shapes}: {first}") from None
 
 
 def ort_run(sess, feeds: dict[str, torch.Tensor]):
