@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from _prune_utils import CALIBRATION, with_tokenizer, write_lines
 
+from weightsmith import architecture
 from weightsmith.cli import build_parser, main
 
 
@@ -81,7 +82,7 @@ def test_refusals_unsupported_structured(tiny_model, tmp_path, capsys):
         capsys,
         ["prune", str(tiny_model("gpt2")), "-o", str(out), "--structured", "ffn", "--ratio", "0.25"],
         out,
-        "structured pruning supports llama, mistral, qwen2, bert",
+        f"structured pruning supports {', '.join(architecture.PRUNE_FAMILIES)} models; this one is gpt2",
     )
     _refused(
         capsys,
