@@ -59,16 +59,16 @@ def cli(argv: list[str]) -> tuple[int, str]:
     err, out = io.StringIO(), io.StringIO()
     # Start-up work that does not depend on the input would dominate: the digest helper process, the allocator
     # tuning (which runs ldconfig) and building the parser (reused: parse_args leaves it unchanged).
-    saved = cli_module._start_input_digests, cli_module._reuse_freed_memory, cli_module.build_parser
+    saved = cli_module._start_input_digests, cli_module._return_freed_tensors, cli_module.build_parser
     cli_module._start_input_digests = lambda args: None
-    cli_module._reuse_freed_memory = lambda: None
+    cli_module._return_freed_tensors = lambda: None
     parser = _parser(saved[2])
     cli_module.build_parser = lambda: parser
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             code = cli_module.main([str(a) for a in argv])
     finally:
-        cli_module._start_input_digests, cli_module._reuse_freed_memory, cli_module.build_parser = saved
+        cli_module._start_input_digests, cli_module._return_freed_tensors, cli_module.build_parser = saved
     return code, err.getvalue()
 
 
