@@ -89,13 +89,13 @@ def quantize(
     targets = set(selection.targets)
     rows: list[dict[str, Any]] = []
 
-    def quantized(name: str) -> list[Item]:
+    def quantized(name: str) -> Sequence[Item]:
         if name not in targets:
             return [(name, Stored(view, name))]
         tensor = ckpt[name]
         parts = view.quantized(name, tensor)  # suffix → stored tensor, in the view's order
         rows.append(_row(view, name, tensor, parts))
-        return [(f"{name.removesuffix('.weight')}.{suffix}", value) for suffix, value in parts.items()]
+        return view.stored_items(name, parts)
 
     report = stream(
         view,

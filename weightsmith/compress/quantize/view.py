@@ -87,6 +87,12 @@ class QuantizedView(CheckpointView):
         self._last = (weight, parts)
         return parts
 
+    @staticmethod
+    def stored_items(weight: str, parts: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """``quantized``'s parts under their output names (``<module>.<suffix>``), in the order they are stored."""
+        module = weight.removesuffix(".weight")
+        return [(f"{module}.{suffix}", value) for suffix, value in parts.items()]
+
     def __getitem__(self, name: str) -> torch.Tensor:
         stored = self._stored.get(name)
         if stored is not None:

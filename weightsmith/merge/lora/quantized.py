@@ -50,7 +50,7 @@ def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> 
     targets = set(view.targets)
     rows: list[dict] = []
 
-    def requantize(name: str) -> list[Item]:
+    def requantize(name: str) -> Sequence[Item]:
         if name not in targets:
             return [(name, Stored(view, name))]
         merged = folded[name]  # in the base's recorded dtype, as the format stores it
@@ -59,7 +59,7 @@ def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> 
             delta = merged.float() - base[name].float()
             lost = view.codec.dequantize_module(parts).float() - merged.float()
             rows.append(_row(name, delta, lost))
-        return [(f"{name.removesuffix('.weight')}.{suffix}", value) for suffix, value in parts.items()]
+        return view.stored_items(name, parts)
 
     report = stream(
         view,
