@@ -30,6 +30,7 @@ from weightsmith.merge.plan import Task, plan
 from weightsmith.merge.table import METHODS
 from weightsmith.merge.vocab import TOKENIZER_FILES, Vocabulary, vocab_size_of
 from weightsmith.merge.vocab import build as build_vocabulary
+from weightsmith.numerics import all_finite
 from weightsmith.progress import progress
 from weightsmith.report import Report, figures_requested
 from weightsmith.units import format_size, parse_dtype
@@ -204,8 +205,7 @@ def _tensor_worker(
             base = _load(opened[task.base[0]], task.base[1], in_dtype, native) if task.base is not None else None
             tensors = [_load(opened[path], name, in_dtype, native) for path, name in task.inputs]
         merged, stats = _merge_tensor(cfg, task, base, tensors, seed)
-        # element-wise, never a sum in the output dtype: an fp16 sum of finite values overflows at 65504
-        if not bool(torch.isfinite(merged).all()):
+        if not all_finite(merged):
             raise NumericalError(f"tensor {task.name!r}: the {cfg.method} merge produced NaN or Inf")
         if figs is not None:  # only for an HTML report: one more pass over the tensor
             figs[task.name] = _figures(cfg.method, base, tensors, merged, stats)

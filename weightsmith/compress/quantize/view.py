@@ -25,6 +25,7 @@ from weightsmith.compress.quantize.targets import DEFAULT_IGNORE, Plan, plan
 from weightsmith.conversion import as_checkpoint
 from weightsmith.device import resolve_device
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
+from weightsmith.numerics import all_finite
 
 __all__ = ["REGISTRY", "QuantizedView", "open_quantized"]
 
@@ -81,7 +82,7 @@ class QuantizedView(CheckpointView):
         if self._last is not None and self._last[0] == weight:
             return self._last[1]
         tensor = self.source[weight] if tensor is None else tensor
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise NumericalError(f"{self.path}: tensor {weight!r} holds NaN or Inf; refusing to quantize it")
         parts = self.codec.quantize_module(self.scheme, tensor)
         self._last = (weight, parts)

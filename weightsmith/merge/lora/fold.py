@@ -57,6 +57,7 @@ from weightsmith.merge.lora.peft_types import (
 )
 from weightsmith.merge.lora.quantized import dequantized
 from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter, to_checkpoint_names
+from weightsmith.numerics import all_finite
 from weightsmith.report import Report, figures_requested
 from weightsmith.stream import Item, Stored, Written, stream
 from weightsmith.units import format_size, parse_dtype
@@ -268,9 +269,7 @@ class FoldedCheckpoint(CheckpointView):
         if not terms:
             return value if value.dtype == target else value.to(target)
         value = self._fold(value, terms, target)  # rounded once, to the output dtype
-        # checked as stored (an overflow of the output dtype counts); one pass: NaN/Inf make the sum non-finite,
-        # and a finite tensor whose sum overflows is re-checked element-wise
-        if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+        if not all_finite(value):  # checked as stored: an overflow of the output dtype counts
             raise NumericalError(
                 f"{self.base.path}: folding {', '.join(sorted({str(t.adapter.path) for t in terms}))} "
                 f"into tensor {name!r} gives NaN or Inf"

@@ -15,11 +15,10 @@ import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 
-import torch
-
 from weightsmith.checkpoint import Checkpoint, TensorSource
 from weightsmith.errors import ConfigError, IncompatibleError, NumericalError
 from weightsmith.merge.lora.math import lora_scaling
+from weightsmith.numerics import all_finite
 
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
@@ -267,5 +266,5 @@ def check_finite(adapter: Adapter) -> None:
     """Refuse NaN/Inf anywhere in the adapter (reads each adapter tensor once)."""
     for name in adapter.ckpt:
         t = adapter.ckpt[name]
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise NumericalError(f"{adapter.path}: adapter tensor {name!r} contains NaN or Inf")
