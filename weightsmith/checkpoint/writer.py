@@ -92,14 +92,16 @@ def _write_and_hash(fd: int, data: memoryview, offset: int) -> str:
 
 
 def _hash_range(fd: int, offset: int, count: int) -> str:
-    """sha256 of ``count`` bytes of a file from ``offset``, read back in 16 MiB pieces."""
+    """sha256 of ``count`` bytes of a file from ``offset``, read back through one 4 MiB buffer (a fresh buffer per
+    piece would page-fault its memory in each time)."""
     h = hashlib.sha256()
+    buf = memoryview(bytearray(min(count, 4 * 2**20)))
     while count:
-        chunk = os.pread(fd, min(count, 16 * 2**20), offset)
-        if not chunk:
+        n = os.preadv(fd, [buf[: min(count, len(buf))]], offset)
+        if not n:
             raise CheckpointError(f"short read while hashing the bytes just written (fd {fd})")
-        h.update(chunk)
-        offset, count = offset + len(chunk), count - len(chunk)
+        h.update(buf[:n])
+        offset, count = offset + n, count - n
     return h.hexdigest()
 
 
