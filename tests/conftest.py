@@ -6,11 +6,17 @@ suite stays fast. ``tiny_model(kind, dtype=..., shard_size=...)`` returns the di
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "WEIGHTSMITH_CACHE" not in os.environ:  # the suite's own cache (model facts), not the user's; gone at exit
+    os.environ["WEIGHTSMITH_CACHE"] = tempfile.mkdtemp(prefix="weightsmith-cache-")
+    atexit.register(shutil.rmtree, os.environ["WEIGHTSMITH_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 

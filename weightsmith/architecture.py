@@ -15,7 +15,8 @@ Two tiers, so that the streaming verbs keep their start-up (torch and numpy only
   modules are ``nn.Linear`` and ``Conv1D``, and the parameters it saves under older names than it has in memory
   (``checkpoint_names``: ViT, LLaVA, GPT-NeoX's head; from its weight-conversion mapping). Importing transformers
   and the model's module costs seconds, so only a verb whose output transformers must load exactly as it expects
-  (``quantize``), or a fold whose adapter names a target the checkpoint lacks, asks for them.
+  (``quantize``), or a fold whose adapter names a target the checkpoint lacks, asks for them; and the answer is
+  kept on disk (``weightsmith.cache``, keyed by the config and transformers' version) for the next run.
 
 Orientation: every 2-D weight is ``[out, in]`` except transformers' ``Conv1D`` (GPT-2, GPT, ImageGPT, Decision
 Transformer: ``c_attn``, ``q_attn``, ``c_proj``, ``c_fc``), stored ``[in, out]``.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
@@ -368,6 +369,9 @@ LAYERWISE_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta"})
 # -- transformers' own facts ------------------------------------------------------------------------------------------
 
 
+_FACTS_CACHE = "model-facts"  # weightsmith.cache's folder for ModelFacts
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What transformers' model class says about a config (see ``model_facts``)."""
@@ -381,11 +385,38 @@ class ModelFacts:
     output_head: str | None  # the module ``get_output_embeddings()`` returns
     saved: dict[str, str] = field(default_factory=dict)  # {name in memory: name in the checkpoint}, where they differ
 
+    def to_json(self) -> dict[str, Any]:
+        """These facts as JSON values (sets as sorted lists), for ``weightsmith.cache``."""
+        return {
+            f.name: sorted(value) if isinstance(value, (frozenset, tuple)) else value
+            for f in fields(self)
+            for value in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelFacts:
+        """The inverse of ``to_json``; a missing field or a value of the wrong type raises."""
+        facts = cls(
+            model_class=str(data["model_class"]),
+            tied={str(k): str(v) for k, v in dict(data["tied"]).items()},
+            keep_fp32=tuple(map(str, data["keep_fp32"])),
+            modules=frozenset(map(str, data["modules"])),
+            linear=frozenset(map(str, data["linear"])),
+            conv1d=frozenset(map(str, data["conv1d"])),
+            output_head=None if data["output_head"] is None else str(data["output_head"]),
+            saved={str(k): str(v) for k, v in dict(data["saved"]).items()},
+        )
+        if set(data) != {f.name for f in fields(cls)}:
+            raise ValueError("model facts with other fields")
+        return facts
+
 
 def model_facts(config: Mapping | None) -> ModelFacts | None:
     """transformers' facts for ``config`` (a config.json dict): its model class (the first of ``architectures``, else
     the base model of its ``model_type``) instantiated on the meta device. None without a config, or when
-    transformers does not know the model type. Imports transformers (seconds): call it only where needed."""
+    transformers does not know the model type. Deriving them imports transformers (seconds), so they are kept in
+    ``weightsmith.cache`` under the config and the installed transformers version: a later run on the same kind of
+    model reads them back without importing transformers."""
     if not config or not config.get("model_type"):
         return None
     return _facts(json.dumps(dict(config), sort_keys=True, default=str))
@@ -393,6 +424,31 @@ def model_facts(config: Mapping | None) -> ModelFacts | None:
 
 @lru_cache(maxsize=8)
 def _facts(config_json: str) -> ModelFacts | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from weightsmith import cache
+
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:
+        transformers_version = None
+    key = json.dumps(
+        {"config": config_json, "transformers": transformers_version, "fields": [f.name for f in fields(ModelFacts)]}
+    )
+    stored = cache.load(_FACTS_CACHE, key)
+    if isinstance(stored, dict):
+        try:
+            return ModelFacts.from_json(stored)
+        except (KeyError, TypeError, ValueError):
+            pass  # an entry of another shape: derived again and replaced
+    facts = _derive_facts(config_json)
+    if facts is not None and transformers_version is not None:
+        cache.store(_FACTS_CACHE, key, facts.to_json())
+    return facts
+
+
+def _derive_facts(config_json: str) -> ModelFacts | None:
+    """The facts read off the model class built on the meta device (see ``model_facts``)."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModel
