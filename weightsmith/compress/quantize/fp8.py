@@ -19,15 +19,16 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """s = max|W_row| / 448 per output row, q = fp8_e4m3(clamp(W / s, −448, 448)) with round-to-nearest-even by
     torch's cast (Micikevicius et al. 2022, "FP8 formats for deep learning"; compressed-tensors' min-max observer).
     s is rounded to ``w``'s dtype first; an all-zero row gets s = 1. Returns q [out, in] and s [out, 1]."""
-    amax = w.float().abs().amax(dim=1, keepdim=True)
+    x = w.to(torch.float32, copy=True)  # our own copy: divided and clamped in place
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True)  # max |W| per row, without a |W| copy
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(w.dtype)
-    q = (w.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = x.div_(scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """W = q·s in fp32, cast once to ``dtype`` (default s's dtype)."""
-    return (q.float() * scale.float()).to(dtype or scale.dtype)
+    return q.float().mul_(scale.float()).to(dtype or scale.dtype)
 
 
 def check(scheme: FP8, name: str, shape: tuple[int, ...]) -> str | None:

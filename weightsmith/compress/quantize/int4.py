@@ -38,7 +38,7 @@ def quantize_int4(
     """
     out_features, in_features = w.shape
     g = group_size or in_features
-    x = w.float().reshape(out_features, in_features // g, g)  # (out, groups, g)
+    x = w.to(torch.float32, copy=True).reshape(out_features, in_features // g, g)  # (out, groups, g): ours to change
     lo = x.amin(dim=-1).clamp(max=0)
     hi = x.amax(dim=-1).clamp(min=0)
     if asymmetric:
@@ -48,11 +48,11 @@ def quantize_int4(
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(w.dtype)
     s = scale.float()
     zero = None
-    y = x / s.unsqueeze(-1)
+    y = x.div_(s.unsqueeze(-1))  # in place from here: one fp32 copy of W in all
     if asymmetric:
         zero = torch.round((QMIN - lo / s).clamp(QMIN, QMAX)).to(torch.int8)
-        y = y + zero.float().unsqueeze(-1)
-    q = torch.round(y.clamp(QMIN, QMAX)).to(torch.int8)
+        y.add_(zero.float().unsqueeze(-1))
+    q = y.clamp_(QMIN, QMAX).round_().to(torch.int8)
     return q.reshape(out_features, in_features), scale, zero
 
 
@@ -62,10 +62,10 @@ def dequantize_int4(
     """W = (q − z)·s, broadcast over each group; fp32 arithmetic, cast once to ``dtype`` (default s's dtype)."""
     out_features, in_features = q.shape
     groups = scale.shape[1]
-    y = q.float().reshape(out_features, groups, in_features // groups)
+    y = q.float().reshape(out_features, groups, in_features // groups)  # a fresh copy, changed in place
     if zero is not None:
-        y = y - zero.float().unsqueeze(-1)
-    return (y * scale.float().unsqueeze(-1)).reshape(out_features, in_features).to(dtype or scale.dtype)
+        y.sub_(zero.float().unsqueeze(-1))
+    return y.mul_(scale.float().unsqueeze(-1)).reshape(out_features, in_features).to(dtype or scale.dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

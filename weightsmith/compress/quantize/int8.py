@@ -29,10 +29,11 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
     """
     out_features, in_features = w.shape
     g = group_size or in_features
-    x = w.float().reshape(out_features, in_features // g, g)  # (out, groups, g); fp32 whatever the storage dtype
-    amax = x.abs().amax(dim=-1)  # (out, groups)
+    # (out, groups, g) in fp32 whatever the storage dtype: our own copy, divided, rounded and clamped in place
+    x = w.to(torch.float32, copy=True).reshape(out_features, in_features // g, g)
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1)  # max |W| per (out, group), without a |W| copy
     scale = (torch.where(amax > 0, amax, torch.ones_like(amax)) / QMAX).to(w.dtype)
-    q = torch.round(x / scale.float().unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = x.div_(scale.float().unsqueeze(-1)).round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q.reshape(out_features, in_features), scale
 
 
@@ -40,7 +41,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | N
     """W = q · s, s broadcast over each row or group; fp32 product, cast once to ``dtype`` (default s's dtype)."""
     out_features, in_features = q.shape
     groups = scale.shape[1]
-    w = q.float().reshape(out_features, groups, in_features // groups) * scale.float().unsqueeze(-1)
+    w = q.float().reshape(out_features, groups, in_features // groups).mul_(scale.float().unsqueeze(-1))
     return w.reshape(out_features, in_features).to(dtype or scale.dtype)
 
 
