@@ -60,6 +60,22 @@ def build(root: Path) -> None:
     torch.save(held_bytes, root / "held.pt")
 
 
+def build_scale(root: Path) -> None:
+    """An untrained byte-level Llama of about 100M parameters (hidden 1024, 8 layers, MLP 2816; 0.4 GB in fp32) in
+    root/scale, with the byte tokenizer: GPTQ's memory and time where the model, not the imports, is the size."""
+    import transformers as tf
+
+    if (root / "scale" / "config.json").is_file():
+        return
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "scale")
+    byte_tokenizer().save_pretrained(root / "scale")
+
+
 def scores(root: Path, names: list[str]) -> dict[str, float]:
     """Byte perplexity on held-out text of each model directory under root (transformers loads the quantized ones
     through compressed-tensors)."""
@@ -77,6 +93,8 @@ if __name__ == "__main__":
     root = Path(sys.argv[2])
     if sys.argv[1] == "build":
         build(root)
+    elif sys.argv[1] == "build-scale":
+        build_scale(root)
     else:
         print(json.dumps(scores(root, sys.argv[3:])))
         sys.stdout.flush()
