@@ -85,9 +85,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _write_and_hash(fd: int, data: memoryview, offset: int) -> str:
-    """Write a tensor's bytes and return their sha256 (hashlib releases the GIL: this runs beside the work)."""
-    _pwrite_all(fd, data, offset)
+def _sha256(data: memoryview) -> str:
+    """sha256 of a tensor's bytes (hashlib releases the GIL: this runs beside the work and the write)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -122,17 +121,19 @@ class _Shard:
     RESERVED = 64 * 2**10
     IN_PLACE_MIN_BYTES = 64 * 2**20
 
-    def __init__(self, path: Path, io: ThreadPoolExecutor):
-        self.path, self.io = path, io
+    def __init__(self, path: Path, io: ThreadPoolExecutor, hasher: ThreadPoolExecutor):
+        self.path, self.io, self.hasher = path, io, hasher
         self.file = path.open("w+b", buffering=0)  # read back too: copied tensors are hashed from what was written
         self.entries: dict[str, dict] = {}
         self.digests: dict[str, Future] = {}  # tensor name -> sha256 of its bytes as written
         self.size = 0
-        self._pending: Future | None = None
+        self._pending: list[Future] = []
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue a tensor's bytes for the I/O thread, which writes while the caller computes the next tensor.
-        At most one write is in flight, so memory holds at most one tensor beyond the caller's."""
+        """Queue a tensor's bytes for the I/O thread, which writes them, and the hashing thread, which takes their
+        sha256, while the caller computes the next tensor (on separate threads: writing into new page-cache pages
+        and hashing each cost about as much as a fold's arithmetic). At most one tensor is in flight, so memory
+        holds at most one tensor beyond the caller's."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         offset = 8 + self.RESERVED + self.size
         self.entries[name] = {
@@ -142,13 +143,14 @@ class _Shard:
         }
         self.size += data.nbytes
         self.wait()
-        self._pending = self.io.submit(_write_and_hash, self.file.fileno(), memoryview(data), offset)  # type: ignore[arg-type]
-        self.digests[name] = self._pending
+        view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+        self.digests[name] = self.hasher.submit(_sha256, view)
+        self._pending = [self.io.submit(_pwrite_all, self.file.fileno(), view, offset), self.digests[name]]
 
     def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()  # re-raises a failed write (disk full…) here, in the caller's thread
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()  # re-raises a failed write (disk full…) here, in the caller's thread
 
     def wait_all(self) -> None:
         """Every write and hash of this shard done (re-raising the first failure)."""
@@ -183,7 +185,7 @@ class _Shard:
                     _pwrite_all(self.file.fileno(), chunk, 8 + self.RESERVED + self.size + done)
                     done += len(chunk)
             check(src.fileno())
-        self.digests[name] = self.io.submit(_hash_range, self.file.fileno(), 8 + self.RESERVED + self.size, count)
+        self.digests[name] = self.hasher.submit(_hash_range, self.file.fileno(), 8 + self.RESERVED + self.size, count)
         self.entries[name] = {
             "dtype": ST_CODES[info.dtype],
             "shape": list(info.shape),
@@ -272,6 +274,7 @@ class CheckpointWriter:
         self.total_size = 0
         self._pool = ThreadPoolExecutor(max_workers=1)  # hashes the inputs beside the work
         self._io = ThreadPoolExecutor(max_workers=1)  # writes tensor data beside the work
+        self._hasher = ThreadPoolExecutor(max_workers=1)  # hashes the output's tensors beside the work and the write
         try:
             self.steps = resolve_steps(steps, self._pool.submit)
         except BaseException:  # an error or Ctrl-C before the caller's ``with`` could clean up
@@ -307,7 +310,7 @@ class CheckpointWriter:
         if not self._shards or (self._shards[-1].size and self._shards[-1].size + nbytes > self.shard_size):
             if self._shards:
                 self._shards[-1].wait()
-            self._shards.append(_Shard(self.tmp / f".shard-{len(self._shards)}.partial", self._io))
+            self._shards.append(_Shard(self.tmp / f".shard-{len(self._shards)}.partial", self._io, self._hasher))
         self._names.add(name)
         self.total_size += nbytes
         return self._shards[-1]
@@ -335,6 +338,7 @@ class CheckpointWriter:
         for shard in self._shards:
             shard.wait_all()
         self._io.shutdown()
+        self._hasher.shutdown()
         metadata = {"format": "pt", "weightsmith": record}
         n = len(self._shards)
         weight_map = {}
@@ -372,6 +376,7 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Remove everything written so far; the destination is untouched."""
         self._io.shutdown(wait=True)  # let an in-flight write finish before its file goes
+        self._hasher.shutdown(wait=True, cancel_futures=True)  # and a read-back hash before its descriptor closes
         for shard in self._shards:
             shard.file.close()
         self._pool.shutdown(cancel_futures=True)
