@@ -256,5 +256,6 @@ if __name__ == "__main__":
     if "--types" in sys.argv[1:]:  # --types [ADALORA,IA3,…]
         rest = sys.argv[sys.argv.index("--types") + 1 :]
         main_types(tuple(rest[0].upper().split(",")) if rest else ALL_TYPES)
-    else:
+    else:  # both tables: the LoRA fold on two bases, then the other adapter types
         main()
+        main_types()

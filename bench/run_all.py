@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
-scripts = sorted(here.glob("*_bench.py")) + sorted(here.glob("*_quality.py"))
+# helpers of a bench start with "_" (bench/_gptq_quality.py is quantize_bench's): not benches of their own
+scripts = [p for p in sorted(here.glob("*_bench.py")) + sorted(here.glob("*_quality.py")) if not p.name.startswith("_")]
 only = set(sys.argv[1:])
 failed = []
 for script in scripts:
