@@ -246,6 +246,14 @@ tok.save_pretrained(out)
 """
 
 
+def llmc_gptq(pythonpath: str, src: Path, out: Path, samples: int, seq: int):
+    """llm-compressor's GPTQ of ``src`` into ``out`` on the bench's calibration text, measured (see LLMC_GPTQ)."""
+    shutil.rmtree(out, ignore_errors=True)
+    calib = GPTQ_ROOT / "calib.txt"
+    code = LLMC_GPTQ.format(src=str(src), out=str(out), calib=str(calib), n=samples, seq=seq, group=GPTQ_GROUP)
+    return measure(python_cmd(code), env={**ENV, "PYTHONPATH": pythonpath})
+
+
 def gptq_table() -> str:
     """GPTQ vs round-to-nearest vs float: byte perplexity on held-out text of a small Llama trained here; weightsmith's
     GPTQ beside llm-compressor's (same model, calibration lines, group size, damping): perplexity, wall, peak RSS."""
@@ -266,15 +274,10 @@ def gptq_table() -> str:
     notes = []
     path = llmcompressor_pythonpath()
     if path:
-        out = GPTQ_ROOT / "llmc_gptq"
-        shutil.rmtree(out, ignore_errors=True)
-        code = LLMC_GPTQ.format(
-            src=str(src), out=str(out), calib=str(calib), n=GPTQ_SAMPLES, seq=GPTQ_SEQ, group=GPTQ_GROUP
-        )
         try:
             runs["int4 GPTQ (llm-compressor oneshot)"] = (
                 "llmc_gptq",
-                measure(python_cmd(code), env={**ENV, "PYTHONPATH": path}),
+                llmc_gptq(path, src, GPTQ_ROOT / "llmc_gptq", GPTQ_SAMPLES, GPTQ_SEQ),
             )
         except RuntimeError as exc:
             notes.append(f"llm-compressor's GPTQ failed here: {str(exc).strip().splitlines()[-1][:300]}")
@@ -325,12 +328,7 @@ def gptq_scale_table() -> str:
     rows = [["weightsmith (one layer at a time)", round(ours.seconds, 1), round(ours.peak_rss_mb), 1.0, 1.0]]
     path = llmcompressor_pythonpath()
     if path:
-        out = GPTQ_ROOT / "scale_llmc"
-        shutil.rmtree(out, ignore_errors=True)
-        code = LLMC_GPTQ.format(
-            src=str(src), out=str(out), calib=str(calib), n=SCALE_SAMPLES, seq=SCALE_SEQ, group=GPTQ_GROUP
-        )
-        theirs = measure(python_cmd(code), env={**ENV, "PYTHONPATH": path})
+        theirs = llmc_gptq(path, src, GPTQ_ROOT / "scale_llmc", SCALE_SAMPLES, SCALE_SEQ)
         rows.append(
             ["llm-compressor oneshot", round(theirs.seconds, 1), round(theirs.peak_rss_mb),
              round(theirs.seconds / ours.seconds, 2), round(theirs.peak_rss_mb / ours.peak_rss_mb, 2)]
