@@ -5,7 +5,12 @@ Generation (``python bench/export_bench.py generation`` runs only this part): to
 cached graph (``text-generation-with-past``) vs the uncached graph (``causal-lm``, the whole prefix each step) vs
 transformers' ``generate``, same prompts, one run each, one thread, on a small Llama-shaped model built at run time
 (about a minute here, most of it the two exports' validation).
-optimum-onnx as the export peer needs transformers < 4.58 in an environment of its own; it is not run here."""
+
+optimum-onnx (``python bench/export_bench.py optimum``, about two minutes): our export against optimum-onnx's on six
+models (MiniLM, and tiny ViT, Llama, T5, Whisper and CLIP built at run time): export time and peak RSS of the whole
+process, ONNX bytes, and every graph's max |Δ| to the same PyTorch model (plus greedy tokens for the decoders), all
+checked here with the same onnxruntime. optimum-onnx needs transformers < 4.58: it runs from a ``pip --target``
+install in bench/_work/optimum with its own transformers ahead of ours on PYTHONPATH (``_export_peers.py``)."""
 
 from __future__ import annotations
 
@@ -220,7 +225,104 @@ def generation() -> None:
     write_section("export-generation", "\n".join(md))
 
 
+def _export_rows(path: str, root: Path) -> tuple[list[list], list[str], list[str]]:
+    """One row per model and tool: export seconds and peak RSS (whole process), bytes, parity, greedy tokens."""
+    import _export_peers as peers
+
+    sources = {case: peers.source(case, root) for case in peers.CASES}
+    loads = peers.peer_loads(path, sources)
+    loaded = [f"{c.label}: {loads[s]}" for c, s in sources.items() if loads[s] != "ok"]
+    rows, meta, notes = [], [], []
+    for case, src in sources.items():
+        folders = {
+            "weightsmith": root / (case.arch or "minilm") / "ours",
+            "optimum-onnx": root / (case.arch or "minilm") / "optimum",
+        }
+        runs = {
+            "weightsmith": peers.export_ours(case, src, folders["weightsmith"]),
+            "optimum-onnx": peers.export_optimum(case, src, folders["optimum-onnx"], path),
+        }
+        checks = peers.parity(case, src, folders)
+        ours, merged = folders["weightsmith"], folders["optimum-onnx"] / "decoder_model_merged.onnx"
+        if merged.exists():
+            three = (peers.onnx_bytes(folders["optimum-onnx"]) - merged.stat().st_size) / 1e6
+            notes.append(f"{case.label}: optimum-onnx's three graphs without the merged one: {three:.2f} MB")
+        meta.append(f"{case.label} {peers.node_metadata_bytes(ours) / peers.onnx_bytes(ours):.1%}")
+        for tool, run in runs.items():
+            check = checks[tool]
+            if isinstance(check, str):
+                delta, same = check, "n/a"
+            else:
+                delta, same = f"{check[0]:.1e}", "—" if check[1] is None else str(check[1])
+            files = sorted(f.name for f in folders[tool].iterdir() if f.suffix == ".onnx")
+            rows.append([case.label, tool, case.task if tool == "weightsmith" else case.optimum_task,
+                         f"{run.seconds:.1f}", f"{run.peak_rss_mb:.0f}", f"{peers.onnx_bytes(folders[tool]) / 1e6:.2f}",
+                         len(files), delta, same])  # fmt: skip
+    notes += [
+        "share of weightsmith's ONNX bytes that is the torch exporter's per-node metadata (module names, stack "
+        "traces), which optimum's TorchScript-based export does not write: " + ", ".join(meta)
+    ]
+    return rows, loaded, notes
+
+
+def optimum() -> None:
+    """Our export against optimum-onnx's on six models, each tool's defaults (both validate)."""
+    import _export_peers as peers
+
+    began = time.perf_counter()
+    root = WORK / "export-peers"
+    shutil.rmtree(root, ignore_errors=True)
+    path = peers.optimum_pythonpath()
+    if path is None:
+        write_section("export-optimum", "### export vs optimum-onnx\n\noptimum-onnx did not install here (pip "
+                      "--target into bench/_work/optimum failed or would not import): not measured.")  # fmt: skip
+        return
+    version = peers.peer_version(path, "optimum-onnx")
+    rows, loaded, notes = _export_rows(path, root)
+    md = [
+        "### export vs optimum-onnx (six tiny models; MiniLM is the real all-MiniLM-L6-v2)",
+        "",
+        table(
+            [
+                "model",
+                "tool",
+                "task",
+                "export s",
+                "peak RSS MB",
+                "ONNX MB",
+                "graphs",
+                "max \\|Δ\\| to PyTorch",
+                f"greedy = generate ({peers.GREEDY_NEW} tokens)",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+        f"optimum-onnx {version} with transformers {peers.peer_version(path, 'transformers')} ahead of the "
+        "project's on PYTHONPATH (pip --target into bench/_work/optimum; torch, onnx and onnxruntime are the "
+        "project's). The tiny models are built by our transformers and saved; the peer's transformers loads each "
+        "with no missing, unexpected or mismatched key"
+        + (f" except: {'; '.join(loaded)}" if loaded else "")
+        + ". Each tool's default command, one run, whole process (`weightsmith export onnx SRC -o OUT/model.onnx "
+        "--task T`; `optimum-cli export onnx --model SRC --task T OUT`); both validate by default: ours at batch "
+        "1 and 8 × sequence 8 and 128 (capped by the model's positions; images at batch 1 and 8) plus greedy "
+        "decoding against `generate` for the generation tasks, optimum's at its one dummy shape. optimum's "
+        "encoder-decoder default also writes decoder_model_merged.onnx (a fourth graph, counted in its bytes). "
+        "Parity: one script in the project's environment runs every graph in onnxruntime "
+        f"on the same inputs as the same PyTorch model (batch 2; the first decoder step for the decoders); greedy: "
+        f"{peers.GREEDY_NEW} tokens through the cached graphs with weightsmith's ORT loop vs transformers' generate "
+        "with no stop token. "
+        f"This part ran in {time.perf_counter() - began:.0f} s on this shared 2-core machine.",
+        "",
+        *(f"- {note}" for note in notes),
+    ]
+    write_section("export-optimum", "\n".join(md))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["generation"]:
+    part = sys.argv[1:]  # no argument: every table; `generation` or `optimum`: that table only
+    if not part:
         main()
-    generation()
+    if part in ([], ["generation"]):
+        generation()
+    if part in ([], ["optimum"]):
+        optimum()
