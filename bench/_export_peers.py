@@ -1,5 +1,6 @@
 """Export peers, each in a throwaway environment under bench/_work: optimum-onnx (needs transformers < 4.58, so it
-gets its own copy of transformers ahead of ours on PYTHONPATH; torch, onnx and onnxruntime stay the project's).
+gets its own copy of transformers ahead of ours on PYTHONPATH; torch, onnx and onnxruntime stay the project's) and
+onnxruntime-genai (its model builder and generator loop).
 
 ``export_table()`` exports six tiny models with both tools (each tool's default, validation included), and checks
 every graph against the same PyTorch model in this process, with the same onnxruntime."""
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import _architectures as archs
 
 OPTIMUM = WORK / "optimum"
+GENAI = WORK / "ortgenai"
 PIP = [PY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--target"]
 # optimum-onnx 0.1.0 and what its transformers 4.57 checks at import; torch/onnx/onnxruntime/numpy come from the
 # project's environment behind it on the path (never a second torch: the CUDA wheels are GBs)
@@ -46,6 +48,10 @@ def _target(root: Path, packages: list[str], probe: str) -> str | None:
 
 def optimum_pythonpath() -> str | None:
     return _target(OPTIMUM, OPTIMUM_PACKAGES, "optimum.exporters.onnx")
+
+
+def genai_pythonpath() -> str | None:
+    return _target(GENAI, ["onnxruntime-genai"], "onnxruntime_genai")
 
 
 def peer_version(path: str, module: str) -> str:
@@ -261,3 +267,65 @@ def node_metadata_bytes(folder: Path) -> int:
         graph = onnx.load(str(f), load_external_data=False).graph
         total += sum(len(p.key) + len(p.value) for n in graph.node for p in n.metadata_props)
     return total
+
+
+# ---- onnxruntime-genai: its model builder, and its own generator loop ----
+
+_GENAI_LOOP = """
+import json, sys, time
+import numpy as np
+import onnxruntime_genai as og
+
+folder, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = og.Model(folder)
+
+def run(prompt):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]
+
+run(prompts[0][:4])  # warm-up
+start = time.perf_counter()
+ids = [run(p) for p in prompts]
+print(json.dumps({"seconds": time.perf_counter() - start, "ids": ids}))
+"""
+
+
+def save_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer of ``vocab_size`` made-up words: the model builder reads the checkpoint's tokenizer
+    (the bench's models are random and have none)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tf.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", bos_token="w1", eos_token="w2").save_pretrained(
+        folder
+    )
+
+
+def genai_build(path: str, src: Path, out: Path):
+    """``python -m onnxruntime_genai.models.builder`` fp32 for the CPU, then its sessions held to one thread."""
+    cmd = [PY, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "fp32", "-e", "cpu",
+           "-c", str(out.parent / "genai-cache")]  # fmt: skip
+    run = measure(cmd, env={**ENV, "PYTHONPATH": path})
+    config_file = out / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["decoder"]["session_options"].update(intra_op_num_threads=1, inter_op_num_threads=1)
+    config_file.write_text(json.dumps(config, indent=2))
+    return run
+
+
+def genai_generate(path: str, folder: Path, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+    """Seconds of greedy generation of ``new`` tokens after each prompt with onnxruntime-genai's own loop (after a
+    warm-up), and the ids (prompt + new) it returns."""
+    env = {**ENV, "PYTHONPATH": path}
+    cmd = [PY, "-c", _GENAI_LOOP, str(folder), json.dumps(prompts), str(new)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["ids"]

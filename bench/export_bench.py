@@ -3,6 +3,7 @@
 
 Generation (``python bench/export_bench.py generation`` runs only this part): tokens/s of greedy decoding with the
 cached graph (``text-generation-with-past``) vs the uncached graph (``causal-lm``, the whole prefix each step) vs
+onnxruntime-genai (its model builder's graph and its own generator loop, installed into bench/_work/ortgenai) vs
 transformers' ``generate``, same prompts, one run each, one thread, on a small Llama-shaped model built at run time
 (about a minute here, most of it the two exports' validation).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -163,6 +165,7 @@ def _uncached_greedy(session, ids: np.ndarray, new: int) -> np.ndarray:
 
 
 def generation() -> None:
+    import _export_peers as peers
     import onnxruntime as ort
     import transformers as tf
 
@@ -177,6 +180,7 @@ def generation() -> None:
                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
                             tie_word_embeddings=False)  # fmt: skip
     tf.LlamaForCausalLM(config).eval().save_pretrained(root / "src")
+    peers.save_word_tokenizer(root / "src", config.vocab_size)  # onnxruntime-genai's builder reads one
     graphs, export_s = {}, {}
     for task in ("text-generation-with-past", "causal-lm"):
         graphs[task] = root / task / "model.onnx"
@@ -206,6 +210,8 @@ def generation() -> None:
         seconds = time.perf_counter() - start
         rows.append([label, f"{GEN_PROMPTS * GEN_NEW / seconds:.0f}", f"{seconds:.2f}"])
     same = all(np.array_equal(a, b) for a, b in zip(outputs["ORT cached graph"], outputs["transformers generate"]))
+    genai_row, genai_note = _genai_row(root, [p[0].tolist() for p in prompts], outputs["transformers generate"])
+    rows[-1:-1] = [genai_row] if genai_row else []
     base = float(rows[-1][1])
     for row in rows:
         row.append(f"{float(row[1]) / base:.2f}")
@@ -219,10 +225,35 @@ def generation() -> None:
         "",
         f"Cached ORT tokens equal transformers' on every prompt: {same}. Export (with validation) "
         + ", ".join(f"{t} {s:.0f} s" for t, s in export_s.items())
-        + ". optimum-onnx (the export peer) needs transformers < 4.58 in an environment of its own; not measured. "
+        + f". {genai_note} "
         f"This part ran in {time.perf_counter() - began:.0f} s ({time.process_time() - began_cpu:.0f} s of CPU).",
     ]
     write_section("export-generation", "\n".join(md))
+
+
+def _genai_row(root: Path, prompts: list[list[int]], expected: list[np.ndarray]) -> tuple[list | None, str]:
+    """onnxruntime-genai's row of the generation table (its builder's graph, its own generator loop, one thread),
+    and a note on how it was built and whether its tokens equal transformers'."""
+    import _export_peers as peers
+
+    path = peers.genai_pythonpath()
+    if path is None:
+        return None, "onnxruntime-genai did not install or import here (pip --target into bench/_work/ortgenai)."
+    folder = root / "genai"
+    try:
+        built = peers.genai_build(path, root / "src", folder)
+        seconds, ids = peers.genai_generate(path, folder, prompts, GEN_NEW)
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        return None, f"onnxruntime-genai failed here: {str(e).splitlines()[0][:200]}"
+    same = all(np.array_equal(np.asarray([a]), b) for a, b in zip(ids, expected))
+    version = peers.peer_version(path, "onnxruntime-genai")
+    note = (
+        f"onnxruntime-genai {version}: `python -m onnxruntime_genai.models.builder -i SRC -o OUT -p fp32 -e cpu` "
+        f"({built.seconds:.0f} s, whole process, offline), sessions set to one thread in its genai_config.json, "
+        f"its own Generator loop (KV buffer shared between steps); its greedy tokens equal transformers' on every "
+        f"prompt: {same}."
+    )
+    return ["onnxruntime-genai (its builder + loop)", f"{len(prompts) * GEN_NEW / seconds:.0f}", f"{seconds:.2f}"], note
 
 
 def _export_rows(path: str, root: Path) -> tuple[list[list], list[str], list[str]]:
