@@ -276,7 +276,7 @@ import json, sys, time
 import numpy as np
 import onnxruntime_genai as og
 
-folder, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+folder, prompts, new, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = og.Model(folder)
 
 def run(prompt):
@@ -289,9 +289,12 @@ def run(prompt):
     return [int(t) for t in generator.get_sequence(0)]
 
 run(prompts[0][:4])  # warm-up
-start = time.perf_counter()
-ids = [run(p) for p in prompts]
-print(json.dumps({"seconds": time.perf_counter() - start, "ids": ids}))
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    ids = [run(p) for p in prompts]
+    times.append(time.perf_counter() - start)
+print(json.dumps({"seconds": sorted(times)[len(times) // 2], "ids": ids}))
 """
 
 
@@ -321,11 +324,25 @@ def genai_build(path: str, src: Path, out: Path):
     return run
 
 
-def genai_generate(path: str, folder: Path, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+def genai_generate(
+    path: str, folder: Path, prompts: list[list[int]], new: int, repeats: int
+) -> tuple[float, list[list[int]]]:
     """Seconds of greedy generation of ``new`` tokens after each prompt with onnxruntime-genai's own loop (after a
-    warm-up), and the ids (prompt + new) it returns."""
+    warm-up; the median of ``repeats`` passes over the prompts), and the ids (prompt + new) it returns."""
     env = {**ENV, "PYTHONPATH": path}
-    cmd = [PY, "-c", _GENAI_LOOP, str(folder), json.dumps(prompts), str(new)]
+    cmd = [PY, "-c", _GENAI_LOOP, str(folder), json.dumps(prompts), str(new), str(repeats)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return result["seconds"], result["ids"]
+
+
+def graph_summary(path: Path) -> str:
+    """ "N nodes" and the contrib (com.microsoft) operators among them, e.g. GroupQueryAttention ×4."""
+    from collections import Counter
+
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    fused = Counter(n.op_type for n in nodes if n.domain == "com.microsoft")
+    ops = ", ".join(f"{op} ×{k}" for op, k in sorted(fused.items()))
+    return f"{len(nodes)} nodes" + (f" ({ops})" if ops else "")

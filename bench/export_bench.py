@@ -15,6 +15,7 @@ install in bench/_work/optimum with its own transformers ahead of ours on PYTHON
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -155,6 +156,7 @@ def main() -> None:
 
 
 GEN_PROMPTS, GEN_PROMPT_LEN, GEN_NEW = 4, 32, 64
+GEN_REPEATS = 3  # every row: the median of 3 passes over the prompts (each pass well under a second here)
 
 
 def _uncached_greedy(session, ids: np.ndarray, new: int) -> np.ndarray:
@@ -172,7 +174,7 @@ def generation() -> None:
     import weightsmith as ws
     from weightsmith.export.to_onnx.generate import greedy
 
-    began, began_cpu = time.perf_counter(), time.process_time()
+    began, began_cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     root = WORK / "export-generation"
     shutil.rmtree(root, ignore_errors=True)
     torch.manual_seed(0)
@@ -204,10 +206,13 @@ def generation() -> None:
     rows, outputs = [], {}
     for label, run in runners.items():
         run(prompts[0][:, :4])  # warm-up
-        start = time.perf_counter()
-        with torch.no_grad():
-            outputs[label] = [run(p) for p in prompts]
-        seconds = time.perf_counter() - start
+        times = []
+        for _ in range(GEN_REPEATS):
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs[label] = [run(p) for p in prompts]
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
         rows.append([label, f"{GEN_PROMPTS * GEN_NEW / seconds:.0f}", f"{seconds:.2f}"])
     same = all(np.array_equal(a, b) for a, b in zip(outputs["ORT cached graph"], outputs["transformers generate"]))
     genai_row, genai_note = _genai_row(root, [p[0].tolist() for p in prompts], outputs["transformers generate"])
@@ -219,14 +224,15 @@ def generation() -> None:
         "### export: generation with the KV cache (Llama-shaped, 4 layers, hidden 256, GQA 8/4, vocab 2048)",
         "",
         f"Greedy decoding, {GEN_PROMPTS} prompts × {GEN_PROMPT_LEN} tokens, {GEN_NEW} new tokens each, batch 1, one "
-        "thread, one run, on this shared 2-core machine.",
+        f"thread, the median of {GEN_REPEATS} passes over the prompts, on this shared 2-core machine.",
         "",
-        table(["decoder", "tokens/s", "seconds", "vs transformers"], rows),
+        table(["decoder", "tokens/s", "seconds per pass", "vs transformers"], rows),
         "",
         f"Cached ORT tokens equal transformers' on every prompt: {same}. Export (with validation) "
         + ", ".join(f"{t} {s:.0f} s" for t, s in export_s.items())
         + f". {genai_note} "
-        f"This part ran in {time.perf_counter() - began:.0f} s ({time.process_time() - began_cpu:.0f} s of CPU).",
+        f"This part ran in {time.perf_counter() - began:.0f} s ({time.process_time() - began_cpu:.0f} s of CPU; "
+        f"load average {load:.1f} at its start).",
     ]
     write_section("export-generation", "\n".join(md))
 
@@ -242,16 +248,17 @@ def _genai_row(root: Path, prompts: list[list[int]], expected: list[np.ndarray])
     folder = root / "genai"
     try:
         built = peers.genai_build(path, root / "src", folder)
-        seconds, ids = peers.genai_generate(path, folder, prompts, GEN_NEW)
+        seconds, ids = peers.genai_generate(path, folder, prompts, GEN_NEW, GEN_REPEATS)
     except (RuntimeError, subprocess.CalledProcessError) as e:
         return None, f"onnxruntime-genai failed here: {str(e).splitlines()[0][:200]}"
     same = all(np.array_equal(np.asarray([a]), b) for a, b in zip(ids, expected))
     version = peers.peer_version(path, "onnxruntime-genai")
     note = (
         f"onnxruntime-genai {version}: `python -m onnxruntime_genai.models.builder -i SRC -o OUT -p fp32 -e cpu` "
-        f"({built.seconds:.0f} s, whole process, offline), sessions set to one thread in its genai_config.json, "
-        f"its own Generator loop (KV buffer shared between steps); its greedy tokens equal transformers' on every "
-        f"prompt: {same}."
+        f"({built.seconds:.0f} s, {built.cpu_seconds:.0f} s of CPU, whole process, offline), sessions set to one "
+        "thread in its genai_config.json, its own Generator loop (KV buffer shared between steps); its greedy "
+        f"tokens equal transformers' on every prompt: {same}. Its graph: {peers.graph_summary(folder / 'model.onnx')}; "
+        f"our cached graph: {peers.graph_summary(root / 'text-generation-with-past' / 'model.onnx')}."
     )
     return ["onnxruntime-genai (its builder + loop)", f"{len(prompts) * GEN_NEW / seconds:.0f}", f"{seconds:.2f}"], note
 
@@ -287,7 +294,8 @@ def _export_rows(path: str, root: Path) -> tuple[list[list], list[str], list[str
                 delta, same = f"{check[0]:.1e}", "—" if check[1] is None else str(check[1])
             files = sorted(f.name for f in folders[tool].iterdir() if f.suffix == ".onnx")
             rows.append([case.label, tool, case.task if tool == "weightsmith" else case.optimum_task,
-                         f"{run.seconds:.1f}", f"{run.peak_rss_mb:.0f}", f"{peers.onnx_bytes(folders[tool]) / 1e6:.2f}",
+                         f"{run.seconds:.1f}",
+                f"{run.cpu_seconds:.1f}", f"{run.peak_rss_mb:.0f}", f"{peers.onnx_bytes(folders[tool]) / 1e6:.2f}",
                          len(files), delta, same])  # fmt: skip
     notes += [
         "share of weightsmith's ONNX bytes that is the torch exporter's per-node metadata (module names, stack "
@@ -300,7 +308,7 @@ def optimum() -> None:
     """Our export against optimum-onnx's on six models, each tool's defaults (both validate)."""
     import _export_peers as peers
 
-    began = time.perf_counter()
+    began, load = time.perf_counter(), os.getloadavg()[0]
     root = WORK / "export-peers"
     shutil.rmtree(root, ignore_errors=True)
     path = peers.optimum_pythonpath()
@@ -319,6 +327,7 @@ def optimum() -> None:
                 "tool",
                 "task",
                 "export s",
+                "CPU s",
                 "peak RSS MB",
                 "ONNX MB",
                 "graphs",
@@ -333,16 +342,17 @@ def optimum() -> None:
         "project's). The tiny models are built by our transformers and saved; the peer's transformers loads each "
         "with no missing, unexpected or mismatched key"
         + (f" except: {'; '.join(loaded)}" if loaded else "")
-        + ". Each tool's default command, one run, whole process (`weightsmith export onnx SRC -o OUT/model.onnx "
-        "--task T`; `optimum-cli export onnx --model SRC --task T OUT`); both validate by default: ours at batch "
-        "1 and 8 × sequence 8 and 128 (capped by the model's positions; images at batch 1 and 8) plus greedy "
-        "decoding against `generate` for the generation tasks, optimum's at its one dummy shape. optimum's "
-        "encoder-decoder default also writes decoder_model_merged.onnx (a fourth graph, counted in its bytes). "
-        "Parity: one script in the project's environment runs every graph in onnxruntime "
+        + ". Each tool's default command, one run, whole process (wall and CPU seconds; `weightsmith export onnx "
+        "SRC -o OUT/model.onnx --task T`; `optimum-cli export onnx --model SRC --task T OUT`); both validate by "
+        "default: ours at batch 1 and 8 × sequence 8 and 128 (capped by the model's positions; images at batch 1 "
+        "and 8) plus greedy decoding against `generate` for the generation tasks, optimum's at its one dummy "
+        "shape. optimum's encoder-decoder default also writes decoder_model_merged.onnx (a fourth graph, counted "
+        "in its bytes). Parity: one script in the project's environment runs every graph in onnxruntime "
         f"on the same inputs as the same PyTorch model (batch 2; the first decoder step for the decoders); greedy: "
         f"{peers.GREEDY_NEW} tokens through the cached graphs with weightsmith's ORT loop vs transformers' generate "
         "with no stop token. "
-        f"This part ran in {time.perf_counter() - began:.0f} s on this shared 2-core machine.",
+        f"This part ran in {time.perf_counter() - began:.0f} s on this shared 2-core machine (load average "
+        f"{load:.1f} at its start).",
         "",
         *(f"- {note}" for note in notes),
     ]
