@@ -119,7 +119,7 @@ def peer_loads(path: str, sources: dict[Case, Path]) -> dict[Path, str]:
     return {Path(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
-def export_ours(case: Case, src: Path, out: Path):
+def export_ours(case: Case, src: Path, out: Path, _path: str = ""):
     cmd = [PY, "-m", "weightsmith.cli", "export", "onnx", str(src), "-o", str(out / "model.onnx"), "--task", case.task]
     return measure(cmd)
 

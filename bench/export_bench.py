@@ -263,8 +263,26 @@ def _genai_row(root: Path, prompts: list[list[int]], expected: list[np.ndarray])
     return ["onnxruntime-genai (its builder + loop)", f"{len(prompts) * GEN_NEW / seconds:.0f}", f"{seconds:.2f}"], note
 
 
+def _tool_row(case, tool: str, run, check, folder: Path) -> list:
+    """A row of the optimum table; ``run`` is the export's Run or the error that stopped it, ``check`` the parity
+    result (max |Δ|, greedy equal or None) or the error that stopped it."""
+    import _export_peers as peers
+
+    task = case.task if tool == "weightsmith" else case.optimum_task
+    if isinstance(run, str):
+        return [case.label, tool, task, "failed", "", "", "", "", run, "n/a"]
+    if isinstance(check, str):
+        delta, same = check, "n/a"
+    else:
+        delta, same = f"{check[0]:.1e}", "—" if check[1] is None else str(check[1])
+    graphs = sum(1 for f in folder.iterdir() if f.suffix == ".onnx")
+    return [case.label, tool, task, f"{run.seconds:.1f}", f"{run.cpu_seconds:.1f}", f"{run.peak_rss_mb:.0f}",
+            f"{peers.onnx_bytes(folder) / 1e6:.2f}", graphs, delta, same]  # fmt: skip
+
+
 def _export_rows(path: str, root: Path) -> tuple[list[list], list[str], list[str]]:
-    """One row per model and tool: export seconds and peak RSS (whole process), bytes, parity, greedy tokens."""
+    """One row per model and tool: export seconds, CPU seconds and peak RSS (whole process), bytes, parity, greedy
+    tokens; the models the peer's transformers does not load cleanly; notes on the bytes."""
     import _export_peers as peers
 
     sources = {case: peers.source(case, root) for case in peers.CASES}
@@ -272,31 +290,21 @@ def _export_rows(path: str, root: Path) -> tuple[list[list], list[str], list[str
     loaded = [f"{c.label}: {loads[s]}" for c, s in sources.items() if loads[s] != "ok"]
     rows, meta, notes = [], [], []
     for case, src in sources.items():
-        folders = {
-            "weightsmith": root / (case.arch or "minilm") / "ours",
-            "optimum-onnx": root / (case.arch or "minilm") / "optimum",
-        }
-        runs = {
-            "weightsmith": peers.export_ours(case, src, folders["weightsmith"]),
-            "optimum-onnx": peers.export_optimum(case, src, folders["optimum-onnx"], path),
-        }
-        checks = peers.parity(case, src, folders)
+        folders = {tool: root / (case.arch or "minilm") / tool for tool in ("weightsmith", "optimum-onnx")}
+        runs = {}
+        for tool, export in (("weightsmith", peers.export_ours), ("optimum-onnx", peers.export_optimum)):
+            try:
+                runs[tool] = export(case, src, folders[tool], path)
+            except RuntimeError as e:  # a tool that cannot export a model is a finding, not a crash
+                runs[tool] = f"export failed: {str(e).strip().splitlines()[-1][:150]}"
+        checks = peers.parity(case, src, {t: f for t, f in folders.items() if not isinstance(runs[t], str)})
+        rows += [_tool_row(case, t, runs[t], checks.get(t), folders[t]) for t in folders]
         ours, merged = folders["weightsmith"], folders["optimum-onnx"] / "decoder_model_merged.onnx"
         if merged.exists():
             three = (peers.onnx_bytes(folders["optimum-onnx"]) - merged.stat().st_size) / 1e6
             notes.append(f"{case.label}: optimum-onnx's three graphs without the merged one: {three:.2f} MB")
-        meta.append(f"{case.label} {peers.node_metadata_bytes(ours) / peers.onnx_bytes(ours):.1%}")
-        for tool, run in runs.items():
-            check = checks[tool]
-            if isinstance(check, str):
-                delta, same = check, "n/a"
-            else:
-                delta, same = f"{check[0]:.1e}", "—" if check[1] is None else str(check[1])
-            files = sorted(f.name for f in folders[tool].iterdir() if f.suffix == ".onnx")
-            rows.append([case.label, tool, case.task if tool == "weightsmith" else case.optimum_task,
-                         f"{run.seconds:.1f}",
-                f"{run.cpu_seconds:.1f}", f"{run.peak_rss_mb:.0f}", f"{peers.onnx_bytes(folders[tool]) / 1e6:.2f}",
-                         len(files), delta, same])  # fmt: skip
+        if not isinstance(runs["weightsmith"], str):
+            meta.append(f"{case.label} {peers.node_metadata_bytes(ours) / peers.onnx_bytes(ours):.1%}")
     notes += [
         "share of weightsmith's ONNX bytes that is the torch exporter's per-node metadata (module names, stack "
         "traces), which optimum's TorchScript-based export does not write: " + ", ".join(meta)
@@ -361,6 +369,8 @@ def optimum() -> None:
 
 if __name__ == "__main__":
     part = sys.argv[1:]  # no argument: every table; `generation` or `optimum`: that table only
+    if part not in ([], ["generation"], ["optimum"]):
+        sys.exit("usage: python bench/export_bench.py [generation | optimum]")
     if not part:
         main()
     if part in ([], ["generation"]):
