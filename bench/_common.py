@@ -28,6 +28,7 @@ ENV = {
 class Run:
     seconds: float
     peak_rss_mb: float
+    cpu_seconds: float = 0.0  # user + system: less sensitive than wall time to other work on a shared machine
 
 
 # Linux carries a process's peak RSS across exec, and a child forked (or vforked) from this big Python process
@@ -40,7 +41,8 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(f"{time.perf_counter() - t} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+    f.write(f"{time.perf_counter() - t} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)} "
+            f"{usage.ru_utime + usage.ru_stime}")
 """
 
 
@@ -55,17 +57,21 @@ def measure(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None)
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    seconds, maxrss_kb, code = stats.read_text().split()
+    seconds, maxrss_kb, code, cpu = stats.read_text().split()
     stats.unlink()
     if int(code) != 0 or proc.returncode != 0:
         err = proc.stderr.decode(errors="replace")
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({code}):\n{err[-3000:]}")
-    return Run(float(seconds), int(maxrss_kb) / 1024)
+    return Run(float(seconds), int(maxrss_kb) / 1024, float(cpu))
 
 
 def median_run(cmd: list[str], repeats: int = 3, **kw) -> Run:
     runs = [measure(cmd, **kw) for _ in range(repeats)]
-    return Run(statistics.median(r.seconds for r in runs), max(r.peak_rss_mb for r in runs))
+    return Run(
+        statistics.median(r.seconds for r in runs),
+        max(r.peak_rss_mb for r in runs),
+        statistics.median(r.cpu_seconds for r in runs),
+    )
 
 
 def python_cmd(code: str) -> list[str]:
