@@ -72,6 +72,18 @@ def test_minilm_feature_extraction_parity(minilm_onnx, minilm_path):
     assert latency["threads"] == 1 and latency["torch_eager"] > 0 and latency["ort_float"] > 0
 
 
+def test_graphs_carry_no_exporter_debug_metadata(minilm_onnx, minilm_int8):
+    """The exporter's per-node stack traces (with this machine's file paths) and scopes are not shipped; the
+    provenance record is."""
+    import onnx
+
+    for out, _ in (minilm_onnx, minilm_int8):
+        proto = onnx.load(str(out))
+        assert [n.name for n in proto.graph.node if n.metadata_props] == []
+        assert b"stack_trace" not in out.read_bytes() and b"weightsmith/export" not in out.read_bytes()
+        assert "weightsmith" in {p.key for p in proto.metadata_props}
+
+
 def test_minilm_tokenizer_beside_the_graph_gives_sentence_embeddings(minilm_onnx, minilm_path):
     import transformers as tf
 
