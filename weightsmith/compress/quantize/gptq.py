@@ -55,6 +55,9 @@ def gptq_int4(
         W, H = W[:, perm], H[perm][:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # chol(H⁻¹), upper
     codes = torch.empty(out_features, in_features, dtype=torch.int8, device=w.device)
+    # the products fed back go into two buffers made once: a fresh one per column was a page fault per 4 KiB
+    outer = torch.empty(out_features * block_size, device=w.device)
+    ahead = torch.empty(out_features * max(in_features - block_size, 0), device=w.device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1 = W[:, i1:i2].clone()
@@ -73,9 +76,13 @@ def gptq_int4(
             q = torch.round((W1[:, i] / s_col + z_col).clamp(QMIN, QMAX))
             codes[:, col] = q.to(torch.int8)
             err = (W1[:, i] - (q - z_col) * s_col) / U[j, j]
-            W1[:, i:] -= err.unsqueeze(1) * U[j, j:i2].unsqueeze(0)
+            rank1 = outer[: out_features * (i2 - j)].view(out_features, i2 - j)
+            W1[:, i:] -= torch.mul(err.unsqueeze(1), U[j, j:i2].unsqueeze(0), out=rank1)
             E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        if i2 < in_features:
+            W[:, i2:] -= torch.mm(
+                E1, U[i1:i2, i2:], out=ahead[: out_features * (in_features - i2)].view(out_features, -1)
+            )
     return codes, scale, zero
 
 

@@ -183,11 +183,17 @@ def _hessians(
     """H = 2XᵀX / n [in, in] of each Linear's inputs X [n tokens, in] over every calibration sample, in float32."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    products: dict[int, torch.Tensor] = {}  # one XᵀX buffer per input width, reused by every sample
 
     def hook_for(name: str):
         def hook(_module, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            if name not in sums:
+                sums[name] = x.T @ x
+            else:
+                width = x.shape[1]
+                product = products.setdefault(width, torch.empty(width, width, device=x.device))
+                sums[name] += torch.mm(x.T, x, out=product)
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         return hook
