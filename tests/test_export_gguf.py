@@ -15,7 +15,7 @@ from conftest import SENTENCES
 
 import weightsmith as ws
 from weightsmith.checkpoint.gguf_file import permute_qk, unpermute_qk
-from weightsmith.errors import IncompatibleError
+from weightsmith.errors import DestinationError, IncompatibleError
 
 gguf = pytest.importorskip("gguf")
 tf = pytest.importorskip("transformers")
@@ -293,6 +293,16 @@ def test_refuses_existing_file_without_force(tiny_model, tmp_path):
     ws.export.gguf(tiny_model("llama"), out, force=True)
     assert out.read_bytes()[:4] == b"GGUF"
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]  # no temporary file left
+
+
+def test_makes_the_destination_folder_or_refuses_a_file_in_its_way(tiny_model, tmp_path):
+    out = tmp_path / "new" / "sub" / "x.gguf"
+    ws.export.gguf(tiny_model("llama"), out)
+    assert out.read_bytes()[:4] == b"GGUF" and [p.name for p in out.parent.iterdir()] == ["x.gguf"]
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(DestinationError, match="cannot write here"):
+        ws.export.gguf(tiny_model("llama"), tmp_path / "file" / "x.gguf")
+    assert (tmp_path / "file").read_text() == "keep"
 
 
 # -- GGUF as an input ------------------------------------------------------------------------------------------
