@@ -122,7 +122,8 @@ def greedy(model):
     model.generation_config.eos_token_id = None
     out = model.generate(ids, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True)
     top2 = [torch.topk(step[0].float(), 2).values for step in out.logits]
-    return {"tokens": out.sequences[0, ids.shape[1]:].tolist(), "margins": [float(v[0] - v[1]) for v in top2]}
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    return {"tokens": new, "margins": [float(v[0] - v[1]) for v in top2], "text": tok.decode(new)}
 
 out = {"transformers": greedy(tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval())}
 for f in sys.argv[4:]:
@@ -173,13 +174,14 @@ def greedy_table() -> tuple[str, dict]:
                         kind, "--force"], check=True, env=ENV, capture_output=True)  # fmt: skip
         files.append(str(f))
     env = {**ENV, "PYTHONPATH": str(LLAMA_CPP_SITE)}
-    rows = []
+    rows, texts = [], []
     for prompt in facts["prompts"]:
         proc = subprocess.run([PY, "-c", GREEDY, str(GREEDY_MODEL), prompt, "32", *files], env=env,
                               capture_output=True, text=True)  # fmt: skip
         if proc.returncode:
             return f"llama.cpp greedy check failed: {proc.stderr.strip().splitlines()[-1][:300]}", facts
         result = json.loads(proc.stdout.strip().splitlines()[-1])
+        texts.append(f"- `{prompt!r}` → `{result['transformers']['text']!r}`")
         for f, kind in zip(files, GREEDY_TYPES):
             got = result[f]["tokens"]
             same_ids = result[f]["prompt_ids_equal"]
@@ -193,7 +195,8 @@ def greedy_table() -> tuple[str, dict]:
                     round(min(result["transformers"]["margins"]), 3),
                 ]
             )
-    return table(GREEDY_HEADER, rows), facts
+    continuations = "transformers' float32 continuations (32 tokens):\n\n" + "\n".join(texts)
+    return table(GREEDY_HEADER, rows) + "\n\n" + continuations, facts
 
 
 def _agree(ref: dict, got: list[int]) -> str:
@@ -220,7 +223,8 @@ def greedy_intro(facts: dict) -> str:
         "`generate(do_sample=False)` in float32 from the checkpoint and on the weights the file holds (transformers' "
         "GGUF loader dequantises them). Where tokens part, the cell gives transformers' top-1 minus top-2 logit at "
         "that step; the last column, the smallest such margin of float32's own 32 steps, shows how close the nearest "
-        "tie came."
+        "tie came. Below the table, float32's continuations: a model this small and this briefly trained is far "
+        "from fluent, and mostly repeats one token."
     )
 
 
