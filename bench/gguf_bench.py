@@ -1,10 +1,11 @@
 """GGUF export: `weightsmith export gguf` against llama.cpp's own `convert_hf_to_gguf.py` (from the llama-cpp-python
 sdist, with the gguf-py it vendors) on a Llama-shaped bf16 checkpoint of ~500 MB built here: wall, peak RSS and file
 bytes for f16 and q8_0. Then, where llama-cpp-python has been built (bench/_work/llamacpp/site, see
-``LLAMA_CPP_SITE``), the greedy tokens llama.cpp generates from weightsmith's F16 and Q8_0 files of a small
-model against transformers' own greedy generation.
+``LLAMA_CPP_SITE``), the greedy tokens llama.cpp generates from weightsmith's F16, Q8_0 and Q4_0 files of a small
+trained Llama (bench/_greedy_model.py, built once into bench/_work) against transformers' own greedy generation.
 
 Run: .venv/bin/python bench/gguf_bench.py   (updates the "gguf" section of bench/RESULTS.md)
+     .venv/bin/python bench/gguf_bench.py greedy   (only the greedy table; the speed table's text is kept)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from _common import ENV, PY, WORK, measure, table, write_section
+from _common import ENV, PY, RESULTS, WORK, measure, table, write_section
 
 HERE = Path(__file__).resolve().parent
 SRC = WORK / "gguf_llama_500m"
@@ -114,16 +115,22 @@ import json, pathlib, sys, torch, transformers as tf
 from llama_cpp import Llama
 src, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tok = tf.AutoTokenizer.from_pretrained(src)
-model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
 ids = tok(prompt, return_tensors="pt")["input_ids"]
-ref = model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
-out = {"transformers": ref}
+
+def greedy(model):
+    # n tokens whatever comes (llama.cpp below does not stop at eos either), each step's top-1 minus top-2 logit kept
+    model.generation_config.eos_token_id = None
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    top2 = [torch.topk(step[0].float(), 2).values for step in out.logits]
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    return {"tokens": new, "margins": [float(v[0] - v[1]) for v in top2], "text": tok.decode(new)}
+
+out = {"transformers": greedy(tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval())}
 for f in sys.argv[4:]:
     # the weights the file holds, as transformers' GGUF loader dequantises them: its greedy tokens are what llama.cpp
-    # must reproduce when it reads the file right (Q8_0's rounding can move a near-tie away from float32's)
+    # must reproduce when it reads the file right (a quantised type's rounding can move a near-tie from float32's)
     path = pathlib.Path(f)
     held = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    from_file = held.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
     llm = Llama(model_path=f, n_ctx=256, n_threads=2, verbose=False, logits_all=False)
     toks = llm.tokenize(prompt.encode(), add_bos=False, special=False)
     got = []
@@ -131,96 +138,119 @@ for f in sys.argv[4:]:
         got.append(int(t))
         if len(got) == n:
             break
-    out[f] = {"prompt_ids_equal": toks == ids[0].tolist(), "tokens": got, "from_file": from_file}
+    out[f] = {"prompt_ids_equal": toks == ids[0].tolist(), "tokens": got, "from_file": greedy(held)}
 print(json.dumps(out))
 """
 
-
-GREEDY_MODEL = """
-import sys, torch, transformers as tf
-sys.path.insert(0, sys.argv[2])
-from _tokenizers import byte_level_tokenizer
-cfg = tf.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                     tie_word_embeddings=False, initializer_range=0.08)
-torch.manual_seed(0)
-tf.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
-byte_level_tokenizer(sys.argv[1])
-"""
+GREEDY_MODEL = WORK / "gguf_greedy_trained"
+GREEDY_TYPES = ("f16", "q8_0", "q4_0")
+GREEDY_HEADER = [
+    "prompt",
+    "GGUF type",
+    "same prompt ids",
+    "llama.cpp = transformers float32 (prefix)",
+    "llama.cpp = transformers on the file's weights (prefix)",
+    "float32's smallest top-1 − top-2 logit over the 32 steps",
+]
 
 
-def greedy_table() -> str:
-    """llama.cpp's greedy tokens from weightsmith's F16 / Q8_0 GGUF of a small Llama (random weights, byte-level
-    BPE tokenizer with merges) vs transformers' own greedy generation."""
+def greedy_model() -> dict:
+    """The trained Llama of the greedy check (bench/_greedy_model.py, built once, a few minutes) and its facts."""
+    if not (GREEDY_MODEL / "prompts.json").is_file():
+        subprocess.run([PY, str(HERE / "_greedy_model.py"), str(GREEDY_MODEL)], check=True, env=ENV)
+    return json.loads((GREEDY_MODEL / "prompts.json").read_text())
+
+
+def greedy_table() -> tuple[str, dict]:
+    """llama.cpp's greedy tokens from weightsmith's F16 / Q8_0 / Q4_0 GGUF of a small trained Llama (byte-level BPE
+    tokenizer with merges) vs transformers' own greedy generation, with the margin where they part."""
     if not (LLAMA_CPP_SITE / "llama_cpp").is_dir():
-        return "llama-cpp-python is not built here (see LLAMA_CPP_SITE in bench/gguf_bench.py): no greedy check."
-    model = WORK / "gguf_greedy_llama"
-    if not (model / "config.json").is_file():
-        subprocess.run([PY, "-c", GREEDY_MODEL, str(model), str(HERE.parent / "tests")], check=True, env=ENV)
+        return "llama-cpp-python is not built here (see LLAMA_CPP_SITE in bench/gguf_bench.py): no greedy check.", {}
+    facts = greedy_model()
     files = []
-    for kind in ("f16", "q8_0"):
+    for kind in GREEDY_TYPES:
         f = WORK / f"greedy_{kind}.gguf"
-        subprocess.run([PY, "-m", "weightsmith.cli", "export", "gguf", str(model), "-o", str(f), "--type", kind,
-                        "--force"], check=True, env=ENV, capture_output=True)  # fmt: skip
+        subprocess.run([PY, "-m", "weightsmith.cli", "export", "gguf", str(GREEDY_MODEL), "-o", str(f), "--type",
+                        kind, "--force"], check=True, env=ENV, capture_output=True)  # fmt: skip
         files.append(str(f))
     env = {**ENV, "PYTHONPATH": str(LLAMA_CPP_SITE)}
-    rows = []
-    for prompt in ("The function returns", "Parameters of the model", "A tokenizer splits text"):
-        proc = subprocess.run([PY, "-c", GREEDY, str(model), prompt, "32", *files], env=env, capture_output=True,
-                              text=True)  # fmt: skip
+    rows, texts = [], []
+    for prompt in facts["prompts"]:
+        proc = subprocess.run([PY, "-c", GREEDY, str(GREEDY_MODEL), prompt, "32", *files], env=env,
+                              capture_output=True, text=True)  # fmt: skip
         if proc.returncode:
-            return f"llama.cpp greedy check failed: {proc.stderr.strip().splitlines()[-1][:300]}"
+            return f"llama.cpp greedy check failed: {proc.stderr.strip().splitlines()[-1][:300]}", facts
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        ref = result["transformers"]
-        for f, kind in zip(files, ("F16", "Q8_0")):
+        texts.append(f"- `{prompt!r}` → `{result['transformers']['text']!r}`")
+        for f, kind in zip(files, GREEDY_TYPES):
             got = result[f]["tokens"]
+            same_ids = result[f]["prompt_ids_equal"]
             rows.append(
                 [
                     repr(prompt),
-                    kind,
-                    result[f]["prompt_ids_equal"],
-                    _prefix(ref, got),
-                    _prefix(result[f]["from_file"], got),
+                    kind.upper(),
+                    same_ids,
+                    _agree(result["transformers"], got),
+                    _agree(result[f]["from_file"], got),
+                    round(min(result["transformers"]["margins"]), 3),
                 ]
             )
-    header = [
-        "prompt",
-        "GGUF type",
-        "same prompt ids",
-        "llama.cpp = transformers float32 (prefix)",
-        "llama.cpp = transformers on the file's weights (prefix)",
-    ]
-    return table(header, rows)
+    continuations = "transformers' float32 continuations (32 tokens):\n\n" + "\n".join(texts)
+    return table(GREEDY_HEADER, rows) + "\n\n" + continuations, facts
 
 
-def _prefix(ref: list[int], got: list[int]) -> str:
-    same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-    return f"{same} of {len(ref)}"
+def _agree(ref: dict, got: list[int]) -> str:
+    """How many leading tokens agree; where they part, transformers' top-1 minus top-2 logit at that step."""
+    tokens = ref["tokens"]
+    same = next((i for i, (a, b) in enumerate(zip(tokens, got)) if a != b), min(len(tokens), len(got)))
+    if same < min(len(tokens), len(got)):
+        return f"{same} of {len(tokens)} (margin {ref['margins'][same]:.3f})"
+    return f"{same} of {len(tokens)}"
 
 
-def main() -> None:
-    speed, notes = speed_table()
-    greedy = greedy_table()
-    intro = (
-        "Llama-shaped bf16 checkpoint built here: 14 layers, hidden 1024, MLP 2816, 16 heads over 8 KV heads, vocab "
-        f"32000, {sum(f.stat().st_size for f in SRC.glob('*.safetensors')) / 1e6:.0f} MB, with a SentencePiece BPE "
-        "tokenizer. Whole process (imports included), one run each, 2 shared CPU cores."
+GREEDY_INTRO = "Greedy generation:"
+
+
+def greedy_intro(facts: dict) -> str:
+    return (
+        f"{GREEDY_INTRO} a small trained Llama (4 layers, hidden 256, GQA 8/4, bench/_greedy_model.py): a "
+        f"byte-level BPE tokenizer of the Llama 3 kind, {facts.get('vocab')} tokens and {facts.get('merges')} merges, "
+        f"trained with `tokenizers` on docstrings of installed packages, and the model trained on that text "
+        f"({facts.get('train_tokens')} tokens) with AdamW for {facts.get('steps')} steps of "
+        f"{facts.get('batch')}×{facts.get('seq')} tokens, loss {facts.get('first_loss')} → {facts.get('final_loss')} "
+        f"({facts.get('train_seconds')} s on 2 shared cores). Exported by weightsmith, run by llama-cpp-python (built "
+        "here from its sdist): 32 new tokens from prompts cut from held-out docstrings, against transformers' "
+        "`generate(do_sample=False)` in float32 from the checkpoint and on the weights the file holds (transformers' "
+        "GGUF loader dequantises them). Where tokens part, the cell gives transformers' top-1 minus top-2 logit at "
+        "that step; the last column, the smallest such margin of float32's own 32 steps, shows how close the nearest "
+        "tie came. Below the table, float32's continuations: a model this small and this briefly trained is far "
+        "from fluent, and mostly repeats one token."
     )
-    greedy_intro = (
-        "Greedy generation: a Llama built here (4 layers, hidden 256, GQA 8/4, random weights) with a byte-level "
-        "BPE tokenizer of 320 tokens, exported by weightsmith, run by llama-cpp-python (built here from its sdist): "
-        "32 new tokens against transformers' `generate(do_sample=False)`, in float32 from the checkpoint and on "
-        "the weights the file holds (transformers' GGUF loader dequantises them). Q8_0 rounds the weights, so its "
-        "tokens part from float32's where two logits of the random model are close; on the file's own weights "
-        "llama.cpp and transformers must agree."
-    )
-    write_section(
-        "gguf",
-        "## GGUF export (`bench/gguf_bench.py`)\n\n" + intro + "\n\n" + speed + "\n\n" + "\n".join(notes)
-        + "\n\n" + greedy_intro + "\n\n" + greedy,
-    )  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    """Both tables; with ``greedy``, only the greedy one, the speed table's text kept as RESULTS.md has it."""
+    if argv == ["greedy"]:
+        speed_text = _section_before_greedy()
+    else:
+        speed, notes = speed_table()
+        intro = (
+            "Llama-shaped bf16 checkpoint built here: 14 layers, hidden 1024, MLP 2816, 16 heads over 8 KV heads, "
+            f"vocab 32000, {sum(f.stat().st_size for f in SRC.glob('*.safetensors')) / 1e6:.0f} MB, with a "
+            "SentencePiece BPE tokenizer. Whole process (imports included), one run each, 2 shared CPU cores."
+        )
+        speed_text = "## GGUF export (`bench/gguf_bench.py`)\n\n" + intro + "\n\n" + speed + "\n\n" + "\n".join(notes)
+    greedy, facts = greedy_table()
+    write_section("gguf", speed_text + "\n\n" + greedy_intro(facts) + "\n\n" + greedy)
+
+
+def _section_before_greedy() -> str:
+    """The gguf section of RESULTS.md up to its greedy paragraph."""
+    text = RESULTS.read_text()
+    begin = text.index("<!-- begin gguf -->") + len("<!-- begin gguf -->")
+    return text[begin : text.index(GREEDY_INTRO, begin)].strip()
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
-    main()
+    main(sys.argv[1:])

@@ -15,7 +15,7 @@ from conftest import SENTENCES
 
 import weightsmith as ws
 from weightsmith.checkpoint.gguf_file import permute_qk, unpermute_qk
-from weightsmith.errors import IncompatibleError
+from weightsmith.errors import DestinationError, IncompatibleError
 
 gguf = pytest.importorskip("gguf")
 tf = pytest.importorskip("transformers")
@@ -160,6 +160,56 @@ def test_tokenizer_round_trips(tmp_path):
     assert rebuilt.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
 
 
+# how each kind of byte-level BPE splits text before merging, and the name llama.cpp (and transformers' GGUF loader,
+# which splits the same way on reading) knows that split by
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+SPLITS = {"gpt-2": None, "llama-bpe": LLAMA3_SPLIT, "qwen2": LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")}
+NUMBERS = [f"In {y} we counted {n} tokens, {n + 1} in all." for y, n in zip(range(1990, 2030), range(1200, 9999, 97))]
+
+
+def _byte_level_with_split(directory: Path, split: str | None):
+    """A byte-level BPE trained on sentences with numbers: GPT-2's built-in split when ``split`` is None (so merges
+    span whole numbers with their leading space), else a Split regex step before a regex-less ByteLevel."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    if split is None:
+        tok.pre_tokenizer = byte_level
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|begin|>", "<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([*SENTENCES, *NUMBERS], trainer)
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|end|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.mark.parametrize("pre", list(SPLITS))
+def test_pre_tokenizer_named_from_the_tokenizers_split(tmp_path, pre):
+    # a Llama whichever the split: the name comes from tokenizer.json, and a reader that splits text by it (llama.cpp,
+    # transformers' GGUF tokenizer) encodes numbers as the source tokenizer does
+    src = tmp_path / "src"
+    tok = _byte_level_with_split(src, SPLITS[pre])
+    config = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96
+    )
+    tf.LlamaForCausalLM(config).save_pretrained(src)
+    out = tmp_path / "alone" / "tok.gguf"
+    out.parent.mkdir()
+    ws.export.gguf(src, out, type="f16")
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == pre
+    back = tf.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    for text in ["In 2024 we counted 12345 tokens.", "Call 1234567 or 42, it's 1990's!", SENTENCES[0]]:
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
 def _sentencepiece_style_tokenizer(directory: Path):
     """A BPE tokenizer with byte fallback and ▁ word marks (the Llama 2 / Mistral / Gemma kind)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
@@ -243,6 +293,16 @@ def test_refuses_existing_file_without_force(tiny_model, tmp_path):
     ws.export.gguf(tiny_model("llama"), out, force=True)
     assert out.read_bytes()[:4] == b"GGUF"
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]  # no temporary file left
+
+
+def test_makes_the_destination_folder_or_refuses_a_file_in_its_way(tiny_model, tmp_path):
+    out = tmp_path / "new" / "sub" / "x.gguf"
+    ws.export.gguf(tiny_model("llama"), out)
+    assert out.read_bytes()[:4] == b"GGUF" and [p.name for p in out.parent.iterdir()] == ["x.gguf"]
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(DestinationError, match="cannot write here"):
+        ws.export.gguf(tiny_model("llama"), tmp_path / "file" / "x.gguf")
+    assert (tmp_path / "file").read_text() == "keep"
 
 
 # -- GGUF as an input ------------------------------------------------------------------------------------------

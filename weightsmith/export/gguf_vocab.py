@@ -21,8 +21,16 @@ from weightsmith.errors import CheckpointError, IncompatibleError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-# the pre-tokenizer llama.cpp should use, by family (llama.cpp names regexes this way; "default" is its fallback)
+# the pre-tokenizer llama.cpp should use, by family (llama.cpp names regexes this way; "default" is its fallback),
+# when tokenizer.json's own split is not one of those below
 _PRE = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+# tokenizer.json's split regexes that llama.cpp knows by name (its llama-vocab.cpp applies the same expressions):
+# Llama 3's, and Qwen 2's, which takes digits one at a time rather than up to three
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_PRE_BY_REGEX = {_LLAMA3_SPLIT: "llama-bpe", _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2"}
 
 
 @dataclass
@@ -112,7 +120,7 @@ def read_vocab(directory: Path, model_type: str, vocab_size: int) -> Vocab | Non
         add_eos = _template_adds(tj.get("post_processor"), _content(tc.get("eos_token")), first=False)
     return Vocab(
         model="llama" if spm else "gpt2",
-        pre=None if spm else _PRE.get(model_type, "default"),
+        pre=None if spm else pre_tokenizer_name(tj.get("pre_tokenizer"), model_type),
         tokens=tokens,
         types=types,
         scores=scores if spm else None,
@@ -122,6 +130,24 @@ def read_vocab(directory: Path, model_type: str, vocab_size: int) -> Vocab | Non
         add_eos=add_eos,
         chat_template=template,
     )
+
+
+def pre_tokenizer_name(pre_tokenizer: Any, model_type: str) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for how a byte-level BPE splits text before merging: read from
+    tokenizer.json's pre-tokenizer where llama.cpp knows the split (GPT-2's, the regex built into a ByteLevel step,
+    is ``gpt-2``; Llama 3's and Qwen 2's Split regexes are ``llama-bpe`` and ``qwen2``), else the family's name."""
+    steps = [pre_tokenizer] if isinstance(pre_tokenizer, dict) else []
+    if steps and steps[0].get("type") == "Sequence":
+        steps = steps[0].get("pretokenizers") or []
+    for step in steps:
+        if not isinstance(step, dict):
+            continue
+        if step.get("type") == "Split":
+            regex = (step.get("pattern") or {}).get("Regex")
+            return _PRE_BY_REGEX.get(str(regex)) or _PRE.get(model_type, "default")
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return "gpt-2"
+    return _PRE.get(model_type, "default")
 
 
 def _template_adds(processor: Any, token: str | None, first: bool) -> bool:

@@ -77,6 +77,7 @@ def gguf(
     vocab = read_vocab(source.root, model_type, int(config.get("vocab_size") or 0)) if source.path.is_dir() else None
 
     report = Report("export gguf", output=str(out))
+    _make_parent(out)
     tmp = out.parent / f".{out.name}.weightsmith-{uuid.uuid4().hex[:8]}"
     rows = []
     with report.timed("total"):
@@ -139,6 +140,14 @@ def _summarise(
         report.summary.update(rel_error_mean=sum(errors) / len(errors), rel_error_max=max(errors))
     if vocab is None:
         report.notes.append("no tokenizer.json beside the weights: the file has no vocabulary, llama.cpp needs one")
+
+
+def _make_parent(out: Path) -> None:
+    """The destination's folder, made as the checkpoint writer makes its output's; a parent that is a file refused."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DestinationError(f"{out}: cannot write here (a parent is a file)") from None
 
 
 def _source(src: TensorSource | str | os.PathLike) -> tuple[TensorSource, dict, str, Any]:
