@@ -135,3 +135,28 @@ def test_openai_gpt_wanda_scores_conv1d_rows_along_inputs(tmp_path):
         w = out[f"{module}.weight"]  # [in, out]: Wanda keeps half of each output's inputs
         assert bool(((w == 0).sum(0) == w.shape[0] // 2).all()), module
     load_checked(tf.OpenAIGPTLMHeadModel, tmp_path / "out")
+
+
+@pytest.mark.parametrize("field,value", [("tie_word_embeddings", None), ("hidden_size", "wide")])
+def test_a_config_transformers_cannot_build_is_refused_in_one_line(tiny_model, tmp_path, field, value):
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    config[field] = value
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "weightsmith.cli", "quantize", str(src), "-o", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert str(src) in line and "config.json" in line and field in line
+    assert not out.exists()
+
+
+def test_model_facts_of_an_unknown_model_type_are_none():
+    assert architecture.model_facts({"model_type": "not-a-transformers-model", "hidden_size": 8}) is None

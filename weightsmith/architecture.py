@@ -25,11 +25,14 @@ Transformer: ``c_attn``, ``q_attn``, ``c_proj``, ``c_fc``), stored ``[in, out]``
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any
+
+from weightsmith.errors import ConfigError
 
 # -- Conv1D -------------------------------------------------------------------------------------------------------
 
@@ -411,15 +414,19 @@ class ModelFacts:
         return facts
 
 
-def model_facts(config: Mapping | None) -> ModelFacts | None:
+def model_facts(config: Mapping | None, where: str | os.PathLike | None = None) -> ModelFacts | None:
     """transformers' facts for ``config`` (a config.json dict): its model class (the first of ``architectures``, else
     the base model of its ``model_type``) instantiated on the meta device. None without a config, or when
-    transformers does not know the model type. Deriving them imports transformers (seconds), so they are kept in
-    ``weightsmith.cache`` under the config and the installed transformers version: a later run on the same kind of
-    model reads them back without importing transformers."""
+    transformers does not know the model type; a ``ConfigError`` naming ``where`` (the checkpoint) when transformers
+    knows the type but cannot build a model from this config. Deriving them imports transformers (seconds), so they
+    are kept in ``weightsmith.cache`` under the config and the installed transformers version: a later run on the
+    same kind of model reads them back without importing transformers."""
     if not config or not config.get("model_type"):
         return None
-    return _facts(json.dumps(dict(config), sort_keys=True, default=str))
+    try:
+        return _facts(json.dumps(dict(config), sort_keys=True, default=str))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where is not None else str(exc)) from None
 
 
 @lru_cache(maxsize=8)
@@ -454,9 +461,7 @@ def _derive_facts(config_json: str) -> ModelFacts | None:
     from transformers import AutoConfig, AutoModel
 
     config: dict[str, Any] = json.loads(config_json)
-    try:
-        cfg = AutoConfig.for_model(**config)
-    except (ValueError, KeyError):
+    if config["model_type"] not in transformers.CONFIG_MAPPING:
         return None
     cls = next(
         (getattr(transformers, a) for a in config.get("architectures") or [] if hasattr(transformers, a)),
@@ -465,8 +470,13 @@ def _derive_facts(config_json: str) -> ModelFacts | None:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
+        cfg = AutoConfig.for_model(**config)
         with torch.device("meta"):
             model = cls(cfg) if cls is not None else AutoModel.from_config(cfg)
+    except Exception as exc:  # noqa: BLE001 - transformers checks a config in many ways; each is a bad config.json
+        reason = "; ".join(ln.strip().rstrip(":") for ln in str(exc).splitlines() if ln.strip())[:300] or type(exc).__name__
+        kind = config["model_type"]
+        raise ConfigError(f"config.json: transformers cannot build a {kind} model from it: {reason}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     from transformers.pytorch_utils import Conv1D
@@ -522,7 +532,7 @@ def _saved_names(model) -> dict[str, str]:
     return saved
 
 
-def checkpoint_names(config: Mapping | None) -> dict[str, str]:
+def checkpoint_names(config: Mapping | None, where: str | os.PathLike | None = None) -> dict[str, str]:
     """``{parameter name in memory: name in the checkpoint}`` for ``config``'s model class, where the two differ.
 
     transformers 5 renames some families' modules in memory but saves and loads the legacy names (ViT:
@@ -530,5 +540,5 @@ def checkpoint_names(config: Mapping | None) -> dict[str, str]:
     LLaVA: ``model.language_model.…`` as ``language_model.model.…``; GPT-NeoX: ``lm_head`` as ``embed_out``), so
     anything named after the model in memory (a PEFT adapter's targets) is matched to a checkpoint through this. Empty
     without a config or for a model type transformers does not know. Imports transformers (seconds)."""
-    facts = model_facts(config)
+    facts = model_facts(config, where)
     return dict(facts.saved) if facts is not None else {}

@@ -44,7 +44,7 @@ def plan(ckpt: TensorSource, ignore: Sequence[str] | None) -> Plan:
     patterns = list(DEFAULT_IGNORE if ignore is None else ignore)
     # transformers' own model class is the truth about what its loader will quantize: which modules are nn.Linear,
     # which it keeps in float32, which heads it ties (and builds although the file lacks them)
-    facts = architecture.model_facts(ckpt.config)
+    facts = architecture.model_facts(ckpt.config, ckpt.path)
     keep_fp32 = facts.keep_fp32 if facts is not None else ()
     # the facts name modules as the model has them in memory; a file may store some under older names
     in_memory = {

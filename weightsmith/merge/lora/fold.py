@@ -481,7 +481,7 @@ def _match_names(adapter: Adapter, base: TensorSource) -> None:
         return
     from weightsmith.architecture import checkpoint_names
 
-    to_checkpoint_names(adapter, present, checkpoint_names(base.config))
+    to_checkpoint_names(adapter, present, checkpoint_names(base.config, base.path))
 
 
 def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shard_size, force) -> Report:

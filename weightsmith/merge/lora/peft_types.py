@@ -300,7 +300,7 @@ def _stored_name(base: TensorSource, weight: str) -> str:
         return weight
     from weightsmith.architecture import checkpoint_names
 
-    return checkpoint_names(base.config).get(weight, weight)
+    return checkpoint_names(base.config, base.path).get(weight, weight)
 
 
 def _as_lora(adapter: Adapter, peft_type: str, factors: dict) -> None:
