@@ -61,13 +61,27 @@ def _target_logits(model, example: Example):
     return logits[len(example.prompt) - 1 :]
 
 
+def _argmax(logits, suppress: list[int], begin_suppress: list[int]):
+    """The top token at each position among those greedy decoding may write: the generation config's
+    ``suppress_tokens`` are never written and its ``begin_suppress_tokens`` not as the first token."""
+    if not suppress and not begin_suppress:
+        return logits.argmax(-1)
+    masked = logits.clone()
+    masked[:, suppress] = float("-inf")
+    masked[0, begin_suppress] = float("-inf")
+    return masked.argmax(-1)
+
+
 def score(model, reference, examples: Iterable[Example]) -> Sums:
-    """agreement = Σ [argmax p_model(·|x, y<t) = y_t], ce = Σ −log p_model(y_t|x, y<t) over the target
+    """agreement = Σ [greedy choice of p_model(·|x, y<t) = y_t], ce = Σ −log p_model(y_t|x, y<t) over the target
     tokens y of every example; with ``reference`` also Σ KL(p_ref ‖ p_model), the reference's ce and max |Δ| of the
     logits. One example at a time, unpadded."""
     import torch
     import torch.nn.functional as F
 
+    config = model.generation_config
+    suppress = list(getattr(config, "suppress_tokens", None) or [])
+    begin_suppress = list(getattr(config, "begin_suppress_tokens", None) or [])
     sums = Sums()
     with torch.no_grad():
         for example in examples:
@@ -76,7 +90,7 @@ def score(model, reference, examples: Iterable[Example]) -> Sums:
             labels = torch.tensor(example.target)
             out = _target_logits(model, example)  # (T, vocab)
             sums.tokens += len(example.target)
-            sums.agree += int((out.argmax(-1) == labels).sum())
+            sums.agree += int((_argmax(out, suppress, begin_suppress) == labels).sum())
             sums.nll += float(F.cross_entropy(out, labels, reduction="sum"))
             if reference is not None:
                 other = _target_logits(reference, example)
