@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 import wave
 
 import numpy as np
@@ -218,3 +219,22 @@ def test_help_names_the_audio_data(capsys):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert ".wav" in out and "audio" in out
+
+
+def test_without_scipy_another_rate_is_refused_and_the_same_rate_is_read(speech, monkeypatch):
+    _, _, folder, clips = speech
+    monkeypatch.setitem(sys.modules, "scipy.signal", None)  # import scipy.signal → ImportError
+    with pytest.raises(ws.errors.ConfigError, match=r"b-8k\.wav: sampled at 8000 Hz, .* 16000 Hz, and scipy"):
+        speech_features(feature_extractor(), folder / "b-8k.wav")
+    same = speech_features(feature_extractor(), folder / "a-16k.wav")
+    torch.testing.assert_close(same, _features(*clips["a-16k.wav"]), atol=1e-5, rtol=1e-5)
+
+
+def test_distilling_whisper_is_refused_in_one_line(speech, tmp_path, capsys):
+    model, _, folder, _ = speech
+    capsys.readouterr()
+    argv = ["distill", "--teacher", str(model), "-o", str(tmp_path / "student"), "--data", str(folder), "--layers", "0"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "reads input_features, not text" in err, err
+    assert not (tmp_path / "student").exists()
