@@ -228,13 +228,3 @@ def test_without_scipy_another_rate_is_refused_and_the_same_rate_is_read(speech,
         speech_features(feature_extractor(), folder / "b-8k.wav")
     same = speech_features(feature_extractor(), folder / "a-16k.wav")
     torch.testing.assert_close(same, _features(*clips["a-16k.wav"]), atol=1e-5, rtol=1e-5)
-
-
-def test_distilling_whisper_is_refused_in_one_line(speech, tmp_path, capsys):
-    model, _, folder, _ = speech
-    capsys.readouterr()
-    argv = ["distill", "--teacher", str(model), "-o", str(tmp_path / "student"), "--data", str(folder), "--layers", "0"]
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "reads input_features, not text" in err, err
-    assert not (tmp_path / "student").exists()

@@ -97,17 +97,22 @@ def _extractor_dir(path: Path, ref: str | os.PathLike | None) -> Path:
     return Path(ref)
 
 
+def transcript_ids(tokenizer, text: str, max_length: int) -> list[int]:
+    """A transcript's token ids without special tokens, cut to ``max_length − 1``, then the tokenizer's EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CheckpointError(
+            f"{tokenizer.name_or_path}: the tokenizer has no end-of-sequence token to end a transcript"
+        )
+    return tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1] + [eos]
+
+
 def _data_targets(records: list[dict], model_dir: Path, data, max_length: int) -> list[list[int]]:
-    """Token ids of the data's ``target`` transcripts (no special tokens) followed by EOS, when there is no
-    reference: the model's tokenizer reads them."""
+    """Token ids of the data's ``target`` transcripts when there is no reference: the model's tokenizer reads them."""
     if not all(isinstance(r.get("target"), str) for r in records):
         raise ConfigError(f"{data}: no `ref` and not every line has a 'target' transcript to compare with")
     tokenizer = hf.load_tokenizer(model_dir)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise CheckpointError(f"{model_dir}: the tokenizer has no end-of-sequence token to end a transcript")
-    ids = [tokenizer(r["target"], add_special_tokens=False)["input_ids"][: max_length - 1] for r in records]
-    return [row + [eos] for row in ids]
+    return [transcript_ids(tokenizer, r["target"], max_length) for r in records]
 
 
 def _examples(model, reference, features: list[Any], targets: list[list[int]] | None, max_length: int):
