@@ -226,5 +226,7 @@ def test_without_scipy_another_rate_is_refused_and_the_same_rate_is_read(speech,
     monkeypatch.setitem(sys.modules, "scipy.signal", None)  # import scipy.signal → ImportError
     with pytest.raises(ws.errors.ConfigError, match=r"b-8k\.wav: sampled at 8000 Hz, .* 16000 Hz, and scipy"):
         speech_features(feature_extractor(), folder / "b-8k.wav")
+    with pytest.raises(ws.errors.ConfigError, match=r"b-8k\.wav: sampled at 8000 Hz"):  # checked before any load
+        ws.evaluate(folder.parent / "whisper", folder, ref=folder.parent / "whisper")
     same = speech_features(feature_extractor(), folder / "a-16k.wav")
     torch.testing.assert_close(same, _features(*clips["a-16k.wav"]), atol=1e-5, rtol=1e-5)

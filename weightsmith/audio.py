@@ -25,6 +25,33 @@ from weightsmith.errors import ConfigError
 AUDIO_SUFFIXES = (".wav",)
 
 
+def _open(path: Path, *, header_only: bool) -> tuple[bytes, int, int]:
+    """(PCM bytes, or b"" when ``header_only``; channels; rate) of a PCM 16-bit .wav file with samples."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: audio file not found")
+    try:
+        with wave.open(str(path), "rb") as w:
+            width, channels, rate, frames = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
+            raw = b"" if header_only or width != 2 else w.readframes(frames)
+    except (wave.Error, EOFError, OSError) as exc:
+        raise ConfigError(f"{path}: not a PCM .wav file ({exc})") from None
+    if width != 2:
+        raise ConfigError(f"{path}: {8 * width}-bit samples; only PCM 16-bit .wav files are read")
+    if frames == 0 or (not header_only and len(raw) < 2 * channels):
+        raise ConfigError(f"{path}: the .wav file holds no samples")
+    return raw, channels, rate
+
+
+def check_wav(path: str | os.PathLike, target: int | None = None) -> int:
+    """The rate of a .wav file ``read_wav`` reads, from its header alone: refuses what ``read_wav`` refuses (but a
+    file cut short after its header), and with ``target`` a rate that cannot be resampled to it, so that a bad file
+    among many is named before any work starts."""
+    rate = _open(Path(path), header_only=True)[2]
+    if target is not None and rate != target:
+        _resampler(path, rate, target)
+    return rate
+
+
 def read_wav(path: str | os.PathLike) -> tuple[Any, int]:
     """(samples, rate) of a PCM 16-bit .wav file: float32 samples in [−1, 1), the channels averaged to mono.
 
@@ -33,20 +60,8 @@ def read_wav(path: str | os.PathLike) -> tuple[Any, int]:
     """
     import numpy as np
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: audio file not found")
-    try:
-        with wave.open(str(p), "rb") as w:
-            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-            raw = w.readframes(w.getnframes())
-    except (wave.Error, EOFError, OSError) as exc:
-        raise ConfigError(f"{p}: not a PCM .wav file ({exc})") from None
-    if width != 2:
-        raise ConfigError(f"{p}: {8 * width}-bit samples; only PCM 16-bit .wav files are read")
+    raw, channels, rate = _open(Path(path), header_only=False)
     frames = len(raw) // (2 * channels)
-    if frames == 0:
-        raise ConfigError(f"{p}: the .wav file holds no samples")
     pcm = np.frombuffer(raw[: frames * 2 * channels], dtype="<i2").reshape(frames, channels)  # (frames, channels)
     return (pcm.astype(np.float32).mean(axis=1) / 32768.0).astype(np.float32), rate
 
@@ -58,6 +73,12 @@ def resample(samples: Any, rate: int, target: int, *, where: object = "audio") -
 
     if rate == target:
         return samples
+    g = math.gcd(rate, target)
+    resample_poly = _resampler(where, rate, target)
+    return resample_poly(samples.astype(np.float64), target // g, rate // g).astype(np.float32)  # float64 filter
+
+
+def _resampler(where: object, rate: int, target: int):
     try:
         from scipy.signal import resample_poly
     except ImportError:
@@ -65,8 +86,7 @@ def resample(samples: Any, rate: int, target: int, *, where: object = "audio") -
             f"{where}: sampled at {rate} Hz, the feature extractor reads {target} Hz, and scipy (to resample) is "
             "not installed"
         ) from None
-    g = math.gcd(rate, target)
-    return resample_poly(samples.astype(np.float64), target // g, rate // g).astype(np.float32)  # float64 filter
+    return resample_poly
 
 
 def load_audio(path: str | os.PathLike, rate: int) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from weightsmith import audio, hf
 from weightsmith.errors import CheckpointError, ConfigError
@@ -115,12 +114,13 @@ def _data_targets(records: list[dict], model_dir: Path, data, max_length: int) -
     return [transcript_ids(tokenizer, r["target"], max_length) for r in records]
 
 
-def _examples(model, reference, features: list[Any], targets: list[list[int]] | None, max_length: int):
-    """One Example per audio file: the prompt from the reference (or the model) and the reference's greedy
-    transcript (or the data's target)."""
+def _examples(model, reference, extractor, files: list[Path], targets: list[list[int]] | None, max_length: int):
+    """One Example per audio file, its features computed as it comes (one file's features in memory at a time): the
+    prompt from the reference (or the model) and the reference's greedy transcript (or the data's target)."""
     writer = reference if reference is not None else model
     room = int(getattr(model.config, "max_target_positions", None) or max_length + 8)
-    for i, f in enumerate(features):
+    for i, file in enumerate(files):
+        f = speech_features(extractor, file)
         prompt = decoder_prompt(writer, f)
         new = min(max_length, room - len(prompt))
         if targets is not None:
@@ -141,12 +141,14 @@ def evaluate_speech(path: Path, data: str | os.PathLike, ref: str | os.PathLike 
     records = audio.read_audio_records(data, what="evaluation audio")
     extractor = hf.load_feature_extractor(_extractor_dir(path, ref))
     targets = _data_targets(records, path, data, max_length) if ref is None else None
-    features = [speech_features(extractor, r["audio"]) for r in records]
+    files = [Path(r["audio"]) for r in records]
+    for file in files:  # every header checked before any model loads; the samples are read one file at a time
+        audio.check_wav(file, extractor.sampling_rate)
     model = hf.load_model(path)
     reference = hf.load_model(ref) if ref is not None else None
     report = Report("eval")
     with report.timed("run"):
-        sums = score(model, reference, _examples(model, reference, features, targets, max_length))
+        sums = score(model, reference, _examples(model, reference, extractor, files, targets, max_length))
     report.summary.update(
         model=str(path),
         kind="speech",
