@@ -109,7 +109,7 @@ def transcript_ids(tokenizer, text: str, max_length: int) -> list[int]:
 def _data_targets(records: list[dict], model_dir: Path, data, max_length: int) -> list[list[int]]:
     """Token ids of the data's ``target`` transcripts when there is no reference: the model's tokenizer reads them."""
     if not all(isinstance(r.get("target"), str) for r in records):
-        raise ConfigError(f"{data}: no `ref` and not every line has a 'target' transcript to compare with")
+        raise ConfigError(f"{data}: without `ref` every audio file needs a 'target' transcript (a .jsonl field)")
     tokenizer = hf.load_tokenizer(model_dir)
     return [transcript_ids(tokenizer, r["target"], max_length) for r in records]
 
