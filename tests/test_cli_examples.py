@@ -3,9 +3,9 @@ examples use, and exits 0.
 
 The folder is built once: a tiny Llama with a byte-level BPE tokenizer (32 query heads over 8 KV heads, so the head
 pruning example has heads to keep; widths of 128 and 256 for the group-size example), its fine-tunes and LoRA
-adapters, GPT-2, BERT, T5, a 6-layer BERT sentence encoder with a tokenizer under MiniLM's names (the examples' training
-steps then take seconds), a mergekit config, a recipe and text files. An example's output is removed before it
-runs, so examples that share an output name do not refuse each other.
+adapters, GPT-2, BERT, T5, a tiny Whisper with .wav clips, a 6-layer BERT sentence encoder with a tokenizer under
+MiniLM's names (the examples' training steps then take seconds), a mergekit config, a recipe and text files. An
+example's output is removed before it runs, so examples that share an output name do not refuse each other.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from _architectures import build as build_arch
 from _distill_utils import char_tokenizer, write_corpus
 from _lora_utils import make_adapter
+from _speech_utils import tiny_whisper, write_clips
 from _tokenizers import byte_level_tokenizer
 from conftest import SENTENCES, build_model
 
@@ -119,6 +120,8 @@ def workspace(tmp_path_factory) -> Path:
     _save(build_model("bert_cls", seed=1), root / "bert-tuned")
     _save(build_model("qwen2"), root / "qwen2")
     _save(build_arch("t5"), root / "t5")  # the encoder-decoder export example
+    ws.quantize(tiny_whisper(root / "whisper"), root / "whisper-int8", scheme="int8")  # the speech eval example
+    write_clips(root / "clips")
 
     encoder = _save(_encoder(), root / "minilm", char_tokenizer(causal=False))  # with a pooler, as MiniLM
     shutil.copytree(encoder, root / "all-MiniLM-L6-v2")

@@ -1,5 +1,6 @@
-"""The one place that builds transformers models, tokenizers, image processors and onnxruntime sessions, and reads
-the data files the model-building verbs (eval, distill, calibrated prune) take.
+"""The one place that builds transformers models, tokenizers, image processors, audio feature extractors and
+onnxruntime sessions, and reads the data files the model-building verbs (eval, distill, calibrated prune) take
+(audio files: ``weightsmith.audio``).
 
 transformers, torch and onnxruntime are imported inside the functions: importing this module stays torch-free.
 
@@ -42,9 +43,12 @@ def read_texts(path: str | os.PathLike, *, what: str = "text file") -> list[str]
     return [record["text"] for record in read_records(path, what=what)]
 
 
-def read_records(path: str | os.PathLike, *, what: str = "text file", fields: tuple[str, ...] = ()) -> list[dict]:
+def read_records(
+    path: str | os.PathLike, *, what: str = "text file", fields: tuple[str, ...] = (), key: str = "text"
+) -> list[dict]:
     """Records of a data file: ``{"text": line}`` per non-empty line of a text file, or the JSON objects of a
-    ``.jsonl`` file, each with a string ``text`` field (and a string value for each of ``fields``)."""
+    ``.jsonl`` file, each with a non-empty string ``key`` field (``text``; speech data: ``audio``) and a string value
+    for each of ``fields``."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: {what} not found")
@@ -63,10 +67,10 @@ def read_records(path: str | os.PathLike, *, what: str = "text file", fields: tu
             record = json.loads(line)
         except ValueError:
             raise ConfigError(f"{p}: line {number} is not valid JSON") from None
-        for key in ("text", *fields):
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise ConfigError(f"{p}: line {number} has no string field {key!r}")
-        if record["text"].strip():
+        for name in (key, *fields):
+            if not isinstance(record, dict) or not isinstance(record.get(name), str):
+                raise ConfigError(f"{p}: line {number} has no string field {name!r}")
+        if record[key].strip():
             records.append(record)
     if not records:
         raise ConfigError(f"{p}: {what} is empty")
@@ -211,6 +215,20 @@ def greedy_outputs(model, tokenizer, sources: list[str], *, max_length: int, bat
                 end = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
                 out.append(row[: end + 1])
     return out
+
+
+def load_feature_extractor(model_dir: str | os.PathLike):
+    """The audio feature extractor of a checkpoint's preprocessor_config.json (Whisper's log-mel spectrogram);
+    refuses a directory without one."""
+    import transformers
+
+    path = Path(model_dir) / "preprocessor_config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no preprocessor_config.json: audio cannot be prepared for this model")
+    try:
+        return transformers.AutoFeatureExtractor.from_pretrained(path.parent)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable feature extractor ({exc})") from None
 
 
 # -- images -------------------------------------------------------------------------------------------------------

@@ -36,7 +36,13 @@ def register(sub) -> None:
         ],
     )
     p.add_argument("--teacher", required=True, help="teacher model directory (transformers, with its tokenizer)")
-    p.add_argument("--data", required=True, help="training text: .txt (one document per line) or .jsonl ('text')")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training data: .txt (one document per line) or .jsonl ('text', for seq2seq optional 'target'); an "
+        "image classifier's class_name/*.png folder; a speech model's folder of .wav files (or a .jsonl naming them "
+        "in 'audio', optional 'target')",
+    )
     add_output_options(p, inputs=("teacher", "student"), shards=False)
     add_config_flags(p)
     p.add_argument("--state-dir", help="where training states go (default OUT.distill-state)")

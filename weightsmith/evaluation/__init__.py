@@ -1,9 +1,10 @@
 """The eval verb: quality of a checkpoint or an ONNX file, alone or against a reference model.
 
 The model's kind picks the measure: text (``text``: perplexity, KL, embedding cosine), image classification
-(``images``: accuracy, agreement) or seq2seq (``seq2seq``: token agreement and cross-entropy). Model loading,
-tokenizers, onnxruntime sessions and data readers live in ``weightsmith.hf``; the names below are re-exported for
-callers of the helpers that used to live here.
+(``images``: accuracy, agreement), seq2seq (``seq2seq``: token agreement and cross-entropy) or speech recognition
+(``speech``: the same on transcripts of .wav files). Model loading, tokenizers, onnxruntime sessions and data
+readers live in ``weightsmith.hf`` (audio in ``weightsmith.audio``); the names below are re-exported for callers of
+the helpers that used to live here.
 
 >>> ws.evaluate("pruned/", "held_out.txt", ref="dense/").summary  # doctest: +SKIP
 """
@@ -45,7 +46,9 @@ def evaluate(
     - image classifiers (``data`` a class_name/*.png folder): accuracy, and with ``ref`` top-1 agreement, KL per
       image and max |Δ| (``evaluation.images``);
     - encoder-decoders (.txt/.jsonl sources): token agreement and cross-entropy against the reference's greedy
-      outputs (or the data's ``target`` fields), KL per token (``evaluation.seq2seq``).
+      outputs (or the data's ``target`` fields), KL per token (``evaluation.seq2seq``);
+    - speech recognisers such as Whisper (``data`` a folder of .wav files, or a .jsonl naming them in ``audio``,
+      optional ``target``): the same figures on the reference's greedy transcripts (``evaluation.speech``).
 
     >>> ws.evaluate("pruned/", "held_out.txt", ref="dense/").summary  # doctest: +SKIP
     """
@@ -58,6 +61,10 @@ def evaluate(
         from weightsmith.evaluation.images import evaluate_images
 
         return evaluate_images(path, data, ref)
+    if kind == "speech":
+        from weightsmith.evaluation.speech import evaluate_speech
+
+        return evaluate_speech(path, data, ref, max_length)
     if kind == "seq2seq":
         from weightsmith.evaluation.seq2seq import evaluate_seq2seq
 
@@ -68,12 +75,16 @@ def evaluate(
 
 
 def model_kind(model_dir: Path) -> str:
-    """ "image" (an image classifier), "seq2seq" (an encoder-decoder) or "text", from config.json; a directory
-    without one is text (the text path refuses it with its own message)."""
+    """ "image" (an image classifier), "speech" (an encoder-decoder reading ``input_features``: Whisper), "seq2seq"
+    (another encoder-decoder) or "text", from config.json and the model class it names; a directory without one is
+    text (the text path refuses it with its own message)."""
     try:
         config = hf.read_config(model_dir)
     except CheckpointError:
         return "text"
     if hf.architecture(config).endswith("ForImageClassification"):
         return "image"
-    return "seq2seq" if config.get("is_encoder_decoder") else "text"
+    if not config.get("is_encoder_decoder"):
+        return "text"
+    reads = getattr(hf.model_class(config, model_dir), "main_input_name", "input_ids")
+    return "speech" if reads == "input_features" else "seq2seq"

@@ -19,12 +19,23 @@ from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.stream import Stored, stream
 
 _PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per layer (sliding/full attention, …)
-_SECOND_STACK = ("num_decoder_layers",)  # an encoder-decoder's decoder depth (T5): its blocks are kept alike
+# an encoder-decoder's stack depths (T5: num_decoder_layers; BART, Whisper: encoder_layers, decoder_layers): the
+# blocks of both stacks are kept alike
+_SECOND_STACK = ("num_decoder_layers", "encoder_layers", "decoder_layers")
+
+
+def _declared(config: dict | None) -> int | None:
+    """The layer count a config declares, or an encoder-decoder's encoder depth where it names no other (BART's and
+    Whisper's config.json hold ``encoder_layers``; ``num_hidden_layers`` is only an alias in transformers)."""
+    count = declared_layers(config)
+    if count is None and config and isinstance(config.get("encoder_layers"), int):
+        return config["encoder_layers"]
+    return count
 
 
 def layer_count(config: dict | None, where: str | os.PathLike) -> int:
     """The number of transformer layers a config declares."""
-    count = declared_layers(config)
+    count = _declared(config)
     if count is None:
         raise CheckpointError(f"{where}: config.json declares no layer count ({' / '.join(LAYER_COUNT_KEYS)})")
     return count
@@ -54,7 +65,7 @@ def resolve_layers(
 def student_config(config: dict, layers: Sequence[int]) -> dict:
     """The teacher's config with the layer count (and per-layer lists) rewritten for the kept layers."""
     out = dict(config)
-    count = declared_layers(config)
+    count = _declared(config)
     for key in _SECOND_STACK:
         if isinstance(out.get(key), int):
             if out[key] != count:

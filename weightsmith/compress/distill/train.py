@@ -97,8 +97,8 @@ class _Trainee(nn.Module):
 
 def _hidden(kind: str, out) -> tuple:
     """The stack the hidden-state and feature losses read: the decoder's for seq2seq (its encoder's last state is
-    appended), the only one otherwise."""
-    if kind == "seq2seq":
+    appended; speech too), the only one otherwise."""
+    if kind in ("seq2seq", "speech"):
         return (*out.decoder_hidden_states, out.encoder_last_hidden_state)
     return out.hidden_states
 
@@ -106,7 +106,7 @@ def _hidden(kind: str, out) -> tuple:
 def _loss(kind, cfg, pairs, projections, out, batch: Batch, t_logits, t_hidden):
     """The objective for one batch: the kind's main loss plus the weighted feature loss. Returns (loss, parts)."""
     attention, hidden = batch.attention, _hidden(kind, out)
-    if kind in ("image", "seq2seq"):
+    if kind in ("image", "seq2seq", "speech"):
         loss, parts = _head_and_hidden_loss(kind, cfg, out, hidden, batch, t_logits, t_hidden)
     elif kind == "causal":  # position i predicts token i+1
         logits, mask, labels = out.logits[:, :-1], attention[:, 1:], batch.targets[:, 1:]
@@ -130,8 +130,9 @@ def _loss(kind, cfg, pairs, projections, out, batch: Batch, t_logits, t_hidden):
 
 
 def _head_and_hidden_loss(kind, cfg, out, hidden, batch: Batch, t_logits, t_hidden):
-    """Image classification and seq2seq: α·T²·KL + (1−α)·CE on the head's logits (per image, or per target token)
-    plus ``hidden_weight`` × MSE of the final hidden states (seq2seq: the decoder's and the encoder's, averaged)."""
+    """Image classification, seq2seq and speech: α·T²·KL + (1−α)·CE on the head's logits (per image, or per target
+    token) plus ``hidden_weight`` × MSE of the final hidden states (seq2seq and speech: the decoder's and the
+    encoder's, averaged; every encoder position of a speech model counts, its audio features are never padded)."""
     logits, targets, mask = out.logits, batch.targets, batch.mask
     teacher = t_logits
     if kind == "image":  # (B, C) logits: one "position" per image
@@ -143,7 +144,10 @@ def _head_and_hidden_loss(kind, cfg, out, hidden, batch: Batch, t_logits, t_hidd
             mse = L.hidden_mse(hidden[-1], t_hidden[-1], torch.ones(hidden[-1].shape[:2], device=logits.device))
         else:
             dec = L.hidden_mse(hidden[-2], t_hidden[-2], batch.attention)
-            enc = L.hidden_mse(hidden[-1], t_hidden[-1], batch.inputs["attention_mask"])
+            enc_mask = batch.inputs.get("attention_mask")
+            if enc_mask is None:  # speech: fixed-length features, no padding
+                enc_mask = torch.ones(hidden[-1].shape[:2], device=logits.device)
+            enc = L.hidden_mse(hidden[-1], t_hidden[-1], enc_mask)
             mse = (dec + enc) / 2
         loss = loss + cfg.hidden_weight * mse
         parts["hidden"] = mse.detach()
@@ -151,7 +155,7 @@ def _head_and_hidden_loss(kind, cfg, out, hidden, batch: Batch, t_logits, t_hidd
 
 
 def _needs_teacher(plan: Plan) -> bool:
-    return plan.kind in ("encoder", "image", "seq2seq") or plan.config.alpha > 0 or bool(plan.feature_pairs)
+    return plan.kind in ("encoder", "image", "seq2seq", "speech") or plan.config.alpha > 0 or bool(plan.feature_pairs)
 
 
 def _batch(plan: Plan, examples: list, indices: list[int], mask_seed: int) -> Batch:
@@ -161,6 +165,8 @@ def _batch(plan: Plan, examples: list, indices: list[int], mask_seed: int) -> Ba
         labels = torch.tensor([examples[i][1] for i in indices], dtype=torch.long)
         ones = torch.ones(len(indices), 1, dtype=torch.long)
         return Batch({"pixel_values": pixels}, ones, labels, ones)
+    if plan.kind == "speech":
+        return _speech_batch(examples, indices)
     tok = plan.tokenizer
     if plan.kind == "seq2seq":
         return _pair_batch(examples, indices, tok.pad_token_id)
@@ -183,6 +189,22 @@ def _pair_batch(examples: list, indices: list[int], pad: int) -> Batch:
     labels = targets.masked_fill(target_mask == 0, -100)
     inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels, "decoder_attention_mask": target_mask}
     return Batch(inputs, target_mask, targets, target_mask)
+
+
+def _speech_batch(examples: list, indices: list[int]) -> Batch:
+    """Audio features (B, mel bins, frames) as encoder input; the decoder reads prompt + transcript[:-1], and the
+    positions from the prompt's last token on predict the transcript (the prompt's own positions do not count).
+    Right padding is masked by ``decoder_attention_mask`` and never counted."""
+    features = torch.stack([examples[i][0] for i in indices])
+    decoder, attention = D.collate([examples[i][1] + examples[i][2][:-1] for i in indices], 0)
+    targets, mask = torch.zeros_like(decoder), torch.zeros_like(decoder)
+    for row, i in enumerate(indices):
+        _, prompt, target = examples[i]
+        first = len(prompt) - 1  # the position that reads the prompt's last token predicts target[0]
+        targets[row, first : first + len(target)] = torch.tensor(target, dtype=torch.long)
+        mask[row, first : first + len(target)] = 1
+    inputs = {"input_features": features, "decoder_input_ids": decoder, "decoder_attention_mask": attention}
+    return Batch(inputs, attention, targets, mask)
 
 
 def _teacher_out(teacher, plan, batch: Batch, autocast=contextlib.nullcontext):
@@ -271,7 +293,7 @@ def _evaluate(acc, trainee: _Trainee, teacher, plan: Plan) -> dict[str, float]:
     return {"loss": float(sums[0]) / count, METRICS[plan.kind]: float(sums[1]) / count}
 
 
-METRICS = {"causal": "ce", "masked": "ce", "encoder": "cosine", "image": "agreement", "seq2seq": "ce"}
+METRICS = {"causal": "ce", "masked": "ce", "encoder": "cosine", "image": "agreement", "seq2seq": "ce", "speech": "ce"}
 
 
 def _metric(kind: str, out, batch: Batch, t_logits, t_hidden) -> torch.Tensor:
@@ -404,7 +426,10 @@ def _loop(plan: Plan, acc, teacher, trainee, optimizer, scheduler, result: Resul
 
 
 def _length(example) -> int:
-    """An example's length for grouping: tokens (a pair: source and target), 1 for an image."""
+    """An example's length for grouping: tokens (a pair: source and target; speech: prompt and transcript), 1 for an
+    image."""
+    if isinstance(example, tuple) and len(example) == 3:
+        return len(example[1]) + len(example[2])
     if isinstance(example, tuple):
         return len(example[0]) + len(example[1]) if isinstance(example[1], list) else 1
     return len(example)

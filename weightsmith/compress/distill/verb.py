@@ -172,12 +172,13 @@ def _prepare(teacher, out: Path, data, cfg: DistillConfig, force: bool) -> _Setu
     if t_ckpt.config is None:
         raise CheckpointError(f"{t_ckpt.path}: no config.json; the teacher must be a transformers model directory")
     check_destination(out, force)
-    kind = kind_of(hf.architecture(t_ckpt.config), t_ckpt.path, t_ckpt.config)
     model_class = hf.model_class(t_ckpt.config, t_ckpt.path)
-    if kind.data != "images" and getattr(model_class, "main_input_name", "input_ids") != "input_ids":
+    reads = getattr(model_class, "main_input_name", "input_ids")
+    kind = kind_of(hf.architecture(t_ckpt.config), t_ckpt.path, t_ckpt.config, reads)
+    if kind.data not in ("images", "audio") and reads != "input_ids":
         raise IncompatibleError(
-            f"{t_ckpt.path}: a {hf.architecture(t_ckpt.config)} reads {model_class.main_input_name}, not text; "
-            "distillation trains text, image-classification and text-to-text models"
+            f"{t_ckpt.path}: a {hf.architecture(t_ckpt.config)} reads {reads}, not text; "
+            "distillation trains text, image-classification, text-to-text and speech-recognition models"
         )
     t_layers = S.layer_count(t_ckpt.config, t_ckpt.path)
     kept, s_ckpt, s_layers = _choose_student(t_ckpt, t_layers, kind, cfg)
@@ -227,7 +228,7 @@ def _choose_student(t_ckpt: TensorSource, t_layers: int, kind: Kind, cfg: Distil
 
 def _read_data(kind: Kind, data, cfg: DistillConfig, tok_dir: Path, teacher: Path) -> tuple[Any, list, list]:
     """(tokenizer or None, training examples, held-out examples) for the kind's data format."""
-    reader = {"text": _text_data, "images": _image_data, "pairs": _pair_data}[kind.data]
+    reader = {"text": _text_data, "images": _image_data, "pairs": _pair_data, "audio": _audio_data}[kind.data]
     tok, train = reader(kind, data, "data file", cfg, tok_dir, teacher, None)
     held_out = (
         reader(kind, cfg.eval_data, "evaluation data file", cfg, tok_dir, teacher, tok)[1] if cfg.eval_data else []
@@ -268,6 +269,34 @@ def _pair_data(kind: Kind, path, what: str, cfg: DistillConfig, tok_dir: Path, t
     return tok, D.pair_examples(sources, targets, tok, seq_len=cfg.seq_len)
 
 
+def _audio_data(kind: Kind, path, what: str, cfg: DistillConfig, tok_dir: Path, teacher: Path, tok) -> tuple[Any, list]:
+    """(features, decoder prompt, transcript ids) per audio file of a .wav folder or .jsonl list, through the
+    teacher's feature extractor: a record's ``target`` transcript (read by the tokenizer) where it has one, else the
+    teacher's own greedy transcript (sequence-level KD, as for seq2seq). The prompt is the teacher's generation
+    config's (``evaluation.speech.decoder_prompt``); no tokenizer is needed when every transcript is the teacher's."""
+    from weightsmith import audio
+    from weightsmith.evaluation import speech
+
+    records = audio.read_audio_records(path, what=what)
+    extractor = hf.load_feature_extractor(teacher)
+    if tok is None and any(isinstance(r.get("target"), str) for r in records):
+        tok = _load_tokenizer(tok_dir, kind)
+    model = hf.load_model(teacher)
+    room = int(getattr(model.config, "max_target_positions", None) or cfg.seq_len + 8)
+    examples = []
+    for r in records:
+        features = speech.speech_features(extractor, r["audio"])  # (1, mel bins, frames)
+        prompt = speech.decoder_prompt(model, features)
+        new = min(cfg.seq_len, room - len(prompt))
+        if isinstance(r.get("target"), str):
+            target = speech.transcript_ids(tok, r["target"], new)
+        else:
+            target = speech.greedy_transcript(model, features, prompt, max_new_tokens=new)
+        if target:
+            examples.append((features[0], prompt, target))
+    return tok, examples
+
+
 def _load_tokenizer(path: Path, kind: Kind):
     try:
         return hf.load_tokenizer(path, pad_with_eos=True, need_mask=kind.name == "masked")
@@ -300,7 +329,8 @@ def _check_student(teacher: TensorSource, student: TensorSource, kind: Kind) -> 
     if kind.name == "image" and t_labels != s_labels:
         raise IncompatibleError(f"{student.path}: {s_labels} classes, the teacher has {t_labels}")
     s_arch = hf.architecture(student.config)
-    if not s_arch or kind_of(s_arch) != kind:
+    s_reads = getattr(hf.model_class(student.config, student.path), "main_input_name", "input_ids") if s_arch else ""
+    if not s_arch or kind_of(s_arch, reads=s_reads) != kind:
         t_arch = hf.architecture(teacher.config)
         raise IncompatibleError(
             f"{student.path}: a {s_arch or 'model without architecture'} cannot be distilled "
