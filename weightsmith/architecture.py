@@ -474,7 +474,9 @@ def _derive_facts(config_json: str) -> ModelFacts | None:
         with torch.device("meta"):
             model = cls(cfg) if cls is not None else AutoModel.from_config(cfg)
     except Exception as exc:  # noqa: BLE001 - transformers checks a config in many ways; each is a bad config.json
-        reason = "; ".join(ln.strip().rstrip(":") for ln in str(exc).splitlines() if ln.strip())[:300] or type(exc).__name__
+        reason = (
+            "; ".join(ln.strip().rstrip(":") for ln in str(exc).splitlines() if ln.strip())[:300] or type(exc).__name__
+        )
         kind = config["model_type"]
         raise ConfigError(f"config.json: transformers cannot build a {kind} model from it: {reason}") from None
     finally:
