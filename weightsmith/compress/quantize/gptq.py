@@ -44,7 +44,7 @@ def gptq_int4(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, device=w.device)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # + damp · mean(diag H) · I, without an [in, in] identity
     groups = in_features // g
     scale = torch.empty(out_features, groups, dtype=w.dtype, device=w.device)
     zero = torch.empty(out_features, groups, dtype=torch.int8, device=w.device) if asymmetric else None
@@ -54,6 +54,7 @@ def gptq_int4(
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # chol(H⁻¹), upper
+    del H  # [in, in]: not needed by the column loop
     codes = torch.empty(out_features, in_features, dtype=torch.int8, device=w.device)
     # the products fed back go into two buffers made once: a fresh one per column was a page fault per 4 KiB
     outer = torch.empty(out_features * block_size, device=w.device)

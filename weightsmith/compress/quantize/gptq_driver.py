@@ -184,17 +184,22 @@ def _hessians(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     products: dict[int, torch.Tensor] = {}  # one XᵀX buffer per input width, reused by every sample
+    # the input the previous hook saw (with its in-place version) and its XᵀX: q, k and v (gate and up) read one
+    # tensor, whose product is taken once
+    last: list[Any] = [None, -1, None]
 
     def hook_for(name: str):
         def hook(_module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
-            if name not in sums:
-                sums[name] = x.T @ x
-            else:
+            if args[0] is not last[0] or args[0]._version != last[1]:
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
                 width = x.shape[1]
-                product = products.setdefault(width, torch.empty(width, width, device=x.device))
-                sums[name] += torch.mm(x.T, x, out=product)
-            counts[name] = counts.get(name, 0) + x.shape[0]
+                out = products.setdefault(width, torch.empty(width, width, device=x.device))
+                last[:] = [args[0], args[0]._version, torch.mm(x.T, x, out=out)]
+            if name in sums:
+                sums[name] += last[2]
+            else:
+                sums[name] = last[2].clone()
+            counts[name] = counts.get(name, 0) + args[0].numel() // args[0].shape[-1]
 
         return hook
 
@@ -206,4 +211,5 @@ def _hessians(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: 2 * sums[name] / counts[name] for name in linears}
+        last.clear()
+    return {name: sums[name].mul_(2).div_(counts[name]) for name in linears}  # 2·Σ/n in place
