@@ -102,3 +102,60 @@ def test_a_second_process_reads_the_facts_without_importing_transformers(cache_d
         for _ in range(2)
     ]
     assert runs == [["LlamaModel", True, True], ["LlamaModel", False, False]]
+
+
+# -- input digests by file identity --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_digests(cache_dir, monkeypatch):
+    from weightsmith import digests
+
+    monkeypatch.setattr(digests, "_DIGESTS", {})
+    return digests
+
+
+def test_a_digest_is_read_back_for_the_same_unchanged_file(fresh_digests, tmp_path, monkeypatch):
+    import hashlib
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 5000)
+    assert fresh_digests.file_sha256(f) == hashlib.sha256(b"x" * 5000).hexdigest()
+    monkeypatch.setattr(fresh_digests, "_DIGESTS", {})  # a new process: only the on-disk cache remembers
+
+    def no_hashing(path):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(fresh_digests, "_sha256", no_hashing)
+    assert fresh_digests.file_sha256(f) == hashlib.sha256(b"x" * 5000).hexdigest()
+    monkeypatch.setattr(fresh_digests.subprocess, "Popen", no_hashing)  # nor a helper started for it
+    fresh_digests.prefetch([tmp_path])
+
+
+def test_a_rewritten_file_is_hashed_anew(fresh_digests, tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 5000)
+    before = fresh_digests.file_sha256(f)
+    monkeypatch.setattr(fresh_digests, "_DIGESTS", {})
+    f.write_bytes(b"b" * 5000)  # same size, new bytes
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    assert fresh_digests.file_sha256(f) == hashlib.sha256(b"b" * 5000).hexdigest() != before
+
+
+def test_no_digest_is_kept_when_the_cache_is_off(tmp_path, monkeypatch):
+    from weightsmith import digests
+
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", "off")
+    monkeypatch.setattr(digests, "_DIGESTS", {})
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"c" * 100)
+    calls = []
+    real = digests._sha256
+    monkeypatch.setattr(digests, "_sha256", lambda p: calls.append(p) or real(p))
+    for _ in range(2):
+        monkeypatch.setattr(digests, "_DIGESTS", {})
+        digests.file_sha256(f)
+    assert len(calls) == 2

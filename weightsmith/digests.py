@@ -5,12 +5,18 @@ input paths as soon as the arguments are parsed: a helper process (``python -m w
 prints ``sha256sum``-style lines) hashes them while this interpreter imports torch, free of its GIL and of the
 import's own work, and ``file_sha256`` later takes the helper's answer (waiting for it if need be). Any file the
 helper could not hash is hashed here instead, so its errors surface where they belong. Imports no torch.
+
+Digests are also kept in ``weightsmith.cache`` under the file's identity (resolved path, size, modification time in
+nanoseconds, device, inode), as git's index keeps its stat data: a later run on the same unchanged files (folding
+several adapters into one base, trying merge after merge of the same models) reads them back instead of hashing
+gigabytes again. A rewritten or replaced file has another identity and is hashed anew.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +26,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 _LOCK = threading.Lock()
-_DIGESTS: dict[tuple[str, int, int], Future] = {}  # (resolved path, size, mtime) -> sha256 hex, or None: hash here
+_DIGESTS: dict[tuple[str, int, int, int, int], Future] = {}  # file identity (_key) -> sha256 hex, or None: hash here
+_CACHE = "sha256"  # weightsmith.cache's folder of digests by file identity
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # the weight files a Checkpoint reads
 
 
@@ -34,7 +41,7 @@ def file_sha256(path: Path) -> str:
         _DIGESTS[key] = future
     if mine:
         try:
-            future.set_result(_sha256(Path(path)))
+            future.set_result(_remembered(key) or _remember(key, _sha256(Path(path))))
         except BaseException:
             with _LOCK:
                 del _DIGESTS[key]
@@ -48,7 +55,7 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
     """Start hashing the weight files among ``paths`` (files, or the files directly inside directories) in a helper
     process. Anything that is not an existing weight file is ignored; the helper's failures are left to the real
     use."""
-    files: dict[tuple[str, int, int], Path] = {}
+    files: dict[tuple[str, int, int, int, int], Path] = {}
     for item in paths:
         path = Path(item)
         try:
@@ -60,6 +67,10 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
             continue
     with _LOCK:
         pending = {key: _DIGESTS.setdefault(key, Future()) for key in files if key not in _DIGESTS}
+    for key in list(pending):
+        digest = _remembered(key)
+        if digest is not None:
+            pending.pop(key).set_result(digest)
     if not pending:
         return
     try:
@@ -77,7 +88,7 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
     threading.Thread(target=_collect, args=(helper, pending), daemon=True, name="weightsmith-digests").start()
 
 
-def _collect(helper: subprocess.Popen, pending: dict[tuple[str, int, int], Future]) -> None:
+def _collect(helper: subprocess.Popen, pending: dict[tuple[str, int, int, int, int], Future]) -> None:
     by_path = {key[0]: future for key, future in pending.items()}
     assert helper.stdout is not None  # started with stdout=PIPE
     with helper.stdout:
@@ -85,11 +96,12 @@ def _collect(helper: subprocess.Popen, pending: dict[tuple[str, int, int], Futur
             digest, _, path = line.rstrip("\n").partition("  ")
             if path in by_path:
                 by_path[path].set_result(digest)
+                _remember(next(k for k in pending if k[0] == path), digest)
     helper.wait()
     _settle(pending)
 
 
-def _settle(pending: dict[tuple[str, int, int], Future]) -> None:
+def _settle(pending: dict[tuple[str, int, int, int, int], Future]) -> None:
     """Futures the helper did not answer are handed back: the first ``file_sha256`` of them hashes in-process."""
     for key, future in pending.items():
         if not future.done():
@@ -99,9 +111,34 @@ def _settle(pending: dict[tuple[str, int, int], Future]) -> None:
             future.set_result(None)
 
 
-def _key(path: Path) -> tuple[str, int, int]:
+def _key(path: Path) -> tuple[str, int, int, int, int]:
+    """A file's identity: resolved path, size, modification time (ns), device and inode."""
     st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
+
+
+def _unchanged(key: tuple[str, int, int, int, int]) -> bool:
+    try:
+        return _key(Path(key[0])) == key
+    except OSError:
+        return False
+
+
+def _remembered(key: tuple[str, int, int, int, int]) -> str | None:
+    """The digest ``weightsmith.cache`` holds for this exact file identity (a file rewritten since has another)."""
+    from weightsmith import cache
+
+    digest = cache.load(_CACHE, json.dumps(list(key)))
+    return digest if isinstance(digest, str) and len(digest) == 64 else None
+
+
+def _remember(key: tuple[str, int, int, int, int], digest: str) -> str:
+    """Keep ``digest`` under the file's identity, if the file still has it (nobody rewrote it while it was hashed)."""
+    from weightsmith import cache
+
+    if _unchanged(key):
+        cache.store(_CACHE, json.dumps(list(key)), digest)
+    return digest
 
 
 def _sha256(path: Path) -> str:
