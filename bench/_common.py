@@ -21,6 +21,9 @@ ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "WEIGHTSMITH_QUIET": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # every run from scratch: no model facts or input digests remembered from an earlier run (a table that measures
+    # the cache says so and sets it itself)
+    "WEIGHTSMITH_CACHE": "off",
 }
 
 
