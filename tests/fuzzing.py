@@ -61,7 +61,7 @@ def cli(argv: list[str]) -> tuple[int, str]:
     # tuning (which runs ldconfig) and building the parser (reused: parse_args leaves it unchanged).
     saved = cli_module._start_input_digests, cli_module._return_freed_tensors, cli_module.build_parser
     cli_module._start_input_digests = lambda args: None
-    cli_module._return_freed_tensors = lambda: None
+    cli_module._return_freed_tensors = lambda threshold: None
     parser = _parser(saved[2])
     cli_module.build_parser = lambda: parser
     try:
