@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from weightsmith import __version__
+from weightsmith.cli.common import MMAP_THRESHOLD
 
 COMMAND_MODULES = [
     "weightsmith.cli.inspect",
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if callable(getattr(args, "inputs", None)):  # a command that writes a checkpoint from the ones it names
         _start_input_digests(args)
-        _return_freed_tensors(GPTQ_MMAP_THRESHOLD if getattr(args, "gptq", False) else MMAP_THRESHOLD)
+        _return_freed_tensors(getattr(args, "mmap_threshold", MMAP_THRESHOLD))
     _plain_warnings()
     code = _run(args, parser)
     if code != 0 and getattr(args, "out", None):
@@ -194,10 +195,6 @@ def _start_input_digests(args: argparse.Namespace) -> None:
     prefetch(args.inputs(args))
 
 
-MMAP_THRESHOLD = 4 * 1024 * 1024
-GPTQ_MMAP_THRESHOLD = 128 * 1024
-
-
 def _return_freed_tensors(threshold: int) -> None:
     """Give every tensor-sized buffer back to the system when it is freed. glibc raises its mmap threshold after each
     large free (up to 32 MiB), so later tensors come from the heap, where fragmentation keeps them: the resident set
@@ -205,9 +202,10 @@ def _return_freed_tensors(threshold: int) -> None:
     fixed ``MMAP_THRESHOLD`` of 4 MiB keeps each tensor buffer above it its own mapping, unmapped when freed, while
     the megabyte-sized blocks that folds and merges work in are reused from the heap instead of page-faulted in
     afresh each time: the fold peaks at 290-310 MB; a task-arithmetic merge of three 627 MB models takes 6.4 s (8.8 s
-    at 128 KiB, where every block was a new mapping) at 630 MB. GPTQ keeps 128 KiB: its activations and solves
-    fragment the heap (a 0.4 GB model peaked at 803 MB with 4 MiB, 659 MB with 128 KiB, in about the same time).
-    A no-op where the C library is not glibc."""
+    at 128 KiB, where every block was a new mapping) at 630 MB. ``quantize`` keeps ``SMALL_MMAP_THRESHOLD`` (128
+    KiB): its tensors are few and large, and GPTQ's activations and solves fragment the heap (a 0.4 GB model peaked
+    at 803 MB with 4 MiB, 659 MB with 128 KiB, in about the same time; a data-free int4 quantize of 337 MB at 484 vs
+    422 MB). A no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD, fixed: the threshold no longer rises after a large free

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from weightsmith.units import parse_weighted
 
+# glibc's mmap threshold for the verbs that write checkpoints (see ``weightsmith.cli._return_freed_tensors``)
+MMAP_THRESHOLD = 4 * 1024 * 1024
+SMALL_MMAP_THRESHOLD = 128 * 1024  # quantize's (cli/quantize.py sets it): its peak is what its peers are held to
+
 
 def add_command(sub, name: str, *, help: str, examples: list[str], description: str | None = None):
     """A subparser with --json/--debug and an examples epilog (the examples are parsed in the tests)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightsmith.cli.common import add_command, add_output_options
+from weightsmith.cli.common import SMALL_MMAP_THRESHOLD, add_command, add_output_options
 
 
 def register(sub) -> None:
@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--double-quant", action="store_true", help="nf4: quantize the block absmax too (QLoRA)")
     p.add_argument("--compute-dtype", help="nf4: dtype Linear4bit computes in at run time (default float32)")
     _gptq_options(p)
-    p.set_defaults(handler=_quantize)
+    p.set_defaults(handler=_quantize, mmap_threshold=SMALL_MMAP_THRESHOLD)
 
     p = add_command(
         sub,
