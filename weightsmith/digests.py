@@ -25,8 +25,9 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
+FileKey = tuple[str, int, int, int, int]  # a file's identity: resolved path, size, mtime (ns), device, inode
 _LOCK = threading.Lock()
-_DIGESTS: dict[tuple[str, int, int, int, int], Future] = {}  # file identity (_key) -> sha256 hex, or None: hash here
+_DIGESTS: dict[FileKey, Future] = {}  # file identity (_key) -> sha256 hex, or None: hash here
 _CACHE = "sha256"  # weightsmith.cache's folder of digests by file identity
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # the weight files a Checkpoint reads
 
@@ -55,7 +56,7 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
     """Start hashing the weight files among ``paths`` (files, or the files directly inside directories) in a helper
     process. Anything that is not an existing weight file is ignored; the helper's failures are left to the real
     use."""
-    files: dict[tuple[str, int, int, int, int], Path] = {}
+    files: dict[FileKey, Path] = {}
     for item in paths:
         path = Path(item)
         try:
@@ -88,20 +89,20 @@ def prefetch(paths: Iterable[str | os.PathLike]) -> None:
     threading.Thread(target=_collect, args=(helper, pending), daemon=True, name="weightsmith-digests").start()
 
 
-def _collect(helper: subprocess.Popen, pending: dict[tuple[str, int, int, int, int], Future]) -> None:
-    by_path = {key[0]: future for key, future in pending.items()}
+def _collect(helper: subprocess.Popen, pending: dict[FileKey, Future]) -> None:
+    by_path = {key[0]: key for key in pending}
     assert helper.stdout is not None  # started with stdout=PIPE
     with helper.stdout:
         for line in helper.stdout:
             digest, _, path = line.rstrip("\n").partition("  ")
             if path in by_path:
-                by_path[path].set_result(digest)
-                _remember(next(k for k in pending if k[0] == path), digest)
+                pending[by_path[path]].set_result(digest)
+                _remember(by_path[path], digest)
     helper.wait()
     _settle(pending)
 
 
-def _settle(pending: dict[tuple[str, int, int, int, int], Future]) -> None:
+def _settle(pending: dict[FileKey, Future]) -> None:
     """Futures the helper did not answer are handed back: the first ``file_sha256`` of them hashes in-process."""
     for key, future in pending.items():
         if not future.done():
@@ -111,20 +112,19 @@ def _settle(pending: dict[tuple[str, int, int, int, int], Future]) -> None:
             future.set_result(None)
 
 
-def _key(path: Path) -> tuple[str, int, int, int, int]:
-    """A file's identity: resolved path, size, modification time (ns), device and inode."""
+def _key(path: Path) -> FileKey:
     st = path.stat()
     return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
 
 
-def _unchanged(key: tuple[str, int, int, int, int]) -> bool:
+def _unchanged(key: FileKey) -> bool:
     try:
         return _key(Path(key[0])) == key
     except OSError:
         return False
 
 
-def _remembered(key: tuple[str, int, int, int, int]) -> str | None:
+def _remembered(key: FileKey) -> str | None:
     """The digest ``weightsmith.cache`` holds for this exact file identity (a file rewritten since has another)."""
     from weightsmith import cache
 
@@ -132,7 +132,7 @@ def _remembered(key: tuple[str, int, int, int, int]) -> str | None:
     return digest if isinstance(digest, str) and len(digest) == 64 else None
 
 
-def _remember(key: tuple[str, int, int, int, int], digest: str) -> str:
+def _remember(key: FileKey, digest: str) -> str:
     """Keep ``digest`` under the file's identity, if the file still has it (nobody rewrote it while it was hashed)."""
     from weightsmith import cache
 
