@@ -65,3 +65,56 @@ def test_output_error_from_the_hessian_equals_the_direct_one():
     )
     direct = float(torch.linalg.vector_norm(x @ (w - w_hat).T))
     assert abs(output_error(w, w_hat, 2 * x.T @ x) - direct) < 1e-3 * direct
+
+
+@pytest.mark.parametrize(("n", "block"), [(300, 128), (256, 128), (97, 1), (64, 128)])
+def test_inverse_cholesky_in_place_equals_the_papers_chain(n, block):
+    from weightsmith.compress.quantize.gptq import inverse_cholesky_
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(4 * n, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / (4 * n)
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    work = h.clone()
+    u = inverse_cholesky_(work, block)
+    assert u.data_ptr() == work.data_ptr()  # written over the Hessian
+    torch.testing.assert_close(u, reference, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(u.T @ u @ h, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+class _TwoReaders(torch.nn.Module):
+    """a and b read the same tensor, unless a sample asks b to read another; c reads their sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, h, *, apart=False):
+        return self.c(self.a(h) + self.b(h * 2 if apart else h))
+
+
+@pytest.mark.parametrize("apart", [[False, False, False], [False, True, False]])
+def test_hessians_shared_by_linears_reading_one_tensor_equal_their_own(apart):
+    from weightsmith.compress.quantize.gptq_driver import _hessians
+
+    torch.manual_seed(0)
+    layer = _TwoReaders()
+    hidden = [torch.randn(1, 4 + i, 6) for i in range(len(apart))]
+    inputs = [{"args": (), "kwargs": {"apart": flag}} for flag in apart]
+    linears = {"a": layer.a, "b": layer.b, "c": layer.c}
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in linears}  # every input, recorded independently
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].double())) for n, m in linears.items()
+    ]
+    with torch.no_grad():
+        for h, x in zip(hidden, inputs):
+            layer(h, **x["kwargs"])
+    for handle in handles:
+        handle.remove()
+
+    got = _hessians(layer, linears, hidden, inputs)
+    for name, xs in seen.items():
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        torch.testing.assert_close(got[name].double(), 2 * flat.T @ flat / flat.shape[0], rtol=1e-5, atol=1e-6)
+    assert (got["a"] is got["b"]) == (not any(apart))  # one sum for a and b only while they read one tensor

@@ -8,8 +8,10 @@ activations are in memory (the layer-at-a-time machinery is ``weightsmith.layerw
    keyword arguments the model passes (position embeddings, attention mask, …).
 2. For each layer in order: its weights are read from the streamed checkpoint into the meta layer
    (``load_state_dict(assign=True)``); forward pre-hooks gather H = 2XᵀX / n of every quantized Linear's inputs X
-   over all calibration tokens; each Linear is quantized with ``gptq.gptq_int4``; the layer, its weights replaced by
-   the quantized ones, then turns the activations into the next layer's inputs, and goes back to the meta device.
+   over all calibration tokens; the Linears' weights are then dropped (each is read again from the checkpoint when
+   its turn comes: while the widest one is solved, the others are not in memory) and each is quantized with
+   ``gptq.gptq_int4``; the layer, its weights now the quantized ones, turns the activations into the next layer's
+   inputs, and goes back to the meta device.
 
 Hessians, solves and the layer's forward run on ``device``. ``GPTQView`` is the lazy view ``quantize`` writes: its
 decoder layers come in index order, so each layer is calibrated once, when its first tensor is read.
@@ -26,7 +28,7 @@ from torch import nn
 from weightsmith.architecture import LAYERWISE_DECODERS, LAYERWISE_ENCODERS, layer_index, model_type
 from weightsmith.checkpoint import TensorSource
 from weightsmith.compress.quantize.gptq import gptq_int4, output_error
-from weightsmith.compress.quantize.int4 import dequantize_int4, pack_module, quantize_int4
+from weightsmith.compress.quantize.int4 import dequantize_int4, dequantize_module, pack_module, quantize_int4
 from weightsmith.compress.quantize.schemes import GPTQ, Int4
 from weightsmith.compress.quantize.targets import Plan
 from weightsmith.compress.quantize.view import QuantizedView
@@ -136,17 +138,19 @@ class LayerwiseGPTQ:
         }
         inputs = self.inputs[index]
         hessians = _hessians(layer, linears, self.hidden, inputs)
-        parts = {}
-        for name, module in linears.items():
-            parts[name] = self._quantize(name, module, hessians.pop(name))
+        for module in linears.values():  # GPTQ reads each weight from the checkpoint: none need stay meanwhile
+            module.weight.data = torch.empty(0, device=self.device)
+        parts = {name: self._quantize(name, hessians.pop(name)) for name in linears}
+        for name, module in linears.items():  # the quantized weights carry the error on to the next layer
+            module.weight.data = dequantize_module(parts[name], torch.float32).to(self.device)
         with torch.no_grad():
             self.hidden = [layer_output(layer(h, *x["args"], **x["kwargs"])) for h, x in zip(self.hidden, inputs)]
         self.inputs[index] = []
         self.layers[index] = layer.to("meta")  # free the layer's weights
         return parts
 
-    def _quantize(self, name: str, module: nn.Linear, hessian: torch.Tensor) -> dict[str, torch.Tensor]:
-        """GPTQ for one Linear; its weight in the layer becomes the quantized one, for the layers that follow."""
+    def _quantize(self, name: str, hessian: torch.Tensor) -> dict[str, torch.Tensor]:
+        """GPTQ for one Linear: its stored int4 tensors (and its output error against round-to-nearest's)."""
         w = self.ckpt[name].to(self.device)  # the stored dtype: scales are rounded to it
         g, asym = self.scheme.group_size, self.scheme.asymmetric
         block = self.gptq.block_size if not g or self.gptq.block_size % g == 0 or g % self.gptq.block_size == 0 else g
@@ -163,7 +167,6 @@ class LayerwiseGPTQ:
                 "rtn_error": output_error(w, rtn_hat, hessian),
             }
         )
-        module.weight.data = w_hat
         return pack_module(q.cpu(), scale.cpu(), None if zero is None else zero.cpu())
 
 
@@ -180,26 +183,52 @@ def _calibration_ids(ckpt: TensorSource, gptq: GPTQ) -> list[torch.Tensor]:
 def _hessians(
     layer: nn.Module, linears: Mapping[str, nn.Module], hidden: list[torch.Tensor], inputs: list[dict[str, Any]]
 ) -> dict[str, torch.Tensor]:
-    """H = 2XᵀX / n [in, in] of each Linear's inputs X [n tokens, in] over every calibration sample, in float32."""
+    """H = 2XᵀX / n [in, in] of each Linear's inputs X [n tokens, in] over every calibration sample, in float32.
+
+    Linears that read one tensor (q, k and v; gate and up) share one H: XᵀX is added once, straight into the sum of
+    the first of them (``addmm_``, no product buffer). Which Linears share is learnt from the first sample; should a
+    later one pair them differently, the pass is run again with a sum per Linear."""
+    try:
+        return _hessian_pass(layer, linears, hidden, inputs, shared=True)
+    except _Regrouped:
+        return _hessian_pass(layer, linears, hidden, inputs, shared=False)
+
+
+class _Regrouped(Exception):
+    """A calibration sample fed the layer's Linears from other tensors than the first sample did."""
+
+
+def _hessian_pass(
+    layer: nn.Module,
+    linears: Mapping[str, nn.Module],
+    hidden: list[torch.Tensor],
+    inputs: list[dict[str, Any]],
+    *,
+    shared: bool,
+) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    products: dict[int, torch.Tensor] = {}  # one XᵀX buffer per input width, reused by every sample
-    # the input the previous hook saw (with its in-place version) and its XᵀX: q, k and v (gate and up) read one
-    # tensor, whose product is taken once
-    last: list[Any] = [None, -1, None]
+    leader_of: dict[str, str] = {}  # each Linear -> the Linear whose sum holds its H (itself, unless shared)
+    last: list[Any] = [None, -1, None]  # the tensor the previous hook saw, its in-place version, its leader
+    first = [True]  # still in the first sample: the grouping is being learnt
 
     def hook_for(name: str):
         def hook(_module, args):
-            if args[0] is not last[0] or args[0]._version != last[1]:
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
-                width = x.shape[1]
-                out = products.setdefault(width, torch.empty(width, width, device=x.device))
-                last[:] = [args[0], args[0]._version, torch.mm(x.T, x, out=out)]
-            if name in sums:
-                sums[name] += last[2]
-            else:
-                sums[name] = last[2].clone()
-            counts[name] = counts.get(name, 0) + args[0].numel() // args[0].shape[-1]
+            x = args[0]
+            follows = shared and x is last[0] and x._version == last[1]
+            leader = last[2] if follows else name
+            if first[0]:
+                leader_of[name] = leader
+            elif leader_of.get(name) != leader:
+                raise _Regrouped
+            if not follows:
+                flat = x.detach().float().reshape(-1, x.shape[-1])  # (tokens, in)
+                if name in sums:
+                    sums[name].addmm_(flat.T, flat)
+                else:
+                    sums[name] = flat.T @ flat
+                last[:] = [x, x._version, name]
+            counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1]
 
         return hook
 
@@ -208,8 +237,11 @@ def _hessians(
         with torch.no_grad():
             for h, x in zip(hidden, inputs):
                 layer(h, *x["args"], **x["kwargs"])
+                first[0] = False
     finally:
         for handle in handles:
             handle.remove()
         last.clear()
-    return {name: sums[name].mul_(2).div_(counts[name]) for name in linears}  # 2·Σ/n in place
+    for leader in set(leader_of.values()):
+        sums[leader].mul_(2).div_(counts[leader])  # 2·Σ/n in place, once per shared sum
+    return {name: sums[leader_of[name]] for name in linears}

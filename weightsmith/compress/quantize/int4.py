@@ -145,15 +145,15 @@ def describe(
     return parts
 
 
-def dequantize_module(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A module's stored tensors → its float weight, in the scale's dtype."""
+def dequantize_module(parts: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A module's stored tensors → its float weight, in ``dtype`` (default the scale's)."""
     rows, cols = (int(d) for d in parts["weight_shape"].tolist())
     q = unpack_int4(parts["weight_packed"], (rows, cols))
     zero = None
     if "weight_zero_point" in parts:
         groups = parts["weight_scale"].shape[1]
         zero = unpack_int4(parts["weight_zero_point"].t().contiguous(), (groups, rows)).t()
-    return dequantize_int4(q, parts["weight_scale"], zero)
+    return dequantize_int4(q, parts["weight_scale"], zero, dtype)
 
 
 def format_name(scheme: Int4) -> str:
