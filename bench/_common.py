@@ -8,6 +8,7 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,9 @@ with open(sys.argv[1], "w") as f:
 
 
 def measure(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None) -> Run:
-    """Wall time and peak RSS of exactly this command's process."""
+    """Wall time and peak RSS of exactly this command's process. Dirty pages are written back first, so that the
+    writeback of the last run's output does not land inside this one's time."""
+    os.sync()
     stats = WORK / f".measure-{os.getpid()}"
     WORK.mkdir(exist_ok=True)
     proc = subprocess.run(
@@ -68,8 +71,14 @@ def measure(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None)
     return Run(float(seconds), int(maxrss_kb) / 1024, float(cpu))
 
 
-def median_run(cmd: list[str], repeats: int = 3, **kw) -> Run:
-    runs = [measure(cmd, **kw) for _ in range(repeats)]
+def median_run(cmd: list[str], repeats: int = 3, prepare: Callable[[], None] | None = None, **kw) -> Run:
+    """Medians of wall and CPU time over ``repeats`` runs (``prepare`` before each, e.g. removing the last output),
+    the largest peak RSS."""
+    runs = []
+    for _ in range(repeats):
+        if prepare is not None:
+            prepare()
+        runs.append(measure(cmd, **kw))
     return Run(
         statistics.median(r.seconds for r in runs),
         max(r.peak_rss_mb for r in runs),

@@ -2,7 +2,7 @@
 
 Two bf16 Llama-shaped bases (GQA, hidden 2048; 9 and 21 layers ≈ 1.1 and 2.2 GB) with a rank-16 adapter on every
 linear. PEFT: from_pretrained → PeftModel.from_pretrained → merge_and_unload → save_pretrained. weightsmith: the CLI
-`weightsmith lora merge`. Each run is one fresh process, measured once (wall time and its own peak RSS).
+`weightsmith lora merge`. Each run is one fresh process (wall time, CPU time and its own peak RSS); medians of three.
 Targets: ≥3× faster, ≤0.5× peak RSS, and our peak RSS flat when the model doubles.
 
 ``--types``: the same 1.1 GB base with an AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT and BOFT adapter on every linear (made by
@@ -12,14 +12,13 @@ PEFT on a one-layer model of the same widths, its tensors repeated for every lay
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PY, WORK, measure, table, write_section
+from _common import PY, WORK, Run, measure, median_run, table, write_section
 
 H, FFN, HEADS, KV, V, R = 2048, 5632, 16, 4, 32000, 16
 
@@ -118,13 +117,19 @@ save_file(full, out / "adapter_model.safetensors")
 """
 
 
-def run(cmd: list[str]):
-    """measure() plus the command's CPU time (user + sys, from this process's reaped-children rusage): on a shared
-    2-core machine wall time also counts waiting for the CPU, CPU time does not."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = measure(cmd)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return result, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def fold_pair(base: Path, adapter: Path, out_ws: Path, out_peft: Path) -> tuple[Run, Run]:
+    """Medians of REPEATS folds by each tool (each output removed before the next run): on a shared 2-core machine
+    one run can be off by a fifth. CPU time (user + sys) is reported beside wall time: waiting for a CPU is not
+    counted in it."""
+    ours = [PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)]
+    peft = [PY, "-c", PEFT, str(base), str(adapter), str(out_peft)]
+    return (
+        median_run(ours, REPEATS, prepare=lambda: shutil.rmtree(out_ws, ignore_errors=True)),
+        median_run(peft, REPEATS, prepare=lambda: shutil.rmtree(out_peft, ignore_errors=True)),
+    )
+
+
+REPEATS = 3
 
 
 # the figures of one fold, weightsmith against PEFT (the LoRA table's and the adapter types' columns)
@@ -156,8 +161,8 @@ def main() -> None:
         out_ws, out_peft = WORK / "lora_out_ws", WORK / "lora_out_peft"
         for out in (out_ws, out_peft):
             shutil.rmtree(out, ignore_errors=True)
-        ws_run, ws_cpu = run([PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)])
-        peft_run, peft_cpu = run([PY, "-c", PEFT, str(base), str(adapter), str(out_peft)])
+        ws_run, peft_run = fold_pair(base, adapter, out_ws, out_peft)
+        ws_cpu, peft_cpu = ws_run.cpu_seconds, peft_run.cpu_seconds
         ulps = subprocess.run(
             [PY, "-c", CHECK, str(out_ws), str(out_peft)], capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -184,8 +189,8 @@ def main() -> None:
         "## LoRA fold (`bench/lora_bench.py`)\n\n"
         "bf16 Llama-shaped bases (hidden 2048, GQA 16/4 heads, vocab 32000) built at run time, rank-16 fp32 "
         "adapter on all 7 linears of every layer. weightsmith = `weightsmith lora merge` CLI; PEFT = "
-        "`from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`. One run each, "
-        "fresh process, start-up included, 2 shared CPU cores.\n\n"
+        "`from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`. Medians of three "
+        "runs each (peak RSS: the largest), fresh process, start-up included, 2 shared CPU cores.\n\n"
         + table(["base", *COLUMNS], rows)
         + f"\n\nLoad average during the run: {load:.1f} on 2 cores (other jobs share the machine), so wall times "
         f"include waiting for a CPU; CPU time (user + sys) is the work each tool did."
@@ -215,8 +220,8 @@ def main_types(types: tuple[str, ...] = ALL_TYPES, layers: int = 9) -> None:
         out_ws, out_peft = WORK / "lora_out_ws", WORK / "lora_out_peft"
         for out in (out_ws, out_peft):
             shutil.rmtree(out, ignore_errors=True)
-        ws_run, ws_cpu = run([PY, "-m", "weightsmith.cli", "lora", "merge", str(base), str(adapter), "-o", str(out_ws)])
-        peft_run, peft_cpu = run([PY, "-c", PEFT, str(base), str(adapter), str(out_peft)])
+        ws_run, peft_run = fold_pair(base, adapter, out_ws, out_peft)
+        ws_cpu, peft_cpu = ws_run.cpu_seconds, peft_run.cpu_seconds
         ulps = subprocess.run(
             [PY, "-c", CHECK, str(out_ws), str(out_peft)], capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -244,8 +249,8 @@ def main_types(types: tuple[str, ...] = ALL_TYPES, layers: int = 9) -> None:
         "## PEFT adapter types (`bench/lora_bench.py --types`)\n\n"
         f"The {size_gb:.2f} GB bf16 Llama-shaped base above ({layers} layers); each type on all 7 linears of every "
         "layer (AdaLoRA init_r 16, LoHa/LoKr r 8, VeRA r 16, OFT block 32, IA³ with down_proj as feed-forward). "
-        "Same protocol as the LoRA table: one run each, fresh process, start-up included; the first row is the "
-        "plain rank-16 LoRA adapter of that table, folded in the same run for reference.\n\n"
+        "Same protocol as the LoRA table: medians of three runs each, fresh process, start-up included; the first "
+        "row is the plain rank-16 LoRA adapter of that table, folded in the same run for reference.\n\n"
         + table(["type", *COLUMNS], rows)
         + f"\n\nLoad average during the run: {load:.1f} on 2 cores (shared machine)."
     )
