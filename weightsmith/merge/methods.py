@@ -74,8 +74,8 @@ def slerp(
     blocks = _row_blocks(ra)
     sq_a = sq_b = ab = 0.0
     for s, e in blocks:
-        x, y = ra[s:e].double(), rb[s:e].double()
-        sq_a, sq_b, ab = sq_a + float(x.square().sum()), sq_b + float(y.square().sum()), ab + float((x * y).sum())
+        x, y = ra[s:e].double().reshape(-1), rb[s:e].double().reshape(-1)
+        sq_a, sq_b, ab = sq_a + float(torch.dot(x, x)), sq_b + float(torch.dot(y, y)), ab + float(torch.dot(x, y))
     na, nb = math.sqrt(sq_a), math.sqrt(sq_b)
     na, nb = na if na > eps else 1.0, nb if nb > eps else 1.0
     dot = min(max(ab / (na * nb), -1.0), 1.0)
@@ -86,8 +86,10 @@ def slerp(
         ca, cb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
     out = torch.empty(a.shape, dtype=out_dtype)
     o2 = out.view(ra.shape)
-    for s, e in blocks:
-        o2[s:e] = ra[s:e].to(torch.float32, copy=True).mul_(ca).add_(rb[s:e], alpha=cb)
+    scratch = torch.empty(0)
+    for s, e in blocks:  # b up-cast into a scratch block first: a mixed-dtype add runs a slower kernel
+        y = scratch.resize_(rb[s:e].shape).copy_(rb[s:e])
+        o2[s:e] = ra[s:e].to(torch.float32, copy=True).mul_(ca).add_(y, alpha=cb)
     return out
 
 
