@@ -210,24 +210,24 @@ def test_workers_give_byte_identical_output(models, tmp_path):
     assert one != (tmp_path / "other-seed" / "model.safetensors").read_bytes()
 
 
-def test_merge_threads_leave_a_core_to_the_writer_and_restore(monkeypatch):
-    from weightsmith.merge.engine import merge_threads
+def test_compute_threads_leave_a_core_to_the_writer_and_restore(monkeypatch):
+    from weightsmith.stream import compute_threads
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
         monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)), raising=False)
-        with merge_threads(1) as threads:
+        with compute_threads(1) as threads:
             assert threads == torch.get_num_threads() == 5  # six cores, one for the writer
         assert torch.get_num_threads() == 8
-        with merge_threads(2) as threads:
+        with compute_threads(2) as threads:
             assert threads == 2  # five cores shared by two workers
         monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
-        with merge_threads(4) as threads:
+        with compute_threads(4) as threads:
             assert threads == torch.get_num_threads() == 1  # never below one
         torch.set_num_threads(3)
         monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
-        with merge_threads(1) as threads:
+        with compute_threads(1) as threads:
             assert threads == 3  # never above what the caller set
         assert torch.get_num_threads() == 3
     finally:

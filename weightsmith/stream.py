@@ -21,7 +21,8 @@ they lie (``location``), else the tensor is read and written. Only torch is impo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,22 @@ class Written:
 def copy(view: TensorSource) -> Transform:
     """The default transform: each name of ``view`` written under its own name, unchanged."""
     return lambda name: [(name, Stored(view, name))]
+
+
+@contextmanager
+def compute_threads(workers: int = 1) -> Iterator[int]:
+    """torch's intra-op threads while a verb computes beside the writer: the usable cores less one (left to the
+    writer's I/O and hashing threads), shared by ``workers``, at least 1 and never more than were set before;
+    restored afterwards. Folds and merges work in megabyte-sized blocks, and each operation wakes torch's thread
+    pool: with every core already busy, the wake-ups and barriers cost more than the parallel arithmetic gives."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    previous = torch.get_num_threads()
+    threads = max(1, min(previous, (cores - 1) // workers))
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 def stream(
@@ -124,4 +141,4 @@ def stream(
     return report
 
 
-__all__ = ["Item", "Stored", "Transform", "Written", "copy", "stream"]
+__all__ = ["Item", "Stored", "Transform", "Written", "compute_threads", "copy", "stream"]

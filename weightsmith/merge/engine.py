@@ -6,11 +6,10 @@ methods work block by block from the stored dtype; the others hold (inputs + 2) 
 writer's buffer. With ``workers > 1`` several tensors are merged at once and written in order; a tensor's random
 stream derives from the seed and its name, so the output is byte-identical for any number of workers.
 
-torch's own threads are capped while merging (``merge_threads``): one core is left to the writer's I/O and hashing
-threads, and the rest are shared by the workers. The block-wise methods run many megabyte-sized operations, each of
-which wakes torch's thread pool; with every core already busy, the wake-ups and barriers cost more than the
-parallel arithmetic gives (on two cores, one torch thread instead of two, medians of three alternating runs: a TIES
-merge of three 627 MB models 31.3 → 25.2 s, task arithmetic 8.9 → 7.5 s, SLERP 7.7 → 7.3 s).
+torch's own threads are capped while merging (``stream.compute_threads``): one core is left to the writer's I/O and
+hashing threads, and the rest are shared by the workers (on two cores, one torch thread instead of two, medians of
+three alternating runs: a TIES merge of three 627 MB models 31.3 → 25.2 s, task arithmetic 8.9 → 7.5 s, SLERP 7.7
+→ 7.3 s).
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ import hashlib
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from weightsmith.merge.vocab import build as build_vocabulary
 from weightsmith.numerics import all_finite
 from weightsmith.progress import progress
 from weightsmith.report import Report, figures_requested
+from weightsmith.stream import compute_threads
 from weightsmith.units import format_size, parse_dtype
 
 _WORST = 10  # tensors listed in the report for TIES/DARE-like methods
@@ -118,7 +117,7 @@ def run(
     work = _tensor_worker(cfg, job, seed, figs if figures else None)
     writer = _writer(cfg, job, out, report, seed, shard_size, force)
     rows: list[dict[str, Any]] = []
-    with report.timed("merge"), merge_threads(workers), writer:
+    with report.timed("merge"), compute_threads(workers), writer:
         tasks = job.tasks
         for task, (tensor, stats) in zip(
             tasks, _ordered(work, progress(tasks, total=len(tasks), desc="merge"), workers)
@@ -337,20 +336,6 @@ def _load(
     if in_dtype is not None and t.dtype != in_dtype:
         t = t.to(in_dtype)  # mergekit's `dtype`: inputs are rounded to it before merging
     return t if native else t.float()  # fp32 accumulation whatever the storage dtype
-
-
-@contextmanager
-def merge_threads(workers: int) -> Iterator[int]:
-    """torch's intra-op threads for the duration of a merge: the usable cores less one (the writer's), shared by
-    ``workers``, at least 1 and never more than were set before; restored afterwards."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    previous = torch.get_num_threads()
-    threads = max(1, min(previous, (cores - 1) // workers))
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _ordered(fn, items, workers: int):

@@ -44,10 +44,11 @@ def linear(
     out = torch.empty(tensors[0].shape, dtype=out_dtype)
     o2 = out.view(rows[0].shape)
     total = sum(weights)
+    scratch = torch.empty(0)
     for s, e in _row_blocks(rows[0]):
         acc = rows[0][s:e].to(torch.float32, copy=True).mul_(weights[0])  # w₀θ₀ rounded once, as 0 + w₀θ₀ would be
-        for t, w in zip(rows[1:], weights[1:]):
-            acc.add_(t[s:e], alpha=w)
+        for t, w in zip(rows[1:], weights[1:]):  # up-cast first: a mixed-dtype add runs a slower kernel
+            acc.add_(scratch.resize_(t[s:e].shape).copy_(t[s:e]), alpha=w)
         if normalize:
             acc /= total
         o2[s:e] = acc
@@ -248,18 +249,16 @@ def merge_task_vectors(
             deltas = [_kept_delta(stream.tuned[i][s:e], b, factors[i], thins[i], mode, kept, i) for i in range(n)]
             if consensus is not None:
                 total, opposed = _elect(deltas, weights, consensus, normalize, b)
-                conflicts += opposed
             else:
-                conflicts += _disagreements(deltas)
-                total = _sum(deltas)
+                total, opposed = _summed(deltas)
+            conflicts += opposed
         if consensus is None and normalize and abs(total_w) >= 1e-8:
             total /= total_w
         if lam != 1:
             total *= lam
         o2[s:e] = total.add_(b)
-    if consensus is None and row.sparsifier is None:
-        return out, None
-    return out, _family_stats(base.numel(), kept, thinned, conflicts)
+    plain = consensus is None and row.sparsifier is None  # nothing thinned or elected: no stats
+    return out, None if plain else _family_stats(base.numel(), kept, thinned, conflicts)
 
 
 def _check_family(row: FamilyRow, mode: str | None, consensus: str | None) -> None:
@@ -408,6 +407,11 @@ def _elect(
     if divisor is not None:
         total.div_(divisor.add_((divisor == 0).view(torch.uint8)))  # D = 1 where nothing agrees
     return total, int(torch.count_nonzero(opposed)) if opposed is not None else 0
+
+
+def _summed(deltas: Sequence[Tensor]) -> tuple[Tensor, int]:
+    """Σᵢ of the kept, weighted δᵢ of one block and the count of entries where they disagree in sign."""
+    return _sum(deltas), _disagreements(deltas)
 
 
 def _disagreements(deltas: Sequence[Tensor]) -> int:

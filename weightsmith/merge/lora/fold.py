@@ -59,7 +59,7 @@ from weightsmith.merge.lora.quantized import dequantized
 from weightsmith.merge.lora.read import Adapter, LoraModule, check_finite, read_adapter, to_checkpoint_names
 from weightsmith.numerics import all_finite
 from weightsmith.report import Report, figures_requested
-from weightsmith.stream import Item, Stored, Written, stream
+from weightsmith.stream import Item, Stored, Written, compute_threads, stream
 from weightsmith.units import format_size, parse_dtype
 
 AdapterSpec = TensorSource | str | os.PathLike | tuple[TensorSource | str | os.PathLike, float]
@@ -495,18 +495,19 @@ def _stream(folded: FoldedCheckpoint, out, operation: str, params: dict, *, shar
             return [(name, tensor)]
         return [(name, Stored(folded, name))]
 
-    report = stream(
-        folded,
-        out,
-        operation=operation,
-        params=params,
-        transform=fold,
-        inputs=folded.inputs,
-        dtype=folded.dtype,
-        shard_size=shard_size,
-        force=force,
-        summary=lambda written: _fold_summary(folded, written),
-    )
+    with compute_threads():  # two cores, a rank-16 LoRA into a 1.07 GB base: 4.9 → 4.1 s (medians of three)
+        report = stream(
+            folded,
+            out,
+            operation=operation,
+            params=params,
+            transform=fold,
+            inputs=folded.inputs,
+            dtype=folded.dtype,
+            shard_size=shard_size,
+            force=force,
+            summary=lambda written: _fold_summary(folded, written),
+        )
     if figures:
         report.figures["tensors"] = rows
     if folded.untied:
