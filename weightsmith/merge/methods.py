@@ -44,7 +44,7 @@ def linear(
     out = torch.empty(tensors[0].shape, dtype=out_dtype)
     o2 = out.view(rows[0].shape)
     total = sum(weights)
-    scratch = torch.empty(0)
+    scratch = torch.empty(0, dtype=torch.float32)
     for s, e in _row_blocks(rows[0]):
         acc = rows[0][s:e].to(torch.float32, copy=True).mul_(weights[0])  # w₀θ₀ rounded once, as 0 + w₀θ₀ would be
         for t, w in zip(rows[1:], weights[1:]):  # up-cast first: a mixed-dtype add runs a slower kernel
@@ -87,7 +87,7 @@ def slerp(
         ca, cb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
     out = torch.empty(a.shape, dtype=out_dtype)
     o2 = out.view(ra.shape)
-    scratch = torch.empty(0)
+    scratch = torch.empty(0, dtype=torch.float32)
     for s, e in blocks:  # b up-cast into a scratch block first: a mixed-dtype add runs a slower kernel
         y = scratch.resize_(rb[s:e].shape).copy_(rb[s:e])
         o2[s:e] = ra[s:e].to(torch.float32, copy=True).mul_(ca).add_(y, alpha=cb)
@@ -349,10 +349,11 @@ def _l1_rescale(stream: _DeltaStream, i: int, thin: _Thin) -> float:
 
 
 def _delta(tuned: Tensor, base: Tensor) -> Tensor:
-    """δ = θ − θ_b as a fresh float32 tensor, ``base`` being float32: the stored block is up-cast first, then
-    subtracted in float32: the same values as one mixed-dtype subtraction, whose kernel is slower (task arithmetic
-    of three bf16 blocks of 2¹⁸ elements: 0.83 ms this way, 1.2-1.6 ms mixed)."""
-    return tuned.to(torch.float32, copy=True).sub_(base)
+    """δ = θ − θ_b as a fresh tensor of the promoted dtype (float32 for a float32 ``base`` and bf16/fp16/fp32
+    inputs): the stored block is up-cast first, then subtracted. The same values as one mixed-dtype subtraction,
+    whose kernel is slower (task arithmetic of three bf16 blocks of 2¹⁸ elements: 0.83 ms this way, 1.2-1.6 ms
+    mixed)."""
+    return tuned.to(torch.promote_types(tuned.dtype, base.dtype), copy=True).sub_(base)
 
 
 def _weighted_deltas(tuned: Sequence[Tensor], base: Tensor, factors: Sequence[float]) -> Tensor:
