@@ -75,9 +75,22 @@ def speed_table() -> str:
     build_checkpoint()
     src_bytes = size_of(SRC)
     ws = [PY, "-m", "weightsmith.cli", "quantize", str(SRC), "--force"]
-    runs = []
-    out = WORK / "q_ws_nf4"
-    runs.append(("NF4", "weightsmith quantize --scheme nf4", measure([*ws, "-o", str(out), "--scheme", "nf4"]), out))
+    cached = {**ENV, "WEIGHTSMITH_CACHE": str(WORK / "q_cache")}  # transformers' model facts and the input digest
+    shutil.rmtree(WORK / "q_cache", ignore_errors=True)
+
+    def ours(scheme: str, label: str) -> list[tuple]:
+        """weightsmith's first run (cache off), then a run that finds the model facts and digest cached (primed by
+        one run before it), as every later quantization of the same model does."""
+        out = WORK / f"q_ws_{scheme}"
+        cmd = [*ws, "-o", str(out), "--scheme", scheme]
+        first = measure(cmd)
+        measure(cmd, env=cached)
+        return [
+            (label, f"weightsmith quantize --scheme {scheme}", first, out),
+            (label, f"weightsmith quantize --scheme {scheme} (facts cached)", measure(cmd, env=cached), out),
+        ]
+
+    runs = ours("nf4", "NF4")
     out = WORK / "q_tf_nf4"
     shutil.rmtree(out, ignore_errors=True)
     code = (
@@ -87,10 +100,7 @@ def speed_table() -> str:
         f"m.save_pretrained({str(out)!r})"
     )
     runs.append(("NF4", "transformers from_pretrained(bnb nf4) + save_pretrained", measure(python_cmd(code)), out))
-    out = WORK / "q_ws_int8"
-    runs.append(
-        ("int8 W8A8", "weightsmith quantize --scheme int8", measure([*ws, "-o", str(out), "--scheme", "int8"]), out)
-    )
+    runs += ours("int8", "int8 W8A8")
     notes = []
     path = llmcompressor_pythonpath()
     if path:
@@ -160,7 +170,9 @@ def speed_table() -> str:
     intro = (
         f"Llama-shaped fp32 checkpoint built at run time: 16 layers, hidden 1024, MLP 2816, vocab 32000, "
         f"{src_bytes / 1e9:.2f} GB in one file. One run each, whole process (start-up and imports included), "
-        f"2 shared CPU cores."
+        f"2 shared CPU cores. Ratios are to weightsmith's first run; \"facts cached\": transformers' model facts "
+        "(tied and float32-kept weights) and the input's sha256 read from weightsmith's cache, as on every later "
+        "run on the same model."
     )
     return "\n\n".join([intro, table(header, rows), *notes])
 
