@@ -117,6 +117,9 @@ save_file(full, out / "adapter_model.safetensors")
 """
 
 
+REPEATS = 3  # runs per tool and adapter; the tables show medians
+
+
 def fold_pair(base: Path, adapter: Path, out_ws: Path, out_peft: Path) -> tuple[Run, Run]:
     """Medians of REPEATS folds by each tool (each output removed before the next run): on a shared 2-core machine
     one run can be off by a fifth. CPU time (user + sys) is reported beside wall time: waiting for a CPU is not
@@ -127,9 +130,6 @@ def fold_pair(base: Path, adapter: Path, out_ws: Path, out_peft: Path) -> tuple[
         median_run(ours, REPEATS, prepare=lambda: shutil.rmtree(out_ws, ignore_errors=True)),
         median_run(peft, REPEATS, prepare=lambda: shutil.rmtree(out_peft, ignore_errors=True)),
     )
-
-
-REPEATS = 3
 
 
 # the figures of one fold, weightsmith against PEFT (the LoRA table's and the adapter types' columns)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from weightsmith import sparsify as sp
-from weightsmith.merge.methods import _as_rows, _row_blocks
+from weightsmith.merge.methods import _as_rows, _delta, _row_blocks
 
 
 class _Blocks:
@@ -209,7 +209,7 @@ def arcee_fusion(base: Tensor, other: Tensor, out_dtype: torch.dtype = torch.flo
     def strided(step: int) -> Tensor:
         flat_b, flat_o = blocks.base.reshape(-1), blocks.tuned[0].reshape(-1)
         where = torch.arange(0, flat_b.numel(), step) // last.shape[1]
-        return torch.sub(flat_o[::step], flat_b[::step].float()).abs_() * kl[where, 0]
+        return _delta(flat_o[::step], flat_b[::step].float()).abs_() * kl[where, 0]
 
     q1, median, q3 = (_quantile(importances, strided, base.numel(), f) for f in (0.25, 0.5, 0.75))
     threshold = median + 1.5 * (q3 - q1)
