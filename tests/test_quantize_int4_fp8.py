@@ -16,7 +16,12 @@ from weightsmith.compress.quantize import int4 as int4_codec
 from weightsmith.errors import ConfigError
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 127, 3, 2, 0, 42]])
-INT4_OPTIONS = [{"group_size": 32}, {"group_size": 32, "asymmetric": True}, {"group_size": 0}]
+INT4_OPTIONS = [
+    {"group_size": 32},
+    {"group_size": 32, "asymmetric": True},
+    {"group_size": 0},
+    {"group_size": 0, "asymmetric": True},
+]
 
 
 def _tf():
@@ -73,8 +78,9 @@ def _ct_reference(model, weights, acts, ours: dict[str, torch.Tensor], tmp_path)
 def _assert_same(ours, theirs, mine_config, their_config):
     assert set(ours) == set(theirs)
     for name in theirs:
-        assert ours[name].dtype == theirs[name].dtype, name
-        assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name  # fp8: bitwise
+        assert ours[name].dtype == theirs[name].dtype and ours[name].shape == theirs[name].shape, name
+        mine, their = (t.contiguous().reshape(-1).view(torch.uint8) for t in (ours[name], theirs[name]))
+        assert torch.equal(mine, their), name  # fp8: bitwise
     assert mine_config.pop("ignore") == ["lm_head", "model.embed_tokens"]
     assert their_config.pop("ignore") == ["lm_head"]
     assert mine_config == their_config
