@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if callable(getattr(args, "inputs", None)):  # a command that writes a checkpoint from the ones it names
         _start_input_digests(args)
-        _return_freed_tensors(getattr(args, "mmap_threshold", MMAP_THRESHOLD))
+        threshold = getattr(args, "mmap_threshold", MMAP_THRESHOLD)
+        _return_freed_tensors(threshold(args) if callable(threshold) else threshold)
     _plain_warnings()
     code = _run(args, parser)
     if code != 0 and getattr(args, "out", None):
@@ -202,10 +203,10 @@ def _return_freed_tensors(threshold: int) -> None:
     fixed ``MMAP_THRESHOLD`` of 4 MiB keeps each tensor buffer above it its own mapping, unmapped when freed, while
     the megabyte-sized blocks that folds and merges work in are reused from the heap instead of page-faulted in
     afresh each time: the fold peaks at 290-310 MB; a task-arithmetic merge of three 627 MB models takes 6.4 s (8.8 s
-    at 128 KiB, where every block was a new mapping) at 630 MB. ``quantize`` keeps ``SMALL_MMAP_THRESHOLD`` (128
-    KiB): its tensors are few and large, and GPTQ's activations and solves fragment the heap (a 0.4 GB model peaked
-    at 803 MB with 4 MiB, 659 MB with 128 KiB, in about the same time; a data-free int4 quantize of 337 MB at 484 vs
-    422 MB). A no-op where the C library is not glibc."""
+    at 128 KiB, where every block was a new mapping) at 630 MB; the data-free quantize schemes work in 1 MiB slices
+    for the same reason. GPTQ keeps ``SMALL_MMAP_THRESHOLD`` (128 KiB): its activations and solves fragment the heap
+    (a 0.4 GB model peaked at 803 MB with 4 MiB, 659 MB with 128 KiB, in about the same time). A no-op where the C
+    library is not glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD, fixed: the threshold no longer rises after a large free

@@ -9,7 +9,7 @@ from weightsmith.units import parse_weighted
 
 # glibc's mmap threshold for the verbs that write checkpoints (see ``weightsmith.cli._return_freed_tensors``)
 MMAP_THRESHOLD = 4 * 1024 * 1024
-SMALL_MMAP_THRESHOLD = 128 * 1024  # quantize's (cli/quantize.py sets it): its peak is what its peers are held to
+SMALL_MMAP_THRESHOLD = 128 * 1024  # GPTQ's (cli/quantize.py sets it): its peak is what its peers are held to
 
 
 def add_command(sub, name: str, *, help: str, examples: list[str], description: str | None = None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightsmith.cli.common import SMALL_MMAP_THRESHOLD, add_command, add_output_options
+from weightsmith.cli.common import MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD, add_command, add_output_options
 
 
 def register(sub) -> None:
@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--double-quant", action="store_true", help="nf4: quantize the block absmax too (QLoRA)")
     p.add_argument("--compute-dtype", help="nf4: dtype Linear4bit computes in at run time (default float32)")
     _gptq_options(p)
-    p.set_defaults(handler=_quantize, mmap_threshold=SMALL_MMAP_THRESHOLD)
+    p.set_defaults(handler=_quantize, mmap_threshold=_mmap_threshold)
 
     p = add_command(
         sub,
@@ -73,6 +73,12 @@ def _gptq_options(p) -> None:
     g.add_argument("--samples", type=int, help="GPTQ: calibration lines used (default 128)")
     g.add_argument("--seq-len", type=int, help="GPTQ: tokens per calibration line at most (default 512)")
     g.add_argument("--device", default="cpu", help="GPTQ: where the Hessians and solves run: cpu, cuda or cuda:N")
+
+
+def _mmap_threshold(args) -> int:
+    """GPTQ's activations and solves fragment the heap (see ``weightsmith.cli._return_freed_tensors``); the
+    data-free schemes work in slices small enough to reuse it."""
+    return SMALL_MMAP_THRESHOLD if args.gptq else MMAP_THRESHOLD
 
 
 def _quantize(args):

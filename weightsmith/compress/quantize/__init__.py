@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from weightsmith.checkpoint import DEFAULT_SHARD_SIZE, TensorSource
+from weightsmith.compress.quantize.chunks import relative_error
 from weightsmith.compress.quantize.codecs import REGISTRY
 from weightsmith.compress.quantize.dequantize import DequantizedView, dequantize, open_dequantized
 from weightsmith.compress.quantize.schemes import FP8, GPTQ, NF4, SCHEMES, Int4, Int8, Scheme, make_scheme
@@ -47,15 +48,6 @@ __all__ = [
     "quantize",
     "relative_error",
 ]
-
-
-def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """‖W − Ŵ‖_F / ‖W‖_F in fp32 (0 for an all-zero W reproduced exactly). One fp32 copy of W, made the difference in
-    place."""
-    diff = w.to(torch.float32, copy=True)
-    norm = float(torch.linalg.vector_norm(diff))
-    err = float(torch.linalg.vector_norm(diff.sub_(w_hat)))
-    return err / norm if norm else (0.0 if err == 0 else float("inf"))
 
 
 def quantize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from weightsmith.compress.quantize import chunks
 from weightsmith.compress.quantize.int8 import ct_args, ct_quantization_config
 from weightsmith.compress.quantize.schemes import FP8
 
@@ -36,7 +37,7 @@ def check(scheme: FP8, name: str, shape: tuple[int, ...]) -> str | None:
 
 
 def quantize_module(scheme: FP8, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    q, scale = quantize_fp8(w)
+    q, scale = chunks.by_rows(quantize_fp8, w)
     return {"weight": q, "weight_scale": scale}
 
 

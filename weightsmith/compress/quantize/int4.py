@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from weightsmith.compress.quantize import chunks
 from weightsmith.compress.quantize.int8 import ct_args, ct_quantization_config
 from weightsmith.compress.quantize.schemes import Int4
 
@@ -114,7 +115,7 @@ def check(scheme: Int4, name: str, shape: tuple[int, ...]) -> str | None:
 
 def quantize_module(scheme: Int4, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """One Linear weight [out, in] → its stored tensors, keyed by the suffix after the module name."""
-    q, scale, zero = quantize_int4(w, scheme.group_size, scheme.asymmetric)
+    q, scale, zero = chunks.by_rows(lambda rows: quantize_int4(rows, scheme.group_size, scheme.asymmetric), w)
     return pack_module(q, scale, zero)
 
 

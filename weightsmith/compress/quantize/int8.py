@@ -13,6 +13,7 @@ from importlib import metadata
 
 import torch
 
+from weightsmith.compress.quantize import chunks
 from weightsmith.compress.quantize.schemes import Int8
 
 QMAX = 127  # symmetric range [-127, 127]: -128 is never produced, so negating a weight negates its code
@@ -79,7 +80,7 @@ def check(scheme: Int8, name: str, shape: tuple[int, ...]) -> str | None:
 
 def quantize_module(scheme: Int8, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """One Linear weight [out, in] → its stored tensors, keyed by the suffix after the module name."""
-    q, scale = quantize_int8(w, scheme.group_size)
+    q, scale = chunks.by_rows(lambda rows: quantize_int8(rows, scheme.group_size), w)
     if scheme.weight_only:
         return {
             "weight_packed": pack_int8(q),

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from weightsmith.compress.quantize import chunks
 from weightsmith.compress.quantize.schemes import NF4
 
 QUANT_STATE = "weight.quant_state.bitsandbytes__nf4"
@@ -41,15 +42,28 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     ``w`` is quantized in its own dtype, as transformers does when it loads a checkpoint with ``load_in_4bit``.
     Returns the stored tensors keyed by the suffix after the module name, serialised by bitsandbytes'
     ``QuantState.as_dict(packed=True)`` (the serialiser transformers uses).
+
+    The flattened weight goes to bitsandbytes a slice of whole blocks at a time (see ``chunks``; its CPU kernel's
+    temporaries are float32 copies of its input): the codes and absmax of each block are bitsandbytes' own, and
+    double quant then runs on the whole absmax, as ``quantize_4bit`` does.
     """
     F = _bnb()
-    packed, state = F.quantize_4bit(
-        w.contiguous(),
-        blocksize=blocksize,
-        compress_statistics=double_quant,
-        quant_type="nf4",
-        quant_storage=torch.uint8,
-    )
+    flat = w.contiguous().reshape(-1)
+    n = flat.numel()
+    sliced = [
+        F.quantize_4bit(flat[a * blocksize : b * blocksize], blocksize=blocksize, quant_type="nf4")
+        for a, b in chunks.spans(-(-n // blocksize), blocksize)
+    ]
+    packed = torch.cat([codes for codes, _ in sliced])
+    absmax = torch.cat([state.absmax for _, state in sliced])
+    code = sliced[0][1].code
+    common = {"shape": w.shape, "dtype": w.dtype, "blocksize": blocksize, "code": code, "quant_type": "nf4"}
+    if double_quant:
+        offset = absmax.mean()
+        nested, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        state = F.QuantState(absmax=nested, offset=offset, state2=state2, **common)
+    else:
+        state = F.QuantState(absmax=absmax, **common)
     out = {"weight": packed}
     out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
     return out
@@ -73,16 +87,21 @@ def dequantize_nf4(
     if nested_absmax is not None:
         assert nested_quant_map is not None  # double quant stores both
         nb = state["nested_blocksize"]
-        a = _blockwise(nested_quant_map.float()[absmax.long()], nested_absmax.float(), nb)
-        absmax = a + float(state["nested_offset"])
+        absmax = _blockwise(nested_quant_map.float()[absmax.long()], nested_absmax.float(), nb)
+        absmax += float(state["nested_offset"])
     shape, blocksize = tuple(state["shape"]), state["blocksize"]
     n = 1
     for d in shape:
         n *= d
     byte = torch.arange(256)
     pairs = quant_map.float()[torch.stack([byte >> 4, byte & 0xF], dim=1)]  # (256, 2): a byte's two values
-    values = pairs.index_select(0, packed.reshape(-1).long()).reshape(-1)[:n]  # (n,)
-    return _blockwise(values, absmax.float(), blocksize).reshape(shape).to(getattr(torch, state["dtype"]))
+    codes, scales = packed.reshape(-1), absmax.float()
+    out = torch.empty(n, dtype=getattr(torch, state["dtype"]))
+    for first, end in chunks.spans(-(-n // blocksize), blocksize):  # whole blocks (an even number of values)
+        start, stop = first * blocksize, min(end * blocksize, n)
+        values = pairs.index_select(0, codes[start // 2 : (stop + 1) // 2].long()).reshape(-1)[: stop - start]
+        out[start:stop] = _blockwise(values, scales[first:end], blocksize)
+    return out.reshape(shape)
 
 
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
