@@ -1,0 +1,74 @@
+"""The round-to-nearest schemes work on slices of a weight (``compress.quantize.chunks``); with slices far smaller
+than the weights, the stored tensors must be those of the whole-tensor kernels (bitsandbytes' own for NF4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightsmith.compress.quantize import chunks, fp8, int4, int8, nf4
+from weightsmith.compress.quantize.schemes import FP8, Int4, Int8
+
+# a partial NF4 block, an odd count of values, one row, rows shorter than a block
+SHAPES = [(37, 130), (3, 131), (1, 64), (129, 8)]
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    monkeypatch.setattr(chunks, "CHUNK_VALUES", 300)
+
+
+def _weight(shape, dtype):
+    torch.manual_seed(sum(shape))
+    return (torch.randn(shape) * torch.rand(shape[0], 1) * 3).to(dtype)  # rows of different ranges
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_sliced_nf4_is_bitsandbytes_on_the_whole_tensor(small_slices, shape, dtype, double_quant):
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    w = _weight(shape, dtype)
+    ours = nf4.quantize_nf4(w, 64, double_quant)
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    theirs = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+    reference = _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), state.code, 64, list(shape), dtype)
+    assert torch.allclose(nf4.dequantize_module(ours).float(), reference.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(37, 128), (1, 64), (129, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_row_schemes_equal_their_whole_tensor_kernels(small_slices, shape, dtype):
+    w = _weight(shape, dtype)
+    cases = [
+        (int8.quantize_module(Int8(), w), dict(zip(("weight", "weight_scale"), int8.quantize_int8(w)))),
+        (int8.quantize_module(Int8(group_size=8), w), dict(zip(("weight", "weight_scale"), int8.quantize_int8(w, 8)))),
+        (fp8.quantize_module(FP8(), w), dict(zip(("weight", "weight_scale"), fp8.quantize_fp8(w)))),
+    ]
+    for options in ({"group_size": 8}, {"group_size": 8, "asymmetric": True}, {"group_size": 0}):
+        scheme = Int4(**options)
+        whole = int4.quantize_int4(w, scheme.group_size or None, scheme.asymmetric)
+        cases.append((int4.quantize_module(scheme, w), int4.pack_module(*whole)))
+    for ours, theirs in cases:
+        assert list(ours) == list(theirs)
+        for key in theirs:
+            a, b = ours[key], theirs[key]
+            assert a.dtype == b.dtype and a.shape == b.shape, key
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), key  # FP8: bitwise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_relative_error_over_slices_is_the_float64_one(small_slices, dtype):
+    w = _weight((37, 130), dtype)
+    w_hat = nf4.dequantize_module(nf4.quantize_nf4(w))
+    exact = float((w.double() - w_hat.double()).norm() / w.double().norm())
+    assert chunks.relative_error(w, w_hat) == pytest.approx(exact, rel=1e-6)
+    assert chunks.relative_error(torch.zeros(5, 7), torch.zeros(5, 7)) == 0.0
+    assert chunks.relative_error(torch.zeros(5, 7), torch.ones(5, 7)) == float("inf")
+    assert len(list(chunks.spans(37 * 130, 1))) == 17  # the error above was summed over 17 slices
