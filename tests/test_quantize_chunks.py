@@ -72,3 +72,41 @@ def test_relative_error_over_slices_is_the_float64_one(small_slices, dtype):
     assert chunks.relative_error(torch.zeros(5, 7), torch.zeros(5, 7)) == 0.0
     assert chunks.relative_error(torch.zeros(5, 7), torch.ones(5, 7)) == float("inf")
     assert len(list(chunks.spans(37 * 130, 1))) == 17  # the error above was summed over 17 slices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_codes_at_ties_zeros_subnormals_and_extremes_are_bitsandbytes(dtype, double_quant):
+    import bitsandbytes.functional as F
+
+    levels = F.get_4bit_type("nf4", device="cpu")
+    midpoints = (levels[:-1] + levels[1:]) / 2  # where bitsandbytes' bucketize breaks ties (to the lower level)
+    rows = [
+        torch.zeros(128),  # absmax 0: bitsandbytes divides by 1e-38
+        -torch.zeros(128),
+        torch.full((128,), 1e-40),  # subnormal
+        torch.cat([midpoints, torch.ones(1)]).repeat(8) * 3,  # exact ties once scaled by the absmax (3)
+        torch.cat([midpoints, -torch.ones(1)]).repeat(8),
+        torch.nextafter(midpoints, torch.tensor(2.0)).repeat(9)[:128],  # just above each tie
+        (torch.rand(128) * 2 - 1) * torch.finfo(dtype).max * 0.9,  # the dtype's extremes
+    ]
+    w = torch.stack(rows).to(dtype)
+    for weight in (w, w.reshape(-1)[:-3].reshape(1, -1)):  # a partial last block and an odd count
+        ours = nf4.quantize_nf4(weight, 64, double_quant)
+        packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        theirs = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+        for key in theirs:
+            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+def test_absmax_is_the_max_of_abs_to_the_bit():
+    x = torch.randn(6, 3, 64)
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2, 0] = -torch.rand(64)  # all negative
+    x[3, 1] = torch.rand(64)  # all positive
+    x[4, :, :32] = -0.0  # mixed signed zeros
+    x[4, :, 32:] = 0.0
+    for dim in (-1, 1, 0):
+        ours, theirs = chunks.absmax(x, dim), x.abs().amax(dim)
+        assert torch.equal(ours, theirs) and torch.equal(ours.signbit(), theirs.signbit())

@@ -31,6 +31,12 @@ def by_rows(quantize: Callable[[torch.Tensor], tuple[Any, ...]], w: torch.Tensor
     return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*slices))
 
 
+def absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |x| along ``dim``, as max(max x, −min x): exact, with no |x| temporary, and on a slice ten times faster
+    than ``vector_norm(x, ord=inf)``. ``abs_`` gives a zero maximum its plus sign, as |x| has."""
+    return torch.maximum(x.amax(dim), x.amin(dim).neg_()).abs_()
+
+
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """‖W − Ŵ‖_F / ‖W‖_F in fp32 (0 for an all-zero W reproduced exactly), the squared norms summed slice by slice
     in float64: one fp32 copy of a slice at a time, the difference made in place."""

@@ -12,6 +12,7 @@ Per quantized Linear ``<m>`` (W [out, in], n = out·in):
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -25,39 +26,82 @@ QUANT_STATE = "weight.quant_state.bitsandbytes__nf4"
 
 
 def _bnb():
-    """bitsandbytes' functional module (imported on first use; its start-up chatter about optional GPU kernels
-    is silenced)."""
+    """bitsandbytes' functional module, imported on first use: its start-up chatter about optional GPU kernels is
+    silenced, and the ``torch.compile`` calls its import makes are deferred (``_compile_on_first_call``)."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.redirect_stdout(io.StringIO()),
+        _compile_on_first_call(),
+    ):
         import bitsandbytes.functional as F
     return F
 
 
+@contextlib.contextmanager
+def _compile_on_first_call():
+    """While bitsandbytes is imported, ``torch.compile(fn)`` returns a wrapper that compiles ``fn`` the first time it
+    is called. bitsandbytes compiles its CPU fallbacks as it defines them, and the first ``torch.compile`` loads
+    torch's compiler stack (dynamo, inductor): about 2 s of a 6 s NF4 quantization of a 1 GB model, for functions a
+    quantization never calls (``quantize_4bit``'s CPU kernel is eager; dequantization is weightsmith's). Whoever
+    calls them later gets them compiled, as bitsandbytes meant. Nothing is deferred once torch's compiler is loaded
+    (compiling is then cheap), and ``torch.compile`` is restored on exit."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+    compile_now = torch.compile
+
+    def compile_later(model=None, **options):
+        if model is None:  # the decorator form: torch.compile(**options)(fn)
+            return lambda fn: compile_later(fn, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_now(model, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    torch.compile = compile_later  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = compile_now
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> dict[str, torch.Tensor]:
-    """NF4 through ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=double_quant,
-    quant_type="nf4")``: per block of ``blocksize`` values, absmax a = max|w|, code = argmin_k |w/a − NF4[k]|
-    (NF4 = the 16 quantiles of N(0, 1) scaled to [−1, 1]; Dettmers et al. 2023, "QLoRA"). Double quant stores the
+    """NF4 as ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=double_quant,
+    quant_type="nf4")`` computes it on the CPU: per block of ``blocksize`` values (over the flattened weight, in
+    float32), absmax a = max|w|, x = clamp(w · (1 / max(a, 10⁻³⁸)), −1, 1) (the last, partial block: w / a), and the
+    code of x is the nearest of the 16 NF4 levels (the quantiles of N(0, 1) scaled to [−1, 1]; Dettmers et al. 2023,
+    "QLoRA"), a tie going to the lower level; two codes a byte, the first in the high nibble. Double quant stores the
     absmax as 8-bit codes of (a − mean a) in blocks of 256 with bitsandbytes' dynamic map.
 
     ``w`` is quantized in its own dtype, as transformers does when it loads a checkpoint with ``load_in_4bit``.
     Returns the stored tensors keyed by the suffix after the module name, serialised by bitsandbytes'
     ``QuantState.as_dict(packed=True)`` (the serialiser transformers uses).
 
-    The flattened weight goes to bitsandbytes a slice of whole blocks at a time (see ``chunks``; its CPU kernel's
-    temporaries are float32 copies of its input): the codes and absmax of each block are bitsandbytes' own, and
-    double quant then runs on the whole absmax, as ``quantize_4bit`` does.
+    The codes and absmax are computed here, bit for bit as bitsandbytes' kernel computes them (the tests compare),
+    a slice of whole blocks at a time (``chunks``), and the code as the count of the 15 midpoints between
+    consecutive levels that lie below x: what its ``torch.bucketize`` over those midpoints returns, in half the
+    time. bitsandbytes builds the quant state (and double quant) from them, as ``quantize_4bit`` does.
     """
     F = _bnb()
+    levels = F.get_4bit_type("nf4", device="cpu")  # float32, ascending
+    midpoints = ((levels[:-1] + levels[1:]) / 2).tolist()  # float32 values, compared exactly
     flat = w.contiguous().reshape(-1)
-    n = flat.numel()
     sliced = [
-        F.quantize_4bit(flat[a * blocksize : b * blocksize], blocksize=blocksize, quant_type="nf4")
-        for a, b in chunks.spans(-(-n // blocksize), blocksize)
+        _nf4_codes(flat[a * blocksize : b * blocksize].float(), blocksize, midpoints)
+        for a, b in chunks.spans(-(-flat.numel() // blocksize), blocksize)
     ]
-    packed = torch.cat([codes for codes, _ in sliced])
-    absmax = torch.cat([state.absmax for _, state in sliced])
-    code = sliced[0][1].code
-    common = {"shape": w.shape, "dtype": w.dtype, "blocksize": blocksize, "code": code, "quant_type": "nf4"}
+    packed = torch.cat([codes for codes, _ in sliced]).unsqueeze(1)
+    absmax = torch.cat([block_max for _, block_max in sliced])
+    common = {"shape": w.shape, "dtype": w.dtype, "blocksize": blocksize, "code": levels, "quant_type": "nf4"}
     if double_quant:
         offset = absmax.mean()
         nested, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
@@ -67,6 +111,26 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     out = {"weight": packed}
     out.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
     return out
+
+
+def _nf4_codes(x: torch.Tensor, blocksize: int, midpoints: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 values (whole blocks, the last possibly partial) → their packed codes (uint8, two a byte) and the
+    absmax of each block (see ``quantize_nf4``)."""
+    n = x.numel()
+    full = n - n % blocksize
+    blocks = x[:full].reshape(-1, blocksize)
+    absmax = chunks.absmax(blocks, dim=1)
+    scaled = torch.zeros(n + n % 2)  # an odd count gets one more value, 0, as bitsandbytes pads it
+    torch.mul(blocks, (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), out=scaled[:full].view(-1, blocksize))
+    if full < n:
+        tail = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail.unsqueeze(0)])
+        torch.div(x[full:], tail, out=scaled[full:n])
+    scaled.clamp_(-1, 1)
+    codes = (scaled > midpoints[0]).to(torch.uint8)
+    for midpoint in midpoints[1:]:
+        codes += scaled > midpoint
+    return (codes[0::2] << 4) | codes[1::2], absmax
 
 
 def dequantize_nf4(
