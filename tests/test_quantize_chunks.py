@@ -110,3 +110,26 @@ def test_absmax_is_the_max_of_abs_to_the_bit():
     for dim in (-1, 1, 0):
         ours, theirs = chunks.absmax(x, dim), x.abs().amax(dim)
         assert torch.equal(ours, theirs) and torch.equal(ours.signbit(), theirs.signbit())
+
+
+def test_importing_bitsandbytes_defers_its_compiles_to_their_first_call():
+    """bitsandbytes compiles its CPU fallbacks as it imports them; weightsmith's import leaves torch's compiler
+    unloaded and those functions still compiled, and right, when first called."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from weightsmith.compress.quantize import nf4\n"
+        "F = nf4._bnb()\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "assert torch.compile.__module__ == 'torch'\n"  # restored
+        "from bitsandbytes.backends.default import ops\n"
+        "codes = torch.randint(0, 256, (512,), dtype=torch.uint8)\n"
+        "absmax, code = torch.rand(2), F.create_dynamic_map(signed=True)\n"
+        "out = ops._dequantize_blockwise_compute(codes, absmax, code, 256, torch.float32)\n"
+        "assert 'torch._dynamo' in sys.modules\n"  # compiled on this first call
+        "assert torch.equal(out, (code[codes.long()].reshape(2, 256) * absmax[:, None]).reshape(-1))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
