@@ -44,13 +44,7 @@ def _compile_on_first_call():
     is called. bitsandbytes compiles its CPU fallbacks as it defines them, and the first ``torch.compile`` loads
     torch's compiler stack (dynamo, inductor): about 2 s of a 6 s NF4 quantization of a 1 GB model, for functions a
     quantization never calls (``quantize_4bit``'s CPU kernel is eager; dequantization is weightsmith's). Whoever
-    calls them later gets them compiled, as bitsandbytes meant. Nothing is deferred once torch's compiler is loaded
-    (compiling is then cheap), and ``torch.compile`` is restored on exit."""
-    import sys
-
-    if "torch._dynamo" in sys.modules:
-        yield
-        return
+    calls them later gets them compiled, as bitsandbytes meant; ``torch.compile`` is restored on exit."""
     compile_now = torch.compile
 
     def compile_later(model=None, **options):
