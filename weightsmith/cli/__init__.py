@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import gc
 import importlib
 import os
 import re
@@ -67,6 +68,16 @@ def flag_spellings(parser: argparse.ArgumentParser) -> dict[str, str]:
 def spell_flags(message: str, flags: dict[str, str]) -> str:
     """A library message with each backticked parameter that is a flag written as the flag (`force` → --force)."""
     return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def program() -> int:
+    """The ``weightsmith`` command (its console script and ``python -m weightsmith.cli``): ``main`` on the process's
+    arguments. Then every object left is frozen out of the garbage collector: the interpreter's exit otherwise scans
+    all of torch's once more, about 0.2 s of every command (a 2.5 s LoRA fold spent 0.27 s after its work was done,
+    0.10 s frozen). Only the exiting program does this; ``main`` is for callers that go on running."""
+    code = main()
+    gc.freeze()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 import sys
 
-from weightsmith.cli import main
+from weightsmith.cli import program
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())
