@@ -93,8 +93,7 @@ def quantize(
 
     # round-to-nearest works on megabyte slices (``chunks``), so torch's threads are capped beside the writer's, as
     # for folds and merges (two cores, NF4 of a 1 GB model: 7.8 → 6.3 s); GPTQ's solves and forward passes keep them
-    calibrated = isinstance(view.scheme, Int4) and view.scheme.gptq is not None
-    with contextlib.nullcontext() if calibrated else compute_threads():
+    with contextlib.nullcontext() if view.calibrated else compute_threads():
         report = stream(
             view,
             out,

@@ -59,6 +59,8 @@ class GPTQView(QuantizedView):
     """``QuantizedView`` whose decoder layers are quantized by GPTQ (``LayerwiseGPTQ``); weights outside the decoder
     layers that are quantized at all (none with the default ``ignore``) are rounded to nearest."""
 
+    calibrated = True
+
     def __init__(self, source: TensorSource, scheme: Int4, selection: Plan, ignore: Sequence[str] | None, device: str):
         super().__init__(source, scheme, selection, ignore)
         self.int4, self.device = scheme, device

@@ -39,6 +39,8 @@ class QuantizedView(CheckpointView):
     quantizes it once.
     """
 
+    calibrated = False  # round to nearest, a weight at a time (``GPTQView``: calibrated, a layer at a time)
+
     def __init__(self, source: TensorSource, scheme: Scheme, selection: Plan, ignore: Sequence[str] | None):
         self.params = {**scheme.to_dict(), "ignore": list(DEFAULT_IGNORE if ignore is None else ignore)}
         super().__init__(source, provenance_step("quantize", self.params, [source]))
