@@ -9,8 +9,8 @@ import torch
 from weightsmith.compress.quantize import chunks, fp8, int4, int8, nf4
 from weightsmith.compress.quantize.schemes import FP8, Int4, Int8
 
-# a partial NF4 block, an odd count of values, one row, rows shorter than a block
-SHAPES = [(37, 130), (3, 131), (1, 64), (129, 8)]
+# a partial NF4 block, an odd count of values, one row, rows shorter than a block, no rows
+SHAPES = [(37, 130), (3, 131), (1, 64), (129, 8), (0, 64)]
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_sliced_nf4_is_bitsandbytes_on_the_whole_tensor(small_slices, shape, dty
     assert torch.allclose(nf4.dequantize_module(ours).float(), reference.float(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(37, 128), (1, 64), (129, 8)])
+@pytest.mark.parametrize("shape", [(37, 128), (1, 64), (129, 8), (0, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sliced_row_schemes_equal_their_whole_tensor_kernels(small_slices, shape, dtype):
     w = _weight(shape, dtype)

@@ -19,15 +19,16 @@ CHUNK_VALUES = 1 << 18  # values a slice holds at most (unless one unit is longe
 
 def spans(units: int, unit_values: int) -> Iterator[tuple[int, int]]:
     """[start, stop) ranges of ``units`` consecutive units (rows, blocks) of ``unit_values`` values each, covering
-    them in order, each at most ``CHUNK_VALUES`` values long (one unit at least)."""
+    them in order, each at most ``CHUNK_VALUES`` values long (one unit at least); one empty range for no units, so
+    that an empty weight still goes through its kernel once."""
     step = max(1, CHUNK_VALUES // max(1, unit_values))
-    return ((start, min(start + step, units)) for start in range(0, units, step))
+    return ((start, min(start + step, units)) for start in range(0, max(units, 1), step))
 
 
 def by_rows(quantize: Callable[[torch.Tensor], tuple[Any, ...]], w: torch.Tensor) -> tuple[Any, ...]:
     """``quantize(w)`` for a ``quantize`` whose outputs are row-wise (row i of each output depends on row i of ``w``
     alone), computed on slices of rows and concatenated along the rows; an output that is None stays None."""
-    slices = [quantize(w[start:stop]) for start, stop in spans(w.shape[0], w[0].numel())]
+    slices = [quantize(w[start:stop]) for start, stop in spans(w.shape[0], w.shape[1:].numel())]
     return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*slices))
 
 

@@ -82,7 +82,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         u = torch.nn.functional.pad(u, (0, pad))  # zero nibbles, as compressed-tensors pads
     byte = u[:, 0::2] | (u[:, 1::2] << 4)  # [rows, cols/2]
     # viewed flat: a one-row tensor may keep any stride on its row dimension, which a dtype view refuses
-    return _as_little_endian(byte.contiguous().reshape(-1)).view(torch.int32).reshape(rows, -1)
+    return _as_little_endian(byte.contiguous().reshape(-1)).view(torch.int32).reshape(rows, byte.shape[1] // 4)
 
 
 def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
