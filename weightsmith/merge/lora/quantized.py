@@ -25,7 +25,7 @@ from weightsmith.checkpoint import TensorSource
 from weightsmith.errors import IncompatibleError
 from weightsmith.progress import progress
 from weightsmith.report import Report
-from weightsmith.stream import Item, Stored, stream
+from weightsmith.stream import Item, Stored, compute_threads, stream
 from weightsmith.units import format_size
 
 
@@ -61,28 +61,29 @@ def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> 
             rows.append(_row(name, delta, lost))
         return view.stored_items(name, parts)
 
-    report = stream(
-        view,
-        out,
-        operation="quantize",
-        params=view.params,
-        inputs=[folded],
-        names=folded,
-        transform=requantize,
-        report=Report("lora merge", output=str(out)),
-        desc="lora merge (requantize)",
-        shard_size=shard_size,
-        force=force,
-        summary=lambda written: {
-            **_loss_summary(rows, "requantize_loss"),
-            "base": str(base.path),
-            "scheme": base.scheme.label,
-            "adapters": [f"{a.path}@{w:g}" for a, w in folded.adapters],
-            "tensors": len(view),
-            "bytes_out": format_size(written.bytes),
-            "shards": written.shards,
-        },
-    )
+    with compute_threads():  # the fold's blocks and the codecs' slices, beside the writer's threads, as in _stream
+        report = stream(
+            view,
+            out,
+            operation="quantize",
+            params=view.params,
+            inputs=[folded],
+            names=folded,
+            transform=requantize,
+            report=Report("lora merge", output=str(out)),
+            desc="lora merge (requantize)",
+            shard_size=shard_size,
+            force=force,
+            summary=lambda written: {
+                **_loss_summary(rows, "requantize_loss"),
+                "base": str(base.path),
+                "scheme": base.scheme.label,
+                "adapters": [f"{a.path}@{w:g}" for a, w in folded.adapters],
+                "tensors": len(view),
+                "bytes_out": format_size(written.bytes),
+                "shards": written.shards,
+            },
+        )
     report.tensors = sorted(rows, key=lambda r: -r["loss"])
     report.notes.append(
         "re-quantized: each rounding error is relative to the adapter's own change ‖ΔW‖ (1.0 would erase it)"
