@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,19 +142,27 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         info, begin, end = self.entries[name]
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < len(view):  # positioned reads: safe from several threads, no shared file offset
-                got = os.preadv(fd, [view[done:]], self.data_start + begin + done)
-                if got == 0:
-                    raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
-                done += got
-            self.check_unchanged(fd, name)
-        finally:
-            os.close(fd)
+        unchanged = functools.partial(self.check_unchanged, name=name)
+        read_span(self.path, self.data_start + begin, buf, unchanged, f"tensor {name!r}")
         return buf.view(info.dtype).reshape(info.shape)
+
+
+def read_span(path: Path, offset: int, out: torch.Tensor, check: Callable[[int], None], what: str) -> None:
+    """Fill ``out`` (a contiguous tensor) with the file's bytes from ``offset``, by positioned reads (safe from several
+    threads: no shared file offset); ``check(fd)`` then refuses a file that changed while it was read. ``what`` names
+    the bytes in the error a truncated file gives."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # the buffer protocol
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(f"{path}: truncated while reading {what}")
+            done += got
+        check(fd)
+    finally:
+        os.close(fd)
 
 
 def parse_json_object(raw: bytes | str, what: str) -> dict:

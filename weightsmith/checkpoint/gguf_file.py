@@ -16,7 +16,6 @@ memory stays at about one tensor.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightsmith.checkpoint.files import TensorInfo
+from weightsmith.checkpoint.files import TensorInfo, read_span
 from weightsmith.errors import CheckpointError
 
 
@@ -313,19 +312,9 @@ class GGUFFile:
     def read_raw(self, name: str) -> np.ndarray:
         """The stored bytes of ``name`` (quantised blocks as they are), by one positioned read."""
         _, _, _, offset, nbytes = self._stored[name]
-        buf = np.empty(nbytes, dtype=np.uint8)
-        view = buf.data
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < nbytes:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got == 0:
-                    raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
-                done += got
-        finally:
-            os.close(fd)
-        return buf
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        read_span(self.path, offset, buf, lambda fd: None, f"tensor {name!r}")
+        return buf.numpy()
 
     def read(self, name: str) -> torch.Tensor:
         import gguf
