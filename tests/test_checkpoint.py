@@ -233,3 +233,73 @@ def test_all_dtypes_round_trip(tmp_path):
         raw = t.reshape(-1).view(torch.uint8)
         assert torch.equal(ours[name].reshape(-1).view(torch.uint8), raw)
         assert torch.equal(reference[name].reshape(-1).view(torch.uint8), raw)
+
+
+def _by_rows(tensor: torch.Tensor, calls: list, unit: int = 1, fail_at: int | None = None):
+    """``tensor`` as a ``Rows`` item whose fill copies the asked rows and records each (start, stop)."""
+    from weightsmith.stream import Rows
+
+    def fill(out, start, stop):
+        if fail_at is not None and len(calls) == fail_at:
+            raise RuntimeError("boom")
+        calls.append((start, stop))
+        out.copy_(tensor.reshape(tensor.shape[0], -1)[start:stop])
+
+    return Rows(tuple(tensor.shape), tensor.dtype, fill, unit)
+
+
+def test_tensors_written_by_rows_equal_whole_writes(tmp_path, monkeypatch):
+    """A tensor filled a block of rows at a time into the writer's few buffers gives the same files, byte for byte
+    (manifest digests included: its sha256 is taken piece by piece), as the tensor written whole; blocks cover the
+    rows in order, in multiples of the producer's unit, about PIECE_BYTES each."""
+    from weightsmith.checkpoint import writer
+
+    monkeypatch.setattr(writer, "PIECE_BYTES", 256)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "fp32": (torch.randn(37, 5, generator=g), 3),  # 20-byte rows: 12 a piece, a short last block
+        "bf16-conv": (torch.randn(9, 4, 3, 3, generator=g).bfloat16(), 1),  # one 72-byte row × 3 a piece
+        "wide": (torch.randn(4, 100, generator=g), 2),  # a row (400 bytes) beyond a piece: the unit wins
+        "int": (torch.arange(60, dtype=torch.int64).reshape(6, 10), 1),
+        "vector": (torch.randn(70, generator=g), 8),
+        "no-rows": (torch.zeros(0, 4), 1),
+        "no-columns": (torch.zeros(5, 0), 1),
+    }
+    steps = [provenance_step("t", {}, [])]
+    with CheckpointWriter(tmp_path / "whole", steps=steps, shard_size="1KB") as w:
+        for name, (t, _) in tensors.items():
+            w.write(name, t)
+    blocks = {}
+    with CheckpointWriter(tmp_path / "rows", steps=steps, shard_size="1KB") as w:
+        for name, (t, unit) in tensors.items():
+            w.write_rows(name, _by_rows(t, blocks.setdefault(name, []), unit))
+    whole, rows = sorted((tmp_path / "whole").iterdir()), sorted((tmp_path / "rows").iterdir())
+    assert [p.name for p in whole] == [p.name for p in rows] and len(whole) > 3  # several shards
+    for a, b in zip(whole, rows, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert ws.verify(tmp_path / "rows").summary["tensors"] == len(tensors)
+    for name, (t, unit) in tensors.items():
+        count = t.shape[0]
+        spans = blocks[name]
+        assert [s for s, _ in spans] == [0, *(e for _, e in spans)][: len(spans)]  # in order, no gap
+        assert (spans[-1][1] if spans else 0) == count
+        assert all((e - s) % unit == 0 for s, e in spans[:-1])
+        row_bytes = t[0].numel() * t.element_size() if count else 0
+        assert all((e - s) * row_bytes <= max(256, unit * row_bytes) for s, e in spans), name
+
+
+def test_rows_failing_midway_leave_nothing(tmp_path):
+    t = torch.randn(4096, 300)
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(tmp_path / "out", steps=[provenance_step("t", {}, [])]) as w:
+            w.write("a", torch.ones(3))
+            w.write_rows("b", _by_rows(t, [], fail_at=1))  # the second of two pieces
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_take_the_writers_dtype(tmp_path):
+    t = torch.randn(300, 70)
+    with CheckpointWriter(tmp_path / "out", steps=[provenance_step("t", {}, [])], dtype=torch.bfloat16) as w:
+        w.write_rows("t", _by_rows(t, []))
+    got = ws.open(tmp_path / "out")["t"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, t.bfloat16())

@@ -4,10 +4,11 @@ A verb opens a view (a lazy tensor mapping that knows its location, config, carr
 each of its names becomes, and hands both to ``stream``, which owns the rest: the atomic ``CheckpointWriter``, the
 progress bar, the timing and the report.
 
-    view  →  transform(name) → [(out_name, tensor | Stored), …]  →  shards, config.json, carried files
+    view  →  transform(name) → [(out_name, tensor | Stored | Rows), …]  →  shards, config.json, carried files
 
 The default transform copies each tensor of the view as it is: its bytes go file to file where the view says where
-they lie (``location``), else the tensor is read and written. Only torch is imported.
+they lie (``location``), else the tensor is read and written. A transform that computes a tensor a block of rows at
+a time returns ``Rows``, which the writer fills piece by piece into buffers of its own. Only torch is imported.
 
 >>> import tempfile, torch, weightsmith as ws
 >>> from weightsmith.stream import stream
@@ -31,7 +32,7 @@ import torch
 
 from weightsmith.checkpoint.files import DEFAULT_SHARD_SIZE, SAFETENSORS_INDEX
 from weightsmith.checkpoint.reader import TensorSource
-from weightsmith.checkpoint.writer import CheckpointWriter, provenance_step
+from weightsmith.checkpoint.writer import CheckpointWriter, Rows, provenance_step
 from weightsmith.progress import progress
 from weightsmith.report import Report
 
@@ -44,7 +45,7 @@ class Stored:
     name: str
 
 
-Item = tuple[str, torch.Tensor | Stored]  # (output name, its tensor or where it is stored)
+Item = tuple[str, torch.Tensor | Stored | Rows]  # (output name, its tensor, where it is stored, or how its rows come)
 Transform = Callable[[str], Iterable[Item]]  # one input name → zero or more output tensors, in writing order
 
 
@@ -131,6 +132,8 @@ def stream(
                 for out_name, value in transform(name):
                     if isinstance(value, Stored):
                         writer.write_from(value.source, value.name, as_name=out_name)
+                    elif isinstance(value, Rows):
+                        writer.write_rows(out_name, value)
                     else:
                         writer.write(out_name, value)
                     count += 1
@@ -141,4 +144,4 @@ def stream(
     return report
 
 
-__all__ = ["Item", "Stored", "Transform", "Written", "compute_threads", "copy", "stream"]
+__all__ = ["Item", "Rows", "Stored", "Transform", "Written", "compute_threads", "copy", "stream"]

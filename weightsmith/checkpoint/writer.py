@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,20 @@ from weightsmith.errors import CheckpointError, DestinationError, StorageError, 
 from weightsmith.units import parse_size
 
 MANIFEST_FORMAT = "weightsmith-manifest/1"
+PIECE_BYTES = 4 * 2**20  # a tensor written by rows goes out in pieces of about this size
+
+
+@dataclass(frozen=True)
+class Rows:
+    """An output tensor computed a block of rows at a time, straight into the writer's buffers: ``fill(out, i, j)``
+    writes rows i..j of the tensor, seen as ``[shape[0], rest]``, into ``out`` (that 2-D shape, ``dtype``). Every
+    block but the last is a multiple of ``unit`` rows, so a producer that works in blocks of ``unit`` rows meets the
+    same block boundaries as it would on the whole tensor. No buffer the size of the tensor is ever made."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fill: Callable[[torch.Tensor, int, int], None]
+    unit: int = 1
 
 
 def provenance_step(operation: str, parameters: Mapping[str, Any], inputs: Sequence[TensorSource | str | Path]) -> dict:
@@ -147,6 +163,36 @@ class _Shard:
         self.digests[name] = self.hasher.submit(_sha256, view)
         self._pending = [self.io.submit(_pwrite_all, self.file.fileno(), view, offset), self.digests[name]]
 
+    def write_rows(self, name: str, rows: Rows, pieces: _Pieces) -> None:
+        """Write a tensor piece by piece: each piece is filled by ``rows.fill`` in one of ``pieces``' buffers, then
+        written and hashed (into one running sha256) while the next is filled. Memory: a few pieces, whatever the
+        tensor's size."""
+        numel = math.prod(rows.shape)
+        nbytes = numel * rows.dtype.itemsize
+        offset = 8 + self.RESERVED + self.size
+        self.entries[name] = {
+            "dtype": ST_CODES[rows.dtype],
+            "shape": list(rows.shape),
+            "data_offsets": [self.size, self.size + nbytes],
+        }
+        self.size += nbytes
+        self.wait()
+        digest = hashlib.sha256()
+        count = rows.shape[0] if rows.shape else 1
+        columns = numel // count if count else 0
+        row_bytes = columns * rows.dtype.itemsize
+        step = max(rows.unit, PIECE_BYTES // max(1, row_bytes) // rows.unit * rows.unit)
+        for start in range(0, count, step):
+            stop = min(start + step, count)
+            buffer = pieces.take((stop - start) * row_bytes)
+            rows.fill(buffer.view(rows.dtype).view(stop - start, columns), start, stop)
+            view = memoryview(buffer.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+            write = self.io.submit(_pwrite_all, self.file.fileno(), view, offset)
+            pieces.hold(write, self.hasher.submit(digest.update, view))
+            offset += len(view)
+        self.digests[name] = self.hasher.submit(digest.hexdigest)
+        self._pending = [*pieces.pending(), self.digests[name]]
+
     def wait(self) -> None:
         pending, self._pending = self._pending, []
         for future in pending:
@@ -219,6 +265,49 @@ class _Shard:
         }
 
 
+class _Pieces:
+    """The few buffers a writer fills tensors written by rows into, taken in turn: a buffer is handed out again only
+    once the write and the hash of what it last held are done (so at most ``SLOTS`` pieces are in flight)."""
+
+    SLOTS = 3
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+        self._held: list[tuple[Future, ...]] = []
+        self._turn = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A buffer of ``nbytes`` (uint8), free to fill."""
+        slot = self._turn % self.SLOTS
+        if slot == len(self._buffers):
+            self._buffers.append(torch.empty(nbytes, dtype=torch.uint8))
+            self._held.append(())
+        for future in self._held[slot]:
+            future.result()  # re-raises a failed write here, in the caller's thread
+        if self._buffers[slot].numel() < nbytes:
+            self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[slot][:nbytes]
+
+    def hold(self, *futures: Future) -> None:
+        """The work on the buffer last taken: it is not handed out again before these are done."""
+        self._held[self._turn % self.SLOTS] = futures
+        self._turn += 1
+
+    def pending(self) -> list[Future]:
+        return [future for held in self._held for future in held]
+
+
+def _cast_rows(rows: Rows, dtype: torch.dtype) -> Rows:
+    """``rows`` produced in ``dtype`` instead (the writer's cast), a piece at a time."""
+
+    def fill(out: torch.Tensor, start: int, stop: int) -> None:
+        piece = torch.empty(out.shape, dtype=rows.dtype)
+        rows.fill(piece, start, stop)
+        out.copy_(piece)
+
+    return Rows(rows.shape, dtype, fill, rows.unit)
+
+
 class CheckpointWriter:
     """Streams tensors into a transformers-style directory, atomically.
 
@@ -275,6 +364,7 @@ class CheckpointWriter:
         self._pool = ThreadPoolExecutor(max_workers=1)  # hashes the inputs beside the work
         self._io = ThreadPoolExecutor(max_workers=1)  # writes tensor data beside the work
         self._hasher = ThreadPoolExecutor(max_workers=1)  # hashes the output's tensors beside the work and the write
+        self._pieces = _Pieces()  # buffers of the tensors written by rows
         try:
             self.steps = resolve_steps(steps, self._pool.submit)
         except BaseException:  # an error or Ctrl-C before the caller's ``with`` could clean up
@@ -289,6 +379,13 @@ class CheckpointWriter:
             tensor = tensor.to(self.dtype)
         with storage_errors(self.out):
             self._shard_for(name, tensor.numel() * tensor.element_size()).write(name, tensor)
+
+    def write_rows(self, name: str, rows: Rows) -> None:
+        """Append one tensor computed by rows (``Rows``; cast to the writer's dtype if it is a float tensor)."""
+        if self.dtype is not None and rows.dtype.is_floating_point and rows.dtype != self.dtype:
+            rows = _cast_rows(rows, self.dtype)
+        with storage_errors(self.out):
+            self._shard_for(name, math.prod(rows.shape) * rows.dtype.itemsize).write_rows(name, rows, self._pieces)
 
     def write_from(self, source: TensorSource, name: str, as_name: str | None = None) -> None:
         """Copy one tensor of ``source`` unchanged (except for the writer's cast), without decoding it when the
