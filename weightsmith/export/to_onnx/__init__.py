@@ -36,7 +36,7 @@ def onnx(
     ``atol``, ``benchmark``). Validation: onnxruntime vs PyTorch (float32) on batch {1, 8} × sequence {8, 128}
     (clipped to the model's positions), padded rows included, max |Δ| over non-pad positions; above ``atol`` the
     export is refused and nothing is written. ``quantize="int8"`` (``Int8Dynamic()``): onnxruntime
-    ``quantize_dynamic`` (QInt8 weights per output channel, activations quantized per call: MatMulInteger), checked
+    ``quantize_dynamic`` (uint8 weights per output channel, activations quantized per call: MatMulInteger), checked
     against the float graph by cosine and relative error ‖q − f‖ / ‖f‖ (on built-in sentences when there is a
     tokenizer); refused below a mean per-position cosine of ``min_cosine`` (0.98). ``optimize``: onnxruntime's
     extended graph optimizations (constant folding, fusions of LayerNorm, GELU, attention) saved into the file.

@@ -24,7 +24,8 @@ QUALITY_TEXT = (
 
 
 def quantize_int8(src: Path, path: Path, scheme: Int8Dynamic, big: bool) -> Path:
-    """onnxruntime ``quantize_dynamic``: QInt8 weights (per output channel by default), activation scales per call."""
+    """onnxruntime ``quantize_dynamic``: uint8 weights, or int8 ones kept to 7 bits (``scheme.weights``), per output
+    channel by default; activations quantized per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,12 @@ def quantize_int8(src: Path, path: Path, scheme: Int8Dynamic, big: bool) -> Path
     logging.disable(logging.WARNING)  # its advice to pre-process is for static (calibrated) quantization
     try:
         quantize_dynamic(
-            src, path, per_channel=scheme.per_channel, weight_type=QuantType.QInt8, use_external_data_format=big
+            src,
+            path,
+            per_channel=scheme.per_channel,
+            weight_type=QuantType.QUInt8 if scheme.weights == "uint8" else QuantType.QInt8,
+            reduce_range=scheme.weights == "int8",
+            use_external_data_format=big,
         )
     finally:
         logging.disable(previous)
