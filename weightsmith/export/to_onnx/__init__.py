@@ -36,12 +36,12 @@ def onnx(
     ``atol``, ``benchmark``). Validation: onnxruntime vs PyTorch (float32) on batch {1, 8} × sequence {8, 128}
     (clipped to the model's positions), padded rows included, max |Δ| over non-pad positions; above ``atol`` the
     export is refused and nothing is written. ``quantize="int8"`` (``Int8Dynamic()``): onnxruntime
-    ``quantize_dynamic`` (uint8 weights per output channel, activations quantized per call: MatMulInteger), checked
-    against the float graph by cosine and relative error ‖q − f‖ / ‖f‖ (on built-in sentences when there is a
-    tokenizer); refused below a mean per-position cosine of ``min_cosine`` (0.98). ``optimize``: onnxruntime's
-    extended graph optimizations (constant folding, fusions of LayerNorm, GELU, attention) saved into the file.
-    ``benchmark``: median latency of ORT vs PyTorch eager at 8×128 with one thread each. The report gives opset,
-    nodes, size and parity.
+    ``quantize_dynamic`` (int8 weights kept to 7 bits per output channel, activations quantized per call:
+    MatMulInteger), checked against the float graph by cosine and relative error ‖q − f‖ / ‖f‖ (on built-in
+    sentences when there is a tokenizer); refused below a mean per-position cosine of ``min_cosine`` (0.98).
+    ``optimize``: onnxruntime's extended graph optimizations (constant folding, fusions of LayerNorm, GELU,
+    attention) saved into the file. ``benchmark``: median latency of ORT vs PyTorch eager at 8×128 with one thread
+    each. The report gives opset, nodes, size and parity.
 
     >>> ws.export.onnx(  # doctest: +SKIP
     ...     "all-MiniLM-L6-v2/", "minilm/model.onnx", task="feature-extraction", quantize="int8")

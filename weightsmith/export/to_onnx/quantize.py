@@ -24,7 +24,7 @@ QUALITY_TEXT = (
 
 
 def quantize_int8(src: Path, path: Path, scheme: Int8Dynamic, big: bool) -> Path:
-    """onnxruntime ``quantize_dynamic``: uint8 weights, or int8 ones kept to 7 bits (``scheme.weights``), per output
+    """onnxruntime ``quantize_dynamic``: int8 weights kept to 7 bits, or uint8 ones (``scheme.weights``), per output
     channel by default; activations quantized per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
