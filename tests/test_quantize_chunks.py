@@ -75,6 +75,15 @@ def test_relative_error_over_slices_is_the_float64_one(small_slices, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_distance_over_slices_is_the_float64_one(small_slices, dtype):
+    a, b = _weight((37, 130), dtype), _weight((37, 130), torch.float32).flip(0)  # mixed dtypes, as a fold's report
+    exact = float((a.double() - b.double()).norm())
+    assert chunks.distance(a, b) == pytest.approx(exact, rel=1e-6)
+    assert chunks.distance(b, a) == pytest.approx(exact, rel=1e-6)
+    assert chunks.distance(a, a) == 0.0 and chunks.distance(torch.zeros(0, 4), torch.zeros(0, 4)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_codes_at_ties_zeros_subnormals_and_extremes_are_bitsandbytes(dtype, double_quant):
     import bitsandbytes.functional as F

@@ -48,3 +48,14 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
         norm2 += float(torch.linalg.vector_norm(diff)) ** 2
         err2 += float(torch.linalg.vector_norm(diff.sub_(b[start:stop]))) ** 2
     return (err2 / norm2) ** 0.5 if norm2 else (0.0 if err2 == 0 else float("inf"))
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖_F of two tensors of the same size: the difference made in float32 a slice at a time (a copy of a's
+    slice, b subtracted in place), its norm taken in float64 and the squares summed."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start, stop in spans(x.numel(), 1):
+        diff = x[start:stop].to(torch.float32, copy=True).sub_(y[start:stop])
+        total += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+    return total**0.5

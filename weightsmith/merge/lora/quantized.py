@@ -19,7 +19,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
 from weightsmith.checkpoint import TensorSource
 from weightsmith.errors import IncompatibleError
@@ -40,6 +39,7 @@ def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> 
     """Stream a fold into a quantized base back out in the base's own scheme, reporting per re-quantized module
     the rounding error relative to ‖ΔW‖: ‖deq(Q(Ŵ + ΔW)) − (Ŵ + ΔW)‖_F / ‖ΔW‖_F."""
     from weightsmith.compress.quantize import open_quantized
+    from weightsmith.compress.quantize.chunks import distance
     from weightsmith.compress.quantize.dequantize import DequantizedView
 
     base = folded.base
@@ -55,10 +55,8 @@ def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> 
             return [(name, Stored(view, name))]
         merged = folded[name]  # in the base's recorded dtype, as the format stores it
         parts = view.quantized(name, merged)
-        if folded._changed(name):
-            delta = merged.float() - base[name].float()
-            lost = view.codec.dequantize_module(parts).float() - merged.float()
-            rows.append(_row(name, delta, lost))
+        if folded._changed(name):  # norms taken a slice at a time: no float copy of a whole weight
+            rows.append(_row(name, distance(merged, base[name]), distance(view.codec.dequantize_module(parts), merged)))
         return view.stored_items(name, parts)
 
     with compute_threads():  # the fold's blocks and the codecs' slices, beside the writer's threads, as in _stream
@@ -91,9 +89,8 @@ def merge_requantized(folded, out, params: dict, *, shard_size, force: bool) -> 
     return report
 
 
-def _row(name: str, delta: Tensor, lost: Tensor) -> dict:
-    d = float(torch.linalg.vector_norm(delta.double()))
-    err = float(torch.linalg.vector_norm(lost.double()))
+def _row(name: str, d: float, err: float) -> dict:
+    """A re-quantized weight's figures: ‖ΔW‖, the rounding error ‖deq(Q(Ŵ + ΔW)) − (Ŵ + ΔW)‖ and their ratio."""
     return {"name": name, "delta_norm": round(d, 6), "error_norm": round(err, 6), "loss": err / d if d else 0.0}
 
 
@@ -123,6 +120,7 @@ def routes(
     >>> ws.lora.routes("llama-nf4", ["qlora-adapter"], float_base="llama").summary  # doctest: +SKIP
     """
     from weightsmith.compress.quantize import open_quantized
+    from weightsmith.compress.quantize.chunks import distance
     from weightsmith.compress.quantize.dequantize import DequantizedView
     from weightsmith.conversion import as_checkpoint
     from weightsmith.merge.lora.fold import open_folded
@@ -142,18 +140,17 @@ def routes(
         for name in progress(list(folded.changed), desc="lora routes"):
             if not base.is_quantized(name):
                 continue
-            trained = folded[name].float()  # Ŵ + ΔW
-            delta = trained - base[name].float()
-            d = float(torch.linalg.vector_norm(delta.double())) or 1.0
+            trained = folded[name]  # Ŵ + ΔW, in float32
+            d = distance(trained, base[name]) or 1.0
             row: dict = {"name": name, "delta_norm": round(d, 6)}
             stored = target_dtype or base.info(name).dtype
-            row["dequantized"] = _rel(trained.to(stored).float() - trained, d)
+            row["dequantized"] = round(distance(trained.to(stored), trained) / d, 6)
             parts = requant.quantized(name, trained)
-            row["requantized"] = _rel(requant.codec.dequantize_module(parts).float() - trained, d)
+            row["requantized"] = round(distance(requant.codec.dequantize_module(parts), trained) / d, 6)
             if fbase is not None:
                 if name not in fbase or tuple(fbase.info(name).shape) != tuple(trained.shape):
                     raise IncompatibleError(f"{fbase.path}: tensor {name!r} missing or of another shape")
-                row["float_base"] = _rel(fbase[name].float() - base[name].float(), d)  # (W + ΔW) − (Ŵ + ΔW)
+                row["float_base"] = round(distance(fbase[name], base[name]) / d, 6)  # (W + ΔW) − (Ŵ + ΔW)
             rows.append(row)
     if not rows:
         raise IncompatibleError(f"{qbase.path}: the adapters change no quantized weight")
@@ -166,10 +163,6 @@ def routes(
     report.notes.append("each figure is ‖route − (Ŵ + ΔW)‖ / ‖ΔW‖ per weight, Ŵ the dequantized base")
     report.tensors = rows
     return report
-
-
-def _rel(diff: Tensor, delta_norm: float) -> float:
-    return round(float(torch.linalg.vector_norm(diff.double())) / delta_norm, 6)
 
 
 __all__ = ["dequantized", "merge_requantized", "routes"]
