@@ -95,6 +95,9 @@ def infer_task(config: dict[str, Any], where: str) -> str:
     )
 
 
+INT8_WEIGHTS = ("int8", "uint8", "int8-vnni")  # Int8Dynamic's weight codes
+
+
 @dataclass(frozen=True, kw_only=True)
 class Int8Dynamic:
     """onnxruntime dynamic quantization: int8 weights, activation scales computed per call (MatMulInteger)."""
@@ -103,20 +106,21 @@ class Int8Dynamic:
     # Mean per-position cosine of int8 vs float outputs below which the int8 file is refused. 0.98, not 0.99: per
     # token is stricter than per sentence (MiniLM on real text: 0.991 per token, 0.993 mean-pooled).
     min_cosine: float = 0.98
-    # "int8": signed weights kept to 7 bits (onnxruntime's reduce_range), run by the u8×s8 kernels: fast on CPUs
-    # with VNNI and exact on those without, whose u8×s8 kernels (AVX2, AVX-512 before VNNI) saturate 16-bit pair sums
-    # of full 8-bit codes. "uint8": asymmetric weights run by the u8×u8 kernels, as exact everywhere but no faster
-    # than float32 on a VNNI CPU (no VNNI instruction takes u8×u8). MiniLM at 8×128 on one thread, VNNI Xeon: 102 ms
-    # int8, 214 ms uint8, 221 ms float32; AVX2 EPYC: 259 ms int8, 306 ms uint8. Full 8-bit signed weights are not
-    # offered: the file's accuracy would depend on the CPU it is deployed to (tiny CLIP on AVX2: mean cosine 0.964,
-    # against 0.998 for 7-bit int8 and 0.999 for uint8), for 11% of speed on a VNNI CPU (91 ms).
+    # The weight codes, a trade of speed for accuracy (figures in docs/export.md):
+    # "int8": signed codes kept to 7 bits (onnxruntime's reduce_range) for the u8×s8 kernels: the same accuracy on
+    #   every CPU; 2.5× float32's speed on a VNNI Xeon (MiniLM 8×128, one thread: 89 against 227 ms).
+    # "uint8": asymmetric 8-bit codes for the u8×u8 kernels: about half int8's error, on every CPU, but no faster than
+    #   float32 on a VNNI CPU (205 ms: no VNNI instruction takes u8×u8).
+    # "int8-vnni": full 8-bit signed codes, int8's speed with nearly uint8's accuracy, for x86 CPUs with VNNI only:
+    #   the u8×s8 kernels of those without (AVX2, AVX-512 before VNNI) saturate 16-bit sums of pairs of full codes,
+    #   so the same file loses accuracy there (tiny CLIP on an AVX2 EPYC: mean cosine 0.964 against 0.998 for int8).
     weights: str = "int8"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.min_cosine, (int, float)) and -1 <= self.min_cosine <= 1):
             raise ConfigError(f"min_cosine {self.min_cosine!r}: expected a number in [-1, 1]")
-        if self.weights not in ("uint8", "int8"):
-            raise ConfigError(f"weights {self.weights!r}: expected int8 or uint8")
+        if self.weights not in INT8_WEIGHTS:
+            raise ConfigError(f"weights {self.weights!r}: expected one of {', '.join(INT8_WEIGHTS)}")
 
 
 QUANTIZE: dict[str, type[Int8Dynamic]] = {"int8": Int8Dynamic}

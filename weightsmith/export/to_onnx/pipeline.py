@@ -310,6 +310,7 @@ def _quantized(graph: _Graph, config: OnnxExport, folder: Path, out: Path, repor
         quality = _seq2seq_int8_quality(graph, int8) if graph.shape is not None else _int8_quality(graph, int8)
     float_size = sum(files.onnx_size(p) for p in graph.files.values())
     report.details["int8"] = {
+        "weights": scheme.weights,
         **quality,
         "float_size": format_size(float_size),
         "size_ratio": round(sum(files.onnx_size(p) for p in int8.values()) / float_size, 4),

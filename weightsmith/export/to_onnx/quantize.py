@@ -24,8 +24,8 @@ QUALITY_TEXT = (
 
 
 def quantize_int8(src: Path, path: Path, scheme: Int8Dynamic, big: bool) -> Path:
-    """onnxruntime ``quantize_dynamic``: int8 weights kept to 7 bits, or uint8 ones (``scheme.weights``), per output
-    channel by default; activations quantized per call."""
+    """onnxruntime ``quantize_dynamic``: weights as ``scheme.weights`` says (int8 kept to 7 bits, uint8, or full int8
+    for VNNI CPUs), per output channel by default; activations quantized per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,7 @@ def quantize_int8(src: Path, path: Path, scheme: Int8Dynamic, big: bool) -> Path
             path,
             per_channel=scheme.per_channel,
             weight_type=QuantType.QUInt8 if scheme.weights == "uint8" else QuantType.QInt8,
-            reduce_range=scheme.weights == "int8",
+            reduce_range=scheme.weights == "int8",  # 7-bit codes; "int8-vnni" keeps all 8
             use_external_data_format=big,
         )
     finally:
