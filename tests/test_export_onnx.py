@@ -266,6 +266,10 @@ def test_cli_refuses_existing_output_and_bad_options(tiny_model, tmp_path, capsy
     assert ".onnx" in capsys.readouterr().err and not (tmp_path / "dir").exists()
     with pytest.raises(ConfigError, match="task 'summarize'"):
         ws.export.onnx(tiny_model("llama"), tmp_path / "m.onnx", task="summarize")
+    with pytest.raises(ConfigError, match="weights 'int4': expected one of int8, uint8, int8-vnni"):
+        ws.export.to_onnx.Int8Dynamic(weights="int4")
+    with pytest.raises(ConfigError, match="min_cosine 2"):
+        ws.export.to_onnx.Int8Dynamic(min_cosine=2)
 
 
 def test_quantized_input_is_dequantized_for_export(tiny_model, tmp_path):

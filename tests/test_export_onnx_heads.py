@@ -4,6 +4,7 @@ extractive question answering (start and end logits), checked against transforme
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_clip_scores_one_image_against_many_labels_as_transformers_does(clip):
 def _has_vnni() -> bool:
     """This x86 CPU multiplies u8×s8 with VNNI (AVX512-VNNI or AVX-VNNI), without 16-bit saturation."""
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
     return bool(flags & {"avx512_vnni", "avx_vnni"})

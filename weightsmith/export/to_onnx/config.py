@@ -106,14 +106,14 @@ class Int8Dynamic:
     # Mean per-position cosine of int8 vs float outputs below which the int8 file is refused. 0.98, not 0.99: per
     # token is stricter than per sentence (MiniLM on real text: 0.991 per token, 0.993 mean-pooled).
     min_cosine: float = 0.98
-    # The weight codes, a trade of speed for accuracy (figures in docs/export.md):
+    # The weight codes, a trade of speed for accuracy (measured in docs/export.md):
     # "int8": signed codes kept to 7 bits (onnxruntime's reduce_range) for the u8×s8 kernels: the same accuracy on
-    #   every CPU; 2.5× float32's speed on a VNNI Xeon (MiniLM 8×128, one thread: 89 against 227 ms).
+    #   every CPU, and the int8 speed-up on CPUs with VNNI.
     # "uint8": asymmetric 8-bit codes for the u8×u8 kernels: about half int8's error, on every CPU, but no faster than
-    #   float32 on a VNNI CPU (205 ms: no VNNI instruction takes u8×u8).
+    #   float32 on a VNNI CPU (no VNNI instruction takes u8×u8).
     # "int8-vnni": full 8-bit signed codes, int8's speed with nearly uint8's accuracy, for x86 CPUs with VNNI only:
     #   the u8×s8 kernels of those without (AVX2, AVX-512 before VNNI) saturate 16-bit sums of pairs of full codes,
-    #   so the same file loses accuracy there (tiny CLIP on an AVX2 EPYC: mean cosine 0.964 against 0.998 for int8).
+    #   so the same file loses accuracy there.
     weights: str = "int8"
 
     def __post_init__(self) -> None:
